@@ -1,0 +1,1 @@
+"""One region's replica: events, schema, LMDB log, views, HTTP API, CLI."""

@@ -1,0 +1,1 @@
+"""Anti-entropy between nodes: sync protocol, peers, gossip, authentication."""

@@ -1,0 +1,1 @@
+"""Partition simulations driving the real node and replication code."""
