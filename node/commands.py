@@ -1,0 +1,127 @@
+"""Commands: functions that read the current state and return the events to write.
+
+Each returns a ``Decide`` for the writer, which runs it inside the commit so every
+check (existence, ``If-Match``, uniqueness in this region) sees the state the events
+will land on. A check that fails raises ``Rejected`` before any event is drafted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from node import views
+from node.events import Op, Value, stream_of
+from node.fold import EntityState
+from node.kv import ReadTxn
+from node.schema import UNIQUE_FIELDS
+from node.tokens import etag_of
+from node.writer import Decide, Draft, Rejected
+
+
+def _existing(txn: ReadTxn, kind: str, entity_id: str) -> EntityState:
+    state = views.entity(txn, stream_of(kind, entity_id))
+    if not state.exists:
+        raise Rejected(404, "not_found", f"no {kind} {entity_id!r}")
+    return state
+
+
+def _check_match(state: EntityState, if_match: str | None) -> None:
+    if if_match is not None and if_match.strip() != "*" and etag_of(state.etag) not in if_match:
+        raise Rejected(
+            412,
+            "precondition_failed",
+            "the entity changed since that ETag",
+            etag=etag_of(state.etag),
+        )
+
+
+def _check_unique(txn: ReadTxn, kind: str, entity_id: str, writes: Mapping[str, Value]) -> None:
+    if kind != "user":
+        return
+    for field in UNIQUE_FIELDS:
+        value = writes.get(field)
+        if value is None:
+            continue
+        holders = [h for h in views.lookup(txn, field, value) if h != entity_id]
+        if holders:
+            raise Rejected(
+                409,
+                "conflict",
+                f"{field} {value!r} is taken in this region",
+                field=field,
+                held_by=holders[0],
+            )
+
+
+def _sets(stream: str, state: EntityState, writes: Mapping[str, Value]) -> list[Draft]:
+    drafts = []
+    for field, value in sorted(writes.items()):
+        winner = state.winner(field)
+        observed = frozenset() if winner is None else frozenset({winner.dot})
+        drafts.append(Draft(stream, Op.SET, field, value, observed))
+    return drafts
+
+
+def create(kind: str, entity_id: str, writes: Mapping[str, Value]) -> Decide:
+    stream = stream_of(kind, entity_id)
+
+    def decide(txn: ReadTxn) -> list[Draft]:
+        state = views.entity(txn, stream)
+        if state.exists:
+            raise Rejected(409, "exists", f"{kind} {entity_id!r} already exists")
+        _check_unique(txn, kind, entity_id, writes)
+        return [Draft(stream, Op.CREATE), *_sets(stream, state, writes)]
+
+    return decide
+
+
+def patch(kind: str, entity_id: str, writes: Mapping[str, Value], if_match: str | None) -> Decide:
+    stream = stream_of(kind, entity_id)
+
+    def decide(txn: ReadTxn) -> list[Draft]:
+        state = _existing(txn, kind, entity_id)
+        _check_match(state, if_match)
+        _check_unique(txn, kind, entity_id, writes)
+        return _sets(stream, state, writes)
+
+    return decide
+
+
+def delete(kind: str, entity_id: str, if_match: str | None) -> Decide:
+    stream = stream_of(kind, entity_id)
+
+    def decide(txn: ReadTxn) -> list[Draft]:
+        state = _existing(txn, kind, entity_id)
+        _check_match(state, if_match)
+        drafts = [Draft(stream, Op.DELETE, observed=state.existence.dots(""))]
+        if kind == "user":  # deleting a user removes the memberships this replica sees
+            for group_id in views.groups_of(txn, entity_id):
+                observed = views.member_slice(txn, group_id, entity_id).dots(entity_id)
+                drafts.append(
+                    Draft(stream_of("group", group_id), Op.REMOVE, "members", entity_id, observed)
+                )
+        return drafts
+
+    return decide
+
+
+def add_member(group_id: str, user_id: str) -> Decide:
+    def decide(txn: ReadTxn) -> list[Draft]:
+        _existing(txn, "group", group_id)
+        _existing(txn, "user", user_id)
+        if user_id in views.member_slice(txn, group_id, user_id):
+            return []  # already a member: PUT is idempotent
+        return [Draft(stream_of("group", group_id), Op.ADD, "members", user_id)]
+
+    return decide
+
+
+def remove_member(group_id: str, user_id: str) -> Decide:
+    def decide(txn: ReadTxn) -> list[Draft]:
+        _existing(txn, "group", group_id)
+        observed = views.member_slice(txn, group_id, user_id).dots(user_id)
+        if not observed:
+            return []  # not a member: DELETE is idempotent
+        return [Draft(stream_of("group", group_id), Op.REMOVE, "members", user_id, observed)]
+
+    return decide

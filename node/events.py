@@ -1,0 +1,186 @@
+"""The event: one small immutable fact about one entity, and its wire form.
+
+Events are the API of the store: ``create``, ``delete``, ``set`` a field, ``add`` or
+``remove`` a set element. The dot is the event's identity (ingesting it twice is a
+no-op); the hybrid-clock stamp orders concurrent writes. The codec is a msgpack array
+with a leading format version; older versions are upcast on read, newer ones raise
+``UnknownFormatVersion`` so the caller can quarantine the event instead of losing it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+import msgpack
+
+from crdt import Dot
+from crdt.clock import STAMP_MAX
+
+FORMAT_VERSION = 1
+
+ORIGIN_RE = re.compile(r"[a-z][a-z0-9-]{0,31}~[0-9a-z]{4,16}")
+ENTITY_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+FIELD_RE = re.compile(r"[a-z_]{1,32}(\.[a-z][a-z0-9_]{0,63})?")
+COUNTER_MAX = (1 << 63) - 1
+OBSERVED_DOTS_MAX = 10_000
+VALUE_CHARS_MAX = 4_096
+ACTOR_CHARS_MAX = 128
+EVENT_BYTES_MAX = 256 * 1024
+ENTITY_KINDS = ("user", "group")
+
+
+class Op(IntEnum):
+    CREATE = 1
+    DELETE = 2
+    SET = 3
+    ADD = 4
+    REMOVE = 5
+
+
+class InvalidEvent(ValueError):
+    """An event that breaks a structural rule; nothing of its batch may be written."""
+
+
+class UnknownFormatVersion(InvalidEvent):
+    """An event written by a newer node: to be kept aside, not dropped."""
+
+    def __init__(self, version: object) -> None:
+        super().__init__(f"unknown event format version {version!r}")
+        self.version = version
+
+
+Value = str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    dot: Dot
+    hlc: int
+    stream: str  # "<kind>/<id>", e.g. "user/homer"
+    op: Op
+    field: str | None = None  # set: the field; add/remove: the set field
+    value: Value = None  # set: the new value (None unsets); add/remove: the element
+    observed: frozenset[Dot] = (
+        frozenset()
+    )  # remove/delete: the dots removed; set: the winner it overwrote
+    actor: str = ""
+
+    @property
+    def kind(self) -> str:
+        return self.stream.partition("/")[0]
+
+    @property
+    def entity_id(self) -> str:
+        return self.stream.partition("/")[2]
+
+
+def stream_of(kind: str, entity_id: str) -> str:
+    return f"{kind}/{entity_id}"
+
+
+def validate(event: Event) -> Event:
+    """Check every structural rule; return the event, or raise InvalidEvent."""
+    dot = event.dot
+    if not ORIGIN_RE.fullmatch(dot.origin):
+        raise InvalidEvent(f"bad origin {dot.origin!r}")
+    if not 1 <= dot.counter <= COUNTER_MAX:
+        raise InvalidEvent(f"counter out of range: {dot.counter}")
+    if not isinstance(event.hlc, int) or not 0 < event.hlc <= STAMP_MAX:
+        raise InvalidEvent(f"clock stamp out of range: {event.hlc!r}")
+    kind, _, entity_id = event.stream.partition("/")
+    if kind not in ENTITY_KINDS or not ENTITY_ID_RE.fullmatch(entity_id):
+        raise InvalidEvent(f"bad stream {event.stream!r}")
+    if not isinstance(event.op, Op):
+        raise InvalidEvent(f"unknown op {event.op!r}")
+    wants_field = event.op in (Op.SET, Op.ADD, Op.REMOVE)
+    if wants_field != (event.field is not None):
+        raise InvalidEvent(
+            f"{event.op.name.lower()} {'needs' if wants_field else 'takes no'} field"
+        )
+    if event.field is not None and not FIELD_RE.fullmatch(event.field):
+        raise InvalidEvent(f"bad field name {event.field!r}")
+    if event.value is not None and (
+        not isinstance(event.value, str) or len(event.value) > VALUE_CHARS_MAX
+    ):
+        raise InvalidEvent("value must be a string of at most 4096 characters, or null")
+    if event.op in (Op.ADD, Op.REMOVE) and (
+        event.value is None or not ENTITY_ID_RE.fullmatch(event.value)
+    ):
+        raise InvalidEvent(f"{event.op.name.lower()} needs an element id")
+    if event.op in (Op.CREATE, Op.DELETE) and event.value is not None:
+        raise InvalidEvent(f"{event.op.name.lower()} takes no value")
+    if len(event.observed) > OBSERVED_DOTS_MAX:
+        raise InvalidEvent("too many observed dots")
+    if event.observed and event.op in (Op.CREATE, Op.ADD):
+        raise InvalidEvent(f"{event.op.name.lower()} observes nothing")
+    if not isinstance(event.actor, str) or len(event.actor) > ACTOR_CHARS_MAX:
+        raise InvalidEvent("actor must be a string of at most 128 characters")
+    return event
+
+
+def to_wire(event: Event) -> list[Any]:
+    return [
+        FORMAT_VERSION,
+        event.dot.origin,
+        event.dot.counter,
+        event.hlc,
+        event.stream,
+        int(event.op),
+        event.field,
+        event.value,
+        [[d.origin, d.counter] for d in sorted(event.observed)],
+        event.actor,
+    ]
+
+
+def encode(event: Event) -> bytes:
+    return bytes(msgpack.packb(to_wire(event)))
+
+
+# Upcasters turn the wire of format version N into that of N + 1. Version 1 is the
+# first, so there is none yet; a reader meeting version N < FORMAT_VERSION chains them.
+UPCASTERS: dict[int, Callable[[list[Any]], list[Any]]] = {}
+
+
+def from_wire(wire: Any) -> Event:
+    if not isinstance(wire, list) or not wire:
+        raise InvalidEvent("an event is a non-empty array")
+    version = wire[0]
+    if not isinstance(version, int) or version < 1:
+        raise InvalidEvent(f"bad event format version {version!r}")
+    if version > FORMAT_VERSION:
+        raise UnknownFormatVersion(version)
+    while version < FORMAT_VERSION:
+        wire = UPCASTERS[version](wire)
+        version = wire[0]
+    try:
+        _, origin, counter, hlc, stream, op, field, value, observed, actor = wire
+        event = Event(
+            dot=Dot(origin, counter),
+            hlc=hlc,
+            stream=stream,
+            op=Op(op),
+            field=field,
+            value=value,
+            observed=frozenset(Dot(o, c) for o, c in observed),
+            actor=actor,
+        )
+    except (TypeError, ValueError) as exc:
+        raise InvalidEvent(f"malformed event: {exc}") from exc
+    if not isinstance(stream, str) or not (field is None or isinstance(field, str)):
+        raise InvalidEvent("malformed event: stream and field are strings")
+    return validate(event)
+
+
+def decode(data: bytes) -> Event:
+    if len(data) > EVENT_BYTES_MAX:
+        raise InvalidEvent("event too large")
+    try:
+        wire = msgpack.unpackb(data)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise InvalidEvent(f"event is not msgpack: {exc}") from exc
+    return from_wire(wire)

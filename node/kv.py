@@ -1,0 +1,113 @@
+"""The storage interface the log and views are written against, and its in-memory form.
+
+Named databases of sorted byte keys, read transactions that see a snapshot, and
+write transactions run as a function so the backend may retry them (LMDB grows its
+map and runs the function again). Two backends pass one contract test suite: the
+real one (``node.lmdb_kv``) and this in-memory one, for unit tests of logic above.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import Protocol, TypeVar
+
+T = TypeVar("T")
+
+DATABASES = (
+    "events",  # local seq -> event bytes, in arrival order: the change feed
+    "dots",  # origin \0 counter -> seq: idempotence and per-origin range reads
+    "streams",  # stream \0 seq -> b"": history and time travel
+    "quarantine",  # origin \0 counter -> raw bytes of events too new to read
+    "views",  # stream -> folded entity state
+    "members",  # group \0 user -> the member's OR-set slice
+    "user_groups",  # user \0 group -> b"": a user's groups
+    "idx_email",  # casefolded email \0 user -> b""
+    "idx_username",  # casefolded username \0 user -> b""
+    "idx_search",  # token \0 user -> b""
+    "conflicts",  # field \0 value -> ids claiming it after a merge
+    "meta",  # replica id, region, counters, summary, schema version
+)
+
+
+class ReadTxn(Protocol):
+    def get(self, db: str, key: bytes) -> bytes | None: ...
+
+    def scan(
+        self, db: str, *, prefix: bytes = b"", start: bytes | None = None, reverse: bool = False
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """Keys with ``prefix`` in order (from ``start`` inclusive), or backwards from the end."""
+        ...
+
+
+class WriteTxn(ReadTxn, Protocol):
+    def put(self, db: str, key: bytes, value: bytes) -> None: ...
+
+    def delete(self, db: str, key: bytes) -> None: ...
+
+    def clear(self, db: str) -> None: ...
+
+
+class KV(Protocol):
+    def read(self) -> AbstractContextManager[ReadTxn]: ...
+
+    def write(self, work: Callable[[WriteTxn], T]) -> T:
+        """Run ``work`` in one write transaction and commit it durably, or abort on error."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class _MemoryTxn:
+    def __init__(self, dbs: dict[str, dict[bytes, bytes]]) -> None:
+        self.dbs = dbs
+
+    def get(self, db: str, key: bytes) -> bytes | None:
+        return self.dbs[db].get(key)
+
+    def scan(
+        self, db: str, *, prefix: bytes = b"", start: bytes | None = None, reverse: bool = False
+    ) -> Iterator[tuple[bytes, bytes]]:
+        table = self.dbs[db]
+        keys = sorted(table)
+        if reverse:
+            stop = bisect.bisect_right(keys, prefix + b"\xff" * 64) if prefix else len(keys)
+            chosen = reversed(keys[:stop])
+        else:
+            chosen = iter(keys[bisect.bisect_left(keys, max(prefix, start or b"")) :])
+        for key in chosen:
+            if not key.startswith(prefix):
+                if reverse and key > prefix:
+                    continue
+                return
+            yield key, table[key]
+
+    def put(self, db: str, key: bytes, value: bytes) -> None:
+        self.dbs[db][bytes(key)] = bytes(value)
+
+    def delete(self, db: str, key: bytes) -> None:
+        self.dbs[db].pop(key, None)
+
+    def clear(self, db: str) -> None:
+        self.dbs[db].clear()
+
+
+class MemoryKV:
+    """Snapshot reads, all-or-nothing writes, no durability: for unit tests only."""
+
+    def __init__(self) -> None:
+        self._dbs: dict[str, dict[bytes, bytes]] = {name: {} for name in DATABASES}
+
+    @contextmanager
+    def read(self) -> Iterator[ReadTxn]:
+        yield _MemoryTxn(self._dbs)  # a writer replaces the dicts, never edits these
+
+    def write(self, work: Callable[[WriteTxn], T]) -> T:
+        draft = {name: dict(table) for name, table in self._dbs.items()}
+        result = work(_MemoryTxn(draft))
+        self._dbs = draft
+        return result
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,118 @@
+"""The storage interface on LMDB: one environment, one named database per table.
+
+Commits are durable when they return (``sync``; ``metasync`` may be turned off as a
+named, measured trade: faster commits that may lose the last one on an OS crash).
+The map grows on demand: a write that fills it is aborted whole, the map doubled,
+and the write run again, so a full map never leaves anything half written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import lmdb
+
+from node.kv import DATABASES, ReadTxn, WriteTxn
+
+T = TypeVar("T")
+
+MAP_BYTES_INITIAL = 64 * 1024 * 1024
+MAP_GROWTHS_PER_WRITE_MAX = 8
+READERS_MAX = 512
+
+
+class _LmdbTxn:
+    def __init__(self, txn: Any, dbs: dict[str, Any]) -> None:
+        self._txn = txn
+        self._dbs = dbs
+
+    def get(self, db: str, key: bytes) -> bytes | None:
+        value = self._txn.get(key, db=self._dbs[db])
+        return None if value is None else bytes(value)
+
+    def scan(
+        self, db: str, *, prefix: bytes = b"", start: bytes | None = None, reverse: bool = False
+    ) -> Iterator[tuple[bytes, bytes]]:
+        with self._txn.cursor(db=self._dbs[db]) as cursor:
+            if reverse:
+                end = _after(prefix) if prefix else None
+                placed = cursor.set_range(end) if end is not None else False
+                placed = cursor.prev() if placed else cursor.last()
+                step = cursor.prev
+            else:
+                placed = cursor.set_range(max(prefix, start or b""))
+                step = cursor.next
+            while placed:
+                key = cursor.key()
+                if not key.startswith(prefix):
+                    return
+                yield bytes(key), bytes(cursor.value())
+                placed = step()
+
+    def put(self, db: str, key: bytes, value: bytes) -> None:
+        self._txn.put(key, value, db=self._dbs[db])
+
+    def delete(self, db: str, key: bytes) -> None:
+        self._txn.delete(key, db=self._dbs[db])
+
+    def clear(self, db: str) -> None:
+        self._txn.drop(self._dbs[db], delete=False)
+
+
+def _after(prefix: bytes) -> bytes | None:
+    """The least key greater than every key that starts with ``prefix``."""
+    stripped = prefix.rstrip(b"\xff")
+    if not stripped:
+        return None
+    return stripped[:-1] + bytes([stripped[-1] + 1])
+
+
+class LmdbKV:
+    def __init__(
+        self, path: Path, *, map_bytes_initial: int = MAP_BYTES_INITIAL, metasync: bool = True
+    ) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self.env = lmdb.open(
+            str(path),
+            map_size=map_bytes_initial,
+            max_dbs=len(DATABASES),
+            max_readers=READERS_MAX,
+            sync=True,
+            metasync=metasync,
+            readahead=False,
+        )
+        self.env.reader_check()  # free slots of readers that died (kill -9) holding them
+        with self.env.begin(write=True) as txn:
+            self._dbs = {name: self.env.open_db(name.encode(), txn=txn) for name in DATABASES}
+
+    @property
+    def map_bytes(self) -> int:
+        return int(self.env.info()["map_size"])
+
+    @contextmanager
+    def read(self) -> Iterator[ReadTxn]:
+        with self.env.begin(buffers=False) as txn:
+            yield _LmdbTxn(txn, self._dbs)
+
+    def write(self, work: Callable[[WriteTxn], T]) -> T:
+        for _ in range(MAP_GROWTHS_PER_WRITE_MAX):
+            txn = self.env.begin(write=True)
+            try:
+                result = work(_LmdbTxn(txn, self._dbs))
+                txn.commit()
+                return result
+            except lmdb.MapFullError:
+                txn.abort()
+                self.env.set_mapsize(self.map_bytes * 2)
+            except BaseException:
+                txn.abort()
+                raise
+        raise lmdb.MapFullError(
+            f"write did not fit after {MAP_GROWTHS_PER_WRITE_MAX} map doublings"
+        )
+
+    def close(self) -> None:
+        self.env.close()

@@ -1,0 +1,144 @@
+"""The event log: append (idempotent by dot) and read, inside a KV transaction.
+
+``events`` holds every event under a local sequence number in arrival order (the
+node's change feed); ``dots`` maps each dot to its sequence (idempotence, per-origin
+range reads); ``streams`` lists each entity's sequences (history, time travel).
+``meta`` holds the replica's identity and the counters a commit advances together.
+Every event is validated before it is put and after it is read back.
+"""
+
+from __future__ import annotations
+
+import secrets
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from crdt import Dot, VersionVector
+from crdt import codec as crdt_codec
+from node import events as ev
+from node.events import Event
+from node.kv import ReadTxn, WriteTxn
+
+SCHEMA_VERSION = 1
+_U64 = struct.Struct(">Q")
+
+
+class WrongRegion(RuntimeError):
+    """The data directory was created for another region."""
+
+
+def u64(n: int) -> bytes:
+    return _U64.pack(n)
+
+
+def from_u64(b: bytes) -> int:
+    return int(_U64.unpack(b)[0])
+
+
+def dot_key(dot: Dot) -> bytes:
+    return dot.origin.encode() + b"\0" + u64(dot.counter)
+
+
+def stream_key(stream: str, seq: int) -> bytes:
+    return stream.encode() + b"\0" + u64(seq)
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    region: str
+    replica_id: str  # "<region>~<incarnation>"
+
+
+def open_identity(txn: WriteTxn, region: str) -> Identity:
+    """Read this data directory's identity, or create it (a new incarnation)."""
+    stored = txn.get("meta", b"region")
+    if stored is not None and stored.decode() != region:
+        raise WrongRegion(
+            f"this data directory belongs to region {stored.decode()!r}, not {region!r}: "
+            "use its own region, or another directory"
+        )
+    if stored is None:
+        incarnation = secrets.token_hex(4)
+        txn.put("meta", b"region", region.encode())
+        txn.put("meta", b"replica_id", f"{region}~{incarnation}".encode())
+        txn.put("meta", b"schema_version", u64(SCHEMA_VERSION))
+    replica_id = txn.get("meta", b"replica_id")
+    assert replica_id is not None
+    return Identity(region, replica_id.decode())
+
+
+@dataclass
+class LogState:
+    """What commits advance together; the writer keeps a committed copy."""
+
+    seq: int = 0  # the last local sequence number used
+    counter: int = 0  # this replica's last dot counter
+    hlc: int = 0  # the greatest stamp this replica has issued or observed
+    summary: VersionVector = field(default_factory=VersionVector)
+
+    def copy(self) -> LogState:
+        return LogState(self.seq, self.counter, self.hlc, self.summary)
+
+
+def load_state(txn: ReadTxn, identity: Identity) -> LogState:
+    def number(key: bytes) -> int:
+        raw = txn.get("meta", key)
+        return 0 if raw is None else from_u64(raw)
+
+    raw = txn.get("meta", b"summary")
+    summary = VersionVector() if raw is None else crdt_codec.decode_as(raw, VersionVector)
+    state = LogState(number(b"seq"), number(b"counter"), number(b"hlc"), summary)
+    assert state.counter == summary.contiguous(identity.replica_id), "own counters have a gap"
+    return state
+
+
+def save_state(txn: WriteTxn, state: LogState) -> None:
+    txn.put("meta", b"seq", u64(state.seq))
+    txn.put("meta", b"counter", u64(state.counter))
+    txn.put("meta", b"hlc", u64(state.hlc))
+    txn.put("meta", b"summary", crdt_codec.encode(state.summary))
+
+
+def append(txn: WriteTxn, state: LogState, event: Event) -> int | None:
+    """Append ``event`` unless its dot is already here; return its new seq."""
+    if event.dot in state.summary:
+        return None
+    data = ev.encode(ev.validate(event))
+    state.seq += 1
+    txn.put("events", u64(state.seq), data)
+    txn.put("dots", dot_key(event.dot), u64(state.seq))
+    txn.put("streams", stream_key(event.stream, state.seq), b"")
+    state.summary = state.summary.add(event.dot)
+    state.hlc = max(state.hlc, event.hlc)
+    return state.seq
+
+
+def read_event(txn: ReadTxn, seq: int) -> Event:
+    data = txn.get("events", u64(seq))
+    if data is None:
+        raise KeyError(seq)
+    return ev.decode(data)
+
+
+def events_after(txn: ReadTxn, seq: int, *, limit: int) -> Iterator[tuple[int, Event]]:
+    """The change feed: events with a local sequence above ``seq``, in order."""
+    for n, (key, data) in enumerate(txn.scan("events", start=u64(seq + 1))):
+        if n >= limit:
+            return
+        yield from_u64(key), ev.decode(data)
+
+
+def stream_events(txn: ReadTxn, stream: str) -> Iterator[tuple[int, Event]]:
+    for key, _ in txn.scan("streams", prefix=stream.encode() + b"\0"):
+        seq = from_u64(key[-8:])
+        yield seq, read_event(txn, seq)
+
+
+def origin_events(txn: ReadTxn, origin: str, first: int, last: int) -> Iterator[Event]:
+    """This origin's events with counters in ``first..last`` that are here, in order."""
+    prefix = origin.encode() + b"\0"
+    for key, seq in txn.scan("dots", prefix=prefix, start=prefix + u64(first)):
+        if from_u64(key[-8:]) > last:
+            return
+        yield read_event(txn, from_u64(seq))

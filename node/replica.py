@@ -1,0 +1,266 @@
+"""One region's replica: storage, identity, clock and writer, and the queries over them.
+
+The HTTP API and replication talk to this object only. Reads open their own read
+transaction and never wait for the writer; writes go through the writer and return
+once durable. Commits wake whoever waits for a consistency token or the change feed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from crdt import Dot, HybridLogicalClock, ORSet, VersionVector
+from crdt.clock import LOGICAL_MASK, make_stamp, physical_ms
+from node import log, views
+from node.events import Event, Op, stream_of
+from node.fold import EntityState, fold_all
+from node.kv import KV
+from node.lmdb_kv import LmdbKV
+from node.log import Identity, LogState
+from node.tokens import Token, covers, token_of
+from node.writer import Committed, Decide, Writer
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def iso_of(stamp: int) -> str:
+    ms = physical_ms(stamp)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms / 1000)) + f".{ms % 1000:03d}Z"
+
+
+@dataclass(frozen=True, slots=True)
+class At:
+    """A point in the past: every event stamped up to ``stamp``, or covered by ``token``."""
+
+    stamp: int | None = None
+    token: Token | None = None
+
+    @classmethod
+    def time_ms(cls, ms: int) -> At:
+        return cls(stamp=make_stamp(ms, LOGICAL_MASK))
+
+    def includes(self, event: Event) -> bool:
+        if self.stamp is not None:
+            return event.hlc <= self.stamp
+        assert self.token is not None
+        return event.dot.counter <= self.token.get(event.dot.origin, 0)
+
+
+@dataclass
+class Metrics:
+    writes: int = 0
+    rejected: int = 0
+    events_appended: int = 0
+    events_ingested: int = 0
+    stamps_drifted: int = 0
+
+
+class Replica:
+    def __init__(
+        self,
+        kv: KV,
+        region: str,
+        *,
+        now_ms: Callable[[], int] = wall_clock_ms,
+        max_drift_ms: int = 60_000,
+        batch_requests_max: int = 512,
+        queue_requests_max: int = 10_000,
+    ) -> None:
+        self.kv = kv
+        self.identity: Identity = kv.write(lambda txn: log.open_identity(txn, region))
+        with kv.read() as txn:
+            state = log.load_state(txn, self.identity)
+        self.clock = HybridLogicalClock(now_ms, max_drift_ms=max_drift_ms, last=state.hlc)
+        self.metrics = Metrics()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._changed = asyncio.Event()
+        self.listeners: list[Callable[[Committed], None]] = []
+        self.writer = Writer(
+            kv,
+            self.identity,
+            state,
+            self.clock,
+            on_commit=self._on_commit,
+            batch_requests_max=batch_requests_max,
+            queue_requests_max=queue_requests_max,
+        )
+
+    @classmethod
+    def open(
+        cls,
+        data_dir: Path,
+        region: str,
+        *,
+        map_bytes_initial: int = 64 << 20,
+        metasync: bool = True,
+        **options: Any,
+    ) -> Replica:
+        return cls(
+            LmdbKV(data_dir, map_bytes_initial=map_bytes_initial, metasync=metasync),
+            region,
+            **options,
+        )
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Attach to the event loop whose waiters commits must wake."""
+        self._loop = loop
+        self._changed = asyncio.Event()
+
+    def close(self) -> None:
+        self.writer.stop()
+        self.kv.close()
+
+    # -- state -----------------------------------------------------------------
+
+    @property
+    def state(self) -> LogState:
+        return self.writer.committed
+
+    @property
+    def summary(self) -> VersionVector:
+        return self.writer.committed.summary
+
+    def token(self) -> Token:
+        return token_of(self.summary)
+
+    # -- writes ----------------------------------------------------------------
+
+    async def write(self, decide: Decide, *, actor: str) -> list[Event]:
+        written = await self.writer.write(decide, actor=actor)
+        self.metrics.writes += 1
+        return written
+
+    async def ingest(self, incoming: list[Event]) -> list[Event]:
+        return await self.writer.ingest(incoming)
+
+    def _on_commit(self, committed: Committed) -> None:
+        """Runs on the writer thread once a commit is durable."""
+        self.metrics.events_appended += len(committed.events)
+        self.metrics.stamps_drifted += committed.drifted
+        for listener in self.listeners:
+            listener(committed)
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._notify)
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def wait_until(self, ready: Callable[[], bool], timeout_s: float) -> bool:
+        """Wait (without polling) until ``ready()`` holds after some commit, or time out."""
+        deadline = time.monotonic() + timeout_s
+        while not ready():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._changed.wait(), left)
+            except TimeoutError:
+                return ready()
+        return True
+
+    async def wait_for_token(self, token: Token, timeout_s: float) -> bool:
+        return await self.wait_until(lambda: covers(self.summary, token), timeout_s)
+
+    # -- reads -----------------------------------------------------------------
+
+    def entity(self, kind: str, entity_id: str) -> EntityState:
+        with self.kv.read() as txn:
+            return views.entity(txn, stream_of(kind, entity_id))
+
+    def stream(self, kind: str, entity_id: str) -> list[tuple[int, Event]]:
+        with self.kv.read() as txn:
+            return list(log.stream_events(txn, stream_of(kind, entity_id)))
+
+    def entity_at(self, kind: str, entity_id: str, at: At) -> tuple[EntityState, ORSet[str]]:
+        return fold_all(e for _, e in self.stream(kind, entity_id) if at.includes(e))
+
+    def members(self, group_id: str, *, after: str, limit: int) -> list[str]:
+        with self.kv.read() as txn:
+            found = []
+            for user_id in views.members(txn, group_id, after=after):
+                found.append(user_id)
+                if len(found) >= limit:
+                    break
+            return found
+
+    def groups_of(self, user_id: str) -> list[str]:
+        with self.kv.read() as txn:
+            return views.groups_of(txn, user_id)
+
+    def lookup(self, field: str, value: str) -> list[str]:
+        with self.kv.read() as txn:
+            return views.lookup(txn, field, value)
+
+    def search(self, query: str, *, after: str, limit: int) -> list[str]:
+        with self.kv.read() as txn:
+            return views.search(txn, query, after=after, limit=limit)
+
+    def conflicts(self) -> list[tuple[str, str, list[str]]]:
+        with self.kv.read() as txn:
+            return list(views.conflicts(txn))
+
+    def changes(self, after_seq: int, *, limit: int) -> list[tuple[int, Event]]:
+        with self.kv.read() as txn:
+            return list(log.events_after(txn, after_seq, limit=limit))
+
+
+def history(events: Iterable[tuple[int, Event]]) -> list[dict[str, Any]]:
+    """The audit trail of one entity, each field write saying whether it won and why not."""
+    listed = list(events)
+    by_dot = {e.dot: e for _, e in listed}
+    winners: dict[str, Event] = {}
+    for _, e in listed:
+        if e.op is Op.SET and e.field is not None:
+            best = winners.get(e.field)
+            if best is None or (e.hlc, e.dot) > (best.hlc, best.dot):
+                winners[e.field] = e
+
+    def overwrote(later: Event, earlier: Dot) -> bool:
+        """Whether ``later`` was written knowing ``earlier`` (a chain of observed winners)."""
+        seen: set[Dot] = set()
+        frontier = set(later.observed)
+        while frontier:
+            dot = frontier.pop()
+            if dot == earlier:
+                return True
+            if dot not in seen and dot in by_dot:
+                seen.add(dot)
+                frontier |= by_dot[dot].observed
+        return False
+
+    trail = []
+    for seq, e in listed:
+        item: dict[str, Any] = {
+            "seq": seq,
+            "dot": str(e.dot),
+            "origin": e.dot.origin,
+            "time": iso_of(e.hlc),
+            "hlc": e.hlc,
+            "actor": e.actor,
+            "op": e.op.name.lower(),
+        }
+        if e.field is not None:
+            item["field"] = e.field
+            item["value"] = e.value
+        if e.op is Op.SET and e.field is not None:
+            winner = winners[e.field]
+            item["won"] = winner.dot == e.dot
+            if winner.dot != e.dot:
+                item["why"] = (
+                    f"overwritten by {winner.dot}"
+                    if overwrote(winner, e.dot)
+                    else f"concurrent with {winner.dot}, which has the greater (clock, origin)"
+                )
+        if e.observed and e.op in (Op.REMOVE, Op.DELETE):
+            item["observed"] = sorted(str(d) for d in e.observed)
+        trail.append(item)
+    return trail

@@ -1,0 +1,166 @@
+"""Query views, folded from events inside the same write transaction as the append.
+
+Each entity's folded state lives under its stream; each group member's OR-set slice
+under its own key, so adding one member to a huge group costs one key. Indexes are a
+function of state: after each fold the keys the old state implied and the new one
+implies are compared and only the difference is written, so incremental views equal
+views rebuilt from scratch. Uniqueness conflicts (one email held by two users after
+regions merged) are kept in ``conflicts``, also derived from the indexes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import msgpack
+
+from crdt import ORSet
+from crdt import codec as crdt_codec
+from node.events import Event, Op, stream_of
+from node.fold import EntityState, decode_state, encode_state, fold, fold_member
+from node.kv import ReadTxn, WriteTxn
+from node.schema import UNIQUE_FIELDS, index_value
+
+TOKEN_RE = re.compile(r"[^\W_]+")
+INDEX_DBS = {"email": "idx_email", "username": "idx_username"}
+SEARCH_SCAN_KEYS_MAX = 20_000
+
+
+def entity(txn: ReadTxn, stream: str) -> EntityState:
+    raw = txn.get("views", stream.encode())
+    return EntityState() if raw is None else decode_state(raw)
+
+
+def member_key(group_id: str, user_id: str) -> bytes:
+    return group_id.encode() + b"\0" + user_id.encode()
+
+
+def member_slice(txn: ReadTxn, group_id: str, user_id: str) -> ORSet[str]:
+    raw = txn.get("members", member_key(group_id, user_id))
+    return ORSet() if raw is None else crdt_codec.decode_as(raw, ORSet)
+
+
+def search_tokens(state: EntityState) -> set[str]:
+    tokens: set[str] = set()
+    for field in ("name", "username", "email"):
+        value = state.value(field)
+        if value:
+            folded = index_value(field, value)
+            tokens.add(folded)
+            tokens.update(TOKEN_RE.findall(folded))
+    return tokens
+
+
+def _index_keys(stream: str, state: EntityState) -> set[tuple[str, bytes]]:
+    """Every index key this entity's state implies."""
+    kind, _, entity_id = stream.partition("/")
+    if kind != "user" or not state.exists:
+        return set()
+    suffix = b"\0" + entity_id.encode()
+    keys = {("idx_search", t.encode() + suffix) for t in search_tokens(state)}
+    for field in UNIQUE_FIELDS:
+        value = state.value(field)
+        if value:
+            keys.add((INDEX_DBS[field], index_value(field, value).encode() + suffix))
+    return keys
+
+
+def _refresh_conflict(txn: WriteTxn, db: str, value_prefix: bytes) -> None:
+    holders = sorted(k[len(value_prefix) :].decode() for k, _ in txn.scan(db, prefix=value_prefix))
+    field = "email" if db == "idx_email" else "username"
+    key = field.encode() + b"\0" + value_prefix[:-1]
+    if len(holders) > 1:
+        txn.put("conflicts", key, msgpack.packb(holders))
+    else:
+        txn.delete("conflicts", key)
+
+
+def apply(txn: WriteTxn, event: Event) -> None:
+    """Fold one newly appended event into the views and indexes."""
+    key = event.stream.encode()
+    old = entity(txn, event.stream)
+    new = fold(old, event)
+    txn.put("views", key, encode_state(new))
+    old_keys, new_keys = _index_keys(event.stream, old), _index_keys(event.stream, new)
+    for db, index_key in old_keys - new_keys:
+        txn.delete(db, index_key)
+    for db, index_key in new_keys - old_keys:
+        txn.put(db, index_key, b"")
+    for db, index_key in old_keys ^ new_keys:
+        if db in ("idx_email", "idx_username"):
+            _refresh_conflict(txn, db, index_key[: index_key.rindex(b"\0") + 1])
+    group_id = event.entity_id
+    if event.op in (Op.ADD, Op.REMOVE):
+        assert event.value is not None
+        member = fold_member(member_slice(txn, group_id, event.value), event)
+        txn.put("members", member_key(group_id, event.value), crdt_codec.encode(member))
+        _refresh_membership(txn, group_id, event.value, new.exists and event.value in member)
+    elif event.kind == "group" and old.exists != new.exists:
+        for user_id in members(txn, group_id, live_only=True):
+            _refresh_membership(txn, group_id, user_id, new.exists)
+
+
+def _refresh_membership(txn: WriteTxn, group_id: str, user_id: str, present: bool) -> None:
+    key = user_id.encode() + b"\0" + group_id.encode()
+    if present:
+        txn.put("user_groups", key, b"")
+    else:
+        txn.delete("user_groups", key)
+
+
+def members(
+    txn: ReadTxn, group_id: str, *, after: str = "", live_only: bool = True
+) -> Iterator[str]:
+    prefix = group_id.encode() + b"\0"
+    start = prefix + after.encode() + b"\0" if after else None
+    for key, raw in txn.scan("members", prefix=prefix, start=start):
+        if not live_only or crdt_codec.decode_as(raw, ORSet).entries:
+            yield key[len(prefix) :].decode()
+
+
+def groups_of(txn: ReadTxn, user_id: str) -> list[str]:
+    prefix = user_id.encode() + b"\0"
+    return [key[len(prefix) :].decode() for key, _ in txn.scan("user_groups", prefix=prefix)]
+
+
+def lookup(txn: ReadTxn, field: str, value: str) -> list[str]:
+    """The ids of users holding ``value`` in a unique field (more than one: a conflict)."""
+    prefix = index_value(field, value).encode() + b"\0"
+    return [key[len(prefix) :].decode() for key, _ in txn.scan(INDEX_DBS[field], prefix=prefix)]
+
+
+def search(txn: ReadTxn, query: str, *, after: str, limit: int) -> list[str]:
+    """Users whose every query word prefixes some token of their name, username or email.
+
+    Ordered by id, ``after`` being the cursor; candidates come from the first word's
+    prefix range, bounded by SEARCH_SCAN_KEYS_MAX so one short query cannot scan all.
+    """
+    words = TOKEN_RE.findall(query.casefold())
+    if not words:
+        return []
+    first = max(words, key=len)
+    candidates: set[str] = set()
+    for n, (key, _) in enumerate(txn.scan("idx_search", prefix=first.encode())):
+        if n >= SEARCH_SCAN_KEYS_MAX:
+            break
+        candidates.add(key[key.rindex(b"\0") + 1 :].decode())
+    found = []
+    for user_id in sorted(c for c in candidates if c > after):
+        tokens = search_tokens(entity(txn, stream_of("user", user_id)))
+        if all(any(t.startswith(w) for t in tokens) for w in words):
+            found.append(user_id)
+            if len(found) >= limit:
+                break
+    return found
+
+
+def conflicts(txn: ReadTxn) -> Iterator[tuple[str, str, list[str]]]:
+    for key, raw in txn.scan("conflicts"):
+        field, _, value = key.partition(b"\0")
+        yield field.decode(), value.decode(), list(msgpack.unpackb(raw))
+
+
+def clear(txn: WriteTxn) -> None:
+    for db in ("views", "members", "user_groups", "conflicts", *INDEX_DBS.values(), "idx_search"):
+        txn.clear(db)

@@ -1,0 +1,249 @@
+"""The single writer: concurrent requests share one durable LMDB commit (group commit).
+
+Requests queue up while a commit is in flight; the writer thread takes all that are
+waiting (up to ``batch_requests_max``), runs them in one write transaction, commits
+(fsync), and only then resolves their futures on the event loop: a write is
+acknowledged only once it is durable. A local write is a *decision* that reads the
+transaction and returns drafts; the writer stamps them with this replica's next dots
+and clock inside the commit, so a rejected request consumes no dot and the replica's
+own counters never have gaps. Ingested events (from peers) pass the same path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from crdt import Dot, HybridLogicalClock
+from node import log, views
+from node.events import Event, Op, Value, validate
+from node.kv import KV, ReadTxn, WriteTxn
+from node.log import Identity, LogState
+
+logger = logging.getLogger(__name__)
+
+BATCH_REQUESTS_MAX = 512
+QUEUE_REQUESTS_MAX = 10_000
+
+
+class Rejected(Exception):
+    """A decision refused the request; nothing of it is written. Carries the HTTP answer."""
+
+    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.extra = status, code, message, extra
+
+
+class Overloaded(Exception):
+    """The write queue is full: the client should back off and retry."""
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """An event before the writer gives it a dot and a stamp."""
+
+    stream: str
+    op: Op
+    field: str | None = None
+    value: Value = None
+    observed: frozenset[Dot] = frozenset()
+
+
+Decide = Callable[[ReadTxn], list[Draft]]
+
+
+@dataclass
+class Committed:
+    """What one commit appended, handed to listeners after it is durable."""
+
+    events: list[tuple[int, Event]]
+    state: LogState
+    drifted: int = 0
+
+
+@dataclass
+class _Request:
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[list[Event]]
+    decide: Decide | None = None
+    actor: str = ""
+    incoming: list[Event] = field(default_factory=list)
+
+
+_STOP = object()
+
+
+class Writer:
+    def __init__(
+        self,
+        kv: KV,
+        identity: Identity,
+        state: LogState,
+        clock: HybridLogicalClock,
+        *,
+        on_commit: Callable[[Committed], None],
+        batch_requests_max: int = BATCH_REQUESTS_MAX,
+        queue_requests_max: int = QUEUE_REQUESTS_MAX,
+    ) -> None:
+        assert batch_requests_max >= 1
+        self.kv, self.identity, self.clock = kv, identity, clock
+        self.committed = state
+        self.on_commit = on_commit
+        self.batch_requests_max = batch_requests_max
+        self._queue: queue.Queue[_Request | object] = queue.Queue(maxsize=queue_requests_max)
+        self._thread = threading.Thread(target=self._run, name="writer", daemon=True)
+        self.commits = 0
+        self.requests = 0
+        self._thread.start()
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    async def write(self, decide: Decide, *, actor: str) -> list[Event]:
+        """Run ``decide`` and commit its drafts; raise ``Rejected`` if it refused."""
+        return await self._submit(_Request(asyncio.get_running_loop(), _future(), decide, actor))
+
+    async def ingest(self, incoming: list[Event]) -> list[Event]:
+        """Append (idempotently) and fold events from peers; return those that were new."""
+        request = _Request(asyncio.get_running_loop(), _future(), incoming=incoming)
+        return await self._submit(request)
+
+    async def _submit(self, request: _Request) -> list[Event]:
+        try:
+            self._queue.put_nowait(request)
+        except queue.Full:
+            raise Overloaded from None
+        return await request.future
+
+    def stop(self) -> None:
+        """Drain every queued request, then end the thread."""
+        self._queue.put(_STOP)
+        self._thread.join()
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            batch: list[_Request] = []
+            item = self._queue.get()
+            while True:
+                if item is _STOP:
+                    stopping = True
+                else:
+                    assert isinstance(item, _Request)
+                    batch.append(item)
+                if stopping or len(batch) >= self.batch_requests_max:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                self._commit(batch)
+
+    def _commit(self, batch: list[_Request]) -> None:
+        try:
+            outcomes, committed = self.kv.write(lambda txn: self._apply(txn, batch))
+        except Exception as exc:
+            if len(batch) > 1:
+                logger.warning("batch of %d failed (%s); retrying one by one", len(batch), exc)
+                for request in batch:
+                    self._commit([request])
+                return
+            logger.exception("write failed")
+            _settle(batch[0], exc)
+            return
+        self.committed = committed.state
+        self.commits += 1
+        self.requests += len(batch)
+        self.on_commit(committed)
+        for request, outcome in zip(batch, outcomes, strict=True):
+            _settle(request, outcome)
+
+    def _apply(
+        self, txn: WriteTxn, batch: list[_Request]
+    ) -> tuple[list[list[Event] | Exception], Committed]:
+        state = self.committed.copy()
+        appended: list[tuple[int, Event]] = []
+        outcomes: list[list[Event] | Exception] = []
+        drifted = 0
+        for request in batch:
+            if request.decide is None:
+                new, n_drifted = self._ingest(txn, state, request.incoming, appended)
+                drifted += n_drifted
+                outcomes.append(new)
+                continue
+            try:
+                drafts = request.decide(txn)
+            except Rejected as rejection:
+                outcomes.append(rejection)
+                continue
+            written = []
+            for draft in drafts:
+                state.counter += 1
+                stamp = self.clock.tick()
+                event = Event(
+                    Dot(self.identity.replica_id, state.counter),
+                    stamp,
+                    draft.stream,
+                    draft.op,
+                    draft.field,
+                    draft.value,
+                    draft.observed,
+                    request.actor,
+                )
+                self._append(txn, state, event, appended)
+                written.append(event)
+            outcomes.append(written)
+        log.save_state(txn, state)
+        return outcomes, Committed(appended, state, drifted)
+
+    def _ingest(
+        self,
+        txn: WriteTxn,
+        state: LogState,
+        incoming: list[Event],
+        appended: list[tuple[int, Event]],
+    ) -> tuple[list[Event], int]:
+        for event in incoming:
+            validate(event)  # the whole batch is refused before anything of it is put
+        new: list[Event] = []
+        drifted = 0
+        for event in incoming:
+            if event.dot in state.summary:
+                continue
+            drifted += self.clock.observe(event.hlc).drifted
+            self._append(txn, state, event, appended)
+            new.append(event)
+        state.counter = state.summary.contiguous(self.identity.replica_id)
+        return new, drifted
+
+    def _append(
+        self, txn: WriteTxn, state: LogState, event: Event, appended: list[tuple[int, Event]]
+    ) -> None:
+        seq = log.append(txn, state, event)
+        if seq is not None:
+            views.apply(txn, event)
+            appended.append((seq, event))
+        state.hlc = max(state.hlc, self.clock.last)
+
+
+def _future() -> asyncio.Future[list[Event]]:
+    return asyncio.get_running_loop().create_future()
+
+
+def _settle(request: _Request, outcome: list[Event] | BaseException) -> None:
+    def settle() -> None:
+        if request.future.done():
+            return  # the client went away
+        if isinstance(outcome, BaseException):
+            request.future.set_exception(outcome)
+        else:
+            request.future.set_result(outcome)
+
+    request.loop.call_soon_threadsafe(settle)
