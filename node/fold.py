@@ -94,7 +94,8 @@ def fold_member(member: ORSet[str], event: Event) -> ORSet[str]:
 
 def fold_all(events: Iterable[Event]) -> tuple[EntityState, ORSet[str]]:
     """An entity and its members from scratch: for history and time travel."""
-    state, members = EntityState(), ORSet[str]()
+    state = EntityState()
+    members: ORSet[str] = ORSet()
     for event in events:
         state = fold(state, event)
         if event.op in (Op.ADD, Op.REMOVE):

@@ -8,6 +8,7 @@ and the write run again, so a full map never leaves anything half written.
 
 from __future__ import annotations
 
+import fcntl
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +23,10 @@ T = TypeVar("T")
 MAP_BYTES_INITIAL = 64 * 1024 * 1024
 MAP_GROWTHS_PER_WRITE_MAX = 8
 READERS_MAX = 512
+
+
+class DataDirBusy(RuntimeError):
+    """Another process already serves this data directory."""
 
 
 class _LmdbTxn:
@@ -75,6 +80,13 @@ class LmdbKV:
         self, path: Path, *, map_bytes_initial: int = MAP_BYTES_INITIAL, metasync: bool = True
     ) -> None:
         path.mkdir(parents=True, exist_ok=True)
+        # One process per data directory: two writers would each trust their own counters.
+        self._lock = (path / "replica.lock").open("a")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise DataDirBusy(f"{path} is in use by another replica process") from None
         self.env = lmdb.open(
             str(path),
             map_size=map_bytes_initial,
@@ -116,3 +128,4 @@ class LmdbKV:
 
     def close(self) -> None:
         self.env.close()
+        self._lock.close()

@@ -18,7 +18,7 @@ from crdt import Dot, HybridLogicalClock, ORSet, VersionVector
 from crdt.clock import LOGICAL_MASK, make_stamp, physical_ms
 from node import log, views
 from node.events import Event, Op, stream_of
-from node.fold import EntityState, fold_all
+from node.fold import EntityState, decode_state, fold_all
 from node.kv import KV
 from node.lmdb_kv import LmdbKV
 from node.log import Identity, LogState
@@ -182,6 +182,19 @@ class Replica:
 
     def entity_at(self, kind: str, entity_id: str, at: At) -> tuple[EntityState, ORSet[str]]:
         return fold_all(e for _, e in self.stream(kind, entity_id) if at.includes(e))
+
+    def entity_ids(self, kind: str, *, after: str, limit: int) -> list[str]:
+        """Ids of the entities of ``kind`` that exist, in id order, after the cursor."""
+        prefix = f"{kind}/".encode()
+        start = prefix + after.encode() + b"\0" if after else None
+        found: list[str] = []
+        with self.kv.read() as txn:
+            for key, raw in txn.scan("views", prefix=prefix, start=start):
+                if decode_state(raw).exists:
+                    found.append(key[len(prefix) :].decode())
+                    if len(found) >= limit:
+                        break
+        return found
 
     def members(self, group_id: str, *, after: str, limit: int) -> list[str]:
         with self.kv.read() as txn:

@@ -1,0 +1,460 @@
+"""The HTTP API of one node (JSON). Routes validate, build commands, await the durable
+commit, and answer with tokens: ``ETag`` on every entity, ``X-Consistency-Token`` on
+every response; a read carrying ``X-Consistency-Token`` first waits for the node to
+catch up with it (up to ``X-Wait-Ms``), and answers 504 if it does not.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+import uuid
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from aiohttp import web
+
+from node import commands
+from node.config import Settings
+from node.events import ENTITY_ID_RE, Event
+from node.fold import EntityState
+from node.http_errors import BODY_BYTES_MAX, Handler, fail, json_errors
+from node.metrics import render_metrics
+from node.openapi import OPENAPI
+from node.replica import At, Replica, history, iso_of
+from node.schema import check_id, parse_fields, render
+from node.tokens import BadToken, decode_token, encode_token, etag_of
+
+REPLICA = web.AppKey("replica", Replica)
+SETTINGS = web.AppKey("settings", Settings)
+STARTED = web.AppKey("started", float)
+ACTOR_CHARS_MAX = 128
+PAGE_ITEMS_DEFAULT = 50
+OPEN_PATHS = ("/health",)
+
+
+def _json(data: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status, text=json.dumps(data), content_type="application/json", headers=headers
+    )
+
+
+def _replica(request: web.Request) -> Replica:
+    return request.app[REPLICA]
+
+
+def _settings(request: web.Request) -> Settings:
+    return request.app[SETTINGS]
+
+
+# -- middleware -------------------------------------------------------------------
+
+
+@web.middleware
+async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    token = _settings(request).api_token
+    if (
+        token is not None
+        and request.path not in OPEN_PATHS
+        and not request.path.startswith("/replication/")
+    ):
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            fail(401, "unauthorized", "send Authorization: Bearer <api token>")
+    return await handler(request)
+
+
+@web.middleware
+async def consistency(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Before a read, wait until this node has seen what the client's token covers."""
+    replica = _replica(request)
+    given = request.headers.get("X-Consistency-Token")
+    if given is not None and request.method in ("GET", "HEAD"):
+        try:
+            wanted = decode_token(given)
+        except BadToken as e:
+            fail(400, "bad_token", str(e))
+        settings = _settings(request)
+        wait_ms = _int_header(request, "X-Wait-Ms", settings.consistency_wait_ms_default)
+        if wait_ms > settings.consistency_wait_ms_max:
+            fail(400, "bad_header", f"X-Wait-Ms is at most {settings.consistency_wait_ms_max}")
+        if not await replica.wait_for_token(wanted, wait_ms / 1000):
+            fail(
+                504,
+                "not_caught_up",
+                f"this node has not seen that token's writes after {wait_ms} ms",
+                token=encode_token(replica.token()),
+            )
+    return await handler(request)
+
+
+async def _stamp_token(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer, errors included, carries the node's token unless a write set its own."""
+    if "X-Consistency-Token" not in response.headers:
+        response.headers["X-Consistency-Token"] = encode_token(_replica(request).token())
+
+
+def _int_header(request: web.Request, name: str, default: int) -> int:
+    raw = request.headers.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or len(raw) > 9:
+        fail(400, "bad_header", f"{name} must be a whole number of milliseconds")
+    return int(raw)
+
+
+def _int_query(request: web.Request, name: str, default: int, maximum: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or len(raw) > 12:
+        fail(400, "bad_query", f"{name} must be a whole number")
+    value = int(raw)
+    if not 0 <= value <= maximum:
+        fail(400, "bad_query", f"{name} must be between 0 and {maximum}")
+    return value
+
+
+def _limit(request: web.Request) -> int:
+    maximum = _settings(request).page_items_max
+    limit = _int_query(request, "limit", min(PAGE_ITEMS_DEFAULT, maximum), maximum)
+    if limit < 1:
+        fail(400, "bad_query", "limit must be at least 1")
+    return limit
+
+
+def _cursor(request: web.Request) -> str:
+    cursor = request.query.get("cursor", "")
+    if cursor and not ENTITY_ID_RE.fullmatch(cursor):
+        fail(400, "bad_query", "not a cursor from this API")
+    return cursor
+
+
+async def _body(request: web.Request) -> Any:
+    if request.content_type != "application/json":
+        fail(415, "unsupported_media_type", "send Content-Type: application/json")
+    raw = await request.read()  # larger than body_bytes_max: aiohttp answers 413
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        fail(400, "bad_json", f"the body is not JSON: {e}")
+
+
+def _actor(request: web.Request) -> str:
+    actor = request.headers.get("X-Actor", "api")
+    if len(actor) > ACTOR_CHARS_MAX:
+        fail(400, "bad_header", f"X-Actor is at most {ACTOR_CHARS_MAX} characters")
+    return actor
+
+
+def _write_token(request: web.Request, written: list[Event]) -> dict[str, str]:
+    """The token a write answers with: it covers the events the write made."""
+    replica = _replica(request)
+    if not written:
+        return {"X-Consistency-Token": encode_token(replica.token())}
+    return {
+        "X-Consistency-Token": encode_token({replica.identity.replica_id: written[-1].dot.counter})
+    }
+
+
+# -- entities ---------------------------------------------------------------------
+
+
+def _entity_json(kind: str, entity_id: str, state: EntityState) -> dict[str, Any]:
+    out = render(kind, entity_id, state.values())
+    out["created_at"] = iso_of(state.created_hlc) if state.created_hlc else None
+    out["updated_at"] = iso_of(state.updated_hlc)
+    return out
+
+
+def _entity_response(
+    kind: str,
+    entity_id: str,
+    state: EntityState,
+    *,
+    status: int = 200,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    return _json(
+        _entity_json(kind, entity_id, state),
+        status=status,
+        headers={"ETag": etag_of(state.etag), **(headers or {})},
+    )
+
+
+def _id(request: web.Request, name: str = "id") -> str:
+    try:
+        return check_id(request.match_info[name], what=name)
+    except Exception:
+        fail(404, "not_found", f"no such {name}")
+
+
+def _existing(request: web.Request, kind: str, entity_id: str) -> EntityState:
+    state = _replica(request).entity(kind, entity_id)
+    if not state.exists:
+        fail(404, "not_found", f"no {kind} {entity_id!r}")
+    return state
+
+
+def _parse_at(raw: str) -> At:
+    try:
+        moment = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        try:
+            return At(token=decode_token(raw))
+        except BadToken:
+            fail(400, "bad_query", "at must be an ISO-8601 time or a consistency token")
+    if moment.tzinfo is None:
+        fail(400, "bad_query", "at needs a time zone, e.g. 2026-01-01T12:00:00Z")
+    return At.time_ms(int(moment.timestamp() * 1000))
+
+
+def create_handler(kind: str) -> Handler:
+    async def handle(request: web.Request) -> web.Response:
+        requested_id, writes = parse_fields(kind, await _body(request), creating=True)
+        entity_id = requested_id or _new_id()
+        written = await _replica(request).write(
+            commands.create(kind, entity_id, writes), actor=_actor(request)
+        )
+        state = _replica(request).entity(kind, entity_id)
+        headers = {"Location": f"/{kind}s/{entity_id}", **_write_token(request, written)}
+        return _entity_response(kind, entity_id, state, status=201, headers=headers)
+
+    return handle
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def get_handler(kind: str) -> Handler:
+    async def handle(request: web.Request) -> web.Response:
+        entity_id = _id(request)
+        if "at" in request.query:
+            state, _ = _replica(request).entity_at(kind, entity_id, _parse_at(request.query["at"]))
+            if not state.exists:
+                fail(404, "not_found", f"no {kind} {entity_id!r} at that time")
+            body = {**_entity_json(kind, entity_id, state), "as_of": request.query["at"]}
+            return _json(body, headers={"ETag": etag_of(state.etag)})
+        state = _existing(request, kind, entity_id)
+        etag = etag_of(state.etag)
+        if_none_match = request.headers.get("If-None-Match")
+        if if_none_match is not None and (etag in if_none_match or if_none_match.strip() == "*"):
+            return web.Response(status=304, headers={"ETag": etag})
+        return _entity_response(kind, entity_id, state)
+
+    return handle
+
+
+def patch_handler(kind: str) -> Handler:
+    async def handle(request: web.Request) -> web.Response:
+        entity_id = _id(request)
+        _, writes = parse_fields(kind, await _body(request), creating=False)
+        decide = commands.patch(kind, entity_id, writes, request.headers.get("If-Match"))
+        written = await _replica(request).write(decide, actor=_actor(request))
+        state = _replica(request).entity(kind, entity_id)
+        return _entity_response(kind, entity_id, state, headers=_write_token(request, written))
+
+    return handle
+
+
+def delete_handler(kind: str) -> Handler:
+    async def handle(request: web.Request) -> web.Response:
+        entity_id = _id(request)
+        decide = commands.delete(kind, entity_id, request.headers.get("If-Match"))
+        written = await _replica(request).write(decide, actor=_actor(request))
+        return web.Response(status=204, headers=_write_token(request, written))
+
+    return handle
+
+
+def history_handler(kind: str) -> Handler:
+    async def handle(request: web.Request) -> web.Response:
+        entity_id = _id(request)
+        events = _replica(request).stream(kind, entity_id)
+        if not events:
+            fail(404, "not_found", f"no {kind} {entity_id!r} has ever existed here")
+        return _json({"id": entity_id, "kind": kind, "events": history(events)})
+
+    return handle
+
+
+async def list_users(request: web.Request) -> web.Response:
+    replica = _replica(request)
+    limit, after = _limit(request), _cursor(request)
+    for field in ("email", "username"):
+        if field in request.query:
+            ids = replica.lookup(field, request.query[field])
+            return _json({"users": _users(replica, ids), "next_cursor": None})
+    if "q" in request.query:
+        query = request.query["q"]
+        if len(query) > 200:
+            fail(400, "bad_query", "q is at most 200 characters")
+        ids = replica.search(query, after=after, limit=limit)
+    else:
+        ids = replica.entity_ids("user", after=after, limit=limit)
+    cursor = ids[-1] if len(ids) == limit else None
+    return _json({"users": _users(replica, ids), "next_cursor": cursor})
+
+
+def _users(replica: Replica, ids: list[str]) -> list[dict[str, Any]]:
+    found = []
+    for user_id in ids:
+        state = replica.entity("user", user_id)
+        if state.exists:
+            found.append(_entity_json("user", user_id, state))
+    return found
+
+
+async def user_groups(request: web.Request) -> web.Response:
+    user_id = _id(request)
+    _existing(request, "user", user_id)
+    return _json({"user": user_id, "groups": _replica(request).groups_of(user_id)})
+
+
+async def group_members(request: web.Request) -> web.Response:
+    group_id = _id(request)
+    _existing(request, "group", group_id)
+    limit = _limit(request)
+    ids = _replica(request).members(group_id, after=_cursor(request), limit=limit)
+    return _json(
+        {"group": group_id, "members": ids, "next_cursor": ids[-1] if len(ids) == limit else None}
+    )
+
+
+async def put_member(request: web.Request) -> web.Response:
+    group_id, user_id = _id(request), _id(request, "user_id")
+    written = await _replica(request).write(
+        commands.add_member(group_id, user_id), actor=_actor(request)
+    )
+    return _json(
+        {"group": group_id, "user": user_id, "member": True}, headers=_write_token(request, written)
+    )
+
+
+async def delete_member(request: web.Request) -> web.Response:
+    group_id, user_id = _id(request), _id(request, "user_id")
+    written = await _replica(request).write(
+        commands.remove_member(group_id, user_id), actor=_actor(request)
+    )
+    return web.Response(status=204, headers=_write_token(request, written))
+
+
+# -- feed and operations ----------------------------------------------------------
+
+
+def event_json(seq: int, event: Event) -> dict[str, Any]:
+    return {
+        "seq": seq,
+        "dot": str(event.dot),
+        "origin": event.dot.origin,
+        "hlc": event.hlc,
+        "time": iso_of(event.hlc),
+        "stream": event.stream,
+        "op": event.op.name.lower(),
+        "field": event.field,
+        "value": event.value,
+        "observed": sorted(str(d) for d in event.observed),
+        "actor": event.actor,
+    }
+
+
+async def changes(request: web.Request) -> web.Response:
+    replica, settings = _replica(request), _settings(request)
+    raw = request.query.get("since", "0")
+    if not raw.isdigit() or len(raw) > 19:
+        fail(400, "bad_query", "since must be a cursor from this feed")
+    since = int(raw)
+    limit = _limit(request)
+    wait_ms = _int_query(request, "wait", 0, settings.changes_wait_ms_max)
+    if wait_ms:
+        await replica.wait_until(lambda: replica.state.seq > since, wait_ms / 1000)
+    found = replica.changes(since, limit=limit)
+    next_cursor = found[-1][0] if found else max(since, 0)
+    return _json({"changes": [event_json(s, e) for s, e in found], "next_cursor": str(next_cursor)})
+
+
+async def conflicts(request: web.Request) -> web.Response:
+    found = [{"field": f, "value": v, "ids": ids} for f, v, ids in _replica(request).conflicts()]
+    return _json({"conflicts": found})
+
+
+async def health(request: web.Request) -> web.Response:
+    return _json({"status": "ok"})
+
+
+async def status(request: web.Request) -> web.Response:
+    replica, settings = _replica(request), _settings(request)
+    state = replica.state
+    return _json(
+        {
+            "region": replica.identity.region,
+            "replica_id": replica.identity.replica_id,
+            "seq": state.seq,
+            "summary": {
+                origin: {"contiguous": seen.contiguous, "beyond_gap": len(seen.cloud)}
+                for origin, seen in sorted(state.summary.origins.items())
+            },
+            "token": encode_token(replica.token()),
+            "peers": [{"name": p.name, "url": p.url} for p in settings.peers],
+            "writer": {
+                "queued": replica.writer.queued,
+                "commits": replica.writer.commits,
+                "requests": replica.writer.requests,
+            },
+            "uptime_s": round(time.monotonic() - request.app[STARTED], 3),
+        }
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(
+        text=render_metrics(_replica(request)),
+        content_type="text/plain",
+        charset="utf-8",
+        headers={"X-Prometheus-Format": "0.0.4"},
+    )
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return _json(OPENAPI)
+
+
+def build_app(replica: Replica, settings: Settings) -> web.Application:
+    app = web.Application(
+        client_max_size=settings.body_bytes_max,
+        middlewares=[json_errors, authenticate, consistency],
+    )
+    app.on_response_prepare.append(_stamp_token)
+    app[REPLICA] = replica
+    app[SETTINGS] = settings
+    app[BODY_BYTES_MAX] = settings.body_bytes_max
+    app[STARTED] = time.monotonic()
+    routes: list[tuple[str, str, Callable[[web.Request], Any]]] = []
+    for kind in ("user", "group"):
+        base = f"/{kind}s"
+        routes += [
+            ("POST", base, create_handler(kind)),
+            ("GET", base + "/{id}", get_handler(kind)),
+            ("PATCH", base + "/{id}", patch_handler(kind)),
+            ("DELETE", base + "/{id}", delete_handler(kind)),
+            ("GET", base + "/{id}/history", history_handler(kind)),
+        ]
+    routes += [
+        ("GET", "/users", list_users),
+        ("GET", "/users/{id}/groups", user_groups),
+        ("GET", "/groups/{id}/members", group_members),
+        ("PUT", "/groups/{id}/members/{user_id}", put_member),
+        ("DELETE", "/groups/{id}/members/{user_id}", delete_member),
+        ("GET", "/changes", changes),
+        ("GET", "/conflicts", conflicts),
+        ("GET", "/health", health),
+        ("GET", "/status", status),
+        ("GET", "/metrics", metrics),
+        ("GET", "/openapi.json", openapi),
+    ]
+    for method, path, handler in routes:
+        app.router.add_route(method, path, handler)
+    return app
