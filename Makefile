@@ -3,13 +3,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 READY := $(VENV)/.ready
 
-.PHONY: test check lint types
+.PHONY: run test check lint types
 
 $(READY): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(READY)
+
+run: $(READY)
+	$(PY) -m node.demo
 
 test: $(READY)
 	$(PY) -m pytest -q

@@ -1,0 +1,84 @@
+"""A ``replica node`` child process: started, awaited until it serves, stopped cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+START_WAIT_S = 20.0
+STOP_WAIT_S = 15.0
+
+
+class NodeProcess:
+    def __init__(
+        self,
+        region: str,
+        data_dir: Path,
+        port: int,
+        *extra_args: str,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.region, self.data_dir, self.port = region, data_dir, port
+        self.url = f"http://127.0.0.1:{port}"
+        self.args = [
+            sys.executable,
+            "-m",
+            "node",
+            "node",
+            "--region",
+            region,
+            "--data",
+            str(data_dir),
+            "--listen",
+            f"127.0.0.1:{port}",
+            *extra_args,
+        ]
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[str] | None = None
+        self.returncode: int | None = None
+
+    def start(self) -> NodeProcess:
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        log = (self.data_dir.parent / f"{self.region}.log").open("a")
+        self.proc = subprocess.Popen(
+            self.args, stdout=subprocess.PIPE, stderr=log, text=True, env=self.env
+        )
+        deadline = time.monotonic() + START_WAIT_S
+        assert self.proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if "listening on" in line:
+                return self
+            if not line and self.proc.poll() is not None:
+                break
+        self.stop()
+        raise RuntimeError(f"node {self.region} did not start; see {log.name}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(STOP_WAIT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.returncode = self.proc.returncode
+        return self.returncode
+
+    def __enter__(self) -> NodeProcess:
+        return self.start()
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
