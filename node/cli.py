@@ -92,7 +92,7 @@ def _node(flags: dict[str, object]) -> int:
 # The server and the rebuild tool are imported only when used, so that `replica --help`
 # stays fast and the command line does not depend on the storage and HTTP stack.
 def _load_runner() -> Callable[[Settings], int]:
-    run_node: Callable[[Settings], int] = importlib.import_module("node.server").run_node
+    run_node: Callable[[Settings], int] = importlib.import_module("replication.service").run_node
     return run_node
 
 

@@ -41,6 +41,18 @@ class Settings:
     lmdb_map_bytes_initial: int = 64 * 1024 * 1024
     lmdb_metasync: bool = True  # False: faster commits; an OS crash may lose the last one
     log_level: str = "info"
+    gossip_interval_ms: int = 500
+    sync_batch_bytes_max: int = 1_048_576
+    sync_body_bytes_max: int = 8 * 1_048_576
+    push_queue_events_max: int = 10_000
+    backoff_max_ms: int = 30_000
+    auth_window_ms: int = 30_000
+    bootstrap_wait_ms_max: int = 120_000
+    # TLS between nodes: a certificate and key to serve and to present; with a CA, peers'
+    # certificates are verified against it (mutual TLS) instead of the system's roots.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
 
     def redacted(self) -> dict[str, object]:
         """All settings as plain values for a start-up log line, secrets replaced by "***"."""
@@ -142,6 +154,15 @@ def _check_across(settings: Settings, raw: _Raw) -> None:
         _fail("consistency_wait_ms_default", where, "must not exceed consistency_wait_ms_max")
     if any(peer.name == settings.region for peer in settings.peers):
         _fail("peers", raw["peers"][1], f"must not include the own region {settings.region!r}")
+    if settings.peers and settings.cluster_secret is None:
+        # Replication requests are authenticated with it; without one, no peer is trusted.
+        _fail("peers", raw["peers"][1], "need a cluster secret (--cluster-secret)")
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        _fail(
+            "tls_cert",
+            raw.get("tls_cert", raw.get("tls_key", (None, "settings")))[1],
+            "and tls_key go together",
+        )
     missing = [_flag_name(name) for name in _SECRETS if getattr(settings, name) is None]
     if missing and not _is_loopback(settings.listen_host):
         # Off loopback, anyone who can reach the port could write or join the cluster.
@@ -206,6 +227,13 @@ def _log_level(name: str, value: object, where: str) -> str:
     return level
 
 
+def _file(name: str, value: object, where: str) -> Path:
+    path = Path(_text(name, value, where))
+    if not path.is_file():
+        _fail(name, where, f"must be a readable file, got {str(path)!r}")
+    return path
+
+
 def _peers(name: str, value: object, where: str) -> tuple[Peer, ...]:
     if isinstance(value, dict):  # a [peers] table in the config file
         pairs = list(value.items())
@@ -244,6 +272,7 @@ _CONVERTERS: dict[str, Callable[[str, object, str], Any]] = {
     "api_token": _text,
     "lmdb_metasync": _bool,
     "log_level": _log_level,
+    **{name: _file for name in ("tls_cert", "tls_key", "tls_ca")},
     **{name: _int for name in _LIMITS},
 }
 assert set(_CONVERTERS) == set(_FIELDS), "every setting needs exactly one converter"

@@ -16,7 +16,7 @@ from typing import Any
 
 import msgpack
 
-from crdt import Add, LWWRegister, ORSet, Remove, Write
+from crdt import Add, LWWRegister, ORSet, Remove, VersionVector, Write
 from crdt import codec as crdt_codec
 from node.events import Event, Op, Value
 
@@ -90,6 +90,20 @@ def fold_member(member: ORSet[str], event: Event) -> ORSet[str]:
     if event.op is Op.ADD:
         return member.apply(Add(event.value, event.dot))
     return member.apply(Remove(event.value, event.observed))
+
+
+def prune_member(member: ORSet[str], stable: VersionVector) -> ORSet[str] | None:
+    """Drop the tombstones (removed dots) of a member slice that are causally stable.
+
+    Safe in a node because the log filters every dot it has seen, so no add below the
+    stable point can arrive again; the slice's value never changes. Returns None when
+    nothing is left to keep (a removed member whose removal every replica has seen).
+    """
+    live = frozenset(d for dots in member.entries.values() for d in dots)
+    tombstones = [d for d in member.context.dots() if d not in live and d not in stable]
+    if not member.entries and not tombstones:
+        return None
+    return ORSet(member.entries, VersionVector.of([*live, *tombstones]))
 
 
 def fold_all(events: Iterable[Event]) -> tuple[EntityState, ORSet[str]]:

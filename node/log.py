@@ -135,10 +135,31 @@ def stream_events(txn: ReadTxn, stream: str) -> Iterator[tuple[int, Event]]:
         yield seq, read_event(txn, seq)
 
 
-def origin_events(txn: ReadTxn, origin: str, first: int, last: int) -> Iterator[Event]:
-    """This origin's events with counters in ``first..last`` that are here, in order."""
+def origin_event_bytes(
+    txn: ReadTxn, origin: str, first: int, last: int
+) -> Iterator[tuple[int, bytes]]:
+    """This origin's events with counters in ``first..last`` that are here, as stored."""
     prefix = origin.encode() + b"\0"
     for key, seq in txn.scan("dots", prefix=prefix, start=prefix + u64(first)):
-        if from_u64(key[-8:]) > last:
+        counter = from_u64(key[-8:])
+        if counter > last:
             return
-        yield read_event(txn, from_u64(seq))
+        data = txn.get("events", seq)
+        assert data is not None, f"dot {origin}:{counter} points at no event"
+        yield counter, data
+
+
+def origin_events(txn: ReadTxn, origin: str, first: int, last: int) -> Iterator[Event]:
+    """This origin's events with counters in ``first..last`` that are here, in order."""
+    for _, data in origin_event_bytes(txn, origin, first, last):
+        yield ev.decode(data)
+
+
+def quarantine(txn: WriteTxn, dot: Dot, data: bytes) -> None:
+    """Keep an event this node cannot read yet; it is applied once the node can."""
+    txn.put("quarantine", dot_key(dot), data)
+
+
+def quarantined(txn: ReadTxn) -> Iterator[tuple[Dot, bytes]]:
+    for key, data in txn.scan("quarantine"):
+        yield Dot(key[:-9].decode(), from_u64(key[-8:])), data  # origin \0 u64 counter

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,8 @@ from typing import Any
 from crdt import Dot, HybridLogicalClock, ORSet, VersionVector
 from crdt.clock import LOGICAL_MASK, make_stamp, physical_ms
 from node import log, views
-from node.events import Event, Op, stream_of
+from node.events import Event, InvalidEvent, Op, stream_of
+from node.events import decode as decode_event
 from node.fold import EntityState, decode_state, fold_all
 from node.kv import KV
 from node.lmdb_kv import LmdbKV
@@ -82,6 +83,10 @@ class Replica:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed = asyncio.Event()
         self.listeners: list[Callable[[Committed], None]] = []
+        # Extra sections of /status from what runs beside the node (replication).
+        self.reporters: list[Callable[[], dict[str, Any]]] = []
+        # Why clients must wait (e.g. "bootstrapping from peers"), or None when serving.
+        self.not_ready: str | None = None
         self.writer = Writer(
             kv,
             self.identity,
@@ -137,8 +142,65 @@ class Replica:
         self.metrics.writes += 1
         return written
 
-    async def ingest(self, incoming: list[Event]) -> list[Event]:
-        return await self.writer.ingest(incoming)
+    async def ingest(
+        self,
+        incoming: list[Event],
+        *,
+        quarantined: Sequence[tuple[Dot, bytes]] = (),
+        released: Sequence[Dot] = (),
+    ) -> list[Event]:
+        new = await self.writer.ingest(incoming, quarantined=quarantined, released=released)
+        self.metrics.events_ingested += len(new)
+        return new
+
+    async def release_quarantine(self) -> int:
+        """Apply quarantined events this version can now read (after an upgrade)."""
+        readable: list[Event] = []
+        with self.kv.read() as txn:
+            for _, data in log.quarantined(txn):
+                try:
+                    readable.append(decode_event(data))
+                except InvalidEvent:
+                    continue  # still too new, or never readable: it stays kept aside
+        if readable:
+            await self.ingest(readable, released=[e.dot for e in readable])
+        return len(readable)
+
+    def quarantine_count(self) -> int:
+        with self.kv.read() as txn:
+            return sum(1 for _ in log.quarantined(txn))
+
+    def read_missing(
+        self, theirs: VersionVector, *, bytes_max: int, events_max: int
+    ) -> tuple[list[tuple[Dot, bytes]], bool]:
+        """Stored events that a replica summarised by ``theirs`` lacks, in bounded batches.
+
+        Returns the batch and whether more were left out. Origins take turns in the
+        order of their names, each range in counter order.
+        """
+        found: list[tuple[Dot, bytes]] = []
+        size = 0
+        with self.kv.read() as txn:
+            for origin, ranges in sorted(self.summary.missing_from(theirs).items()):
+                for first, last in ranges:
+                    for counter, data in log.origin_event_bytes(txn, origin, first, last):
+                        if found and (size + len(data) > bytes_max or len(found) >= events_max):
+                            return found, True
+                        found.append((Dot(origin, counter), data))
+                        size += len(data)
+        return found, False
+
+    def oldest_missing_hlc(self, theirs: VersionVector) -> int | None:
+        """The stamp of the oldest event a replica summarised by ``theirs`` lacks."""
+        oldest: int | None = None
+        with self.kv.read() as txn:
+            for origin, ranges in self.summary.missing_from(theirs).items():
+                for first, last in ranges:
+                    for _, data in log.origin_event_bytes(txn, origin, first, last):
+                        stamp = decode_event(data).hlc
+                        oldest = stamp if oldest is None else min(oldest, stamp)
+                        break
+        return oldest
 
     def _on_commit(self, committed: Committed) -> None:
         """Runs on the writer thread once a commit is durable."""

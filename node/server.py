@@ -11,9 +11,11 @@ import asyncio
 import json
 import logging
 import signal
+import ssl
 import sys
 import time
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import lmdb
 from aiohttp import web
@@ -43,10 +45,35 @@ class JsonLines(logging.Formatter):
         return json.dumps(entry)
 
 
+def server_tls(settings: Settings) -> ssl.SSLContext | None:
+    """TLS for the listener; with a CA, clients (peers) must present a certificate it signed."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    if settings.tls_ca is not None:
+        context.load_verify_locations(settings.tls_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
 def configure_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLines())
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+class Extension(Protocol):
+    """Something served beside the API (replication): routes, then tasks to run."""
+
+    def install(self, app: web.Application) -> None: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+Extensions = Callable[[Replica, Settings], Sequence[Extension]]
 
 
 def open_replica(settings: Settings) -> Replica:
@@ -61,7 +88,7 @@ def open_replica(settings: Settings) -> Replica:
     )
 
 
-def run_node(settings: Settings) -> int:
+def run_node(settings: Settings, extensions: Extensions = lambda replica, settings: ()) -> int:
     configure_logging(settings.log_level)
     try:
         replica = open_replica(settings)
@@ -72,18 +99,25 @@ def run_node(settings: Settings) -> int:
         print(f"replica: error: cannot open {settings.data_dir}: {e}", file=sys.stderr)
         return 2
     try:
-        return asyncio.run(serve(replica, settings))
+        return asyncio.run(serve(replica, settings, extensions(replica, settings)))
     finally:
         replica.close()
 
 
-async def serve(replica: Replica, settings: Settings) -> int:
+async def serve(replica: Replica, settings: Settings, extensions: Sequence[Extension] = ()) -> int:
     loop = asyncio.get_running_loop()
     replica.bind(loop)
-    runner = web.AppRunner(build_app(replica, settings), handle_signals=False, access_log=None)
+    app = build_app(replica, settings)
+    for extension in extensions:
+        extension.install(app)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     site = web.TCPSite(
-        runner, settings.listen_host, settings.listen_port, shutdown_timeout=SHUTDOWN_WAIT_S
+        runner,
+        settings.listen_host,
+        settings.listen_port,
+        shutdown_timeout=SHUTDOWN_WAIT_S,
+        ssl_context=server_tls(settings),
     )
     try:
         await site.start()
@@ -94,6 +128,8 @@ async def serve(replica: Replica, settings: Settings) -> int:
         )
         await runner.cleanup()
         return 1
+    for extension in extensions:
+        await extension.start()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
@@ -111,6 +147,8 @@ async def serve(replica: Replica, settings: Settings) -> int:
     print(f"replica {replica.identity.replica_id} listening on {url}", flush=True)
     await stop.wait()
     logger.info("stopping: draining in-flight requests")
+    for extension in extensions:
+        await extension.stop()
     await runner.cleanup()
     logger.info("stopped", extra={"fields": {"seq": replica.state.seq}})
     return 0

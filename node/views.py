@@ -15,10 +15,10 @@ from collections.abc import Iterator
 
 import msgpack
 
-from crdt import ORSet
+from crdt import ORSet, VersionVector
 from crdt import codec as crdt_codec
 from node.events import Event, Op, stream_of
-from node.fold import EntityState, decode_state, encode_state, fold, fold_member
+from node.fold import EntityState, decode_state, encode_state, fold, fold_member, prune_member
 from node.kv import ReadTxn, WriteTxn
 from node.schema import UNIQUE_FIELDS, index_value
 
@@ -159,6 +159,32 @@ def conflicts(txn: ReadTxn) -> Iterator[tuple[str, str, list[str]]]:
     for key, raw in txn.scan("conflicts"):
         field, _, value = key.partition(b"\0")
         yield field.decode(), value.decode(), list(msgpack.unpackb(raw))
+
+
+COMPACTION_KEYS_MAX = 10_000
+
+
+def compact(
+    txn: WriteTxn, stable: VersionVector, *, start: bytes = b"", keys_max: int = COMPACTION_KEYS_MAX
+) -> tuple[int, bytes]:
+    """Prune stable tombstones from up to ``keys_max`` member slices from ``start``.
+
+    Returns how many slices shrank or went, and where the next call resumes (b"" once
+    the table has been walked), so a huge table never holds the writer for long.
+    """
+    changed = 0
+    for n, (key, raw) in enumerate(txn.scan("members", start=start or None)):
+        if n >= keys_max:
+            return changed, key
+        member = crdt_codec.decode_as(raw, ORSet)
+        pruned = prune_member(member, stable)
+        if pruned is None:
+            txn.delete("members", key)
+            changed += 1
+        elif pruned != member:
+            txn.put("members", key, crdt_codec.encode(pruned))
+            changed += 1
+    return changed, b""
 
 
 def clear(txn: WriteTxn) -> None:

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +66,9 @@ class Committed:
     drifted: int = 0
 
 
+Maintain = Callable[[WriteTxn, LogState], None]
+
+
 @dataclass
 class _Request:
     loop: asyncio.AbstractEventLoop
@@ -73,6 +76,9 @@ class _Request:
     decide: Decide | None = None
     actor: str = ""
     incoming: list[Event] = field(default_factory=list)
+    quarantined: Sequence[tuple[Dot, bytes]] = ()
+    released: Sequence[Dot] = ()
+    maintain: Maintain | None = None
 
 
 _STOP = object()
@@ -109,10 +115,30 @@ class Writer:
         """Run ``decide`` and commit its drafts; raise ``Rejected`` if it refused."""
         return await self._submit(_Request(asyncio.get_running_loop(), _future(), decide, actor))
 
-    async def ingest(self, incoming: list[Event]) -> list[Event]:
-        """Append (idempotently) and fold events from peers; return those that were new."""
-        request = _Request(asyncio.get_running_loop(), _future(), incoming=incoming)
+    async def ingest(
+        self,
+        incoming: list[Event],
+        *,
+        quarantined: Sequence[tuple[Dot, bytes]] = (),
+        released: Sequence[Dot] = (),
+    ) -> list[Event]:
+        """Append (idempotently) and fold events from peers; return those that were new.
+
+        ``quarantined`` events (a format this node cannot read) are kept aside, and
+        ``released`` ones (now readable, among ``incoming``) leave the quarantine.
+        """
+        request = _Request(
+            asyncio.get_running_loop(),
+            _future(),
+            incoming=incoming,
+            quarantined=quarantined,
+            released=released,
+        )
         return await self._submit(request)
+
+    async def maintain(self, work: Maintain) -> None:
+        """Run ``work`` in a commit of its own turn (e.g. compaction); it writes no events."""
+        await self._submit(_Request(asyncio.get_running_loop(), _future(), maintain=work))
 
     async def _submit(self, request: _Request) -> list[Event]:
         try:
@@ -173,8 +199,12 @@ class Writer:
         outcomes: list[list[Event] | Exception] = []
         drifted = 0
         for request in batch:
+            if request.maintain is not None:
+                request.maintain(txn, state)
+                outcomes.append([])
+                continue
             if request.decide is None:
-                new, n_drifted = self._ingest(txn, state, request.incoming, appended)
+                new, n_drifted = self._ingest(txn, state, request, appended)
                 drifted += n_drifted
                 outcomes.append(new)
                 continue
@@ -207,14 +237,19 @@ class Writer:
         self,
         txn: WriteTxn,
         state: LogState,
-        incoming: list[Event],
+        request: _Request,
         appended: list[tuple[int, Event]],
     ) -> tuple[list[Event], int]:
-        for event in incoming:
+        for event in request.incoming:
             validate(event)  # the whole batch is refused before anything of it is put
+        for dot, data in request.quarantined:
+            if dot not in state.summary:
+                log.quarantine(txn, dot, data)
+        for dot in request.released:
+            txn.delete("quarantine", log.dot_key(dot))
         new: list[Event] = []
         drifted = 0
-        for event in incoming:
+        for event in request.incoming:
             if event.dot in state.summary:
                 continue
             drifted += self.clock.observe(event.hlc).drifted

@@ -113,9 +113,13 @@ def test_region_and_data_dir_can_come_from_environment_or_file(tmp_path: Path) -
     )
 
 
+# Peers are only accepted with a cluster secret to authenticate them.
+WITH_SECRET = {**REQUIRED, "cluster_secret": "s3cret"}
+
+
 def test_peers_from_flags_with_trailing_slash_dropped() -> None:
     settings = _load(
-        {**REQUIRED, "peer": ["us=http://127.0.0.1:8002/", "ap=https://ap.example.com:443"]}
+        {**WITH_SECRET, "peer": ["us=http://127.0.0.1:8002/", "ap=https://ap.example.com:443"]}
     )
     assert settings.peers == (
         Peer("us", "http://127.0.0.1:8002"),
@@ -124,13 +128,14 @@ def test_peers_from_flags_with_trailing_slash_dropped() -> None:
 
 
 def test_peers_from_environment_are_comma_separated() -> None:
-    settings = _load(REQUIRED, {"REPLICA_PEERS": "us=http://127.0.0.1:8002, ap=http://[::1]:8003"})
+    env = {"REPLICA_PEERS": "us=http://127.0.0.1:8002, ap=http://[::1]:8003"}
+    settings = _load(WITH_SECRET, env)
     assert settings.peers == (Peer("us", "http://127.0.0.1:8002"), Peer("ap", "http://[::1]:8003"))
 
 
 def test_peers_from_a_file_table(tmp_path: Path) -> None:
     config = _toml(tmp_path, '[peers]\nus = "http://10.0.0.2:8001"\nap = "http://10.0.0.3:8001"\n')
-    assert _load(REQUIRED, {}, config).peers == (
+    assert _load(WITH_SECRET, {}, config).peers == (
         Peer("us", "http://10.0.0.2:8001"),
         Peer("ap", "http://10.0.0.3:8001"),
     )
@@ -139,7 +144,21 @@ def test_peers_from_a_file_table(tmp_path: Path) -> None:
 def test_peers_from_a_higher_source_replace_the_whole_list(tmp_path: Path) -> None:
     config = _toml(tmp_path, '[peers]\nus = "http://10.0.0.2:8001"\n')
     env = {"REPLICA_PEERS": "ap=http://10.0.0.3:8001"}
-    assert _load(REQUIRED, env, config).peers == (Peer("ap", "http://10.0.0.3:8001"),)
+    assert _load(WITH_SECRET, env, config).peers == (Peer("ap", "http://10.0.0.3:8001"),)
+
+
+def test_peers_without_a_cluster_secret_are_refused() -> None:
+    with pytest.raises(ConfigError, match="peers need a cluster secret"):
+        _load({**REQUIRED, "peer": ["us=http://127.0.0.1:8002"]})
+
+
+def test_tls_files_must_exist_and_cert_goes_with_key(tmp_path: Path) -> None:
+    cert = tmp_path / "node.pem"
+    cert.write_text("x")
+    with pytest.raises(ConfigError, match="tls_cert and tls_key go together"):
+        _load({**REQUIRED, "tls_cert": str(cert)})
+    with pytest.raises(ConfigError, match="tls_ca must be a readable file"):
+        _load({**REQUIRED, "tls_ca": str(tmp_path / "missing.pem")})
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,343 @@
+"""Anti-entropy between one node and its peers, over any transport.
+
+Three ways events move, all through the same round trip and the same writer path:
+- **eager push**: each durable local commit is queued (bounded) for every peer and
+  sent at once, so lag is a round trip when the network is up;
+- **anti-entropy**: every ``gossip_interval_ms`` a random reachable peer is synced
+  from summaries, repairing whatever a push lost; paged until both sides caught up;
+- **serving**: a peer's request is ingested, and answered with what the peer lacks.
+The stable point (the meet of every summary) bounds what compaction may drop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from crdt import Dot, VersionVector
+from crdt.clock import physical_ms
+from node import events as ev
+from node import views
+from node.kv import WriteTxn
+from node.log import LogState
+from node.replica import Replica, iso_of
+from node.writer import Committed, Overloaded
+from replication import protocol
+from replication.peers import BACKOFF_BASE_MS, BACKOFF_MAX_MS, PeerState
+from replication.protocol import BadMessage, RawEvent, Sync, Tag
+from replication.transport import Transport, TransportError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    gossip_interval_ms: int = 500
+    batch_bytes_max: int = 1_048_576
+    batch_events_max: int = 10_000
+    push_queue_events_max: int = 10_000
+    sync_rounds_max: int = 1_000
+    backoff_base_ms: int = BACKOFF_BASE_MS
+    backoff_max_ms: int = BACKOFF_MAX_MS
+    bootstrap_wait_ms_max: int = 120_000
+    compaction_interval_ms: int = 10_000
+
+
+def _raw(pairs: Sequence[tuple[Dot, bytes]]) -> tuple[RawEvent, ...]:
+    return tuple(RawEvent(dot, data) for dot, data in pairs)
+
+
+def _summary_of(events: Sequence[RawEvent]) -> VersionVector:
+    return VersionVector.of(e.dot for e in events)
+
+
+class Replicator:
+    def __init__(
+        self,
+        replica: Replica,
+        transport: Transport,
+        peers: Sequence[str],
+        *,
+        limits: Limits = Limits(),
+        now_ms: Callable[[], int],
+        rng: random.Random | None = None,
+    ) -> None:
+        self.replica, self.transport, self.limits = replica, transport, limits
+        self.now_ms = now_ms
+        self.rng = rng or random.Random()
+        self.peers = {name: PeerState(name) for name in peers}
+        self._queues: dict[str, deque[RawEvent]] = {name: deque() for name in peers}
+        self._queued = {name: asyncio.Event() for name in peers}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.pushes_dropped = 0
+        self.batches_refused = 0
+        self.bootstrap_received = 0
+        self._compaction_cursor = b""
+
+    # -- serving a peer ----------------------------------------------------------
+
+    async def handle(self, body: bytes) -> bytes:
+        """Answer one sync request. Raises BadMessage (nothing written) or Overloaded."""
+        request = protocol.decode(body, expect=Tag.SYNC_REQUEST)
+        if request.replica_id == self.replica.identity.replica_id:
+            raise BadMessage("a node does not sync with itself")
+        try:
+            batch = protocol.read_batch(request)
+        except BadMessage:
+            self.batches_refused += 1
+            raise
+        await self._ingest(batch)
+        theirs = request.summary.merge(_summary_of(request.events))
+        peer = self.peers.get(request.replica_id.partition("~")[0])
+        if peer is not None:
+            peer.contacted(self.now_ms(), request.replica_id, theirs)
+        pairs, more = self._missing(theirs)
+        if peer is not None and pairs:
+            peer.learned(_summary_of(_raw(pairs)))
+            peer.events_sent += len(pairs)
+        response = Sync(
+            Tag.SYNC_RESPONSE,
+            self.replica.identity.replica_id,
+            self.replica.summary,
+            _raw(pairs),
+            more,
+        )
+        return protocol.encode(response)
+
+    def _missing(self, theirs: VersionVector) -> tuple[list[tuple[Dot, bytes]], bool]:
+        return self.replica.read_missing(
+            theirs, bytes_max=self.limits.batch_bytes_max, events_max=self.limits.batch_events_max
+        )
+
+    async def _ingest(self, batch: protocol.Batch) -> int:
+        quarantined = [(raw.dot, raw.data) for raw in batch.quarantined]
+        if not batch.events and not quarantined:
+            return 0
+        new = await self.replica.ingest(batch.events, quarantined=quarantined)
+        return len(new)
+
+    # -- syncing with a peer -----------------------------------------------------
+
+    async def sync_with(self, name: str, push: Sequence[RawEvent] = ()) -> bool:
+        """Round trips with ``name`` until neither side has more; False if it failed."""
+        peer = self.peers[name]
+        for _ in range(self.limits.sync_rounds_max):
+            if not push and peer.summary is not None:
+                pairs, _ = self._missing(peer.summary)
+                push = _raw(pairs)
+            request = Sync(
+                Tag.SYNC_REQUEST,
+                self.replica.identity.replica_id,
+                self.replica.summary,
+                tuple(push),
+            )
+            try:
+                answer = await self.transport.send(name, protocol.encode(request))
+                response = protocol.decode(answer, expect=Tag.SYNC_RESPONSE)
+                batch = protocol.read_batch(response)
+                received = await self._ingest(batch)
+            except (TransportError, BadMessage, Overloaded) as exc:
+                delay = peer.failed(
+                    self.now_ms(),
+                    str(exc),
+                    self.rng,
+                    base_ms=self.limits.backoff_base_ms,
+                    max_ms=self.limits.backoff_max_ms,
+                )
+                logger.info("sync with %s failed (%s); next try in %d ms", name, exc, delay)
+                return False
+            before = peer.summary
+            peer.contacted(self.now_ms(), response.replica_id, response.summary)
+            peer.learned(_summary_of(push))
+            peer.rounds += 1
+            peer.events_sent += len(push)
+            peer.events_received += received
+            if self.replica.not_ready is not None:
+                self.bootstrap_received += received
+            push = ()
+            they_lack = bool(self.replica.summary.missing_from(response.summary))
+            progressed = received > 0 or before != peer.summary
+            if not response.more and not they_lack:
+                if self.replica.not_ready is not None:
+                    self._ready(f"caught up with {name}")
+                return True
+            if not progressed:
+                return True  # what is left, the peer cannot take (e.g. it quarantines it)
+        return True
+
+    async def anti_entropy_once(self) -> str | None:
+        """Sync with one reachable peer chosen at random; return its name."""
+        now = self.now_ms()
+        ready = sorted(n for n, p in self.peers.items() if p.available(now))
+        if not ready:
+            return None
+        name = self.rng.choice(ready)
+        await self.sync_with(name)
+        return name
+
+    # -- eager push ----------------------------------------------------------------
+
+    def on_commit(self, committed: Committed) -> None:
+        """Writer-thread listener: queue this replica's new events for every peer."""
+        own = self.replica.identity.replica_id
+        fresh = [RawEvent(e.dot, ev.encode(e)) for _, e in committed.events if e.dot.origin == own]
+        if fresh and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.enqueue, fresh)
+
+    def enqueue(self, fresh: Sequence[RawEvent]) -> None:
+        for name, queue in self._queues.items():
+            if len(queue) + len(fresh) > self.limits.push_queue_events_max:
+                queue.clear()  # anti-entropy will carry them; memory stays bounded
+                self.pushes_dropped += 1
+                continue
+            queue.extend(fresh)
+            self._queued[name].set()
+
+    async def push(self, name: str) -> None:
+        """Send what is queued for ``name`` (one bounded batch per round trip)."""
+        queue = self._queues[name]
+        while queue:
+            if not self.peers[name].available(self.now_ms()):
+                queue.clear()  # the peer is away: anti-entropy repairs when it is back
+                return
+            batch: list[RawEvent] = []
+            size = 0
+            while queue and len(batch) < self.limits.batch_events_max:
+                if batch and size + len(queue[0].data) > self.limits.batch_bytes_max:
+                    break
+                batch.append(queue.popleft())
+                size += len(batch[-1].data)
+            await self.sync_with(name, batch)
+
+    # -- running ----------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.replica.listeners.append(self.on_commit)
+        if self.peers and self.replica.state.seq == 0:
+            self.replica.not_ready = "bootstrapping from peers"
+            self._loop.call_later(
+                self.limits.bootstrap_wait_ms_max / 1000, self._ready, "bootstrap wait ran out"
+            )
+        self._tasks = [asyncio.create_task(self._gossip())]
+        self._tasks += [asyncio.create_task(self._pusher(name)) for name in self.peers]
+        self._tasks.append(asyncio.create_task(self._compactor()))
+
+    def _ready(self, why: str) -> None:
+        if self.replica.not_ready is not None:
+            logger.info("serving clients: %s", why)
+            self.replica.not_ready = None
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.transport.close()
+
+    async def _gossip(self) -> None:
+        while True:
+            try:
+                await self.anti_entropy_once()
+            except Exception:
+                logger.exception("anti-entropy round failed")
+            jitter = 0.75 + self.rng.random() / 2
+            await asyncio.sleep(self.limits.gossip_interval_ms * jitter / 1000)
+
+    async def _pusher(self, name: str) -> None:
+        while True:
+            await self._queued[name].wait()
+            self._queued[name].clear()
+            try:
+                await self.push(name)
+            except Exception:
+                logger.exception("push to %s failed", name)
+
+    async def _compactor(self) -> None:
+        while True:
+            await asyncio.sleep(self.limits.compaction_interval_ms / 1000)
+            try:
+                await self.compact()
+            except Exception:
+                logger.exception("compaction failed")
+
+    # -- stability and compaction --------------------------------------------------
+
+    def stable(self) -> VersionVector | None:
+        """The causally stable point: what every replica has seen, if all are known."""
+        stable = self.replica.summary
+        for peer in self.peers.values():
+            if peer.summary is None:
+                return None
+            stable = stable.meet(peer.summary)
+        return stable
+
+    async def compact(self) -> int:
+        """Drop tombstones below the stable point from the views; return how many."""
+        stable = self.stable()
+        if stable is None:
+            return 0
+        changed = 0
+
+        def work(txn: WriteTxn, _: LogState) -> None:
+            nonlocal changed
+            changed, self._compaction_cursor = views.compact(
+                txn, stable, start=self._compaction_cursor
+            )
+
+        await self.replica.writer.maintain(work)
+        return changed
+
+    # -- observability -----------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        now = self.now_ms()
+        mine = self.replica.summary
+        peers = []
+        for name, peer in sorted(self.peers.items()):
+            lacking = lag_s = None
+            if peer.summary is not None:
+                missing = mine.missing_from(peer.summary)
+                lacking = sum(last - first + 1 for rs in missing.values() for first, last in rs)
+                oldest = self.replica.oldest_missing_hlc(peer.summary) if lacking else None
+                lag_s = 0.0 if oldest is None else max(0.0, (now - physical_ms(oldest)) / 1000)
+            peers.append(
+                {
+                    "name": name,
+                    "replica_id": peer.replica_id,
+                    "last_contact": None
+                    if peer.last_contact_ms is None
+                    else iso_of(peer.last_contact_ms << 16),
+                    "last_contact_s_ago": None
+                    if peer.last_contact_ms is None
+                    else (now - peer.last_contact_ms) / 1000,
+                    "events_lacking": lacking,
+                    "lag_s": lag_s,
+                    "failures": peer.failures,
+                    "last_error": peer.last_error,
+                    "next_attempt_in_ms": max(0, peer.next_attempt_ms - now),
+                    "rounds": peer.rounds,
+                    "events_sent": peer.events_sent,
+                    "events_received": peer.events_received,
+                    "push_queue_events": len(self._queues[name]),
+                }
+            )
+        stable = self.stable()
+        return {
+            "peers": peers,
+            "stable": None
+            if stable is None
+            else {o: s.contiguous for o, s in sorted(stable.origins.items())},
+            "bootstrap": {
+                "active": self.replica.not_ready is not None,
+                "events_received": self.bootstrap_received,
+            },
+            "pushes_dropped": self.pushes_dropped,
+            "batches_refused": self.batches_refused,
+            "quarantined_events": self.replica.quarantine_count(),
+        }

@@ -1,0 +1,130 @@
+"""Replication inside a node process: the authenticated ``/replication/sync`` endpoint,
+the replicator's background tasks, and its lines in ``/status`` and ``/metrics``."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Sequence
+from typing import Any
+
+from aiohttp import web
+
+from node.config import Settings
+from node.http_errors import error_response
+from node.replica import Replica, wall_clock_ms
+from node.server import Extension
+from node.server import run_node as run_plain_node
+from node.writer import Overloaded
+from replication.auth import AuthError, sign_response, verify_request
+from replication.protocol import BadMessage
+from replication.replicator import Limits, Replicator
+from replication.transport import SYNC_PATH, HttpTransport
+
+READ_CHUNK_BYTES = 64 * 1024
+
+
+def client_tls(settings: Settings) -> ssl.SSLContext | None:
+    """TLS towards peers: present our certificate, trust the cluster CA if one is set."""
+    if settings.tls_cert is None and settings.tls_ca is None:
+        return None
+    context = ssl.create_default_context(cafile=settings.tls_ca)
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    return context
+
+
+class ReplicationService:
+    def __init__(self, replica: Replica, settings: Settings) -> None:
+        assert settings.cluster_secret is not None, "config refuses peers without a secret"
+        self.replica, self.settings = replica, settings
+        self.secret = settings.cluster_secret
+        transport = HttpTransport(
+            {p.name: p.url for p in settings.peers},
+            secret=self.secret,
+            sender=replica.identity.replica_id,
+            ssl_context=client_tls(settings),
+        )
+        limits = Limits(
+            gossip_interval_ms=settings.gossip_interval_ms,
+            batch_bytes_max=settings.sync_batch_bytes_max,
+            push_queue_events_max=settings.push_queue_events_max,
+            backoff_max_ms=settings.backoff_max_ms,
+            bootstrap_wait_ms_max=settings.bootstrap_wait_ms_max,
+        )
+        self.replicator = Replicator(
+            replica,
+            transport,
+            [p.name for p in settings.peers],
+            limits=limits,
+            now_ms=wall_clock_ms,
+        )
+
+    def install(self, app: web.Application) -> None:
+        app.router.add_post(SYNC_PATH, self.handle)
+        self.replica.reporters.append(self.report)
+
+    async def start(self) -> None:
+        await self.replica.release_quarantine()
+        self.replicator.start()
+
+    async def stop(self) -> None:
+        await self.replicator.stop()
+
+    def report(self) -> dict[str, Any]:
+        status = self.replicator.status()
+        urls = {p.name: p.url for p in self.settings.peers}
+        for peer in status["peers"]:
+            peer["url"] = urls[peer["name"]]
+        return {"replication": status}
+
+    async def _body(self, request: web.Request) -> bytes:
+        """The body, refused past ``sync_body_bytes_max`` without reading it all."""
+        limit = self.settings.sync_body_bytes_max
+        declared = request.content_length or 0
+        if declared > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=declared)
+        chunks, size = [], 0
+        async for chunk in request.content.iter_chunked(READ_CHUNK_BYTES):
+            size += len(chunk)
+            if size > limit:
+                raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        try:
+            verify_request(
+                self.secret,
+                request.method,
+                request.path,
+                body,
+                request.headers,
+                window_ms=self.settings.auth_window_ms,
+            )
+        except AuthError as e:
+            return error_response(401, "unauthorized", f"replication request refused: {e}")
+        try:
+            answer = await self.replicator.handle(body)
+        except BadMessage as e:
+            return error_response(400, "bad_batch", f"batch refused whole, nothing written: {e}")
+        except Overloaded:
+            return error_response(
+                503, "overloaded", "the write queue is full", {"Retry-After": "1"}
+            )
+        return web.Response(
+            body=answer,
+            content_type="application/msgpack",
+            headers=sign_response(self.secret, 200, answer),
+        )
+
+
+def extensions(replica: Replica, settings: Settings) -> Sequence[Extension]:
+    if not settings.peers and settings.cluster_secret is None:
+        return ()
+    return (ReplicationService(replica, settings),)
+
+
+def run_node(settings: Settings) -> int:
+    """``replica node``: the node's API, plus replication with its peers."""
+    return run_plain_node(settings, extensions)
