@@ -12,7 +12,7 @@ $(READY): pyproject.toml
 	touch $(READY)
 
 run: $(READY)
-	$(PY) -m node.demo
+	$(VENV)/bin/replica cluster --demo
 
 test: $(READY)
 	$(PY) -m pytest -q

@@ -60,9 +60,29 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         and request.path not in OPEN_PATHS
         and not request.path.startswith("/replication/")
     ):
-        given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        # The scheme is case-insensitive (RFC 7235). Bytes that are not UTF-8 arrive as
+        # lone surrogates: encode them back, never raise.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(errors="surrogateescape"), token.encode()
+        ):
             fail(401, "unauthorized", "send Authorization: Bearer <api token>")
+    return await handler(request)
+
+
+OPS_PATHS = ("/health", "/status", "/metrics", "/openapi.json")
+
+
+@web.middleware
+async def readiness(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """While the node cannot serve clients yet (bootstrapping), say so and why."""
+    why = _replica(request).not_ready
+    if (
+        why is not None
+        and request.path not in OPS_PATHS
+        and not request.path.startswith("/replication/")
+    ):
+        fail(503, "not_ready", f"this node is not serving clients yet: {why}; see /status")
     return await handler(request)
 
 
@@ -100,7 +120,7 @@ def _int_header(request: web.Request, name: str, default: int) -> int:
     raw = request.headers.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or len(raw) > 9:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:  # int() refuses "²"
         fail(400, "bad_header", f"{name} must be a whole number of milliseconds")
     return int(raw)
 
@@ -109,7 +129,7 @@ def _int_query(request: web.Request, name: str, default: int, maximum: int) -> i
     raw = request.query.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or len(raw) > 12:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 12:  # int() refuses "²"
         fail(400, "bad_query", f"{name} must be a whole number")
     value = int(raw)
     if not 0 <= value <= maximum:
@@ -137,15 +157,24 @@ async def _body(request: web.Request) -> Any:
         fail(415, "unsupported_media_type", "send Content-Type: application/json")
     raw = await request.read()  # larger than body_bytes_max: aiohttp answers 413
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
     except (ValueError, RecursionError) as e:
         fail(400, "bad_json", f"the body is not JSON: {e}")
+    try:  # JSON may escape a lone surrogate ("\ud800"): not text, it cannot be stored
+        json.dumps(body, ensure_ascii=False).encode()
+    except (UnicodeEncodeError, RecursionError):
+        fail(400, "bad_json", "the body has a lone surrogate escape such as \\ud800")
+    return body
 
 
 def _actor(request: web.Request) -> str:
     actor = request.headers.get("X-Actor", "api")
     if len(actor) > ACTOR_CHARS_MAX:
         fail(400, "bad_header", f"X-Actor is at most {ACTOR_CHARS_MAX} characters")
+    try:  # bytes that are not UTF-8 arrive as lone surrogates, which cannot be stored
+        actor.encode()
+    except UnicodeEncodeError:
+        fail(400, "bad_header", "X-Actor must be UTF-8 text")
     return actor
 
 
@@ -208,7 +237,7 @@ def _parse_at(raw: str) -> At:
             fail(400, "bad_query", "at must be an ISO-8601 time or a consistency token")
     if moment.tzinfo is None:
         fail(400, "bad_query", "at needs a time zone, e.g. 2026-01-01T12:00:00Z")
-    return At.time_ms(int(moment.timestamp() * 1000))
+    return At.time_ms(max(0, int(moment.timestamp() * 1000)))  # before 1970: before all
 
 
 def create_handler(kind: str) -> Handler:
@@ -364,7 +393,7 @@ def event_json(seq: int, event: Event) -> dict[str, Any]:
 async def changes(request: web.Request) -> web.Response:
     replica, settings = _replica(request), _settings(request)
     raw = request.query.get("since", "0")
-    if not raw.isdigit() or len(raw) > 19:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19:
         fail(400, "bad_query", "since must be a cursor from this feed")
     since = int(raw)
     limit = _limit(request)
@@ -398,7 +427,10 @@ async def status(request: web.Request) -> web.Response:
                 for origin, seen in sorted(state.summary.origins.items())
             },
             "token": encode_token(replica.token()),
+            "digest": replica.digest(),
             "peers": [{"name": p.name, "url": p.url} for p in settings.peers],
+            "serving": replica.not_ready is None,
+            "not_ready": replica.not_ready,
             "writer": {
                 "queued": replica.writer.queued,
                 "commits": replica.writer.commits,
@@ -406,6 +438,7 @@ async def status(request: web.Request) -> web.Response:
             },
             "uptime_s": round(time.monotonic() - request.app[STARTED], 3),
         }
+        | {k: v for report in replica.reporters for k, v in report().items()}
     )
 
 
@@ -425,7 +458,7 @@ async def openapi(request: web.Request) -> web.Response:
 def build_app(replica: Replica, settings: Settings) -> web.Application:
     app = web.Application(
         client_max_size=settings.body_bytes_max,
-        middlewares=[json_errors, authenticate, consistency],
+        middlewares=[json_errors, authenticate, readiness, consistency],
     )
     app.on_response_prepare.append(_stamp_token)
     app[REPLICA] = replica

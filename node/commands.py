@@ -96,21 +96,25 @@ def delete(kind: str, entity_id: str, if_match: str | None) -> Decide:
         drafts = [Draft(stream, Op.DELETE, observed=state.existence.dots(""))]
         if kind == "user":  # deleting a user removes the memberships this replica sees
             for group_id in views.groups_of(txn, entity_id):
-                observed = views.member_slice(txn, group_id, entity_id).dots(entity_id)
-                drafts.append(
-                    Draft(stream_of("group", group_id), Op.REMOVE, "members", entity_id, observed)
-                )
+                drafts.append(_remove_member(txn, group_id, entity_id))
+        else:  # deleting a group removes the members it has here; a re-created one starts empty
+            drafts += [_remove_member(txn, entity_id, u) for u in views.members(txn, entity_id)]
         return drafts
 
     return decide
+
+
+def _remove_member(txn: ReadTxn, group_id: str, user_id: str) -> Draft:
+    observed = views.member_slice(txn, group_id, user_id).dots(user_id)
+    return Draft(stream_of("group", group_id), Op.REMOVE, "members", user_id, observed)
 
 
 def add_member(group_id: str, user_id: str) -> Decide:
     def decide(txn: ReadTxn) -> list[Draft]:
         _existing(txn, "group", group_id)
         _existing(txn, "user", user_id)
-        if user_id in views.member_slice(txn, group_id, user_id):
-            return []  # already a member: PUT is idempotent
+        # Even for a member already, a fresh add: it outlives a concurrent remove elsewhere
+        # (add wins), which is what a client that just PUT the member expects.
         return [Draft(stream_of("group", group_id), Op.ADD, "members", user_id)]
 
     return decide

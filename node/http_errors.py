@@ -59,6 +59,9 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         if e.field is None:
             return error_response(e.status, e.code, e.message)
         return error_response(e.status, e.code, e.message, field=e.field)
+    except web.RequestPayloadError as e:  # e.g. a body that is not the gzip it claims
+        reason = getattr(e.__cause__, "message", None) or " ".join(str(e).split())
+        return error_response(400, "bad_payload", f"the body cannot be read: {reason}")
     except Overloaded:
         return error_response(
             503, "overloaded", "the write queue is full; retry shortly", {"Retry-After": "1"}

@@ -72,14 +72,16 @@ class _MemoryTxn:
         table = self.dbs[db]
         keys = sorted(table)
         if reverse:
-            stop = bisect.bisect_right(keys, prefix + b"\xff" * 64) if prefix else len(keys)
+            # Stop before the least key above the prefix's range, as LMDB's cursor does: a
+            # fixed run of 0xff bytes would miss longer keys that carry the prefix.
+            stripped = prefix.rstrip(b"\xff")
+            end = stripped[:-1] + bytes([stripped[-1] + 1]) if stripped else None
+            stop = len(keys) if end is None else bisect.bisect_left(keys, end)
             chosen = reversed(keys[:stop])
         else:
             chosen = iter(keys[bisect.bisect_left(keys, max(prefix, start or b"")) :])
         for key in chosen:
             if not key.startswith(prefix):
-                if reverse and key > prefix:
-                    continue
                 return
             yield key, table[key]
 

@@ -74,7 +74,7 @@ class LogState:
 
     seq: int = 0  # the last local sequence number used
     counter: int = 0  # this replica's last dot counter
-    hlc: int = 0  # the greatest stamp this replica has issued or observed
+    hlc: int = 0  # the clock's last reading: stamps issued, and observed ones it followed
     summary: VersionVector = field(default_factory=VersionVector)
 
     def copy(self) -> LogState:
@@ -110,7 +110,8 @@ def append(txn: WriteTxn, state: LogState, event: Event) -> int | None:
     txn.put("dots", dot_key(event.dot), u64(state.seq))
     txn.put("streams", stream_key(event.stream, state.seq), b"")
     state.summary = state.summary.add(event.dot)
-    state.hlc = max(state.hlc, event.hlc)
+    # state.hlc is left to the writer's clock: a stamp beyond the allowed drift must not
+    # be saved here, or the clock would restart from it and follow it after all.
     return state.seq
 
 

@@ -279,6 +279,10 @@ class Replica:
         with self.kv.read() as txn:
             return views.search(txn, query, after=after, limit=limit)
 
+    def digest(self) -> str:
+        with self.kv.read() as txn:
+            return f"{views.digest(txn):032x}"
+
     def conflicts(self) -> list[tuple[str, str, list[str]]]:
         with self.kv.read() as txn:
             return list(views.conflicts(txn))
@@ -293,8 +297,14 @@ def history(events: Iterable[tuple[int, Event]]) -> list[dict[str, Any]]:
     listed = list(events)
     by_dot = {e.dot: e for _, e in listed}
     winners: dict[str, Event] = {}
+    deletes = [e for _, e in listed if e.op is Op.DELETE]
+    floor = max(deletes, key=lambda d: (d.hlc, d.dot), default=None)
+
+    def cleared(e: Event) -> bool:
+        return floor is not None and (e.hlc, e.dot) <= (floor.hlc, floor.dot)
+
     for _, e in listed:
-        if e.op is Op.SET and e.field is not None:
+        if e.op is Op.SET and e.field is not None and not cleared(e):
             best = winners.get(e.field)
             if best is None or (e.hlc, e.dot) > (best.hlc, best.dot):
                 winners[e.field] = e
@@ -326,7 +336,11 @@ def history(events: Iterable[tuple[int, Event]]) -> list[dict[str, Any]]:
         if e.field is not None:
             item["field"] = e.field
             item["value"] = e.value
-        if e.op is Op.SET and e.field is not None:
+        if e.op is Op.SET and e.field is not None and cleared(e):
+            assert floor is not None
+            item["won"] = False
+            item["why"] = f"cleared by the delete {floor.dot}"
+        elif e.op is Op.SET and e.field is not None:
             winner = winners[e.field]
             item["won"] = winner.dot == e.dot
             if winner.dot != e.dot:

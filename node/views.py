@@ -10,6 +10,7 @@ regions merged) are kept in ``conflicts``, also derived from the indexes.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterator
 
@@ -76,12 +77,38 @@ def _refresh_conflict(txn: WriteTxn, db: str, value_prefix: bytes) -> None:
         txn.delete("conflicts", key)
 
 
+def _hash(*parts: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(b"\0".join(parts), digest_size=16).digest(), "big")
+
+
+def entity_digest(stream: str, state: EntityState) -> int:
+    """A hash of what a client can see of an entity (not how it was stored), 0 if nothing."""
+    winners = sorted(
+        (name, w.value, w.hlc, str(w.dot)) for name, r in state.fields.items() if (w := r.winner)
+    )
+    if not winners and not state.exists:
+        return 0
+    return _hash(stream.encode(), msgpack.packb([state.exists, winners]))
+
+
+def digest(txn: ReadTxn) -> int:
+    """XOR of every entity's and every membership's hash: equal views, equal digests."""
+    raw = txn.get("meta", b"digest")
+    return 0 if raw is None else int.from_bytes(raw, "big")
+
+
+def _update_digest(txn: WriteTxn, change: int) -> None:
+    if change:
+        txn.put("meta", b"digest", (digest(txn) ^ change).to_bytes(16, "big"))
+
+
 def apply(txn: WriteTxn, event: Event) -> None:
     """Fold one newly appended event into the views and indexes."""
     key = event.stream.encode()
     old = entity(txn, event.stream)
     new = fold(old, event)
     txn.put("views", key, encode_state(new))
+    change = entity_digest(event.stream, old) ^ entity_digest(event.stream, new)
     old_keys, new_keys = _index_keys(event.stream, old), _index_keys(event.stream, new)
     for db, index_key in old_keys - new_keys:
         txn.delete(db, index_key)
@@ -93,12 +120,16 @@ def apply(txn: WriteTxn, event: Event) -> None:
     group_id = event.entity_id
     if event.op in (Op.ADD, Op.REMOVE):
         assert event.value is not None
-        member = fold_member(member_slice(txn, group_id, event.value), event)
+        before = member_slice(txn, group_id, event.value)
+        member = fold_member(before, event)
         txn.put("members", member_key(group_id, event.value), crdt_codec.encode(member))
+        if (event.value in before) != (event.value in member):
+            change ^= _hash(b"member", member_key(group_id, event.value))
         _refresh_membership(txn, group_id, event.value, new.exists and event.value in member)
     elif event.kind == "group" and old.exists != new.exists:
         for user_id in members(txn, group_id, live_only=True):
             _refresh_membership(txn, group_id, user_id, new.exists)
+    _update_digest(txn, change)
 
 
 def _refresh_membership(txn: WriteTxn, group_id: str, user_id: str, present: bool) -> None:
@@ -188,5 +219,6 @@ def compact(
 
 
 def clear(txn: WriteTxn) -> None:
+    txn.delete("meta", b"digest")
     for db in ("views", "members", "user_groups", "conflicts", *INDEX_DBS.values(), "idx_search"):
         txn.clear(db)

@@ -29,6 +29,11 @@ def _mac(secret: str, *parts: str, body: bytes) -> str:
     return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
 
 
+def _same(expected: str, given: str) -> bool:
+    """Constant-time comparison; compare_digest raises on non-ASCII text, which is wrong."""
+    return given.isascii() and hmac.compare_digest(expected, given)
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -51,7 +56,8 @@ def sign_response(secret: str, status: int, body: bytes) -> dict[str, str]:
 
 def _fresh(headers: Mapping[str, str], window_ms: int) -> str:
     timestamp = headers.get(TIMESTAMP, "")
-    if not timestamp.isdigit() or len(timestamp) > 16:
+    # isdigit alone admits digits such as "¹" that int() refuses: ASCII only.
+    if not (timestamp.isascii() and timestamp.isdigit()) or len(timestamp) > 16:
         raise AuthError("missing or malformed timestamp")
     if abs(now_ms() - int(timestamp)) > window_ms:
         raise AuthError(f"timestamp more than {window_ms} ms away from this node's clock")
@@ -70,8 +76,10 @@ def verify_request(
     """Return the authenticated sender id, or raise AuthError."""
     timestamp = _fresh(headers, window_ms)
     sender = headers.get(SENDER, "")
+    if not sender.isascii():  # replica ids are ASCII; other text may not even encode
+        raise AuthError("malformed sender")
     expected = _mac(secret, method.upper(), path, timestamp, sender, body=body)
-    if not hmac.compare_digest(expected, headers.get(SIGNATURE, "")):
+    if not _same(expected, headers.get(SIGNATURE, "")):
         raise AuthError("bad signature")
     return sender
 
@@ -86,5 +94,5 @@ def verify_response(
 ) -> None:
     timestamp = _fresh(headers, window_ms)
     expected = _mac(secret, str(status), timestamp, body=body)
-    if not hmac.compare_digest(expected, headers.get(SIGNATURE, "")):
+    if not _same(expected, headers.get(SIGNATURE, "")):
         raise AuthError("bad response signature")

@@ -33,6 +33,10 @@ class PeerState:
         return now_ms >= self.next_attempt_ms
 
     def contacted(self, now_ms: int, replica_id: str, summary: VersionVector) -> None:
+        # A new replica id is a new incarnation (its data directory was lost): what the
+        # old one held says nothing of what this one holds.
+        if replica_id != self.replica_id:
+            self.summary = None
         self.replica_id = replica_id
         self.summary = summary if self.summary is None else self.summary.merge(summary)
         self.last_contact_ms = now_ms

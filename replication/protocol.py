@@ -126,7 +126,8 @@ def _events(groups: Any) -> Iterable[RawEvent]:
             if not isinstance(item, list) or len(item) != 2:
                 raise BadMessage("an event is [counter, bytes]")
             counter, data = item
-            if not isinstance(counter, int) or not 1 <= counter <= COUNTER_MAX:
+            # msgpack keeps true apart from 1, and a Dot refuses a bool: refuse it here.
+            if type(counter) is not int or not 1 <= counter <= COUNTER_MAX:
                 raise BadMessage(f"bad counter {counter!r}")
             if not isinstance(data, bytes) or len(data) > EVENT_BYTES_MAX:
                 raise BadMessage("event bytes missing or too large")

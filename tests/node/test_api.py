@@ -1,0 +1,765 @@
+"""The HTTP API as a client uses it: every endpoint, header, token and error answer."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from crdt import Dot
+from crdt.clock import make_stamp, physical_ms
+from node.events import Event, Op
+from node.tokens import decode_token, encode_token
+from tests.node.api_client import Api, run
+
+REMOTE = "us~abcd"
+
+
+def remote_events(stream: str, fields: dict[str, str], *, first: int = 1) -> list[Event]:
+    """A create and field writes made by a fake second region, stamped a little ahead."""
+    stamp = make_stamp(int(time.time() * 1000) + 5, 0)
+    events = [Event(Dot(REMOTE, first), stamp, stream, Op.CREATE, actor="us-admin")]
+    for n, (field, value) in enumerate(sorted(fields.items()), start=1):
+        events.append(
+            Event(Dot(REMOTE, first + n), stamp + n, stream, Op.SET, field, value, actor="us")
+        )
+    return events
+
+
+async def walk(a: Api, path: str, key: str) -> list[Any]:
+    """Follow ``next_cursor`` from ``path`` (which has a query) to the end; all the items."""
+    items: list[Any] = []
+    cursor: str | None = ""
+    pages = 0
+    while cursor is not None:
+        _, page = await a.call("GET", f"{path}&cursor={cursor}", status=200)
+        items += page[key]
+        cursor = page["next_cursor"]
+        pages += 1
+        assert pages < 100
+    return items
+
+
+async def history(a: Api, path: str) -> list[dict[str, Any]]:
+    _, body = await a.call("GET", f"{path}/history", status=200)
+    events: list[dict[str, Any]] = body["events"]
+    return events
+
+
+# -- users ---------------------------------------------------------------------------
+
+
+def test_create_user_answers_201_with_location_etag_and_a_token_for_its_events() -> None:
+    async def body(a: Api) -> None:
+        request = {"name": "Ann Lee", "username": "ann", "email": "ann@example.com"}
+        r, user = await a.call("POST", "/users", json=request, status=201)
+        assert len(user["id"]) == 32
+        assert r.headers["Location"] == f"/users/{user['id']}"
+        assert {k: user[k] for k in request} == request
+        assert user["profile"] == {}
+        assert user["created_at"].endswith("Z")
+        token = decode_token(r.headers["X-Consistency-Token"])
+        assert token == {a.replica.identity.replica_id: a.replica.state.counter}
+        r2, again = await a.call("GET", r.headers["Location"], status=200)
+        assert again == user
+        assert r2.headers["ETag"] == r.headers["ETag"]
+
+        chosen = await a.create_user("bob", id="bob-1", api_key="k" * 8, profile={"tz": "UTC"})
+        assert chosen["id"] == "bob-1"
+        assert chosen["api_key"] == "kkkkkkkk"
+        assert chosen["profile"] == {"tz": "UTC"}
+
+    run(body)
+
+
+def test_create_user_with_an_existing_id_is_409() -> None:
+    async def body(a: Api) -> None:
+        await a.create_user("ann", id="u1")
+        seq = a.replica.state.seq
+        answer = await a.create_user("bob", id="u1", status=409)
+        assert answer["error"] == "exists"
+        assert a.replica.state.seq == seq
+
+    run(body)
+
+
+def test_username_and_email_are_unique_in_the_region_in_any_case() -> None:
+    async def body(a: Api) -> None:
+        ann = await a.create_user("ann")
+        bob = await a.create_user("bob")
+        taken = await a.create_user("ANN", email="other@example.com", status=409)
+        assert (taken["error"], taken["field"], taken["held_by"]) == (
+            "conflict",
+            "username",
+            ann["id"],
+        )
+        taken = await a.create_user("carl", email="Ann@EXAMPLE.com", status=409)
+        assert (taken["field"], taken["held_by"]) == ("email", ann["id"])
+
+        seq = a.replica.state.seq
+        for field, value in (("email", "ANN@example.com"), ("username", "Ann")):
+            _, answer = await a.call(
+                "PATCH", f"/users/{bob['id']}", json={field: value}, status=409
+            )
+            assert answer["field"] == field
+        assert a.replica.state.seq == seq
+        # A user may change the case of its own values; the old ones become free.
+        await a.call("PATCH", f"/users/{ann['id']}", json={"email": "ANN@example.com"}, status=200)
+        await a.call("PATCH", f"/users/{ann['id']}", json={"username": "ann2"}, status=200)
+        await a.create_user("ann", email="ann-new@example.com")
+
+    run(body)
+
+
+def test_get_user_is_404_for_unknown_and_impossible_ids() -> None:
+    async def body(a: Api) -> None:
+        for path in ("/users/nobody", "/users/" + "x" * 65, "/users/a.b"):
+            r, answer = await a.call("GET", path, status=404)
+            assert answer["error"] == "not_found"
+            assert "X-Consistency-Token" in r.headers
+
+    run(body)
+
+
+def test_patch_changes_fields_and_etag_and_sets_and_unsets_profile_keys() -> None:
+    async def body(a: Api) -> None:
+        user = await a.create_user("ann", profile={"tz": "UTC", "lang": "en"})
+        path = f"/users/{user['id']}"
+        r0, _ = await a.call("GET", path)
+        r, patched = await a.call(
+            "PATCH",
+            path,
+            json={"name": "Ann B", "profile": {"tz": None, "team": "core"}},
+            status=200,
+        )
+        assert patched["name"] == "Ann B"
+        assert patched["profile"] == {"lang": "en", "team": "core"}
+        assert r.headers["ETag"] != r0.headers["ETag"]
+        assert patched["updated_at"] >= user["updated_at"]
+        _, now = await a.call("GET", path, status=200)
+        assert now == patched
+
+    run(body)
+
+
+def test_if_match_makes_a_write_conditional_and_a_stale_one_writes_nothing() -> None:
+    async def body(a: Api) -> None:
+        user = await a.create_user("ann")
+        path = f"/users/{user['id']}"
+        r, _ = await a.call("GET", path)
+        old_etag = r.headers["ETag"]
+        r, _ = await a.call("PATCH", path, json={"name": "A"}, headers={"If-Match": old_etag})
+        assert r.status == 200
+        new_etag = r.headers["ETag"]
+
+        _, before = await a.call("GET", path)
+        trail, seq = await history(a, path), a.replica.state.seq
+        for method, json in (("PATCH", {"name": "B"}), ("DELETE", None)):
+            r, answer = await a.call(method, path, headers={"If-Match": old_etag}, json=json)
+            assert r.status == 412
+            assert answer["error"] == "precondition_failed"
+            assert answer["etag"] == new_etag
+        assert (await a.call("GET", path))[1] == before
+        assert await history(a, path) == trail
+        assert a.replica.state.seq == seq
+
+        await a.call("PATCH", path, json={"name": "C"}, headers={"If-Match": "*"}, status=200)
+
+    run(body)
+
+
+def test_if_none_match_answers_304_without_a_body() -> None:
+    async def body(a: Api) -> None:
+        user = await a.create_user("ann")
+        path = f"/users/{user['id']}"
+        r, _ = await a.call("GET", path)
+        etag = r.headers["ETag"]
+        for given in (etag, "*", f'"other", {etag}'):
+            r = await a.client.get(path, headers={"If-None-Match": given})
+            assert r.status == 304
+            assert await r.read() == b""
+            assert r.headers["ETag"] == etag
+            assert "X-Consistency-Token" in r.headers
+        await a.call("GET", path, headers={"If-None-Match": '"0000000000000000"'}, status=200)
+
+    run(body)
+
+
+def test_delete_user_is_204_then_404_and_keeps_its_history() -> None:
+    async def body(a: Api) -> None:
+        user = await a.create_user("ann")
+        path = f"/users/{user['id']}"
+        r, _ = await a.call("DELETE", path, status=204)
+        assert decode_token(r.headers["X-Consistency-Token"])
+        await a.call("GET", path, status=404)
+        await a.call("DELETE", path, status=404)
+        await a.call("PATCH", path, json={"name": "x"}, status=404)
+        assert [e["op"] for e in await history(a, path)][-1] == "delete"
+        # The username and email are free again.
+        await a.create_user("ann")
+
+    run(body)
+
+
+VALID = {"name": "A", "username": "a1", "email": "a@b.io"}
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.mark.parametrize(
+    ("method", "body", "headers", "status", "error"),
+    [
+        ("POST", b"{", JSON, 400, "bad_json"),
+        ("POST", b"[]", JSON, 400, "bad_body"),
+        ("POST", b'{"name": "\\ud800"}', JSON, 400, "bad_json"),
+        ("POST", b"{}", {"Content-Type": "text/plain"}, 415, "unsupported_media_type"),
+        ("POST", {"name": "A", "username": "a1"}, {}, 422, "missing_field"),
+        ("POST", {**VALID, "email": "nope"}, {}, 422, "invalid_value"),
+        ("POST", {**VALID, "name": 5}, {}, 400, "wrong_type"),
+        ("POST", {**VALID, "username": "a"}, {}, 422, "invalid_value"),
+        ("POST", {**VALID, "name": " "}, {}, 422, "invalid_value"),
+        ("POST", {**VALID, "x": 1}, {}, 400, "unknown_field"),
+        ("POST", {**VALID, "id": "a b"}, {}, 422, "invalid_value"),
+        ("POST", {**VALID, "profile": {"Bad": "x"}}, {}, 422, "invalid_value"),
+        ("POST", {**VALID, "profile": "x"}, {}, 400, "wrong_type"),
+        ("POST", VALID, {"X-Actor": "x" * 129}, 400, "bad_header"),
+        ("POST", {**VALID, "name": "A" * 3000}, {}, 413, "body_too_large"),
+        ("PATCH", {}, {}, 422, "empty_patch"),
+        ("PATCH", {"id": "other"}, {}, 400, "unknown_field"),
+        ("PATCH", {"api_key": "short"}, {}, 422, "invalid_value"),
+    ],
+)
+def test_bad_writes_get_a_json_error_and_write_nothing(
+    method: str, body: Any, headers: dict[str, str], status: int, error: str
+) -> None:
+    async def check(a: Api) -> None:
+        user = await a.create_user("ann")
+        seq = a.replica.state.seq
+        path = "/users" if method == "POST" else f"/users/{user['id']}"
+        sent = {"data": body} if isinstance(body, bytes) else {"json": body}
+        r, answer = await a.call(method, path, headers=headers, **sent)
+        assert (r.status, answer["error"]) == (status, error), answer
+        assert isinstance(answer["message"], str)
+        assert "X-Consistency-Token" in r.headers
+        assert a.replica.state.seq == seq
+
+    run(check, body_bytes_max=2048)
+
+
+def test_a_method_a_path_does_not_allow_is_405_json_with_allow() -> None:
+    async def body(a: Api) -> None:
+        r, answer = await a.call("PUT", "/users", status=405)
+        assert answer["error"] == "method_not_allowed"
+        assert set(r.headers["Allow"].split(",")) == {"GET", "POST"}
+        _, answer = await a.call("GET", "/no/such/path", status=404)
+        assert answer["error"] == "not_found"
+
+    run(body)
+
+
+def test_re_creating_a_deleted_id_starts_from_scratch() -> None:
+    async def body(a: Api) -> None:
+        await a.create_user("ann", id="u1", api_key="old-secret-key", profile={"tz": "UTC"})
+        await a.create_group("g")
+        await a.call("PUT", "/groups/g/members/u1", status=200)
+        await a.call("DELETE", "/groups/g", status=204)
+        await a.call("DELETE", "/users/u1", status=204)
+        user = await a.create_user("bob", id="u1")
+        await a.create_group("g")
+        _, members = await a.call("GET", "/groups/g/members", status=200)
+        assert (user.get("api_key"), user["profile"], members["members"]) == (None, {}, [])
+
+    run(body)
+
+
+# -- user queries --------------------------------------------------------------------
+
+
+def test_lookup_by_email_and_username_ignores_case() -> None:
+    async def body(a: Api) -> None:
+        ann = await a.create_user("ann")
+        await a.create_user("bob")
+        for query in ("email=ANN@Example.COM", "username=AnN"):
+            _, found = await a.call("GET", f"/users?{query}", status=200)
+            assert found == {"users": [ann], "next_cursor": None}
+        for query in ("email=zed@example.com", "username=zed", "email="):
+            _, found = await a.call("GET", f"/users?{query}", status=200)
+            assert found["users"] == []
+
+    run(body)
+
+
+def test_search_matches_word_prefixes_of_every_query_word() -> None:
+    async def body(a: Api) -> None:
+        smith = await a.create_user("asmith", name="Alice Smith", email="alice@example.com")
+        keys = await a.create_user("akeys", name="Alicia Keys")
+        alison = await a.create_user("balison", name="Bob Alison")
+        await a.create_user("carl", name="Carl Jones")
+
+        async def ids(q: str) -> set[str]:
+            _, found = await a.call("GET", "/users", params={"q": q}, status=200)
+            return {u["id"] for u in found["users"]}
+
+        assert await ids("ali") == {smith["id"], keys["id"], alison["id"]}
+        assert await ids("ALICE") == {smith["id"]}
+        assert await ids("alice smith") == {smith["id"]}
+        assert await ids("smi ali") == {smith["id"]}
+        assert await ids("ali jones") == set()
+        assert await ids("zzz") == set()
+        assert await ids("   ") == set()
+        await a.call("GET", "/users", params={"q": "x" * 201}, status=400)
+
+    run(body)
+
+
+def test_search_and_listing_page_through_every_result_once() -> None:
+    async def body(a: Api) -> None:
+        walkers = {(await a.create_user(f"walker{n}", name=f"Walker {n}"))["id"] for n in range(7)}
+        others = {(await a.create_user(f"other{n}"))["id"] for n in range(3)}
+        found = await walk(a, "/users?q=walker&limit=3", "users")
+        assert len(found) == 7
+        assert {u["id"] for u in found} == walkers
+        listed = await walk(a, "/users?limit=2", "users")
+        ids = [u["id"] for u in listed]
+        assert ids == sorted(walkers | others)
+        _, page = await a.call("GET", "/users?limit=4", status=200)
+        assert len(page["users"]) == 4
+        assert page["next_cursor"] == page["users"][-1]["id"]
+        for bad in ("limit=0", "limit=1001", "limit=x", "cursor=a.b", "limit=²"):
+            _, answer = await a.call("GET", f"/users?{bad}", status=400)
+            assert answer["error"] == "bad_query"
+
+    run(body)
+
+
+# -- groups --------------------------------------------------------------------------
+
+
+def test_group_create_get_patch_delete() -> None:
+    async def body(a: Api) -> None:
+        r, group = await a.call("POST", "/groups", json={"name": "Admins"}, status=201)
+        assert r.headers["Location"] == f"/groups/{group['id']}"
+        assert group["name"] == "Admins"
+        path = r.headers["Location"]
+        etag = r.headers["ETag"]
+        r, patched = await a.call(
+            "PATCH", path, json={"name": "Root"}, headers={"If-Match": etag}, status=200
+        )
+        assert patched["name"] == "Root"
+        await a.call("PATCH", path, json={"name": "X"}, headers={"If-Match": etag}, status=412)
+        await a.call("GET", path, headers={"If-None-Match": r.headers["ETag"]}, status=304)
+        _, again = await a.call("GET", path, status=200)
+        assert again == patched
+        await a.call("POST", "/groups", json={"id": group["id"], "name": "Dup"}, status=409)
+        await a.call("POST", "/groups", json={"name": "A", "members": []}, status=400)
+        await a.call("DELETE", path, status=204)
+        await a.call("GET", path, status=404)
+
+    run(body)
+
+
+def test_membership_put_is_idempotent_and_checks_both_entities() -> None:
+    async def body(a: Api) -> None:
+        ann = await a.create_user("ann")
+        await a.create_group("admins")
+        path = f"/groups/admins/members/{ann['id']}"
+        _, answer = await a.call("PUT", path, status=200)
+        assert answer == {"group": "admins", "user": ann["id"], "member": True}
+        _, again = await a.call("PUT", path, status=200)  # idempotent: still one member
+        assert again == answer
+        _, members = await a.call("GET", "/groups/admins/members", status=200)
+        assert members["members"] == [ann["id"]]
+        seq = a.replica.state.seq
+        await a.call("PUT", "/groups/admins/members/nobody", status=404)
+        await a.call("PUT", f"/groups/nogroup/members/{ann['id']}", status=404)
+        await a.call("DELETE", f"/groups/nogroup/members/{ann['id']}", status=404)
+        assert a.replica.state.seq == seq
+
+        _, groups = await a.call("GET", f"/users/{ann['id']}/groups", status=200)
+        assert groups == {"user": ann["id"], "groups": ["admins"]}
+        await a.call("DELETE", path, status=204)
+        await a.call("DELETE", path, status=204)  # not a member: idempotent
+        _, members = await a.call("GET", "/groups/admins/members", status=200)
+        assert members == {"group": "admins", "members": [], "next_cursor": None}
+        _, groups = await a.call("GET", f"/users/{ann['id']}/groups", status=200)
+        assert groups["groups"] == []
+        await a.call("GET", "/users/nobody/groups", status=404)
+        await a.call("GET", "/groups/nogroup/members", status=404)
+
+    run(body)
+
+
+def test_members_page_through_and_a_deleted_user_leaves_its_groups() -> None:
+    async def body(a: Api) -> None:
+        await a.create_group("g1")
+        await a.create_group("g2")
+        users = [(await a.create_user(f"user{n}", id=f"u{n}"))["id"] for n in range(5)]
+        for user_id in users:
+            await a.call("PUT", f"/groups/g1/members/{user_id}", status=200)
+        await a.call("PUT", "/groups/g2/members/u3", status=200)
+        assert await walk(a, "/groups/g1/members?limit=2", "members") == sorted(users)
+        _, groups = await a.call("GET", "/users/u3/groups", status=200)
+        assert groups["groups"] == ["g1", "g2"]
+
+        await a.call("DELETE", "/users/u3", status=204)
+        _, members = await a.call("GET", "/groups/g1/members", status=200)
+        assert members["members"] == ["u0", "u1", "u2", "u4"]
+        _, members = await a.call("GET", "/groups/g2/members", status=200)
+        assert members["members"] == []
+        removes = [e for e in await history(a, "/groups/g1") if e["op"] == "remove"]
+        assert [(e["field"], e["value"]) for e in removes] == [("members", "u3")]
+
+    run(body)
+
+
+# -- history and time travel ---------------------------------------------------------
+
+
+def test_history_lists_every_event_with_who_when_and_which_write_won() -> None:
+    async def body(a: Api) -> None:
+        user = await a.create_user("ann", id="ann", headers={"X-Actor": "alice@admin"})
+        await a.call("PATCH", "/users/ann", json={"name": "Ann 2"}, headers={"X-Actor": "bot"})
+        # A concurrent username write from another region, with the greater clock, wins.
+        stamp = a.replica.clock.last + (10 << 16)
+        remote = Event(Dot(REMOTE, 1), stamp, "user/ann", Op.SET, "username", "ann-us", actor="us")
+        await a.replica.ingest([remote])
+
+        trail = await history(a, "/users/ann")
+        rid = a.replica.identity.replica_id
+        assert [(e["op"], e.get("field"), e["origin"], e["actor"]) for e in trail] == [
+            ("create", None, rid, "alice@admin"),
+            ("set", "email", rid, "alice@admin"),
+            ("set", "name", rid, "alice@admin"),
+            ("set", "username", rid, "alice@admin"),
+            ("set", "name", rid, "bot"),
+            ("set", "username", REMOTE, "us"),
+        ]
+        assert [e["seq"] for e in trail] == sorted(e["seq"] for e in trail)
+        assert all(e["time"].endswith("Z") and isinstance(e["hlc"], int) for e in trail)
+        first_name, second_name = trail[2], trail[4]
+        assert (first_name["value"], first_name["won"]) == ("Ann", False)
+        assert first_name["why"] == f"overwritten by {second_name['dot']}"
+        assert (second_name["value"], second_name["won"]) == ("Ann 2", True)
+        assert "why" not in second_name
+        local_username = trail[3]
+        assert local_username["won"] is False
+        assert local_username["why"].startswith(f"concurrent with {REMOTE}:1")
+        assert trail[5]["won"] is True
+        _, now = await a.call("GET", "/users/ann")
+        assert now["username"] == "ann-us"
+        assert user["username"] == "ann"
+        await a.call("GET", "/users/nobody/history", status=404)
+        await a.call("GET", "/groups/nobody/history", status=404)
+
+    run(body)
+
+
+def test_time_travel_by_time_and_by_consistency_token() -> None:
+    async def body(a: Api) -> None:
+        first = {"id": "ann", "name": "Old", "username": "ann", "email": "ann@example.com"}
+        r, _ = await a.call("POST", "/users", json=first, status=201)
+        token_then = r.headers["X-Consistency-Token"]
+        trail = await history(a, "/users/ann")
+        created_ms = physical_ms(trail[-1]["hlc"])
+        await asyncio.sleep(max(0.0, (created_ms + 3) / 1000 - time.time()))
+        await a.call("PATCH", "/users/ann", json={"name": "New"}, status=200)
+
+        then = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created_ms / 1000))
+        then += f".{created_ms % 1000:03d}Z"
+        r, old = await a.call("GET", "/users/ann", params={"at": then}, status=200)
+        assert (old["name"], old["as_of"]) == ("Old", then)
+        assert "ETag" in r.headers
+        _, old = await a.call("GET", "/users/ann", params={"at": token_then}, status=200)
+        assert old["name"] == "Old"
+        offset = then.replace("Z", "+00:00")
+        _, same = await a.call("GET", "/users/ann", params={"at": offset}, status=200)
+        assert same["name"] == "Old"
+        _, new = await a.call("GET", "/users/ann", params={"at": "2999-01-01T00:00:00Z"})
+        assert new["name"] == "New"
+        for before in ("2001-01-01T00:00:00Z", "1960-01-01T00:00:00Z", encode_token({})):
+            _, answer = await a.call("GET", "/users/ann", params={"at": before}, status=404)
+            assert answer["error"] == "not_found"
+        for bad in ("yesterday", "2026-01-01T00:00:00", ""):
+            _, answer = await a.call("GET", "/users/ann", params={"at": bad}, status=400)
+            assert answer["error"] == "bad_query"
+
+    run(body)
+
+
+# -- consistency tokens --------------------------------------------------------------
+
+
+def test_every_answer_carries_a_consistency_token() -> None:
+    async def body(a: Api) -> None:
+        user = await a.create_user("ann")
+        for method, path in [
+            ("GET", f"/users/{user['id']}"),
+            ("GET", "/users/nobody"),
+            ("GET", "/users?limit=0"),
+            ("PUT", "/users"),
+            ("GET", "/nowhere"),
+            ("GET", "/health"),
+            ("GET", "/metrics"),
+            ("GET", "/changes"),
+            ("DELETE", "/groups/nobody"),
+        ]:
+            r, _ = await a.call(method, path)
+            assert "X-Consistency-Token" in r.headers, (method, path, r.status)
+            assert decode_token(r.headers["X-Consistency-Token"]) == a.replica.token()
+
+    run(body)
+
+
+def test_a_read_with_a_covered_token_answers_at_once() -> None:
+    async def body(a: Api) -> None:
+        r, user = await a.call(
+            "POST", "/users", json={"name": "A", "username": "ann", "email": "a@b.io"}
+        )
+        headers = {"X-Consistency-Token": r.headers["X-Consistency-Token"]}
+        started = time.monotonic()
+        await a.call("GET", f"/users/{user['id']}", headers=headers, status=200)
+        await a.call("GET", "/users/nobody", headers=headers, status=404)
+        assert time.monotonic() - started < 1
+
+    run(body)
+
+
+def test_a_read_with_a_token_from_the_future_times_out_with_504() -> None:
+    async def body(a: Api) -> None:
+        headers = {"X-Consistency-Token": encode_token({"eu~zzzz": 5}), "X-Wait-Ms": "100"}
+        started = time.monotonic()
+        r, answer = await a.call("GET", "/users", headers=headers, status=504)
+        assert 0.09 <= time.monotonic() - started < 2
+        assert answer["error"] == "not_caught_up"
+        assert decode_token(answer["token"]) == a.replica.token()
+        assert "X-Consistency-Token" in r.headers
+        # Writes do not wait for tokens.
+        await a.create_user("ann", headers=headers)
+
+    run(body)
+
+
+@pytest.mark.parametrize(
+    ("headers", "error"),
+    [
+        ({"X-Consistency-Token": "not a token!"}, "bad_token"),
+        ({"X-Consistency-Token": "x" * 5000}, "bad_token"),
+        ({"X-Consistency-Token": encode_token({}), "X-Wait-Ms": "soon"}, "bad_header"),
+        ({"X-Consistency-Token": encode_token({}), "X-Wait-Ms": "-1"}, "bad_header"),
+        ({"X-Consistency-Token": encode_token({}), "X-Wait-Ms": "60001"}, "bad_header"),
+    ],
+)
+def test_a_bad_token_or_wait_is_400(headers: dict[str, str], error: str) -> None:
+    async def body(a: Api) -> None:
+        _, answer = await a.call("GET", "/users", headers=headers, status=400)
+        assert answer["error"] == error
+
+    run(body)
+
+
+def test_a_reader_waiting_for_a_token_is_let_through_by_the_write_it_waits_for() -> None:
+    async def body(a: Api) -> None:
+        await a.create_user("ann")
+        rid = a.replica.identity.replica_id
+        next_write = encode_token({rid: a.replica.state.counter + 1})
+        headers = {"X-Consistency-Token": next_write, "X-Wait-Ms": "5000"}
+        started = time.monotonic()
+        reader = asyncio.create_task(a.call("GET", "/users?username=zed", headers=headers))
+        await asyncio.sleep(0.1)
+        assert not reader.done()
+        await a.create_user("zed")
+        r, found = await asyncio.wait_for(reader, 2)
+        assert r.status == 200
+        assert [u["username"] for u in found["users"]] == ["zed"]
+        assert time.monotonic() - started < 2
+
+    run(body)
+
+
+# -- change feed ---------------------------------------------------------------------
+
+
+def test_changes_list_events_in_order_and_page_with_since_and_limit() -> None:
+    async def body(a: Api) -> None:
+        _, empty = await a.call("GET", "/changes", status=200)
+        assert empty == {"changes": [], "next_cursor": "0"}
+        ann = await a.create_user("ann", headers={"X-Actor": "ops"})
+        await a.call("PATCH", f"/users/{ann['id']}", json={"name": "Ann B"})
+        await a.create_group("g")
+        await a.call("PUT", f"/groups/g/members/{ann['id']}")
+
+        _, feed = await a.call("GET", "/changes", status=200)
+        changes = feed["changes"]
+        assert [c["seq"] for c in changes] == list(range(1, len(changes) + 1))
+        assert feed["next_cursor"] == str(changes[-1]["seq"])
+        assert (changes[0]["op"], changes[0]["stream"]) == ("create", f"user/{ann['id']}")
+        assert changes[0]["actor"] == "ops"
+        assert changes[-1]["op"] == "add"
+        assert (changes[-1]["field"], changes[-1]["value"]) == ("members", ann["id"])
+        assert all(c["origin"] == a.replica.identity.replica_id for c in changes)
+
+        paged: list[dict[str, Any]] = []
+        since = "0"
+        while True:
+            _, page = await a.call("GET", f"/changes?since={since}&limit=3", status=200)
+            if not page["changes"]:
+                assert page["next_cursor"] == since
+                break
+            assert len(page["changes"]) <= 3
+            paged += page["changes"]
+            since = page["next_cursor"]
+        assert paged == changes
+        for bad in ("since=-1", "since=abc", "since=" + "9" * 20, "wait=30001", "limit=0"):
+            _, answer = await a.call("GET", f"/changes?{bad}", status=400)
+            assert answer["error"] == "bad_query"
+
+    run(body)
+
+
+def test_changes_wait_long_polls_until_a_write_lands() -> None:
+    async def body(a: Api) -> None:
+        await a.create_user("ann")
+        since = str(a.replica.state.seq)
+        started = time.monotonic()
+        _, none = await a.call("GET", f"/changes?since={since}&wait=50", status=200)
+        assert none == {"changes": [], "next_cursor": since}
+        assert time.monotonic() - started >= 0.04
+
+        poll = asyncio.create_task(a.call("GET", f"/changes?since={since}&wait=10000"))
+        await asyncio.sleep(0.1)
+        assert not poll.done()
+        started = time.monotonic()
+        bob = await a.create_user("bob")
+        r, feed = await asyncio.wait_for(poll, 2)
+        assert r.status == 200
+        assert time.monotonic() - started < 1
+        assert feed["changes"][0]["stream"] == f"user/{bob['id']}"
+        assert int(feed["next_cursor"]) > int(since)
+
+    run(body)
+
+
+# -- conflicts -----------------------------------------------------------------------
+
+
+def test_conflicts_list_a_value_claimed_in_two_regions() -> None:
+    async def body(a: Api) -> None:
+        _, none = await a.call("GET", "/conflicts", status=200)
+        assert none == {"conflicts": []}
+        ann = await a.create_user("ann")
+        fields = {"name": "Ann US", "username": "ann-us", "email": "ANN@example.com"}
+        await a.replica.ingest(remote_events("user/ann-us", fields))
+
+        _, found = await a.call("GET", "/conflicts", status=200)
+        assert found == {
+            "conflicts": [
+                {"field": "email", "value": "ann@example.com", "ids": sorted([ann["id"], "ann-us"])}
+            ]
+        }
+        _, both = await a.call("GET", "/users?email=ann@example.com", status=200)
+        assert {u["id"] for u in both["users"]} == {ann["id"], "ann-us"}
+        trail = await history(a, "/users/ann-us")
+        assert {e["origin"] for e in trail} == {REMOTE}
+        # Resolving it here: the remote user takes another email, the conflict is gone.
+        await a.call("PATCH", "/users/ann-us", json={"email": "ann@us.example.com"}, status=200)
+        _, none = await a.call("GET", "/conflicts", status=200)
+        assert none == {"conflicts": []}
+
+    run(body)
+
+
+# -- operations ----------------------------------------------------------------------
+
+
+def test_health_status_and_metrics() -> None:
+    async def body(a: Api) -> None:
+        await a.create_user("ann")
+        _, health = await a.call("GET", "/health", status=200)
+        assert health == {"status": "ok"}
+        _, status = await a.call("GET", "/status", status=200)
+        rid = a.replica.identity.replica_id
+        assert status["region"] == "eu"
+        assert status["replica_id"] == rid
+        assert rid.startswith("eu~")
+        assert status["seq"] == a.replica.state.seq == 4
+        assert status["summary"] == {rid: {"contiguous": 4, "beyond_gap": 0}}
+        assert decode_token(status["token"]) == {rid: 4}
+        assert status["peers"] == []
+        assert status["writer"]["requests"] >= 1
+
+        r = await a.client.get("/metrics")
+        assert r.status == 200
+        assert r.content_type == "text/plain"
+        text = await r.text()
+        assert 'replica_writes_total{region="eu"} 1' in text
+        assert 'replica_events_appended_total{region="eu"} 4' in text
+        assert "# TYPE replica_commits_total counter" in text
+        assert f'replica_origin_counter{{region="eu",origin="{rid}"}} 4' in text
+
+    run(body)
+
+
+def test_with_an_api_token_requests_need_the_bearer_token() -> None:
+    async def body(a: Api) -> None:
+        ok = {"Authorization": "Bearer t0ken"}
+        user = {"name": "A", "username": "ann", "email": "a@b.io"}
+        for given in ("", "Bearer wrong", "t0ken", "Bearer", "Basic t0ken", "Bearer t0ken2"):
+            headers = {"Authorization": given} if given else {}
+            r, answer = await a.call("POST", "/users", json=user, headers=headers, status=401)
+            assert answer["error"] == "unauthorized"
+            assert "X-Consistency-Token" in r.headers
+            await a.call("GET", "/users", headers=headers, status=401)
+            await a.call("GET", "/status", headers=headers, status=401)
+        assert a.replica.state.seq == 0
+        await a.call("GET", "/health", status=200)
+        await a.call("POST", "/users", json=user, headers=ok, status=201)
+        _, found = await a.call("GET", "/users", headers=ok, status=200)
+        assert len(found["users"]) == 1
+        # The scheme is case-insensitive (RFC 7235).
+        await a.call("GET", "/users", headers={"Authorization": "bearer t0ken"}, status=200)
+
+    run(body, api_token="t0ken")
+
+
+def test_a_node_not_ready_refuses_clients_with_503_but_serves_operations() -> None:
+    async def body(a: Api) -> None:
+        a.replica.not_ready = "bootstrapping from peers"
+        for method, path in (("GET", "/users"), ("POST", "/users"), ("GET", "/changes")):
+            sent = VALID if method == "POST" else None
+            _, answer = await a.call(method, path, json=sent, status=503)
+            assert answer["error"] == "not_ready"
+            assert "bootstrapping from peers" in answer["message"]
+        assert a.replica.state.seq == 0
+        for path in ("/health", "/status", "/metrics", "/openapi.json"):
+            await a.call("GET", path, status=200)
+        _, status = await a.call("GET", "/status")
+        assert (status["serving"], status["not_ready"]) == (False, "bootstrapping from peers")
+        a.replica.not_ready = None
+        await a.call("POST", "/users", json=VALID, status=201)
+
+    run(body)
+
+
+# -- concurrency ---------------------------------------------------------------------
+
+
+def test_concurrent_creates_all_succeed_and_share_commits(tmp_path: Path) -> None:
+    async def body(a: Api) -> None:
+        async def create(n: int) -> str:
+            user = {"name": f"User {n}", "username": f"user{n}", "email": f"u{n}@example.com"}
+            r, answer = await a.call("POST", "/users", json=user)
+            assert r.status == 201, answer
+            return str(answer["id"])
+
+        ids = await asyncio.gather(*(create(n) for n in range(100)))
+        assert len(set(ids)) == 100
+        writer = a.replica.writer
+        assert writer.requests == 100
+        assert writer.commits < 100
+        assert a.replica.state.seq == 400
+        listed = await walk(a, "/users?limit=1000", "users")
+        assert sorted(u["id"] for u in listed) == sorted(ids)
+
+    run(body, tmp_path / "data")

@@ -1,0 +1,195 @@
+"""The event codec: round trips, a pinned golden encoding, every validation rule, upcasting."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from crdt import Dot
+from node import events as ev
+from node.events import Event, InvalidEvent, Op, UnknownFormatVersion
+
+GOLDEN = Path(__file__).parent.parent / "golden" / "event_v1.json"
+STAMP = (1_700_000_000_000 << 16) | 7
+EU, US = "eu~a1b2c3d4", "us~0f0f"
+
+
+def golden_events() -> dict[str, Event]:
+    create = Dot(EU, 1)
+    name = Dot(EU, 2)
+    return {
+        "create": Event(create, STAMP, "user/homer", Op.CREATE, actor="admin"),
+        "set_with_observed": Event(
+            Dot(US, 1), STAMP + 1, "user/homer", Op.SET, "name", "Homer J.", frozenset({name})
+        ),
+        "remove_with_observed": Event(
+            Dot(US, 2),
+            STAMP + 2,
+            "group/staff",
+            Op.REMOVE,
+            "members",
+            "homer",
+            frozenset({Dot(EU, 3), Dot(US, 1)}),
+        ),
+        "delete": Event(
+            Dot(EU, 4), STAMP + 3, "user/homer", Op.DELETE, observed=frozenset({create})
+        ),
+    }
+
+
+def test_golden_vectors_pin_todays_encoding() -> None:
+    pinned = json.loads(GOLDEN.read_text())
+    assert {name: ev.encode(e).hex() for name, e in golden_events().items()} == pinned
+    for name, event in golden_events().items():
+        assert ev.decode(bytes.fromhex(pinned[name])) == event
+
+
+origins = st.from_regex(ev.ORIGIN_RE, fullmatch=True)
+ids = st.from_regex(ev.ENTITY_ID_RE, fullmatch=True)
+dots = st.builds(Dot, origins, st.integers(1, ev.COUNTER_MAX))
+
+
+@st.composite
+def valid_events(draw: st.DrawFn) -> Event:
+    op = draw(st.sampled_from(Op))
+    field: str | None = None
+    value: str | None = None
+    observed: frozenset[Dot] = frozenset()
+    if op is Op.SET:
+        field = draw(st.sampled_from(["name", "email", "profile.city"]))
+        value = draw(st.none() | st.text(max_size=50))
+        observed = draw(st.frozensets(dots, max_size=1))
+    elif op in (Op.ADD, Op.REMOVE):
+        field, value = "members", draw(ids)
+    if op in (Op.REMOVE, Op.DELETE):
+        observed = draw(st.frozensets(dots, max_size=4))
+    return Event(
+        dot=draw(dots),
+        hlc=draw(st.integers(1, (1 << 64) - 1)),
+        stream=f"{draw(st.sampled_from(ev.ENTITY_KINDS))}/{draw(ids)}",
+        op=op,
+        field=field,
+        value=value,
+        observed=observed,
+        actor=draw(st.text(max_size=20)),
+    )
+
+
+@given(valid_events())
+def test_decode_of_encode_is_the_event(event: Event) -> None:
+    # decode(encode(e)) == e, and validation accepts what it encoded
+    assert ev.decode(ev.encode(ev.validate(event))) == event
+
+
+def test_observed_dots_encode_in_one_order() -> None:
+    a, b = Dot(EU, 1), Dot(US, 1)
+    one = Event(Dot(EU, 9), STAMP, "user/x", Op.DELETE, observed=frozenset([a, b]))
+    other = dataclasses.replace(one, observed=frozenset([b, a]))
+    assert ev.encode(one) == ev.encode(other)
+
+
+GOOD = Event(Dot(EU, 1), STAMP, "user/homer", Op.SET, "name", "Homer")
+
+
+def wire_of(event: Event, **changes: Any) -> bytes:
+    """Encode without validating, so broken events can reach the decoder."""
+    wire = ev.to_wire(event)
+    names = ["version", "origin", "counter", "hlc", "stream", "op", "field", "value"]
+    for name, value in changes.items():
+        wire[names.index(name)] = value
+    return bytes(msgpack.packb(wire))
+
+
+BAD_WIRES: list[tuple[str, bytes, str]] = [
+    ("bad origin", wire_of(GOOD, origin="EU"), "bad origin"),
+    ("origin without incarnation", wire_of(GOOD, origin="eu"), "bad origin"),
+    ("counter 0", wire_of(GOOD, counter=0), "counter"),
+    ("counter beyond 63 bits", wire_of(GOOD, counter=1 << 63), "counter"),
+    ("hlc 0", wire_of(GOOD, hlc=0), "clock stamp"),
+    ("hlc not an int", wire_of(GOOD, hlc="soon"), "clock stamp"),
+    ("bad stream kind", wire_of(GOOD, stream="robot/x"), "bad stream"),
+    ("bad stream id", wire_of(GOOD, stream="user/a b"), "bad stream"),
+    ("stream not a string", wire_of(GOOD, stream=7), "malformed"),
+    ("unknown op", wire_of(GOOD, op=9), "malformed"),
+    ("set without field", wire_of(GOOD, field=None), "set needs field"),
+    ("create with field", wire_of(GOOD, op=1), "create takes no field"),
+    ("bad field name", wire_of(GOOD, field="Name!"), "bad field name"),
+    ("value too long", wire_of(GOOD, value="x" * (ev.VALUE_CHARS_MAX + 1)), "at most 4096"),
+    ("value not a string", wire_of(GOOD, value=3), "value must be a string"),
+    ("add without element", wire_of(GOOD, op=4, field="members", value=None), "element id"),
+    ("add of a bad element", wire_of(GOOD, op=4, field="members", value="a/b"), "element id"),
+    ("create with value", wire_of(GOOD, op=1, field=None, value="x"), "takes no value"),
+    ("not msgpack", b"\xc1", "not msgpack"),
+    ("trailing bytes", wire_of(GOOD) + b"\x00", "not msgpack"),
+    ("not an array", msgpack.packb({"v": 1}), "non-empty array"),
+    ("empty array", msgpack.packb([]), "non-empty array"),
+    ("wrong arity", msgpack.packb(ev.to_wire(GOOD)[:-1]), "malformed"),
+    ("version 0", wire_of(GOOD, version=0), "bad event format version"),
+    ("event too large", b"\x00" * (ev.EVENT_BYTES_MAX + 1), "too large"),
+]
+
+
+@pytest.mark.parametrize(
+    ("data", "complaint"), [(d, c) for _, d, c in BAD_WIRES], ids=[n for n, _, _ in BAD_WIRES]
+)
+def test_bad_bytes_are_refused(data: bytes, complaint: str) -> None:
+    with pytest.raises(InvalidEvent, match=complaint):
+        ev.decode(data)
+
+
+def _many_dots(n: int) -> frozenset[Dot]:
+    return frozenset(Dot(EU, c) for c in range(1, n + 1))
+
+
+BAD_EVENTS: list[tuple[str, Event, str]] = [
+    (
+        "too many observed",
+        Event(
+            Dot(EU, 1), STAMP, "user/x", Op.DELETE, observed=_many_dots(ev.OBSERVED_DOTS_MAX + 1)
+        ),
+        "too many observed",
+    ),
+    ("actor too long", dataclasses.replace(GOOD, actor="a" * 129), "actor"),
+    ("actor not a string", dataclasses.replace(GOOD, actor=None), "actor"),  # type: ignore[arg-type]
+    (
+        "create observes",
+        Event(Dot(EU, 1), STAMP, "user/x", Op.CREATE, observed=frozenset({Dot(US, 1)})),
+        "create observes nothing",
+    ),
+    ("op not an Op", dataclasses.replace(GOOD, op=3), "unknown op"),  # type: ignore[arg-type]
+]
+
+
+@pytest.mark.parametrize(
+    ("event", "complaint"), [(e, c) for _, e, c in BAD_EVENTS], ids=[n for n, _, _ in BAD_EVENTS]
+)
+def test_bad_events_are_refused_before_encoding(event: Event, complaint: str) -> None:
+    with pytest.raises(InvalidEvent, match=complaint):
+        ev.validate(event)
+
+
+def test_an_event_from_a_newer_node_is_unknown_not_invalid() -> None:
+    # UnknownFormatVersion is what the caller quarantines instead of refusing.
+    with pytest.raises(UnknownFormatVersion) as raised:
+        ev.decode(wire_of(GOOD, version=ev.FORMAT_VERSION + 1))
+    assert raised.value.version == ev.FORMAT_VERSION + 1
+    assert isinstance(raised.value, InvalidEvent)
+
+
+def test_an_older_version_is_upcast_on_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Simulate version 2 adding a trailing field: version-1 bytes go through the upcaster.
+    def v1_to_v2(wire: list[Any]) -> list[Any]:
+        return [2, *wire[1:]]
+
+    v1_bytes = ev.encode(GOOD)
+    monkeypatch.setattr(ev, "FORMAT_VERSION", 2)
+    monkeypatch.setitem(ev.UPCASTERS, 1, v1_to_v2)
+    assert ev.decode(v1_bytes) == GOOD
+    assert msgpack.unpackb(ev.encode(GOOD))[0] == 2  # and written as the new version

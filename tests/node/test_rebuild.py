@@ -1,0 +1,133 @@
+"""Rebuilding views from the log of a real data directory gives back the same bytes."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from crdt import Dot
+from crdt.clock import make_stamp
+from node import commands
+from node.events import Event, Op
+from node.kv import KV, WriteTxn
+from node.lmdb_kv import LmdbKV
+from node.rebuild import rebuild_views
+from node.replica import Replica
+from node.writer import Decide
+
+NOW_MS = 1_700_000_000_000
+VIEW_DBS = ("views", "members", "user_groups", "idx_email", "idx_username", "idx_search")
+ALL_DBS = (*VIEW_DBS, "conflicts", "events", "dots", "streams", "meta")
+
+
+async def populate(replica: Replica) -> None:
+    async def run(decide: Decide) -> None:
+        await replica.write(decide, actor="test")
+
+    for user in ("homer", "marge", "bart"):
+        writes = {"name": f"{user.title()} Simpson", "username": user, "email": f"{user}@x.us"}
+        await run(commands.create("user", user, {**writes, "profile.city": "Springfield"}))
+    await run(commands.create("group", "family", {"name": "Family"}))
+    await run(commands.create("group", "plant", {"name": "Power plant"}))
+    for user in ("homer", "marge", "bart"):
+        await run(commands.add_member("family", user))
+    await run(commands.add_member("plant", "homer"))
+    await run(commands.patch("user", "homer", {"name": "Homer J. Simpson"}, None))
+    await run(commands.remove_member("family", "marge"))
+    await run(commands.delete("user", "bart", None))  # and his memberships
+    # a peer's user claiming homer's email: a conflict only a merge can make
+    stamp = make_stamp(NOW_MS)
+    await replica.ingest(
+        [
+            Event(Dot("us~bbbb", 1), stamp, "user/homer2", Op.CREATE),
+            Event(Dot("us~bbbb", 2), stamp, "user/homer2", Op.SET, "email", "HOMER@x.us"),
+        ]
+    )
+
+
+def dump(data_dir: Path) -> dict[str, list[tuple[bytes, bytes]]]:
+    kv = LmdbKV(data_dir)
+    try:
+        with kv.read() as txn:
+            return {db: list(txn.scan(db)) for db in ALL_DBS}
+    finally:
+        kv.close()
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    replica = Replica.open(tmp_path, "eu", map_bytes_initial=1 << 20, now_ms=lambda: NOW_MS)
+    try:
+        asyncio.run(populate(replica))
+        assert replica.conflicts() == [("email", "homer@x.us", ["homer", "homer2"])]
+    finally:
+        replica.close()
+    return tmp_path
+
+
+def test_rebuilt_views_are_byte_identical(
+    data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = dump(data_dir)
+    assert rebuild_views(data_dir) == 0
+    assert dump(data_dir) == before
+    out = capsys.readouterr().out
+    events = len(before["events"])
+    assert re.fullmatch(
+        rf"rebuilt views of eu~[0-9a-f]{{8}} from {events} events in \d+\.\d\d s\n", out
+    )
+
+
+def test_lost_views_come_back_from_the_log(data_dir: Path) -> None:
+    before = dump(data_dir)
+
+    def lose(txn: WriteTxn) -> None:
+        for db in (*VIEW_DBS, "conflicts"):
+            txn.clear(db)
+            txn.put(db, b"ghost\0x", b"not a view")
+
+    kv: KV = LmdbKV(data_dir)
+    kv.write(lose)
+    kv.close()
+    assert rebuild_views(data_dir) == 0
+    assert dump(data_dir) == before
+
+
+def test_an_empty_directory_is_refused_and_left_empty(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert rebuild_views(tmp_path) == 2
+    assert list(tmp_path.iterdir()) == []
+    assert "not a replica data directory" in capsys.readouterr().err
+    assert rebuild_views(tmp_path / "missing") == 2
+    assert not (tmp_path / "missing").exists()
+
+
+def test_an_lmdb_environment_without_a_region_is_refused(tmp_path: Path) -> None:
+    LmdbKV(tmp_path).close()  # every database is there, but no identity
+    assert rebuild_views(tmp_path) == 2
+
+
+def test_a_directory_a_running_node_holds_is_refused(
+    data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    holder = "import sys; from pathlib import Path; from node.lmdb_kv import LmdbKV\n"
+    holder += "kv = LmdbKV(Path(sys.argv[1])); print('open', flush=True); sys.stdin.read()"
+    with subprocess.Popen(
+        [sys.executable, "-c", holder, str(data_dir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as node:
+        assert node.stdout is not None
+        assert node.stdout.readline() == "open\n"
+        try:
+            assert rebuild_views(data_dir) == 1
+        finally:
+            node.communicate("", timeout=30)
+    assert "stop the node" in capsys.readouterr().err

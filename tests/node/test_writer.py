@@ -1,0 +1,219 @@
+"""The group-commit writer, through a Replica over both storage backends."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from crdt import Dot
+from crdt.clock import make_stamp
+from node import commands, log
+from node.events import Event, InvalidEvent, Op
+from node.kv import KV, MemoryKV, ReadTxn
+from node.lmdb_kv import LmdbKV
+from node.replica import Replica
+from node.writer import Draft, Rejected
+
+NOW_MS = 1_700_000_000_000
+PEER = "us~bbbb"
+GATE_WAIT_S = 10
+
+
+def homer(n: int) -> dict[str, str | None]:
+    return {"name": f"Homer {n}", "username": f"homer{n}", "email": f"homer{n}@x.us"}
+
+
+def peer_event(counter: int, *, hlc: int | None = None, stream: str = "user/bart") -> Event:
+    stamp = make_stamp(NOW_MS, counter) if hlc is None else hlc
+    if counter == 1:
+        return Event(Dot(PEER, 1), stamp, stream, Op.CREATE)
+    return Event(Dot(PEER, counter), stamp, stream, Op.SET, "name", f"Bart {counter}")
+
+
+async def in_one_batch(replica: Replica, writes: Sequence[Awaitable[Any]]) -> list[Any]:
+    """Run ``writes`` concurrently while a gate request holds the writer, so they queue up.
+
+    Every write task reaches the queue in the loop iteration after it is created; only
+    then does the gate open, so the writer finds them all waiting (group commit).
+    """
+    gate = threading.Event()
+
+    def held(txn: ReadTxn) -> list[Draft]:
+        assert gate.wait(GATE_WAIT_S)
+        return []
+
+    holder = asyncio.ensure_future(replica.write(held, actor="gate"))
+    tasks = [asyncio.ensure_future(w) for w in writes]
+    await asyncio.sleep(0)
+    gate.set()
+    await holder
+    return await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def own_counters(replica: Replica) -> list[int]:
+    with replica.kv.read() as txn:
+        me = replica.identity.replica_id
+        return [e.dot.counter for e in log.origin_events(txn, me, 1, 1 << 62)]
+
+
+def event_count(replica: Replica) -> int:
+    with replica.kv.read() as txn:
+        return len(list(txn.scan("events")))
+
+
+def refuse(txn: ReadTxn) -> list[Draft]:
+    raise Rejected(412, "precondition_failed", "no")
+
+
+class WriterContract:
+    def make_kv(self, path: Path) -> KV:
+        raise NotImplementedError
+
+    @pytest.fixture
+    def replica(self, tmp_path: Path) -> Iterator[Replica]:
+        replica = Replica(self.make_kv(tmp_path / "kv"), "eu", now_ms=lambda: NOW_MS)
+        yield replica
+        replica.close()
+
+    def test_concurrent_writes_share_commits_and_are_all_acknowledged(
+        self, replica: Replica
+    ) -> None:
+        requests = 200
+        writes = [
+            replica.write(commands.create("user", f"u{n}", homer(n)), actor="t")
+            for n in range(requests)
+        ]
+        results = asyncio.run(in_one_batch(replica, writes))
+        assert all(isinstance(r, list) and len(r) == 4 for r in results)  # create + 3 sets
+        assert replica.writer.requests == requests + 1  # and the gate
+        assert replica.writer.commits < replica.writer.requests
+        assert replica.writer.commits <= 2  # the gate may go alone; the rest wait together
+        assert event_count(replica) == 4 * requests
+        assert replica.state.counter == 4 * requests
+
+    def test_own_counters_have_no_gaps_when_requests_are_rejected(self, replica: Replica) -> None:
+        writes = []
+        for n in range(30):
+            writes.append(replica.write(commands.create("user", f"u{n % 10}", homer(n)), actor="t"))
+            if n % 4 == 0:
+                writes.append(replica.write(refuse, actor="t"))
+        results = asyncio.run(in_one_batch(replica, writes))
+        rejected = [r for r in results if isinstance(r, Rejected)]
+        assert len(rejected) == 20 + 8  # 20 creates of an id already there, and the refusals
+        written = sum(len(r) for r in results if isinstance(r, list))
+        assert written == 10 * 4
+        # own dots are exactly 1..N, and the stored state says N without a gap
+        assert own_counters(replica) == list(range(1, written + 1))
+        assert replica.state.counter == replica.state.summary.contiguous(
+            replica.identity.replica_id
+        )
+        with replica.kv.read() as txn:
+            assert log.load_state(txn, replica.identity) == replica.state
+
+    def test_a_rejected_request_writes_nothing(self, replica: Replica) -> None:
+        asyncio.run(replica.write(commands.create("user", "homer", homer(1)), actor="t"))
+        before = (event_count(replica), replica.state.copy())
+        with pytest.raises(Rejected) as raised:
+            asyncio.run(replica.write(commands.create("user", "homer", homer(1)), actor="t"))
+        assert raised.value.status == 409
+        with pytest.raises(Rejected, match="taken in this region"):
+            asyncio.run(replica.write(commands.create("user", "marge", homer(1)), actor="t"))
+        with pytest.raises(Rejected):
+            asyncio.run(
+                replica.write(commands.patch("user", "nobody", {"name": "x"}, None), actor="t")
+            )
+        assert (event_count(replica), replica.state) == before
+        assert not replica.entity("user", "marge").exists
+
+    def test_ingest_is_idempotent(self, replica: Replica) -> None:
+        batch = [peer_event(1), peer_event(2), peer_event(3)]
+        assert asyncio.run(replica.ingest(batch)) == batch
+        assert asyncio.run(replica.ingest(batch)) == []
+        assert asyncio.run(replica.ingest([peer_event(4), *batch])) == [peer_event(4)]
+        assert event_count(replica) == 4
+        assert replica.entity("user", "bart").value("name") == "Bart 4"
+        assert replica.state.counter == 0  # a peer's events are not ours
+
+    def test_a_batch_with_one_invalid_event_is_refused_whole(self, replica: Replica) -> None:
+        invalid = Event(Dot(PEER, 2), make_stamp(NOW_MS), "user/bart", Op.SET, None, "x")
+        with pytest.raises(InvalidEvent):
+            asyncio.run(replica.ingest([peer_event(1), invalid, peer_event(3)]))
+        assert event_count(replica) == 0
+        assert PEER not in replica.summary.origins
+        assert not replica.entity("user", "bart").exists
+
+    def test_the_clock_advances_past_ingested_stamps(self, replica: Replica) -> None:
+        ahead = make_stamp(NOW_MS + 5_000, 3)  # within the allowed drift
+        asyncio.run(replica.ingest([peer_event(1, hlc=ahead)]))
+        assert replica.clock.last > ahead
+        assert replica.state.hlc >= ahead
+        written = asyncio.run(
+            replica.write(commands.create("group", "g", {"name": "G"}), actor="t")
+        )
+        assert all(e.hlc > ahead for e in written)
+
+    def test_a_stamp_beyond_the_drift_is_ingested_but_not_followed(self, replica: Replica) -> None:
+        far = make_stamp(NOW_MS + 3_600_000)
+        assert asyncio.run(replica.ingest([peer_event(1, hlc=far)])) == [peer_event(1, hlc=far)]
+        assert replica.clock.last < far
+        assert replica.metrics.stamps_drifted == 1
+
+    def test_an_exception_in_one_request_does_not_fail_its_batch(self, replica: Replica) -> None:
+        def broken(txn: ReadTxn) -> list[Draft]:
+            raise RuntimeError("a bug in one decide")
+
+        writes = [
+            replica.write(commands.create("user", f"u{n}", homer(n)), actor="t") for n in range(5)
+        ]
+        writes.insert(2, replica.write(broken, actor="t"))
+        writes.append(replica.ingest([peer_event(1)]))
+        results = asyncio.run(in_one_batch(replica, writes))
+        assert isinstance(results[2], RuntimeError)
+        del results[2]
+        assert all(isinstance(r, list) and r for r in results)
+        assert own_counters(replica) == list(range(1, 5 * 4 + 1))
+        assert event_count(replica) == 5 * 4 + 1
+
+
+class TestMemoryWriter(WriterContract):
+    def make_kv(self, path: Path) -> KV:
+        return MemoryKV()
+
+
+class TestLmdbWriter(WriterContract):
+    def make_kv(self, path: Path) -> KV:
+        return LmdbKV(path, map_bytes_initial=1 << 20)
+
+    def test_counters_continue_after_reopening(self, tmp_path: Path) -> None:
+        replica = Replica(LmdbKV(tmp_path), "eu", now_ms=lambda: NOW_MS)
+        asyncio.run(replica.write(commands.create("user", "homer", homer(1)), actor="t"))
+        identity, last = replica.identity, replica.clock.last
+        replica.close()
+        replica = Replica(LmdbKV(tmp_path), "eu", now_ms=lambda: NOW_MS)
+        try:
+            assert replica.identity == identity
+            [event] = asyncio.run(replica.write(commands.delete("user", "homer", None), actor="t"))
+            assert event.dot == Dot(identity.replica_id, 5)
+            assert event.hlc > last  # the clock resumes past what it stamped
+        finally:
+            replica.close()
+
+    def test_a_drifted_stamp_does_not_drag_the_clock_after_a_restart(self, tmp_path: Path) -> None:
+        # Found writing these tests: log.append saved the far stamp as the state's hlc,
+        # and the clock restarted from it, following it after all.
+        replica = Replica(LmdbKV(tmp_path), "eu", now_ms=lambda: NOW_MS)
+        far = make_stamp(NOW_MS + 3_600_000)
+        asyncio.run(replica.ingest([peer_event(1, hlc=far)]))
+        replica.close()
+        replica = Replica(LmdbKV(tmp_path), "eu", now_ms=lambda: NOW_MS)
+        try:
+            assert replica.clock.last < far
+            [event] = asyncio.run(replica.write(commands.delete("user", "bart", None), actor="t"))
+            assert event.hlc < far
+        finally:
+            replica.close()
