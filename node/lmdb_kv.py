@@ -77,8 +77,15 @@ def _after(prefix: bytes) -> bytes | None:
 
 class LmdbKV:
     def __init__(
-        self, path: Path, *, map_bytes_initial: int = MAP_BYTES_INITIAL, metasync: bool = True
+        self,
+        path: Path,
+        *,
+        map_bytes_initial: int = MAP_BYTES_INITIAL,
+        metasync: bool = True,
+        durable: bool = True,
     ) -> None:
+        """``durable=False`` skips fsync entirely: for simulations, whose crashes are
+        simulated in-process and lose no page cache, never for a node that serves."""
         path.mkdir(parents=True, exist_ok=True)
         # One process per data directory: two writers would each trust their own counters.
         self._lock = (path / "replica.lock").open("a")
@@ -92,8 +99,8 @@ class LmdbKV:
             map_size=map_bytes_initial,
             max_dbs=len(DATABASES),
             max_readers=READERS_MAX,
-            sync=True,
-            metasync=metasync,
+            sync=durable,
+            metasync=metasync and durable,
             readahead=False,
         )
         self.env.reader_check()  # free slots of readers that died (kill -9) holding them

@@ -73,9 +73,12 @@ class Replica:
         max_drift_ms: int = 60_000,
         batch_requests_max: int = 512,
         queue_requests_max: int = 10_000,
+        incarnation: str | None = None,
     ) -> None:
         self.kv = kv
-        self.identity: Identity = kv.write(lambda txn: log.open_identity(txn, region))
+        self.identity: Identity = kv.write(
+            lambda txn: log.open_identity(txn, region, incarnation=incarnation)
+        )
         with kv.read() as txn:
             state = log.load_state(txn, self.identity)
         self.clock = HybridLogicalClock(now_ms, max_drift_ms=max_drift_ms, last=state.hlc)
@@ -105,13 +108,13 @@ class Replica:
         *,
         map_bytes_initial: int = 64 << 20,
         metasync: bool = True,
+        durable: bool = True,
         **options: Any,
     ) -> Replica:
-        return cls(
-            LmdbKV(data_dir, map_bytes_initial=map_bytes_initial, metasync=metasync),
-            region,
-            **options,
+        kv = LmdbKV(
+            data_dir, map_bytes_initial=map_bytes_initial, metasync=metasync, durable=durable
         )
+        return cls(kv, region, **options)
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Attach to the event loop whose waiters commits must wake."""

@@ -20,6 +20,7 @@ USERNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{1,63}")
 EMAIL_RE = re.compile(r"[^@\s]{1,64}@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+")
 API_KEY_RE = re.compile(r"[A-Za-z0-9_-]{8,128}")
 PROFILE_KEY_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 NAME_CHARS_MAX = 200
 EMAIL_CHARS_MAX = 254
 PROFILE_VALUE_CHARS_MAX = 1_000
@@ -55,6 +56,10 @@ def _text(field: str, value: object, *, chars_max: int) -> str:
     if not value.strip() or len(value) > chars_max:
         raise FieldError(
             422, "invalid_value", f"{field} must be 1 to {chars_max} characters", field
+        )
+    if CONTROL_RE.search(value):
+        raise FieldError(
+            422, "invalid_value", f"{field} must not contain control characters", field
         )
     return value
 

@@ -53,26 +53,56 @@ def search_tokens(state: EntityState) -> set[str]:
     return tokens
 
 
+INDEX_VALUE_BYTES_MAX = 200  # LMDB keys are at most 511 bytes; ids add at most 65
+SEARCH_TOKEN_BYTES_MAX = 64
+
+
+def index_part(text: str) -> bytes:
+    """A value as it stands in an index key: itself, or (if long) a prefix and a hash."""
+    raw = text.encode()
+    if len(raw) <= INDEX_VALUE_BYTES_MAX:
+        return raw
+    digest = hashlib.sha256(raw).hexdigest()[:32].encode()
+    return raw[: INDEX_VALUE_BYTES_MAX - 33] + b"#" + digest
+
+
+def search_part(token: str) -> bytes:
+    """A search token in a key: its first bytes are enough for a prefix search."""
+    return token.encode()[:SEARCH_TOKEN_BYTES_MAX]
+
+
+def _unique_entries(stream: str, state: EntityState) -> dict[tuple[str, bytes], str]:
+    """Each unique-field index key this state implies, with the (casefolded) value."""
+    kind, _, entity_id = stream.partition("/")
+    if kind != "user" or not state.exists:
+        return {}
+    entries = {}
+    for field in UNIQUE_FIELDS:
+        value = state.value(field)
+        if value:
+            folded = index_value(field, value)
+            key = index_part(folded) + b"\0" + entity_id.encode()
+            entries[(INDEX_DBS[field], key)] = folded
+    return entries
+
+
 def _index_keys(stream: str, state: EntityState) -> set[tuple[str, bytes]]:
     """Every index key this entity's state implies."""
     kind, _, entity_id = stream.partition("/")
     if kind != "user" or not state.exists:
         return set()
     suffix = b"\0" + entity_id.encode()
-    keys = {("idx_search", t.encode() + suffix) for t in search_tokens(state)}
-    for field in UNIQUE_FIELDS:
-        value = state.value(field)
-        if value:
-            keys.add((INDEX_DBS[field], index_value(field, value).encode() + suffix))
-    return keys
+    keys = {("idx_search", search_part(t) + suffix) for t in search_tokens(state)}
+    return keys | set(_unique_entries(stream, state))
 
 
-def _refresh_conflict(txn: WriteTxn, db: str, value_prefix: bytes) -> None:
+def _refresh_conflict(txn: WriteTxn, db: str, index_key: bytes, value: str) -> None:
+    value_prefix = index_key[: index_key.rindex(b"\0") + 1]
     holders = sorted(k[len(value_prefix) :].decode() for k, _ in txn.scan(db, prefix=value_prefix))
     field = "email" if db == "idx_email" else "username"
     key = field.encode() + b"\0" + value_prefix[:-1]
     if len(holders) > 1:
-        txn.put("conflicts", key, msgpack.packb(holders))
+        txn.put("conflicts", key, msgpack.packb([value, holders]))
     else:
         txn.delete("conflicts", key)
 
@@ -114,9 +144,10 @@ def apply(txn: WriteTxn, event: Event) -> None:
         txn.delete(db, index_key)
     for db, index_key in new_keys - old_keys:
         txn.put(db, index_key, b"")
+    unique = _unique_entries(event.stream, old) | _unique_entries(event.stream, new)
     for db, index_key in old_keys ^ new_keys:
-        if db in ("idx_email", "idx_username"):
-            _refresh_conflict(txn, db, index_key[: index_key.rindex(b"\0") + 1])
+        if (db, index_key) in unique:
+            _refresh_conflict(txn, db, index_key, unique[(db, index_key)])
     group_id = event.entity_id
     if event.op in (Op.ADD, Op.REMOVE):
         assert event.value is not None
@@ -157,7 +188,7 @@ def groups_of(txn: ReadTxn, user_id: str) -> list[str]:
 
 def lookup(txn: ReadTxn, field: str, value: str) -> list[str]:
     """The ids of users holding ``value`` in a unique field (more than one: a conflict)."""
-    prefix = index_value(field, value).encode() + b"\0"
+    prefix = index_part(index_value(field, value)) + b"\0"
     return [key[len(prefix) :].decode() for key, _ in txn.scan(INDEX_DBS[field], prefix=prefix)]
 
 
@@ -172,7 +203,7 @@ def search(txn: ReadTxn, query: str, *, after: str, limit: int) -> list[str]:
         return []
     first = max(words, key=len)
     candidates: set[str] = set()
-    for n, (key, _) in enumerate(txn.scan("idx_search", prefix=first.encode())):
+    for n, (key, _) in enumerate(txn.scan("idx_search", prefix=search_part(first))):
         if n >= SEARCH_SCAN_KEYS_MAX:
             break
         candidates.add(key[key.rindex(b"\0") + 1 :].decode())
@@ -188,8 +219,8 @@ def search(txn: ReadTxn, query: str, *, after: str, limit: int) -> list[str]:
 
 def conflicts(txn: ReadTxn) -> Iterator[tuple[str, str, list[str]]]:
     for key, raw in txn.scan("conflicts"):
-        field, _, value = key.partition(b"\0")
-        yield field.decode(), value.decode(), list(msgpack.unpackb(raw))
+        value, holders = msgpack.unpackb(raw)
+        yield key.partition(b"\0")[0].decode(), value, list(holders)
 
 
 COMPACTION_KEYS_MAX = 10_000

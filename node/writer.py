@@ -255,7 +255,8 @@ class Writer:
             drifted += self.clock.observe(event.hlc).drifted
             self._append(txn, state, event, appended)
             new.append(event)
-        state.counter = state.summary.contiguous(self.identity.replica_id)
+        # Never reuse a dot of ours that exists anywhere, even beyond a gap.
+        state.counter = max(state.counter, state.summary.highest(self.identity.replica_id))
         return new, drifted
 
     def _append(

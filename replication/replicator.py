@@ -22,7 +22,7 @@ from typing import Any
 from crdt import Dot, VersionVector
 from crdt.clock import physical_ms
 from node import events as ev
-from node import views
+from node import log, views
 from node.kv import WriteTxn
 from node.log import LogState
 from node.replica import Replica, iso_of
@@ -104,11 +104,19 @@ class Replicator:
         response = Sync(
             Tag.SYNC_RESPONSE,
             self.replica.identity.replica_id,
-            self.replica.summary,
+            self._advertised(),
             _raw(pairs),
             more,
         )
         return protocol.encode(response)
+
+    def _advertised(self) -> VersionVector:
+        """Our summary plus the dots kept in quarantine: we hold those too. Left out, a
+        peer would send them again in every round, ahead of all else, and a page full of
+        them would stall anti-entropy."""
+        with self.replica.kv.read() as txn:
+            kept = [dot for dot, _ in log.quarantined(txn)]
+        return self.replica.summary.add_all(kept) if kept else self.replica.summary
 
     def _missing(self, theirs: VersionVector) -> tuple[list[tuple[Dot, bytes]], bool]:
         return self.replica.read_missing(
@@ -124,61 +132,95 @@ class Replicator:
 
     # -- syncing with a peer -----------------------------------------------------
 
+    def request_for(self, name: str, push: Sequence[RawEvent] = ()) -> Sync:
+        """A request to ``name``: our summary, and what it lacks as far as we know."""
+        peer = self.peers[name]
+        if not push and peer.summary is not None:
+            pairs, _ = self._missing(peer.summary)
+            push = _raw(pairs)
+        return Sync(
+            Tag.SYNC_REQUEST, self.replica.identity.replica_id, self._advertised(), tuple(push)
+        )
+
+    async def absorb(self, name: str, sent: Sync, answer: bytes) -> bool:
+        """Take ``name``'s answer to ``sent``; return whether another round is worth it.
+
+        Raises BadMessage (nothing of the answer written) or Overloaded.
+        """
+        peer = self.peers[name]
+        response = protocol.decode(answer, expect=Tag.SYNC_RESPONSE)
+        batch = protocol.read_batch(response)
+        received = await self._ingest(batch)
+        # Events newly kept aside are progress too: the next request advertises them.
+        kept = any(raw.dot not in sent.summary for raw in batch.quarantined)
+        before = peer.summary
+        peer.contacted(self.now_ms(), response.replica_id, response.summary)
+        peer.learned(_summary_of(sent.events))
+        peer.rounds += 1
+        peer.events_sent += len(sent.events)
+        peer.events_received += received
+        if self.replica.not_ready is not None:
+            self.bootstrap_received += received
+        they_lack = bool(self.replica.summary.missing_from(response.summary))
+        if not response.more and not they_lack:
+            if self.replica.not_ready is not None:
+                self._ready(f"caught up with {name}")
+            return False
+        # What is left and made no progress, the peer cannot take (e.g. it quarantines it).
+        return received > 0 or kept or before != peer.summary
+
+    def failed(self, name: str, error: str) -> int:
+        """Record that a round with ``name`` failed; return the backoff delay in ms."""
+        delay = self.peers[name].failed(
+            self.now_ms(),
+            error,
+            self.rng,
+            base_ms=self.limits.backoff_base_ms,
+            max_ms=self.limits.backoff_max_ms,
+        )
+        logger.info("sync with %s failed (%s); next try in %d ms", name, error, delay)
+        return delay
+
     async def sync_with(self, name: str, push: Sequence[RawEvent] = ()) -> bool:
         """Round trips with ``name`` until neither side has more; False if it failed."""
-        peer = self.peers[name]
         for _ in range(self.limits.sync_rounds_max):
-            if not push and peer.summary is not None:
-                pairs, _ = self._missing(peer.summary)
-                push = _raw(pairs)
-            request = Sync(
-                Tag.SYNC_REQUEST,
-                self.replica.identity.replica_id,
-                self.replica.summary,
-                tuple(push),
-            )
+            request = self.request_for(name, push)
+            push = ()
             try:
                 answer = await self.transport.send(name, protocol.encode(request))
-                response = protocol.decode(answer, expect=Tag.SYNC_RESPONSE)
-                batch = protocol.read_batch(response)
-                received = await self._ingest(batch)
+                if not await self.absorb(name, request, answer):
+                    return True
             except (TransportError, BadMessage, Overloaded) as exc:
-                delay = peer.failed(
-                    self.now_ms(),
-                    str(exc),
-                    self.rng,
-                    base_ms=self.limits.backoff_base_ms,
-                    max_ms=self.limits.backoff_max_ms,
-                )
-                logger.info("sync with %s failed (%s); next try in %d ms", name, exc, delay)
+                self.failed(name, str(exc))
                 return False
-            before = peer.summary
-            peer.contacted(self.now_ms(), response.replica_id, response.summary)
-            peer.learned(_summary_of(push))
-            peer.rounds += 1
-            peer.events_sent += len(push)
-            peer.events_received += received
-            if self.replica.not_ready is not None:
-                self.bootstrap_received += received
-            push = ()
-            they_lack = bool(self.replica.summary.missing_from(response.summary))
-            progressed = received > 0 or before != peer.summary
-            if not response.more and not they_lack:
-                if self.replica.not_ready is not None:
-                    self._ready(f"caught up with {name}")
-                return True
-            if not progressed:
-                return True  # what is left, the peer cannot take (e.g. it quarantines it)
         return True
+
+    def take_push(self, name: str) -> list[RawEvent]:
+        """One bounded batch of what is queued for ``name`` (empty if it is backing off)."""
+        queue = self._queues[name]
+        if not self.peers[name].available(self.now_ms()):
+            queue.clear()  # the peer is away: anti-entropy repairs when it is back
+            return []
+        batch: list[RawEvent] = []
+        size = 0
+        while queue and len(batch) < self.limits.batch_events_max:
+            if batch and size + len(queue[0].data) > self.limits.batch_bytes_max:
+                break
+            batch.append(queue.popleft())
+            size += len(batch[-1].data)
+        return batch
+
+    def choose_peer(self) -> str | None:
+        """A reachable peer at random, for the next anti-entropy round."""
+        now = self.now_ms()
+        ready = sorted(n for n, p in self.peers.items() if p.available(now))
+        return self.rng.choice(ready) if ready else None
 
     async def anti_entropy_once(self) -> str | None:
         """Sync with one reachable peer chosen at random; return its name."""
-        now = self.now_ms()
-        ready = sorted(n for n, p in self.peers.items() if p.available(now))
-        if not ready:
-            return None
-        name = self.rng.choice(ready)
-        await self.sync_with(name)
+        name = self.choose_peer()
+        if name is not None:
+            await self.sync_with(name)
         return name
 
     # -- eager push ----------------------------------------------------------------
@@ -201,18 +243,7 @@ class Replicator:
 
     async def push(self, name: str) -> None:
         """Send what is queued for ``name`` (one bounded batch per round trip)."""
-        queue = self._queues[name]
-        while queue:
-            if not self.peers[name].available(self.now_ms()):
-                queue.clear()  # the peer is away: anti-entropy repairs when it is back
-                return
-            batch: list[RawEvent] = []
-            size = 0
-            while queue and len(batch) < self.limits.batch_events_max:
-                if batch and size + len(queue[0].data) > self.limits.batch_bytes_max:
-                    break
-                batch.append(queue.popleft())
-                size += len(batch[-1].data)
+        while batch := self.take_push(name):
             await self.sync_with(name, batch)
 
     # -- running ----------------------------------------------------------------

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import shutil
 import signal
 import socket
-from collections.abc import Iterable, Sequence
+import ssl
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import aiohttp
@@ -35,8 +37,16 @@ class LocalCluster:
         base_port: int = 0,
         secret: str | None = None,
         node_args: Sequence[str] = (),
+        scheme: str = "http",
+        client_ssl: ssl.SSLContext | None = None,
+        region_args: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
+        """``scheme`` "https" for nodes started with ``--tls-cert`` (TLS passes the proxies
+        as plain bytes); ``client_ssl`` is what this object's own requests present then;
+        ``region_args`` are extra flags for one region's node (e.g. its own certificate)."""
         assert len(set(regions)) == len(regions) >= 1
+        assert scheme in ("http", "https")
+        self.scheme, self.client_ssl = scheme, client_ssl
         self.regions, self.root = list(regions), root
         self.secret = secret or secrets.token_urlsafe(24)
         self.ports = {
@@ -50,19 +60,21 @@ class LocalCluster:
         }
         self.nodes: dict[str, NodeProcess] = {}
         self.node_args = list(node_args)
+        self.region_args = {r: list(a) for r, a in (region_args or {}).items()}
 
     def url(self, region: str) -> str:
-        return f"http://127.0.0.1:{self.ports[region]}"
+        return f"{self.scheme}://127.0.0.1:{self.ports[region]}"
 
     async def start(self) -> None:
         proxy_ports = {link: await proxy.start() for link, proxy in self.links.items()}
         for region in self.regions:
             peers = [
-                f"{b}=http://127.0.0.1:{proxy_ports[(a, b)]}"
+                f"{b}={self.scheme}://127.0.0.1:{proxy_ports[(a, b)]}"
                 for (a, b) in self.links
                 if a == region
             ]
             args = [arg for peer in peers for arg in ("--peer", peer)] + self.node_args
+            args += self.region_args.get(region, [])
             self.nodes[region] = NodeProcess(
                 region,
                 self.root / region,
@@ -75,7 +87,8 @@ class LocalCluster:
 
     async def wait_serving(self) -> None:
         """Until every node has left bootstrap and serves clients."""
-        async with aiohttp.ClientSession() as http:
+        connector = aiohttp.TCPConnector(ssl=self.client_ssl or True)
+        async with aiohttp.ClientSession(connector=connector) as http:
             for region in self.regions:
                 for _ in range(int(READY_WAIT_S * 10)):
                     async with http.get(self.url(region) + "/status") as r:
@@ -89,6 +102,19 @@ class LocalCluster:
             await proxy.stop()
 
     # -- faults ---------------------------------------------------------------------
+
+    def kill(self, region: str) -> None:
+        """kill -9: no drain, no clean close; LMDB must still hold every acknowledged write."""
+        self.nodes[region].stop(signal.SIGKILL)
+
+    async def restart(self, region: str, *, wipe: bool = False) -> None:
+        """Start ``region`` again on its data directory, or on a fresh one (a lost disk)."""
+        node = self.nodes[region]
+        node.stop()
+        if wipe:
+            shutil.rmtree(node.data_dir, ignore_errors=True)
+        await asyncio.to_thread(node.start)
+        await self.wait_serving()
 
     def cut(self, a: str, b: str, *, both_ways: bool = True) -> None:
         self.links[(a, b)].cut()

@@ -291,6 +291,49 @@ def test_lookup_by_email_and_username_ignores_case() -> None:
     run(body)
 
 
+def test_long_unicode_names_and_emails_fit_lmdb_keys(tmp_path: Path) -> None:
+    """Regression: a 480-byte name or an email that grows when casefolded overflowed
+    LMDB's 511-byte key limit in the indexes and answered 500 (found by the bad-input
+    table's author with 160 x '漢' and 64 x 'ΐ')."""
+
+    async def body(a: Api) -> None:
+        name = "漢" * 160
+        email = "ΐ" * 64 + "@example.com"
+        _, user = await a.call(
+            "POST",
+            "/users",
+            status=201,
+            json={"name": name, "username": "kanji", "email": email},
+        )
+        _, found = await a.call("GET", f"/users?email={email.upper()}", status=200)
+        assert [u["id"] for u in found["users"]] == [user["id"]]
+        _, found = await a.call("GET", "/users?q=" + "漢" * 10, status=200)
+        assert [u["id"] for u in found["users"]] == [user["id"]]
+        await a.call(
+            "POST",
+            "/users",
+            status=409,
+            json={"name": "Other", "username": "other", "email": email},
+        )
+
+    run(body, tmp_path)
+
+
+def test_control_characters_are_refused_in_text_fields() -> None:
+    async def body(a: Api) -> None:
+        for name in ("\u0000", "Homer\nSimpson", "Bart\x7f"):
+            _, error = await a.call(
+                "POST",
+                "/users",
+                status=422,
+                json={"name": name, "username": "homer", "email": "homer@example.com"},
+            )
+            assert error["error"] == "invalid_value"
+        assert a.replica.state.seq == 0
+
+    run(body)
+
+
 def test_search_matches_word_prefixes_of_every_query_word() -> None:
     async def body(a: Api) -> None:
         smith = await a.create_user("asmith", name="Alice Smith", email="alice@example.com")
