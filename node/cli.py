@@ -86,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--demo", action="store_true", help="walk a scripted multi-region session, then stop"
     )
 
+    simulate = commands.add_parser(
+        "simulate",
+        help="partition simulations: does it converge, how fast, does it lose a write?",
+        description="Run partition simulations against the real node and replication code,"
+        " deterministically in one process (seeded, replayable) or live against real node"
+        " processes; check convergence, acknowledged writes and an independent oracle.",
+    )
+    importlib.import_module("simulations.cli").add_arguments(simulate)
+
     rebuild = commands.add_parser(
         "rebuild-views", help="rebuild the derived views from the event log (node stopped)"
     )
@@ -99,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     command = args.pop("command")
     if command == "node":
         return _node(args)
+    if command == "simulate":
+        code: int = importlib.import_module("simulations.cli").main(argparse.Namespace(**args))
+        return code
     if command == "cluster":
         return _cluster(args)
     if command == "rebuild-views":

@@ -45,7 +45,7 @@ class Settings:
     sync_batch_bytes_max: int = 1_048_576
     sync_body_bytes_max: int = 8 * 1_048_576
     push_queue_events_max: int = 10_000
-    backoff_max_ms: int = 30_000
+    backoff_max_ms: int = 2_000
     auth_window_ms: int = 30_000
     bootstrap_wait_ms_max: int = 120_000
     # TLS between nodes: a certificate and key to serve and to present; with a CA, peers'
@@ -58,7 +58,11 @@ class Settings:
         """All settings as plain values for a start-up log line, secrets replaced by "***"."""
         hidden = {name: None if getattr(self, name) is None else "***" for name in _SECRETS}
         peers = {peer.name: peer.url for peer in self.peers}
-        return {**asdict(self), **hidden, "data_dir": str(self.data_dir), "peers": peers}
+        paths = {
+            name: None if getattr(self, name) is None else str(getattr(self, name))
+            for name in _PATHS
+        }
+        return {**asdict(self), **hidden, **paths, "peers": peers}
 
 
 class ConfigError(ValueError):
@@ -70,6 +74,7 @@ _Raw = dict[str, tuple[object, str]]
 
 _FIELDS = tuple(f.name for f in fields(Settings))
 _SECRETS = ("cluster_secret", "api_token")
+_PATHS = ("data_dir", "tls_cert", "tls_key", "tls_ca")  # plain text in the log, not Path
 # Every int setting but the port is a limit (annotations are strings here, see __future__).
 _LIMITS = tuple(f.name for f in fields(Settings) if f.type == "int" and f.name != "listen_port")
 _FLAG_NAMES = {"data_dir": "--data", "peers": "--peer", "lmdb_metasync": "--no-metasync"}

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from crdt import Dot, HybridLogicalClock, ORSet, VersionVector
+from crdt import codec as crdt_codec
 from crdt.clock import LOGICAL_MASK, make_stamp, physical_ms
 from node import log, views
 from node.events import Event, InvalidEvent, Op, stream_of
@@ -285,6 +286,19 @@ class Replica:
     def digest(self) -> str:
         with self.kv.read() as txn:
             return f"{views.digest(txn):032x}"
+
+    def fingerprints(self) -> dict[bytes, int]:
+        """A hash per visible entity and per live membership: what the digest XORs."""
+        found: dict[bytes, int] = {}
+        with self.kv.read() as txn:
+            for key, raw in txn.scan("views"):
+                value = views.entity_digest(key.decode(), decode_state(raw))
+                if value:
+                    found[key] = value
+            for key, raw in txn.scan("members"):
+                if crdt_codec.decode_as(raw, ORSet).entries:
+                    found[b"member\0" + key] = 1
+        return found
 
     def conflicts(self) -> list[tuple[str, str, list[str]]]:
         with self.kv.read() as txn:

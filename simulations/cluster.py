@@ -13,6 +13,7 @@ import socket
 import ssl
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -86,15 +87,22 @@ class LocalCluster:
         await self.wait_serving()
 
     async def wait_serving(self) -> None:
-        """Until every node has left bootstrap and serves clients."""
+        """Until every node has left bootstrap and serves clients; raises if one does not
+        within ``READY_WAIT_S``."""
         connector = aiohttp.TCPConnector(ssl=self.client_ssl or True)
         async with aiohttp.ClientSession(connector=connector) as http:
             for region in self.regions:
                 for _ in range(int(READY_WAIT_S * 10)):
                     async with http.get(self.url(region) + "/status") as r:
-                        if (await r.json())["serving"]:
+                        status = await r.json()
+                        if status["serving"]:
                             break
                     await asyncio.sleep(0.1)
+                else:
+                    raise RuntimeError(
+                        f"node {region} is not serving after {READY_WAIT_S} s: "
+                        f"{status['not_ready']}"
+                    )
 
     async def stop(self) -> None:
         await asyncio.gather(*(asyncio.to_thread(n.stop) for n in self.nodes.values()))
@@ -134,7 +142,7 @@ class LocalCluster:
 
     # -- looking -------------------------------------------------------------------
 
-    async def statuses(self, http: aiohttp.ClientSession) -> dict[str, dict[str, object]]:
+    async def statuses(self, http: aiohttp.ClientSession) -> dict[str, dict[str, Any]]:
         found = {}
         for region in self.regions:
             async with http.get(self.url(region) + "/status") as r:

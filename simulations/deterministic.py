@@ -1,0 +1,501 @@
+"""Deterministic simulation: real nodes (real LMDB, real replication code) in one process
+on a simulated network and a virtual clock, all randomness drawn from one seed.
+
+Every action is one discrete event run to completion before the next, in virtual-time
+order: a client operation, a gossip tick, a message delivery, a partition starting or
+ending, a crash, a restart. The network loses, duplicates, delays (and so reorders)
+messages and honours partitions, including one-way cuts. Each node's clock is the
+virtual clock plus its own skew. A crash loses the node's memory (peer table, push
+queues, messages in flight to it) and keeps its durable LMDB state; a restart opens it
+again. Same seed, same run: the trace is identical, event for event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import heapq
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from crdt import Dot
+from node import log as node_log
+from node.events import Event
+from node.events import encode as encode_event
+from node.replica import Replica
+from node.writer import Rejected
+from replication import protocol
+from replication.protocol import BadMessage, RawEvent, Sync
+from replication.replicator import Limits, Replicator
+from simulations.checker import Report, check
+from simulations.snapshot import entities_of, snapshot_of_replica
+from simulations.workload import Mix, Workload
+
+EPOCH_MS = 1_700_000_000_000  # virtual time starts here, so stamps look like real ones
+REQUEST_TIMEOUT_MS = 1_000
+HEAL_WAIT_MS_MAX = 120_000
+CONVERGE_CHECK_MS = 50
+EVENTS_MAX = 10_000_000  # a bound on one run's events, far above any scenario
+
+
+@dataclass(frozen=True, slots=True)
+class Cut:
+    """From ``start_ms`` to ``end_ms``, messages from ``source`` to ``target`` are lost."""
+
+    start_ms: int
+    end_ms: int
+    source: str
+    target: str
+
+
+@dataclass(frozen=True, slots=True)
+class Faults:
+    loss: float = 0.05
+    duplicate: float = 0.02
+    delay_ms_min: int = 1
+    delay_ms_max: int = 60
+    partitions: int = 2  # how many partition windows the seed schedules
+    one_way: float = 0.3  # chance that a partition window cuts one direction only
+    skew_ms_max: int = 250
+    crashes: int = 1  # how many crash-and-restart windows the seed schedules
+    down_ms_max: int = 2_000
+
+    @classmethod
+    def none(cls) -> Faults:
+        return cls(0.0, 0.0, 1, 1, 0, 0.0, 0, 0, 0)
+
+    @classmethod
+    def parse(cls, text: str) -> Faults:
+        """``loss=0.1,duplicate=0.05,partitions=3,...`` over the defaults; ``none`` for none."""
+        if text.strip() == "none":
+            return cls.none()
+        values: dict[str, Any] = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            name, _, raw = part.partition("=")
+            if name not in cls.__dataclass_fields__:
+                raise ValueError(
+                    f"unknown fault {name!r}; known: {', '.join(cls.__dataclass_fields__)}"
+                )
+            kind = type(getattr(cls(), name))
+            values[name] = kind(raw)
+        return cls(**values)
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    seed: int
+    regions: tuple[str, ...] = ("eu", "us", "ap")
+    ops: int = 300
+    duration_ms: int = 10_000
+    mix: Mix = field(default_factory=Mix)
+    faults: Faults = field(default_factory=Faults)
+    gossip_interval_ms: int = 200
+    sample_ms: int = 0  # > 0: sample divergence that often, for the plot
+
+    def command(self) -> str:
+        """The command line that replays exactly this run."""
+        f, m = self.faults, self.mix
+        faults = ",".join(f"{k}={getattr(f, k)}" for k in f.__dataclass_fields__)
+        mix = ",".join(f"{k}={getattr(m, k)}" for k in m.__dataclass_fields__)
+        return (
+            f"replica simulate --seed {self.seed} --regions {','.join(self.regions)} "
+            f"--ops {self.ops} --duration-ms {self.duration_ms} --faults {faults} --workload {mix}"
+        )
+
+
+@dataclass
+class Result:
+    scenario: Scenario
+    acknowledged: list[Event] = field(default_factory=list)
+    rejected: int = 0
+    union: dict[Dot, Event] = field(default_factory=dict)
+    converged: bool = False
+    heal_to_converge_ms: int | None = None
+    wall_s: float = 0.0
+    rounds: int = 0
+    messages: int = 0
+    bytes_sent: int = 0
+    trace_digest: str = ""
+    trace: list[str] = field(default_factory=list)
+    divergence: list[tuple[int, int]] = field(default_factory=list)  # (virtual ms, keys)
+    windows: list[tuple[int, int]] = field(default_factory=list)  # partition windows, ms
+    report: Report | None = None
+
+    @property
+    def bytes_per_event(self) -> float:
+        return self.bytes_sent / max(1, len(self.union))
+
+    @property
+    def ok(self) -> bool:
+        return self.converged and self.report is not None and self.report.ok
+
+
+class SimNode:
+    def __init__(
+        self, sim: Simulation, region: str, data_dir: Path, skew_ms: int, seed: int
+    ) -> None:
+        self.sim, self.region, self.data_dir, self.skew_ms = sim, region, data_dir, skew_ms
+        self.incarnation = f"{seed % 0xFFFFFFFF:08x}"
+        self.replica: Replica | None = None
+        self.replicator: Replicator | None = None
+        self.generation = 0  # bumps at each restart: answers to a dead incarnation are void
+
+    def now_ms(self) -> int:
+        return self.sim.now_ms + self.skew_ms
+
+    @property
+    def alive(self) -> bool:
+        return self.replica is not None
+
+    def open(self) -> None:
+        self.replica = Replica.open(
+            self.data_dir,
+            self.region,
+            durable=False,
+            now_ms=self.now_ms,
+            incarnation=self.incarnation,
+        )
+        self.replica.bind(asyncio.get_running_loop())
+        peers = [r for r in self.sim.scenario.regions if r != self.region]
+        limits = Limits(gossip_interval_ms=self.sim.scenario.gossip_interval_ms)
+        rng = random.Random(f"{self.sim.scenario.seed}/{self.region}/{self.generation}")
+        self.replicator = Replicator(
+            self.replica, _NoTransport(), peers, limits=limits, now_ms=self.now_ms, rng=rng
+        )
+        self.generation += 1
+
+    def crash(self) -> None:
+        assert self.replica is not None
+        self.replica.close()
+        self.replica = None
+        self.replicator = None
+
+
+class _NoTransport:
+    """The simulation carries messages itself; the replicator never sends on its own."""
+
+    async def send(self, peer: str, body: bytes) -> bytes:
+        raise AssertionError("simulated nodes do not use a transport")
+
+    async def close(self) -> None:
+        pass
+
+
+Action = Callable[[], Awaitable[None]]
+
+
+class Simulation:
+    def __init__(self, scenario: Scenario, root: Path) -> None:
+        self.scenario = scenario
+        self.rng = random.Random(scenario.seed)
+        self.now_ms = EPOCH_MS
+        self._queue: list[tuple[int, int, str, Action]] = []
+        self._seq = 0
+        self._trace = hashlib.sha256()
+        self.result = Result(scenario)
+        self.keep_trace = False
+        skews = {
+            r: self.rng.randint(-scenario.faults.skew_ms_max, scenario.faults.skew_ms_max)
+            for r in scenario.regions
+        }
+        self.nodes = {
+            r: SimNode(self, r, root / r, skews[r], self.rng.getrandbits(32))
+            for r in scenario.regions
+        }
+        self.cuts: list[Cut] = []
+        self.healed = False
+        self._pending: dict[int, tuple[str, str, int]] = {}  # request id -> (from, to, gen)
+        self.workload = Workload(
+            list(scenario.regions), random.Random(self.rng.getrandbits(64)), scenario.mix
+        )
+
+    # -- scheduling ------------------------------------------------------------------
+
+    def at(self, when_ms: int, label: str, action: Action) -> None:
+        self._seq += 1
+        heapq.heappush(self._queue, (when_ms, self._seq, label, action))
+
+    def log(self, text: str) -> None:
+        line = f"{self.now_ms - EPOCH_MS} {text}"
+        self._trace.update(line.encode() + b"\n")
+        if self.keep_trace:
+            self.result.trace.append(line)
+
+    async def _step(self) -> bool:
+        if not self._queue:
+            return False
+        when, _, _, action = heapq.heappop(self._queue)
+        self.now_ms = max(self.now_ms, when)
+        await action()
+        return True
+
+    # -- the network -----------------------------------------------------------------
+
+    def _cut(self, source: str, target: str) -> bool:
+        now = self.now_ms - EPOCH_MS
+        return not self.healed and any(
+            c.source == source and c.target == target and c.start_ms <= now < c.end_ms
+            for c in self.cuts
+        )
+
+    def _deliveries(self, source: str, target: str) -> list[int]:
+        """When (if ever) a message sent now arrives: lost, once, or duplicated."""
+        f = self.scenario.faults
+        if self._cut(source, target) or (not self.healed and self.rng.random() < f.loss):
+            return []
+        copies = 2 if not self.healed and self.rng.random() < f.duplicate else 1
+        return [
+            self.now_ms + self.rng.randint(f.delay_ms_min, f.delay_ms_max) for _ in range(copies)
+        ]
+
+    def send_request(self, source: str, target: str, request: Sync) -> None:
+        node = self.nodes[source]
+        body = protocol.encode(request)
+        self._seq += 1
+        request_id = self._seq
+        self._pending[request_id] = (source, target, node.generation)
+        self.result.rounds += 1
+        self.log(
+            f"send {source}->{target} #{request_id} events={len(request.events)} bytes={len(body)}"
+        )
+        for when in self._deliveries(source, target):
+            self.at(
+                when,
+                "deliver",
+                partial(self._deliver_request, source, target, body, request, request_id),
+            )
+        self.at(self.now_ms + REQUEST_TIMEOUT_MS, "timeout", partial(self._timeout, request_id))
+
+    async def _deliver_request(
+        self, source: str, target: str, body: bytes, request: Sync, request_id: int
+    ) -> None:
+        node = self.nodes[target]
+        self.result.messages += 1
+        self.result.bytes_sent += len(body)
+        if node.replicator is None:
+            self.log(f"drop #{request_id} at {target}: down")
+            return
+        try:
+            answer = await node.replicator.handle(body)
+        except BadMessage as exc:
+            self.log(f"refused #{request_id} at {target}: {exc}")
+            return
+        self.log(f"handled #{request_id} at {target} answer={len(answer)}")
+        for when in self._deliveries(target, source):
+            self.at(
+                when,
+                "answer",
+                partial(self._deliver_answer, source, target, request, answer, request_id),
+            )
+
+    async def _deliver_answer(
+        self, source: str, target: str, request: Sync, answer: bytes, request_id: int
+    ) -> None:
+        self.result.messages += 1
+        self.result.bytes_sent += len(answer)
+        pending = self._pending.pop(request_id, None)
+        node = self.nodes[source]
+        if pending is None or node.replicator is None or pending[2] != node.generation:
+            self.log(f"late answer #{request_id} at {source}")
+            return
+        more = await node.replicator.absorb(target, request, answer)
+        self.log(f"absorbed #{request_id} at {source} more={more}")
+        if more:
+            self.send_request(source, target, node.replicator.request_for(target))
+
+    async def _timeout(self, request_id: int) -> None:
+        pending = self._pending.pop(request_id, None)
+        if pending is None:
+            return
+        source, target, generation = pending
+        node = self.nodes[source]
+        if node.replicator is not None and generation == node.generation:
+            node.replicator.failed(target, "timed out")
+            self.log(f"timeout #{request_id} {source}->{target}")
+
+    # -- what nodes do -----------------------------------------------------------------
+
+    async def _gossip(self, region: str) -> None:
+        node = self.nodes[region]
+        if node.replicator is not None:
+            peer = node.replicator.choose_peer()
+            if peer is not None:
+                self.send_request(region, peer, node.replicator.request_for(peer))
+        jitter = self.rng.randint(0, self.scenario.gossip_interval_ms // 2)
+        self.at(
+            self.now_ms + self.scenario.gossip_interval_ms + jitter,
+            "gossip",
+            partial(self._gossip, region),
+        )
+
+    async def _client(self, region: str, label: str, decide: Any) -> None:
+        node = self.nodes[region]
+        if node.replica is None or node.replicator is None:
+            self.log(f"client {region} {label}: node down")
+            self.result.rejected += 1
+            return
+        try:
+            written = await node.replica.write(decide, actor="sim")
+        except Rejected as exc:
+            self.log(f"client {region} {label}: {exc.status}")
+            self.result.rejected += 1
+            return
+        self.log(f"client {region} {label}: ok {[str(e.dot) for e in written]}")
+        self.result.acknowledged += written
+        fresh = [RawEvent(e.dot, encode_event(e)) for e in written]
+        node.replicator.enqueue(fresh)
+        for peer in sorted(node.replicator.peers):
+            batch = node.replicator.take_push(peer)
+            if batch:
+                self.send_request(region, peer, node.replicator.request_for(peer, batch))
+
+    async def _crash(self, region: str, down_ms: int) -> None:
+        node = self.nodes[region]
+        if node.replica is None:
+            return
+        self.log(f"crash {region} for {down_ms} ms")
+        node.crash()
+        self.at(self.now_ms + down_ms, "restart", partial(self._restart, region))
+
+    async def _restart(self, region: str) -> None:
+        node = self.nodes[region]
+        if node.replica is None:
+            node.open()
+            self.log(f"restart {region}")
+
+    # -- the run ---------------------------------------------------------------------
+
+    def _schedule(self) -> None:
+        s, f = self.scenario, self.scenario.faults
+        regions = list(s.regions)
+        for op in self.workload.setup():
+            self.at(self.now_ms, "client", partial(self._client, op.region, op.label, op.decide))
+        for _ in range(s.ops):
+            op = self.workload.next()
+            when = EPOCH_MS + 1 + self.rng.randrange(s.duration_ms)
+            self.at(when, "client", partial(self._client, op.region, op.label, op.decide))
+        for region in regions:
+            self.at(
+                EPOCH_MS + self.rng.randrange(s.gossip_interval_ms),
+                "gossip",
+                partial(self._gossip, region),
+            )
+        for _ in range(f.partitions if len(regions) > 1 else 0):
+            start = self.rng.randrange(s.duration_ms)
+            end = min(
+                s.duration_ms, start + self.rng.randint(s.duration_ms // 10, s.duration_ms // 2)
+            )
+            side = set(self.rng.sample(regions, self.rng.randint(1, len(regions) - 1)))
+            one_way = self.rng.random() < f.one_way
+            for a in regions:
+                for b in regions:
+                    if (a in side) != (b in side) and (not one_way or a in side):
+                        self.cuts.append(Cut(start, end, a, b))
+            self.result.windows.append((start, end))
+        for _ in range(f.crashes):
+            region = self.rng.choice(regions)
+            when = EPOCH_MS + self.rng.randrange(s.duration_ms)
+            down = self.rng.randint(1, max(1, f.down_ms_max))
+            self.at(when, "crash", partial(self._crash, region, down))
+        if s.sample_ms:
+            self.at(EPOCH_MS, "sample", self._sample)
+
+    async def _sample(self) -> None:
+        self.result.divergence.append((self.now_ms - EPOCH_MS, self.divergence()))
+        if self.now_ms - EPOCH_MS < self.scenario.duration_ms or not self.result.converged:
+            self.at(self.now_ms + self.scenario.sample_ms, "sample", self._sample)
+
+    def divergence(self) -> int:
+        """Entity and membership keys whose visible state is not the same on every live node."""
+        seen: dict[bytes, set[int]] = {}
+        live = [n.replica for n in self.nodes.values() if n.replica is not None]
+        for replica in live:
+            for key, value in replica.fingerprints().items():
+                seen.setdefault(key, set()).add(value)
+        counts = {key: len(values) for key, values in seen.items()}
+        present = {key: sum(1 for r in live if key in r.fingerprints()) for key in seen}
+        return sum(1 for key in seen if counts[key] > 1 or present[key] != len(live))
+
+    def converged(self) -> bool:
+        live = [n.replica for n in self.nodes.values() if n.replica is not None]
+        if len(live) != len(self.nodes):
+            return False
+        first = live[0]
+        return all(r.digest() == first.digest() and r.summary == first.summary for r in live)
+
+    async def run(self) -> Result:
+        started = time.monotonic()
+        for node in self.nodes.values():
+            node.open()
+        self._schedule()
+        end = EPOCH_MS + self.scenario.duration_ms
+        while self._queue and self._queue[0][0] <= end:
+            await self._step()
+        # The final heal: every fault stops, crashed nodes come back, gossip goes on.
+        self.now_ms = max(self.now_ms, end)
+        self.healed = True
+        self.log("heal")
+        for region, node in sorted(self.nodes.items()):
+            if node.replica is None:
+                node.open()
+                self.log(f"restart {region}")
+        healed_at = self.now_ms
+        next_check = self.now_ms
+        while self.now_ms - healed_at <= HEAL_WAIT_MS_MAX and self._queue:
+            if self.now_ms >= next_check:
+                next_check = self.now_ms + CONVERGE_CHECK_MS
+                if self.converged() and not self._pending:
+                    self.result.converged = True
+                    self.result.heal_to_converge_ms = self.now_ms - healed_at
+                    break
+            await self._step()
+        self.log(f"end converged={self.result.converged}")
+        self._finish()
+        self.result.wall_s = time.monotonic() - started
+        return self.result
+
+    def _finish(self) -> None:
+        """Collect every event, then check the final state of every region."""
+        replicas = {region: node.replica for region, node in self.nodes.items()}
+        for replica in replicas.values():
+            assert replica is not None
+            with replica.kv.read() as txn:
+                for _, event in node_log.events_after(txn, 0, limit=EVENTS_MAX):
+                    self.result.union.setdefault(event.dot, event)
+        entities = entities_of(self.result.union.values())
+        live = {region: r for region, r in replicas.items() if r is not None}
+        self.result.report = check(
+            snapshots={region: snapshot_of_replica(r, entities) for region, r in live.items()},
+            summaries={region: r.summary for region, r in live.items()},
+            digests={region: r.digest() for region, r in live.items()},
+            acknowledged=self.result.acknowledged,
+            union=self.result.union.values(),
+        )
+        self.result.trace_digest = self._trace.hexdigest()
+
+
+def run_scenario(scenario: Scenario, *, keep_trace: bool = False) -> Result:
+    """Run one seed in a fresh temporary directory, check it, and clean up."""
+    root = Path(tempfile.mkdtemp(prefix=f"sim-{scenario.seed}-"))
+    sim = Simulation(scenario, root)
+    sim.keep_trace = keep_trace
+
+    async def main() -> Result:
+        try:
+            return await sim.run()
+        finally:
+            for node in sim.nodes.values():
+                if node.replica is not None:
+                    node.replica.close()
+
+    try:
+        return asyncio.run(main())
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

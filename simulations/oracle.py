@@ -1,0 +1,108 @@
+"""The oracle: what every replica must show, computed from the union of all events.
+
+A small model written from the semantics in ARCHITECTURE.md with plain sets, ``max``
+and comprehensions over the whole event set at once. It shares no code with ``node/``
+(only the ``Event`` and ``Dot`` data types): no fold, no CRDT merge, no views, so a bug
+there cannot hide by being repeated here. It is slow on purpose; it is obviously right.
+
+- An entity exists iff some create of its stream no delete of that stream observed.
+- A field's value is that of its greatest write by (hlc, origin, counter), among the
+  writes greater than the stream's greatest delete; with none such, the field is absent.
+- A user is a member of a group iff some add of that user no remove of that user observed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from crdt import Dot
+from node.events import Event, Op
+from simulations.snapshot import Snapshot, assemble, render
+
+Key = tuple[int, str, int]
+UNIQUE_FIELDS = ("email", "username")
+
+
+def key(event: Event) -> Key:
+    """The total order of writes: clock stamp, then origin, then counter."""
+    return (event.hlc, event.dot.origin, event.dot.counter)
+
+
+def unique(events: Iterable[Event]) -> list[Event]:
+    """Each event once: the dot is its identity."""
+    by_dot: dict[Dot, Event] = {}
+    for event in events:
+        kept = by_dot.setdefault(event.dot, event)
+        assert kept == event, f"two events with dot {event.dot}"
+    return list(by_dot.values())
+
+
+def by_stream(events: Iterable[Event]) -> dict[str, list[Event]]:
+    streams: dict[str, list[Event]] = {}
+    for event in unique(events):
+        streams.setdefault(event.stream, []).append(event)
+    return streams
+
+
+def exists(stream: list[Event]) -> bool:
+    deleted = {dot for e in stream if e.op is Op.DELETE for dot in e.observed}
+    return any(e.dot not in deleted for e in stream if e.op is Op.CREATE)
+
+
+def floor(stream: list[Event]) -> Key | None:
+    """The greatest delete: every field write at or below it is cleared."""
+    return max((key(e) for e in stream if e.op is Op.DELETE), default=None)
+
+
+def cleared(event: Event, low: Key | None) -> bool:
+    """Whether a delete at ``low`` (the stream's floor) cleared this write."""
+    return low is not None and key(event) <= low
+
+
+def winners(stream: list[Event]) -> dict[str, Event]:
+    """Field -> the set event that wins it, for the fields that have a winner."""
+    low = floor(stream)
+    writes = [e for e in stream if e.op is Op.SET and not cleared(e, low)]
+    fields = {e.field for e in writes if e.field is not None}
+    return {f: max((e for e in writes if e.field == f), key=key) for f in fields}
+
+
+def members(stream: list[Event]) -> set[str]:
+    removed = {(e.value, dot) for e in stream if e.op is Op.REMOVE for dot in e.observed}
+    return {
+        e.value
+        for e in stream
+        if e.op is Op.ADD and e.value is not None and (e.value, e.dot) not in removed
+    }
+
+
+def live(streams: dict[str, list[Event]], kind: str) -> dict[str, list[Event]]:
+    """Entity id -> its events, for the existing entities of ``kind``."""
+    return {
+        s.partition("/")[2]: evs
+        for s, evs in streams.items()
+        if s.partition("/")[0] == kind and exists(evs)
+    }
+
+
+def values(stream: list[Event]) -> dict[str, Any]:
+    return {f: e.value for f, e in winners(stream).items()}
+
+
+def oracle_snapshot(events: Iterable[Event]) -> Snapshot:
+    """The snapshot every replica that has seen exactly ``events`` must show."""
+    streams = by_stream(events)
+    users = {u: render("user", values(evs)) for u, evs in live(streams, "user").items()}
+    live_groups = live(streams, "group")
+    group_members = {g: members(evs) for g, evs in live_groups.items()}
+    groups = {g: render("group", values(evs), group_members[g]) for g, evs in live_groups.items()}
+    user_groups = {u: [g for g in groups if u in group_members[g]] for u in users}
+    holders: dict[tuple[str, str], set[str]] = {}
+    for user_id, user in users.items():
+        for field in UNIQUE_FIELDS:
+            value = user.get(field)
+            if isinstance(value, str) and value:
+                holders.setdefault((field, value.casefold()), set()).add(user_id)
+    conflicts = [(f, v, ids) for (f, v), ids in holders.items() if len(ids) > 1]
+    return assemble(users, groups, user_groups, conflicts)
