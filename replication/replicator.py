@@ -98,8 +98,8 @@ class Replicator:
         if peer is not None:
             peer.contacted(self.now_ms(), request.replica_id, theirs)
         pairs, more = self._missing(theirs)
-        if peer is not None and pairs:
-            peer.learned(_summary_of(_raw(pairs)))
+        if peer is not None:
+            # Not learned() here: the answer may be lost; the peer's next request says.
             peer.events_sent += len(pairs)
         response = Sync(
             Tag.SYNC_RESPONSE,

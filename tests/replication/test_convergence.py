@@ -1,0 +1,283 @@
+"""Real nodes converge: writes everywhere, concurrent writes across a cut link, and the
+CRDT contract of ARCHITECTURE.md (LWW by (hlc, origin), add-wins sets, delete semantics)
+checked on every replica's views after anti-entropy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from crdt import Dot
+from node import commands
+from node.events import Event, Op
+from tests.replication.cluster import Cluster, person, raw_add, run
+
+REGIONS = ("ap", "eu", "us")
+
+
+def dots_of(events: list[Event]) -> set[Dot]:
+    return {e.dot for e in events}
+
+
+@pytest.mark.parametrize("network", ["clean", "duplicating", "interleaved", "answers-lost"])
+def test_writes_at_every_region_converge_everywhere(tmp_path: Path, network: str) -> None:
+    async def body(c: Cluster) -> None:
+        if network == "duplicating":
+            for link in c.links.values():
+                link.duplicate = True
+        acked: set[Dot] = set()
+        users: dict[str, dict[str, str | None]] = {}
+        groups: dict[str, set[str]] = {}
+        for region in REGIONS:
+            for n in range(3):
+                user_id = f"{region}{n}"
+                users[user_id] = dict(person(user_id))
+                acked |= dots_of(
+                    await c.write(region, commands.create("user", user_id, users[user_id]))
+                )
+            group_id = f"team-{region}"
+            groups[group_id] = {f"{region}0", f"{region}1"}
+            acked |= dots_of(
+                await c.write(region, commands.create("group", group_id, {"name": region}))
+            )
+            for member in sorted(groups[group_id]):
+                acked |= dots_of(await c.write(region, commands.add_member(group_id, member)))
+            c.advance(10)
+        # One exchange started by eu moves events both ways: eu pushes, us answers.
+        assert await c.sync("eu", "us")
+        eu_and_us = {d for d in acked if d.origin.partition("~")[0] in ("eu", "us")}
+        for region in ("eu", "us"):
+            assert eu_and_us <= set(c.replica(region).summary.dots())
+        await c.sync_all_until_quiet(concurrent=network == "interleaved")
+        # Now every region knows every user: cross-region profile fields and memberships.
+        for i, region in enumerate(REGIONS):
+            other = REGIONS[(i + 1) % len(REGIONS)]
+            user_id = f"{other}2"
+            field = f"profile.seen_in_{region}"
+            users[user_id][field] = f"hello from {region}"
+            acked |= dots_of(
+                await c.write(
+                    region, commands.patch("user", user_id, {field: f"hello from {region}"}, None)
+                )
+            )
+            groups[f"team-{other}"].add(f"{region}2")
+            acked |= dots_of(
+                await c.write(region, commands.add_member(f"team-{other}", f"{region}2"))
+            )
+            c.advance(10)
+        if network == "answers-lost":  # each request arrives, and every answer is lost
+            for a, b in c.links:
+                c.cut(b, a, both=False)
+                assert not await c.sync(a, b)
+                c.heal()
+        await c.sync_all_until_quiet(concurrent=network == "interleaved")
+
+        views = c.assert_converged()
+        for region in REGIONS:
+            replica = c.replica(region)
+            assert all(dot in replica.summary for dot in acked), f"{region} lost a write"
+            for user_id, fields in users.items():
+                state = replica.entity("user", user_id)
+                assert state.exists
+                assert state.values() == fields
+                assert replica.lookup("email", f"{user_id}@example.org") == [user_id]
+            for group_id, expected in groups.items():
+                assert set(replica.members(group_id, after="", limit=100)) == expected
+        user_groups: dict[str, set[str]] = {g: set() for g in groups}
+        for key in views["user_groups"]:
+            user_id, _, group_id = key.partition("\0")
+            user_groups[group_id].add(user_id)
+        assert user_groups == groups
+        assert views["conflicts"] == []
+
+    run(tmp_path, REGIONS, body, reorder_yields_max=3 if network == "interleaved" else 0)
+
+
+@pytest.mark.parametrize(
+    ("skew_ms", "later_wins"),
+    [({}, True), ({"us": 60_000}, False)],
+    ids=["synced-clocks", "us-clock-ahead"],
+)
+def test_concurrent_writes_to_one_field_keep_the_greater_stamp(
+    tmp_path: Path, skew_ms: dict[str, int], later_wins: bool
+) -> None:
+    async def body(c: Cluster) -> None:
+        await c.write("eu", commands.create("user", "dave", person("dave")))
+        await c.sync_all_until_quiet()
+        c.skew_ms.update(skew_ms)
+        c.cut("eu", "us")
+        c.advance(1_000)
+        [first] = await c.write("us", commands.patch("user", "dave", {"name": "Dave US"}, None))
+        c.advance(5)
+        [second] = await c.write("eu", commands.patch("user", "dave", {"name": "Dave EU"}, None))
+        assert c.replica("us").entity("user", "dave").value("name") == "Dave US"
+        assert c.replica("eu").entity("user", "dave").value("name") == "Dave EU"
+        c.heal()
+        await c.sync_all_until_quiet()
+
+        winner = max((first, second), key=lambda e: (e.hlc, e.dot.origin))
+        # "Last" is by clock: the us write made first wins when us's clock runs ahead.
+        assert winner is (second if later_wins else first)
+        for region in ("eu", "us"):
+            state = c.replica(region).entity("user", "dave")
+            assert state.value("name") == winner.value
+            w = state.winner("name")
+            assert w is not None
+            assert w.dot == winner.dot
+        c.assert_converged()
+
+    run(tmp_path, ("eu", "us"), body)
+
+
+def test_an_equal_stamp_is_broken_by_origin(tmp_path: Path) -> None:
+    async def body(c: Cluster) -> None:
+        await c.write("eu", commands.create("user", "erin", person("erin")))
+        await c.sync_all_until_quiet()
+        c.cut("eu", "us")
+        c.advance(1_000)  # both clocks now read the same physical time, past all they saw
+        [eu_write] = await c.write("eu", commands.patch("user", "erin", {"name": "EU"}, None))
+        [us_write] = await c.write("us", commands.patch("user", "erin", {"name": "US"}, None))
+        assert eu_write.hlc == us_write.hlc == c.now_ms[0] << 16
+        c.heal()
+        await c.sync_all_until_quiet()
+        # "us~..." > "eu~...": on equal stamps the greater origin wins, on every replica.
+        assert us_write.dot.origin > eu_write.dot.origin
+        for region in ("eu", "us"):
+            assert c.replica(region).entity("user", "erin").value("name") == "US"
+        c.assert_converged()
+
+    run(tmp_path, ("eu", "us"), body)
+
+
+async def staff_with(c: Cluster, user_id: str) -> Event:
+    await c.write("eu", commands.create("user", user_id, person(user_id)))
+    await c.write("eu", commands.create("group", "staff", {"name": "Staff"}))
+    [added] = await c.write("eu", raw_add("staff", user_id))
+    await c.sync_all_until_quiet()
+    return added
+
+
+def test_an_add_concurrent_with_a_remove_wins(tmp_path: Path) -> None:
+    async def body(c: Cluster) -> None:
+        first_add = await staff_with(c, "lisa")
+        c.cut("eu", "us")
+        [removed] = await c.write("us", commands.remove_member("staff", "lisa"))
+        assert removed.op is Op.REMOVE
+        assert removed.observed == {first_add.dot}
+        [again] = await c.write("eu", raw_add("staff", "lisa"))
+        assert c.replica("us").members("staff", after="", limit=10) == []
+        c.heal()
+        await c.sync_all_until_quiet()
+        views = c.assert_converged()
+        assert views["members"] == {"staff": {"lisa": [str(again.dot)]}}
+        for region in ("eu", "us"):
+            assert c.replica(region).groups_of("lisa") == ["staff"]
+
+        # A remove made after seeing every add removes the member everywhere.
+        [final] = await c.write("us", commands.remove_member("staff", "lisa"))
+        assert final.observed == {again.dot}
+        await c.sync_all_until_quiet()
+        views = c.assert_converged()
+        assert views["members"] == {}
+        for region in ("eu", "us"):
+            assert c.replica(region).groups_of("lisa") == []
+
+    run(tmp_path, ("eu", "us"), body)
+
+
+def test_a_remove_concurrent_with_an_add_it_did_not_see_keeps_that_add(tmp_path: Path) -> None:
+    async def body(c: Cluster) -> None:
+        await staff_with(c, "lisa")
+        c.cut("eu", "us")
+        # eu removes and adds back; us removes the original add only.
+        await c.write("eu", commands.remove_member("staff", "lisa"))
+        [back] = await c.write("eu", raw_add("staff", "lisa"))
+        await c.write("us", commands.remove_member("staff", "lisa"))
+        c.heal()
+        await c.sync_all_until_quiet()
+        assert c.assert_converged()["members"] == {"staff": {"lisa": [str(back.dot)]}}
+
+    run(tmp_path, ("eu", "us"), body)
+
+
+def test_a_deleted_user_is_not_resurrected_by_a_concurrent_update(tmp_path: Path) -> None:
+    async def body(c: Cluster) -> None:
+        await c.write("eu", commands.create("user", "alice", person("alice")))
+        await c.sync_all_until_quiet()
+        c.cut("eu", "us")
+        await c.write("eu", commands.delete("user", "alice", None))
+        c.advance(1_000)  # the update is even stamped later than the delete
+        await c.write("us", commands.patch("user", "alice", {"name": "Alice B."}, None))
+        c.heal()
+        await c.sync_all_until_quiet()
+        c.assert_converged()
+        for region in ("eu", "us"):
+            replica = c.replica(region)
+            assert not replica.entity("user", "alice").exists
+            assert replica.lookup("email", "alice@example.org") == []
+            assert replica.lookup("username", "alice") == []
+            assert replica.entity_ids("user", after="", limit=10) == []
+            assert replica.search("alice", after="", limit=10) == []
+
+    run(tmp_path, ("eu", "us"), body)
+
+
+def test_a_create_concurrent_with_a_delete_of_the_same_id_wins(tmp_path: Path) -> None:
+    async def body(c: Cluster) -> None:
+        c.cut("eu", "us")
+        await c.write("eu", commands.create("user", "bob", person("bob")))
+        await c.write("eu", commands.delete("user", "bob", None))
+        c.advance(1_000)
+        created = await c.write("us", commands.create("user", "bob", person("bob")))
+        c.heal()
+        await c.sync_all_until_quiet()
+        c.assert_converged()
+        for region in ("eu", "us"):
+            state = c.replica(region).entity("user", "bob")
+            assert state.exists
+            assert state.existence.dots("") == {created[0].dot}
+            assert c.replica(region).lookup("username", "bob") == ["bob"]
+
+    run(tmp_path, ("eu", "us"), body)
+
+
+def test_deleting_a_user_removes_the_memberships_its_replica_saw_only(tmp_path: Path) -> None:
+    async def body(c: Cluster) -> None:
+        await c.write("eu", commands.create("user", "carol", person("carol")))
+        for group_id in ("g1", "g2"):
+            await c.write("eu", commands.create("group", group_id, {"name": group_id}))
+        [seen] = await c.write("eu", raw_add("g1", "carol"))
+        await c.sync_all_until_quiet()
+        c.cut("eu", "us")
+        deleted = await c.write("eu", commands.delete("user", "carol", None))
+        removes = [e for e in deleted if e.op is Op.REMOVE]
+        assert [(e.stream, e.observed) for e in removes] == [("group/g1", frozenset({seen.dot}))]
+        [concurrent] = await c.write("us", commands.add_member("g2", "carol"))
+        c.heal()
+        await c.sync_all_until_quiet()
+        views = c.assert_converged()
+        assert views["members"] == {"g2": {"carol": [str(concurrent.dot)]}}
+        for region in ("eu", "us"):
+            replica = c.replica(region)
+            assert not replica.entity("user", "carol").exists
+            assert replica.members("g1", after="", limit=10) == []
+            assert replica.groups_of("carol") == ["g2"]
+
+    run(tmp_path, ("eu", "us"), body)
+
+
+def test_one_email_claimed_in_two_regions_is_reported_as_a_conflict(tmp_path: Path) -> None:
+    async def body(c: Cluster) -> None:
+        c.cut("eu", "us")
+        shared = {"name": "Pat", "email": "pat@example.org"}
+        await c.write("eu", commands.create("user", "pat-eu", {**shared, "username": "pat1"}))
+        await c.write("us", commands.create("user", "pat-us", {**shared, "username": "pat2"}))
+        c.heal()
+        await c.sync_all_until_quiet()
+        views = c.assert_converged()
+        assert views["conflicts"] == [("email", "pat@example.org", ["pat-eu", "pat-us"])]
+        for region in ("eu", "us"):
+            assert c.replica(region).lookup("email", "PAT@example.org") == ["pat-eu", "pat-us"]
+
+    run(tmp_path, ("eu", "us"), body)

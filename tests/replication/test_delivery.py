@@ -1,0 +1,150 @@
+"""Batches arriving out of order, twice, with a gap, or malformed: what ``handle`` does
+with hand-built requests, and how anti-entropy repairs what delivery left out."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from crdt import Dot, VersionVector
+from node import commands, log
+from node import events as ev
+from node.events import Event, Op
+from replication import protocol
+from replication.protocol import BadMessage, RawEvent, Sync, Tag
+from tests.replication.cluster import Cluster, person, raw_add, run
+
+
+async def history_at_eu(c: Cluster, users: int) -> list[Event]:
+    """A small history written at eu: users, a group, memberships, renames, a delete."""
+    for n in range(users):
+        await c.write("eu", commands.create("user", f"u{n}", person(f"u{n}")))
+    await c.write("eu", commands.create("group", "staff", {"name": "Staff"}))
+    for n in range(0, users, 2):
+        await c.write("eu", raw_add("staff", f"u{n}"))
+    await c.write("eu", commands.remove_member("staff", "u0"))
+    await c.write(
+        "eu", commands.patch("user", "u1", {"name": "Renamed", "profile.city": "Oslo"}, None)
+    )
+    await c.write("eu", commands.delete("user", f"u{users - 1}", None))
+    eu = c.replica("eu")
+    with eu.kv.read() as txn:
+        return list(log.origin_events(txn, eu.identity.replica_id, 1, eu.state.counter))
+
+
+def request(sender: str, events: list[Event], *, summary: VersionVector | None = None) -> bytes:
+    raws = tuple(RawEvent(e.dot, ev.encode(e)) for e in events)
+    return protocol.encode(Sync(Tag.SYNC_REQUEST, sender, summary or VersionVector(), raws))
+
+
+def test_shuffled_duplicated_chunks_with_a_gap_are_repaired_by_anti_entropy(
+    tmp_path: Path,
+) -> None:
+    async def body(c: Cluster) -> None:
+        events = await history_at_eu(c, users=12)
+        eu_id = c.replica("eu").identity.replica_id
+        rng = random.Random(11)
+        chunks = [events[i : i + 4] for i in range(0, len(events), 4)]
+        held_back = chunks.pop(2)  # never delivered by hand: a gap in the middle
+        for chunk in chunks:
+            rng.shuffle(chunk)
+        deliveries = chunks + chunks  # every chunk twice...
+        rng.shuffle(deliveries)  # ...in any order
+        us = c.replica("us")
+        for chunk in deliveries:
+            answer = protocol.decode(
+                await c.replicator("us").handle(request(eu_id, chunk)), expect=Tag.SYNC_RESPONSE
+            )
+            assert answer.replica_id == us.identity.replica_id
+        delivered = {e.dot for chunk in chunks for e in chunk}
+        assert us.state.seq == len(delivered)  # duplicates were no-ops
+        seen = us.summary.origins[eu_id]
+        gap = sorted(e.dot.counter for e in held_back)
+        assert seen.contiguous == gap[0] - 1
+        assert seen.cloud == {d.counter for d in delivered if d.counter > gap[0]}
+        assert us.summary.missing_from(VersionVector()) != {}
+        assert c.replica("eu").summary.missing_from(us.summary) == {eu_id: ((gap[0], gap[-1]),)}
+
+        assert await c.replicator("us").anti_entropy_once() == "eu"
+        assert us.summary.origins[eu_id].cloud == frozenset()
+        assert us.summary == c.replica("eu").summary
+        c.assert_converged()
+
+    run(tmp_path, ("eu", "us"), body)
+
+
+def test_events_folded_in_any_order_give_the_same_views(tmp_path: Path) -> None:
+    async def body(c: Cluster) -> None:
+        events = await history_at_eu(c, users=8)
+        eu_id = c.replica("eu").identity.replica_id
+        for region, seed in (("us", 1), ("ap", 2)):
+            shuffled = list(events)
+            random.Random(seed).shuffle(shuffled)
+            for event in shuffled:  # one event per message: the worst order there is
+                await c.replicator(region).handle(request(eu_id, [event]))
+        c.assert_converged()
+
+    run(tmp_path, ("ap", "eu", "us"), body)
+
+
+def test_a_batch_with_one_malformed_event_is_refused_whole(tmp_path: Path) -> None:
+    async def body(c: Cluster) -> None:
+        events = await history_at_eu(c, users=4)
+        eu_id = c.replica("eu").identity.replica_id
+        us, replicator = c.replica("us"), c.replicator("us")
+        await replicator.handle(request(eu_id, events[:2]))
+        seq, summary = us.state.seq, us.summary
+        views = c.views_of("us")
+        known = replicator.peers["eu"].summary
+        bad = Event(Dot(eu_id, 999), events[0].hlc, "user/not an id", Op.CREATE)
+        with pytest.raises(BadMessage, match=f"event {eu_id}:999"):
+            await replicator.handle(request(eu_id, [*events[2:6], bad, *events[6:]]))
+        liar = RawEvent(events[7].dot, ev.encode(events[6]))
+        raws = (*(RawEvent(e.dot, ev.encode(e)) for e in events[2:6]), liar)
+        with pytest.raises(BadMessage, match="was sent as"):
+            await replicator.handle(
+                protocol.encode(Sync(Tag.SYNC_REQUEST, eu_id, VersionVector(), raws))
+            )
+        assert replicator.batches_refused == 2
+        assert (us.state.seq, us.summary) == (seq, summary)
+        assert c.views_of("us") == views
+        assert replicator.peers["eu"].summary == known  # a refused batch teaches nothing
+
+        await c.sync_all_until_quiet()
+        c.assert_converged()
+
+    run(tmp_path, ("eu", "us"), body)
+
+
+def test_a_node_refuses_to_sync_with_itself(tmp_path: Path) -> None:
+    async def body(c: Cluster) -> None:
+        events = await history_at_eu(c, users=2)
+        eu = c.replica("eu")
+        with pytest.raises(BadMessage, match="itself"):
+            await c.replicator("eu").handle(request(eu.identity.replica_id, events))
+
+    run(tmp_path, ("eu", "us"), body)
+
+
+def test_a_malformed_answer_fails_the_sync_and_writes_nothing(tmp_path: Path) -> None:
+    async def body(c: Cluster) -> None:
+        await history_at_eu(c, users=2)
+        eu_id = c.replica("eu").identity.replica_id
+
+        async def lying_peer(body: bytes) -> bytes:
+            good = Event(Dot(eu_id, 100), 1 << 40, "user/x", Op.CREATE)
+            bad = Event(Dot(eu_id, 101), 1 << 40, "user/x", Op.SET, "name", None, actor="x" * 200)
+            raws = tuple(RawEvent(e.dot, ev.encode(e)) for e in (good, bad))
+            return protocol.encode(Sync(Tag.SYNC_RESPONSE, eu_id, VersionVector(), raws))
+
+        c.nodes["us"].transport.handlers["eu"] = lying_peer
+        assert not await c.sync("us", "eu")
+        peer = c.replicator("us").peers["eu"]
+        assert peer.failures == 1
+        assert peer.last_error is not None
+        assert "actor" in peer.last_error
+        assert c.replica("us").state.seq == 0
+
+    run(tmp_path, ("eu", "us"), body)

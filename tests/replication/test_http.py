@@ -1,0 +1,216 @@
+"""The authenticated ``/replication/sync`` endpoint, over real HTTP on loopback: two real
+nodes sync through ``HttpTransport``; unsigned, badly signed and malformed requests get
+their 4xx (never a 500) and write nothing."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from yarl import URL
+
+from crdt import Dot, VersionVector
+from node import commands
+from node import events as ev
+from node.config import Peer, Settings
+from node.events import Event, Op
+from node.replica import Replica, wall_clock_ms
+from replication import auth, protocol
+from replication.protocol import RawEvent, Sync, Tag
+from replication.replicator import Replicator
+from replication.service import ReplicationService
+from replication.transport import SYNC_PATH, HttpTransport
+
+SECRET = "a-cluster-secret-for-tests"
+
+
+@dataclass
+class Pair:
+    eu: Replica
+    us: Replica
+    url: str  # us's sync endpoint
+    replicator: Replicator  # eu's, reaching us over HTTP
+
+    def signed_post(self, body: bytes, **headers: str) -> dict[str, str]:
+        signed = auth.sign_request(SECRET, "POST", SYNC_PATH, body, self.eu.identity.replica_id)
+        return {"Content-Type": "application/msgpack", **signed, **headers}
+
+
+@asynccontextmanager
+async def pair(tmp_path: Path, *, secret: str = SECRET) -> AsyncIterator[Pair]:
+    loop = asyncio.get_running_loop()
+    eu = Replica.open(tmp_path / "eu", "eu")
+    us = Replica.open(tmp_path / "us", "us")
+    server: TestServer | None = None
+    transport: HttpTransport | None = None
+    try:
+        eu.bind(loop)
+        us.bind(loop)
+        settings = Settings(
+            region="us",
+            data_dir=tmp_path / "us",
+            peers=(Peer("eu", "http://127.0.0.1:9"),),
+            cluster_secret=SECRET,
+        )
+        service = ReplicationService(us, settings)
+        app = web.Application()
+        service.install(app)
+        server = TestServer(app)
+        await server.start_server()
+        url = str(server.make_url(SYNC_PATH))
+        base = url.removesuffix(SYNC_PATH)
+        transport = HttpTransport({"us": base}, secret=secret, sender=eu.identity.replica_id)
+        yield Pair(eu, us, url, Replicator(eu, transport, ["us"], now_ms=wall_clock_ms))
+    finally:
+        if transport is not None:
+            await transport.close()
+        if server is not None:
+            await server.close()
+        eu.close()
+        us.close()
+
+
+def run(tmp_path: Path, body: Callable[[Pair], Awaitable[None]], **options: str) -> None:
+    async def main() -> None:
+        async with pair(tmp_path, **options) as p:
+            await body(p)
+
+    asyncio.run(main())
+
+
+def test_two_nodes_sync_over_signed_http(tmp_path: Path) -> None:
+    async def body(p: Pair) -> None:
+        fields = {"name": "Homer", "username": "homer", "email": "homer@x.us"}
+        await p.eu.write(commands.create("user", "homer", fields), actor="t")
+        await p.us.write(commands.create("group", "staff", {"name": "Staff"}), actor="t")
+        assert await p.replicator.sync_with("us")
+        assert p.eu.summary == p.us.summary
+        assert p.us.entity("user", "homer").value("name") == "Homer"
+        assert p.eu.entity("group", "staff").exists
+        peer = p.replicator.peers["us"]
+        assert peer.replica_id == p.us.identity.replica_id
+        assert peer.failures == 0
+
+    run(tmp_path, body)
+
+
+def test_a_node_with_the_wrong_secret_is_refused_and_backs_off(tmp_path: Path) -> None:
+    async def body(p: Pair) -> None:
+        await p.eu.write(commands.create("group", "staff", {"name": "Staff"}), actor="t")
+        assert not await p.replicator.sync_with("us")
+        peer = p.replicator.peers["us"]
+        assert peer.failures == 1
+        assert peer.last_error is not None
+        assert "401" in peer.last_error
+        assert p.us.state.seq == 0
+
+    run(tmp_path, body, secret="not-the-cluster-secret")
+
+
+async def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, data=body, headers=headers) as r,
+    ):
+        return r.status, await r.read()
+
+
+async def raw_post(url: str, body: bytes, header_lines: list[bytes]) -> int:
+    """POST with header bytes exactly as given (a client library would refuse some)."""
+    target = URL(url)
+    reader, writer = await asyncio.open_connection(target.host, target.port)
+    try:
+        head = [
+            f"POST {SYNC_PATH} HTTP/1.1".encode(),
+            f"Host: {target.host}".encode(),
+            f"Content-Length: {len(body)}".encode(),
+            b"Connection: close",
+            *header_lines,
+        ]
+        writer.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        await writer.drain()
+        status_line = await reader.readline()
+        return int(status_line.split()[1])
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+def request_body(p: Pair, *events: Event) -> bytes:
+    raws = tuple(RawEvent(e.dot, ev.encode(e)) for e in events)
+    message = Sync(Tag.SYNC_REQUEST, p.eu.identity.replica_id, VersionVector(), raws)
+    return protocol.encode(message)
+
+
+def create(origin: str, counter: int, user_id: str) -> Event:
+    return Event(
+        Dot(origin, counter), (wall_clock_ms() << 16) + counter, f"user/{user_id}", Op.CREATE
+    )
+
+
+def test_unsigned_and_badly_signed_requests_get_401_and_write_nothing(tmp_path: Path) -> None:
+    async def body(p: Pair) -> None:
+        data = request_body(p, create(p.eu.identity.replica_id, 1, "homer"))
+        good = p.signed_post(data)
+        assert (await post(p.url, data, {}))[0] == 401
+        assert (await post(p.url, data, {**good, auth.SIGNATURE: "0" * 64}))[0] == 401
+        assert (await post(p.url, data + b"x", good))[0] == 401
+        assert p.us.state.seq == 0
+        status, _ = await post(p.url, data, good)
+        assert status == 200
+        assert p.us.state.seq == 1
+
+    run(tmp_path, body)
+
+
+def test_header_bytes_that_are_not_ascii_get_401_not_500(tmp_path: Path) -> None:
+    """Found writing these tests: a signature, timestamp or sender header with bytes that
+    are not ASCII made verify_request raise TypeError, ValueError or UnicodeEncodeError,
+    and the endpoint answered 500."""
+
+    async def body(p: Pair) -> None:
+        data = request_body(p, create(p.eu.identity.replica_id, 1, "homer"))
+        good = p.signed_post(data)
+        common = [f"{auth.SENDER}: {good[auth.SENDER]}".encode()]
+        bad_signature = [
+            *common,
+            f"{auth.TIMESTAMP}: {good[auth.TIMESTAMP]}".encode(),
+            auth.SIGNATURE.encode() + b": \xc3\xa9\xff" + b"0" * 60,
+        ]
+        bad_timestamp = [
+            *common,
+            auth.TIMESTAMP.encode() + ": ¹⁷".encode(),
+            f"{auth.SIGNATURE}: {good[auth.SIGNATURE]}".encode(),
+        ]
+        bad_sender = [
+            auth.SENDER.encode() + b": eu~\xff\xfe",
+            f"{auth.TIMESTAMP}: {good[auth.TIMESTAMP]}".encode(),
+            f"{auth.SIGNATURE}: {good[auth.SIGNATURE]}".encode(),
+        ]
+        assert await raw_post(p.url, data, bad_signature) == 401
+        assert await raw_post(p.url, data, bad_timestamp) == 401
+        assert await raw_post(p.url, data, bad_sender) == 401
+        assert p.us.state.seq == 0
+
+    run(tmp_path, body)
+
+
+def test_a_malformed_batch_gets_400_and_writes_nothing(tmp_path: Path) -> None:
+    async def body(p: Pair) -> None:
+        me = p.eu.identity.replica_id
+        bad = Event(Dot(me, 2), wall_clock_ms() << 16, "user/not an id", Op.CREATE)
+        data = request_body(p, create(me, 1, "homer"), bad)
+        status, answer = await post(p.url, data, p.signed_post(data))
+        assert status == 400
+        assert b"bad_batch" in answer
+        assert p.us.state.seq == 0
+        assert p.us.summary == VersionVector()
+        assert p.replicator.peers["us"].summary is None
+
+    run(tmp_path, body)
