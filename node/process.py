@@ -44,10 +44,11 @@ class NodeProcess:
 
     def start(self) -> NodeProcess:
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
-        log = (self.data_dir.parent / f"{self.region}.log").open("a")
-        self.proc = subprocess.Popen(
-            self.args, stdout=subprocess.PIPE, stderr=log, text=True, env=self.env
-        )
+        log = self.data_dir.parent / f"{self.region}.log"
+        with log.open("a") as stderr:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                self.args, stdout=subprocess.PIPE, stderr=stderr, text=True, env=self.env
+            )
         deadline = time.monotonic() + START_WAIT_S
         assert self.proc.stdout is not None
         while time.monotonic() < deadline:
@@ -57,7 +58,7 @@ class NodeProcess:
             if not line and self.proc.poll() is not None:
                 break
         self.stop()
-        raise RuntimeError(f"node {self.region} did not start; see {log.name}")
+        raise RuntimeError(f"node {self.region} did not start; see {log}")
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         if self.proc is None:
@@ -69,6 +70,8 @@ class NodeProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
         self.returncode = self.proc.returncode
         return self.returncode
 

@@ -133,7 +133,8 @@ async def serve(replica: Replica, settings: Settings, extensions: Sequence[Exten
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    url = f"http://{settings.listen_host}:{settings.listen_port}"
+    scheme = "http" if settings.tls_cert is None else "https"  # as server_tls() decides
+    url = f"{scheme}://{settings.listen_host}:{settings.listen_port}"
     logger.info(
         "listening",
         extra={

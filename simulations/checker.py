@@ -209,11 +209,25 @@ def check(
     assert snapshots, "nothing to check"
     assert set(summaries) == set(snapshots), (sorted(summaries), sorted(snapshots))
     events = oracle.unique(union)
-    acked = oracle.unique(acknowledged)
+    held = {e.dot: e for e in events}
+    # An acknowledged event whose dot now names another event was lost, and its dot
+    # reused: a node acknowledged what it had not made durable, then forgot it.
+    acked_all = list({e.dot: e for e in acknowledged}.values())
+    replaced = [e for e in acked_all if e.dot in held and held[e.dot] != e]
+    acked = [e for e in acked_all if e not in replaced]
     expected = oracle.oracle_snapshot(events)
     violations = [
         *_convergence(snapshots, digests),
         *_missing_acks(summaries, acked),
+        *(
+            Violation(
+                "missing_ack",
+                e.dot.origin.partition("~")[0],
+                f"acknowledged {e.op.name.lower()} {e.stream} {e.dot} was lost and its "
+                "dot reused by another event",
+            )
+            for e in replaced[:EXAMPLES_MAX]
+        ),
         *_oracle_mismatches(snapshots, expected),
     ]
 
@@ -233,7 +247,7 @@ def check(
         winner = winner_of.get((event.stream, event.field or ""))
         return None if winner is None or winner == event.dot else winner
 
-    lost = sum(1 for e in acked if not everywhere(e))
+    lost = sum(1 for e in acked if not everywhere(e)) + len(replaced)
     superseded = sum(
         1
         for e in acked

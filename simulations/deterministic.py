@@ -138,6 +138,11 @@ class Result:
 
 
 class SimNode:
+    # Honest nodes acknowledge a write only once it is durable, so a crash loses nothing
+    # acknowledged. A broken variant (simulations.variants) acknowledges before its data
+    # is flushed: it flushes every N commits, and a crash rolls back to the last flush.
+    flush_every_commits = 1
+
     def __init__(
         self, sim: Simulation, region: str, data_dir: Path, skew_ms: int, seed: int
     ) -> None:
@@ -170,12 +175,33 @@ class SimNode:
             self.replica, _NoTransport(), peers, limits=limits, now_ms=self.now_ms, rng=rng
         )
         self.generation += 1
+        if self.flush_every_commits > 1:
+            self._commits = 0
+            self._flush()
+            self.replica.listeners.append(self._on_commit)
+
+    @property
+    def _flushed(self) -> Path:
+        return self.data_dir.parent / f"{self.region}.flushed"
+
+    def _flush(self) -> None:
+        assert self.replica is not None
+        shutil.rmtree(self._flushed, ignore_errors=True)
+        self._flushed.mkdir()
+        self.replica.kv.env.copy(str(self._flushed))  # type: ignore[attr-defined]
+
+    def _on_commit(self, _: object) -> None:
+        self._commits += 1
+        if self._commits % self.flush_every_commits == 0:
+            self._flush()
 
     def crash(self) -> None:
         assert self.replica is not None
         self.replica.close()
         self.replica = None
         self.replicator = None
+        if self.flush_every_commits > 1:  # what was never flushed is gone
+            shutil.copyfile(self._flushed / "data.mdb", self.data_dir / "data.mdb")
 
 
 class _NoTransport:
@@ -210,6 +236,7 @@ class Simulation:
             for r in scenario.regions
         }
         self.cuts: list[Cut] = []
+        self.manual_cuts: set[tuple[str, str]] = set()
         self.healed = False
         self._pending: dict[int, tuple[str, str, int]] = {}  # request id -> (from, to, gen)
         self.workload = Workload(
@@ -240,9 +267,12 @@ class Simulation:
 
     def _cut(self, source: str, target: str) -> bool:
         now = self.now_ms - EPOCH_MS
-        return not self.healed and any(
-            c.source == source and c.target == target and c.start_ms <= now < c.end_ms
-            for c in self.cuts
+        return not self.healed and (
+            (source, target) in self.manual_cuts
+            or any(
+                c.source == source and c.target == target and c.start_ms <= now < c.end_ms
+                for c in self.cuts
+            )
         )
 
     def _deliveries(self, source: str, target: str) -> list[int]:
@@ -381,12 +411,6 @@ class Simulation:
             op = self.workload.next()
             when = EPOCH_MS + 1 + self.rng.randrange(s.duration_ms)
             self.at(when, "client", partial(self._client, op.region, op.label, op.decide))
-        for region in regions:
-            self.at(
-                EPOCH_MS + self.rng.randrange(s.gossip_interval_ms),
-                "gossip",
-                partial(self._gossip, region),
-            )
         for _ in range(f.partitions if len(regions) > 1 else 0):
             start = self.rng.randrange(s.duration_ms)
             end = min(
@@ -430,34 +454,91 @@ class Simulation:
         first = live[0]
         return all(r.digest() == first.digest() and r.summary == first.summary for r in live)
 
-    async def run(self) -> Result:
-        started = time.monotonic()
-        for node in self.nodes.values():
+    # -- driving it step by step (the scripted run below, and stateful tests) ----------
+
+    async def start(self) -> None:
+        """Open every node and start its gossip."""
+        for region, node in self.nodes.items():
             node.open()
-        self._schedule()
-        end = EPOCH_MS + self.scenario.duration_ms
+            self.at(
+                EPOCH_MS + self.rng.randrange(self.scenario.gossip_interval_ms),
+                "gossip",
+                partial(self._gossip, region),
+            )
+
+    async def client(self, region: str, decide: Any, label: str = "") -> None:
+        await self._client(region, label, decide)
+
+    def partition(self, *sides: set[str]) -> None:
+        """Cut every link between regions on different sides, until heal()."""
+        side_of = {r: i for i, side in enumerate(sides) for r in side}
+        for a in self.scenario.regions:
+            for b in self.scenario.regions:
+                if a != b and side_of.get(a, -1) != side_of.get(b, -2):
+                    self.manual_cuts.add((a, b))
+        self.log(f"partition {sorted(self.manual_cuts)}")
+
+    def cut(self, source: str, target: str) -> None:
+        """A one-way cut: ``source`` cannot reach ``target``."""
+        self.manual_cuts.add((source, target))
+        self.log(f"cut {source}->{target}")
+
+    async def crash(self, region: str) -> None:
+        if self.nodes[region].replica is not None:
+            self.log(f"crash {region}")
+            self.nodes[region].crash()
+
+    async def restart(self, region: str) -> None:
+        await self._restart(region)
+
+    async def advance(self, ms: int) -> None:
+        """Let ``ms`` of virtual time pass, running everything due in it."""
+        end = self.now_ms + ms
         while self._queue and self._queue[0][0] <= end:
             await self._step()
-        # The final heal: every fault stops, crashed nodes come back, gossip goes on.
         self.now_ms = max(self.now_ms, end)
+
+    async def settle(self) -> bool:
+        """Heal every fault, restart crashed nodes, and run until converged (bounded).
+
+        Faults scheduled by the seed resume afterwards if there are any left to run.
+        """
         self.healed = True
+        self.manual_cuts.clear()
         self.log("heal")
         for region, node in sorted(self.nodes.items()):
             if node.replica is None:
                 node.open()
                 self.log(f"restart {region}")
-        healed_at = self.now_ms
-        next_check = self.now_ms
+        healed_at = next_check = self.now_ms
+        converged = False
         while self.now_ms - healed_at <= HEAL_WAIT_MS_MAX and self._queue:
             if self.now_ms >= next_check:
                 next_check = self.now_ms + CONVERGE_CHECK_MS
                 if self.converged() and not self._pending:
-                    self.result.converged = True
-                    self.result.heal_to_converge_ms = self.now_ms - healed_at
+                    converged = True
                     break
             await self._step()
-        self.log(f"end converged={self.result.converged}")
+        self.result.converged = converged
+        self.result.heal_to_converge_ms = self.now_ms - healed_at if converged else None
+        self.log(f"settled converged={converged}")
+        self.healed = False
+        return converged
+
+    def finish(self) -> Result:
+        """Check the final state of every region (after settle)."""
         self._finish()
+        return self.result
+
+    async def run(self) -> Result:
+        """The scripted run: the seed's workload and faults, then the final heal."""
+        started = time.monotonic()
+        await self.start()
+        self._schedule()
+        await self.advance(self.scenario.duration_ms)
+        await self.settle()
+        self.healed = True  # nothing more of the seed's faults after the final heal
+        self.finish()
         self.result.wall_s = time.monotonic() - started
         return self.result
 

@@ -1,0 +1,69 @@
+"""Deliberately broken variants of the system, to prove the checker catches each one.
+
+Each is a context manager that patches one piece of the real code for the duration of
+a run (in this process only): a replication that skips events, an LWW tie-break that
+ignores the origin, a remove that deletes adds it never observed, and a node that
+acknowledges writes before they are durable. None of them is ever used by a node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any
+
+from crdt import ORSet, Remove, Write
+from replication import protocol
+from replication.replicator import Replicator
+from simulations.deterministic import SimNode
+
+
+@contextmanager
+def _patched(owner: Any, name: str, replacement: Any) -> Iterator[None]:
+    original = getattr(owner, name)
+    setattr(owner, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+def replication_skips_an_event() -> AbstractContextManager[None]:
+    """Ingest from peers drops every event whose counter is a multiple of 11."""
+    original = Replicator._ingest
+
+    async def skipping(self: Replicator, batch: protocol.Batch) -> int:
+        kept = [e for e in batch.events if e.dot.counter % 11]
+        return await original(self, protocol.Batch(kept, batch.quarantined))
+
+    return _patched(Replicator, "_ingest", skipping)
+
+
+def lww_tie_ignores_origin() -> AbstractContextManager[None]:
+    """Equal stamps are ordered by counter alone, so replicas disagree with the contract."""
+    return _patched(Write, "key", lambda self: (self.hlc, "", self.dot.counter))
+
+
+def remove_deletes_unobserved_adds() -> AbstractContextManager[None]:
+    """A remove takes away every add of the element, seen or not (remove-wins)."""
+    original = ORSet.apply
+
+    def greedy(self: ORSet[Any], op: Any) -> ORSet[Any]:
+        if isinstance(op, Remove):
+            op = Remove(op.element, op.observed | self.dots(op.element))
+        return original(self, op)
+
+    return _patched(ORSet, "apply", greedy)
+
+
+def ack_before_commit() -> AbstractContextManager[None]:
+    """Writes are acknowledged before they are durable; a crash loses the tail."""
+    return _patched(SimNode, "flush_every_commits", 8)
+
+
+VARIANTS: dict[str, Callable[[], AbstractContextManager[None]]] = {
+    "replication_skips_an_event": replication_skips_an_event,
+    "lww_tie_ignores_origin": lww_tie_ignores_origin,
+    "remove_deletes_unobserved_adds": remove_deletes_unobserved_adds,
+    "ack_before_commit": ack_before_commit,
+}
