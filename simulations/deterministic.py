@@ -97,6 +97,7 @@ class Scenario:
     mix: Mix = field(default_factory=Mix)
     faults: Faults = field(default_factory=Faults)
     gossip_interval_ms: int = 200
+    heal_wait_ms_max: int = HEAL_WAIT_MS_MAX  # not converged by then after a heal: a failure
     sample_ms: int = 0  # > 0: sample divergence that often, for the plot
 
     def command(self) -> str:
@@ -512,7 +513,7 @@ class Simulation:
                 self.log(f"restart {region}")
         healed_at = next_check = self.now_ms
         converged = False
-        while self.now_ms - healed_at <= HEAL_WAIT_MS_MAX and self._queue:
+        while self.now_ms - healed_at <= self.scenario.heal_wait_ms_max and self._queue:
             if self.now_ms >= next_check:
                 next_check = self.now_ms + CONVERGE_CHECK_MS
                 if self.converged() and not self._pending:
