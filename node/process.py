@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -22,10 +23,14 @@ class NodeProcess:
         port: int,
         *extra_args: str,
         env: dict[str, str] | None = None,
+        host: str = "127.0.0.1",
+        prefix: Sequence[str] = (),
     ) -> None:
+        """``prefix`` runs the node inside something, e.g. ``ip netns exec NAME``."""
         self.region, self.data_dir, self.port = region, data_dir, port
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"http://{host}:{port}"
         self.args = [
+            *prefix,
             sys.executable,
             "-m",
             "node",
@@ -35,7 +40,7 @@ class NodeProcess:
             "--data",
             str(data_dir),
             "--listen",
-            f"127.0.0.1:{port}",
+            f"{host}:{port}",
             *extra_args,
         ]
         self.env = {**os.environ, **(env or {})}

@@ -40,6 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workload", default="", help="weights, e.g. profile=4,churn=3,create_delete=1.5,collide=1"
     )
+    parser.add_argument(
+        "--netns",
+        action="store_true",
+        help="live mode: each node in its own network namespace, links cut by"
+        " the kernel (needs root and iproute2)",
+    )
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (deterministic)")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of divergence over time")
     parser.add_argument("--json", type=Path, default=None, help="write the full report here")

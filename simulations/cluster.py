@@ -6,6 +6,7 @@ made and healed from outside. ``replica cluster`` runs one until Ctrl-C.
 from __future__ import annotations
 
 import asyncio
+import random
 import secrets
 import shutil
 import signal
@@ -60,6 +61,7 @@ class LocalCluster:
             if a != b
         }
         self.nodes: dict[str, NodeProcess] = {}
+        self.headers: dict[str, str] = {}  # what a client must send (an API token, off loopback)
         self.node_args = list(node_args)
         self.region_args = {r: list(a) for r, a in (region_args or {}).items()}
 
@@ -83,6 +85,9 @@ class LocalCluster:
                 *args,
                 env={"REPLICA_CLUSTER_SECRET": self.secret},
             )
+        await self._start_nodes()
+
+    async def _start_nodes(self) -> None:
         await asyncio.gather(*(asyncio.to_thread(n.start) for n in self.nodes.values()))
         await self.wait_serving()
 
@@ -90,7 +95,7 @@ class LocalCluster:
         """Until every node has left bootstrap and serves clients; raises if one does not
         within ``READY_WAIT_S``."""
         connector = aiohttp.TCPConnector(ssl=self.client_ssl or True)
-        async with aiohttp.ClientSession(connector=connector) as http:
+        async with aiohttp.ClientSession(connector=connector, headers=self.headers) as http:
             for region in self.regions:
                 for _ in range(int(READY_WAIT_S * 10)):
                     async with http.get(self.url(region) + "/status") as r:
@@ -124,21 +129,37 @@ class LocalCluster:
         await asyncio.to_thread(node.start)
         await self.wait_serving()
 
+    def pairs(self) -> list[tuple[str, str]]:
+        """Every directed peer link."""
+        return [(a, b) for a in self.regions for b in self.regions if a != b]
+
+    def set_cut(self, a: str, b: str, cut: bool) -> None:
+        """Cut (or restore) the directed link: ``a`` can no longer reach ``b``."""
+        self.links[(a, b)].cut(cut)
+
+    def shape(self, delay_ms: int, loss: float, rng: random.Random) -> None:
+        """Slow every link by ``delay_ms`` per chunk and drop connections at rate ``loss``."""
+        for proxy in self.links.values():
+            proxy.faults.delay_ms, proxy.faults.loss = delay_ms, loss
+            proxy.rng = random.Random(rng.getrandbits(32))
+
     def cut(self, a: str, b: str, *, both_ways: bool = True) -> None:
-        self.links[(a, b)].cut()
+        self.set_cut(a, b, True)
         if both_ways:
-            self.links[(b, a)].cut()
+            self.set_cut(b, a, True)
 
     def partition(self, *sides: Iterable[str]) -> None:
         """Cut every link between regions on different sides."""
         side_of = {r: i for i, side in enumerate(sides) for r in side}
-        for (a, b), proxy in self.links.items():
+        for a, b in self.pairs():
             if side_of.get(a, -1) != side_of.get(b, -2):
-                proxy.cut()
+                self.set_cut(a, b, True)
 
     def heal(self) -> None:
-        for proxy in self.links.values():
-            proxy.cut(False)
+        """Restore every link and lift every delay and loss."""
+        for a, b in self.pairs():
+            self.set_cut(a, b, False)
+        self.shape(0, 0.0, random.Random(0))
 
     # -- looking -------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ import aiohttp
 from crdt import Dot
 from node.events import Event, Op
 from node.tokens import decode_token
+from simulations import netns
 from simulations.checker import check
 from simulations.cluster import LocalCluster
 from simulations.deterministic import Faults
@@ -106,10 +108,7 @@ class LiveRun:
     async def faults_schedule(self, duration_ms: int) -> None:
         """Partition windows (some one-way), slow lossy links, and a kill -9 with restart."""
         f, regions, rng = self.faults, self.cluster.regions, self.rng
-        for proxy in self.cluster.links.values():
-            proxy.faults.delay_ms = rng.randint(f.delay_ms_min, f.delay_ms_max) // 4
-            proxy.faults.loss = f.loss
-            proxy.rng = random.Random(rng.getrandbits(32))
+        self.cluster.shape(rng.randint(f.delay_ms_min, f.delay_ms_max) // 4, f.loss, rng)
         plan: list[tuple[int, str, Any]] = []
         for _ in range(f.partitions if len(regions) > 1 else 0):
             start = rng.randrange(duration_ms)
@@ -118,7 +117,7 @@ class LiveRun:
             one_way = rng.random() < f.one_way
             links = [
                 (a, b)
-                for (a, b) in self.cluster.links
+                for (a, b) in self.cluster.pairs()
                 if (a in side) != (b in side) and (not one_way or a in side)
             ]
             plan += [(start, "cut", links), (end, "uncut", links)]
@@ -128,12 +127,9 @@ class LiveRun:
             plan += [(when, "kill", rng.choice(regions))]
         for when, what, arg in sorted(plan, key=lambda p: p[0]):
             await asyncio.sleep(max(0, when - self.ms()) / 1000)
-            if what == "cut":
-                for link in arg:
-                    self.cluster.links[link].cut()
-            elif what == "uncut":
-                for link in arg:
-                    self.cluster.links[link].cut(False)
+            if what in ("cut", "uncut"):
+                for a, b in arg:
+                    self.cluster.set_cut(a, b, what == "cut")
             else:
                 self.cluster.kill(arg)
                 await asyncio.sleep(rng.randint(1, max(1, f.down_ms_max)) / 1000)
@@ -161,14 +157,23 @@ async def _run(args: argparse.Namespace) -> int:
     mix = Mix.parse(args.workload) if args.workload else Mix()
     rng = random.Random(seed)
     root = Path(tempfile.mkdtemp(prefix=f"replica-live-{seed}-"))
-    cluster = LocalCluster(regions, root, node_args=["--gossip-interval-ms", "200"])
+    node_args = ["--gossip-interval-ms", "200"]
+    cluster: LocalCluster
+    if args.netns:
+        why = netns.available()
+        if why is not None:
+            print(f"replica: error: --netns: {why}", file=sys.stderr)
+            return 2
+        cluster = netns.NetnsCluster(regions, root, node_args=node_args)
+    else:
+        cluster = LocalCluster(regions, root, node_args=node_args)
     print(f"Live simulation, seed {seed}: starting {', '.join(regions)} in {root}")
     await cluster.start()
     run = LiveRun(cluster, rng, faults)
     workload = Workload(regions, random.Random(rng.getrandbits(64)), mix)
     timeout = aiohttp.ClientTimeout(total=5)
     try:
-        async with aiohttp.ClientSession(timeout=timeout) as http:
+        async with aiohttp.ClientSession(timeout=timeout, headers=cluster.headers) as http:
             for op in workload.setup():
                 await run.do(http, op)
             await asyncio.sleep(0.5)
@@ -186,8 +191,6 @@ async def _run(args: argparse.Namespace) -> int:
             await asyncio.gather(*(client(k) for k in range(CLIENTS)))
             await schedule
             cluster.heal()
-            for proxy in cluster.links.values():
-                proxy.faults.delay_ms, proxy.faults.loss = 0, 0.0
             healed = time.monotonic()
             converged_s: float | None = None
             while time.monotonic() - healed < CONVERGE_WAIT_S:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from node.cli import main
+from simulations import netns
 from simulations.variants import VARIANTS
 
 
@@ -78,3 +81,36 @@ def test_live_mode_against_three_real_processes_has_no_violation(
     acknowledged = re.search(r"(\d+) writes acknowledged", out)
     assert acknowledged is not None
     assert int(acknowledged.group(1)) > 50, out  # a real workload went through
+
+
+def test_live_mode_in_network_namespaces_or_a_clear_refusal(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Where the machine allows namespaces (root, iproute2), the kernel enforces the
+    partitions; elsewhere the option is refused with the reason, never half-run."""
+    code = main(
+        [
+            "simulate",
+            "--mode",
+            "live",
+            "--netns",
+            "--seed",
+            "4",
+            "--ops",
+            "120",
+            "--duration-ms",
+            "2500",
+            "--faults",
+            "partitions=2,one_way=0.5,crashes=1",
+        ]
+    )
+    captured = capsys.readouterr()
+    why = netns.available()
+    if why is None:
+        assert code == 0, captured.out
+        assert "no violation" in captured.out
+        spaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert f"rs{os.getpid() % 100_000}-" not in spaces  # every namespace was removed
+    else:
+        assert code == 2
+        assert why in captured.err
