@@ -60,4 +60,6 @@ def render_metrics(replica: Replica) -> str:
     for origin, seen in sorted(state.summary.origins.items()):
         labels = f'{{region="{replica.identity.region}",origin="{origin}"}}'
         lines.append(f"replica_origin_counter{labels} {seen.contiguous}")
+    for report in replica.metric_reporters:
+        lines += report()
     return "\n".join(lines) + "\n"

@@ -8,6 +8,7 @@ once durable. Commits wake whoever waits for a consistency token or the change f
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from node.fold import EntityState, decode_state, fold_all
 from node.kv import KV
 from node.lmdb_kv import LmdbKV
 from node.log import Identity, LogState
-from node.tokens import Token, covers, token_of
+from node.tokens import Token, covers, encode_token, token_of
 from node.writer import Committed, Decide, Writer
 
 
@@ -34,7 +35,13 @@ def wall_clock_ms() -> int:
 
 def iso_of(stamp: int) -> str:
     ms = physical_ms(stamp)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms / 1000)) + f".{ms % 1000:03d}Z"
+    return _iso_seconds(ms // 1000) + f".{ms % 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=4096)
+def _iso_seconds(seconds: int) -> str:
+    """Formatting a time costs more than the rest of an entity's JSON: stamps repeat."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,11 +91,13 @@ class Replica:
             state = log.load_state(txn, self.identity)
         self.clock = HybridLogicalClock(now_ms, max_drift_ms=max_drift_ms, last=state.hlc)
         self.metrics = Metrics()
+        self._token_text: tuple[VersionVector, str] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed = asyncio.Event()
         self.listeners: list[Callable[[Committed], None]] = []
-        # Extra sections of /status from what runs beside the node (replication).
+        # Extra sections of /status and lines of /metrics from what runs beside the node.
         self.reporters: list[Callable[[], dict[str, Any]]] = []
+        self.metric_reporters: list[Callable[[], list[str]]] = []
         # Why clients must wait (e.g. "bootstrapping from peers"), or None when serving.
         self.not_ready: str | None = None
         self.writer = Writer(
@@ -138,6 +147,14 @@ class Replica:
 
     def token(self) -> Token:
         return token_of(self.summary)
+
+    def token_text(self) -> str:
+        """``token()`` encoded, as every response carries it; computed once per commit."""
+        summary = self.summary
+        cached = self._token_text
+        if cached is None or cached[0] is not summary:
+            cached = self._token_text = (summary, encode_token(token_of(summary)))
+        return cached[1]
 
     # -- writes ----------------------------------------------------------------
 

@@ -62,6 +62,7 @@ class ReplicationService:
     def install(self, app: web.Application) -> None:
         app.router.add_post(SYNC_PATH, self.handle)
         self.replica.reporters.append(self.report)
+        self.replica.metric_reporters.append(self.metrics)
 
     async def start(self) -> None:
         await self.replica.release_quarantine()
@@ -76,6 +77,58 @@ class ReplicationService:
         for peer in status["peers"]:
             peer["url"] = urls[peer["name"]]
         return {"replication": status}
+
+    def metrics(self) -> list[str]:
+        """The replication figures of /status, in Prometheus text."""
+        status = self.replicator.status()
+        region = self.replica.identity.region
+        lines: list[str] = []
+        per_peer = (
+            (
+                "replica_peer_events_lacking",
+                "Events this node holds that the peer lacks.",
+                "events_lacking",
+            ),
+            ("replica_peer_lag_seconds", "Age of the oldest event the peer lacks.", "lag_s"),
+            (
+                "replica_peer_last_contact_seconds",
+                "Seconds since the last exchange.",
+                "last_contact_s_ago",
+            ),
+            ("replica_peer_failures", "Consecutive failed exchanges (backoff).", "failures"),
+        )
+        for name, help_text, key in per_peer:
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
+            for peer in status["peers"]:
+                if peer[key] is not None:
+                    labels = f'region="{region}",peer="{peer["name"]}"'
+                    lines.append(f"{name}{{{labels}}} {peer[key]}")
+        for name, kind, help_text, value in (
+            (
+                "replica_quarantined_events",
+                "gauge",
+                "Events kept aside (format too new).",
+                status["quarantined_events"],
+            ),
+            (
+                "replica_pushes_dropped_total",
+                "counter",
+                "Push queues dropped when full.",
+                status["pushes_dropped"],
+            ),
+            (
+                "replica_batches_refused_total",
+                "counter",
+                "Malformed sync batches refused.",
+                status["batches_refused"],
+            ),
+        ):
+            lines += [
+                f"# HELP {name} {help_text}",
+                f"# TYPE {name} {kind}",
+                f'{name}{{region="{region}"}} {value}',
+            ]
+        return lines
 
     async def _body(self, request: web.Request) -> bytes:
         """The body, refused past ``sync_body_bytes_max`` without reading it all."""

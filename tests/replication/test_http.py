@@ -20,6 +20,7 @@ from node import commands
 from node import events as ev
 from node.config import Peer, Settings
 from node.events import Event, Op
+from node.metrics import render_metrics
 from node.replica import Replica, wall_clock_ms
 from replication import auth, protocol
 from replication.protocol import RawEvent, Sync, Tag
@@ -36,6 +37,7 @@ class Pair:
     us: Replica
     url: str  # us's sync endpoint
     replicator: Replicator  # eu's, reaching us over HTTP
+    service: ReplicationService  # us's
 
     def signed_post(self, body: bytes, **headers: str) -> dict[str, str]:
         signed = auth.sign_request(SECRET, "POST", SYNC_PATH, body, self.eu.identity.replica_id)
@@ -66,7 +68,8 @@ async def pair(tmp_path: Path, *, secret: str = SECRET) -> AsyncIterator[Pair]:
         url = str(server.make_url(SYNC_PATH))
         base = url.removesuffix(SYNC_PATH)
         transport = HttpTransport({"us": base}, secret=secret, sender=eu.identity.replica_id)
-        yield Pair(eu, us, url, Replicator(eu, transport, ["us"], now_ms=wall_clock_ms))
+        replicator = Replicator(eu, transport, ["us"], now_ms=wall_clock_ms)
+        yield Pair(eu, us, url, replicator, service)
     finally:
         if transport is not None:
             await transport.close()
@@ -212,5 +215,21 @@ def test_a_malformed_batch_gets_400_and_writes_nothing(tmp_path: Path) -> None:
         assert p.us.state.seq == 0
         assert p.us.summary == VersionVector()
         assert p.replicator.peers["us"].summary is None
+
+    run(tmp_path, body)
+
+
+def test_metrics_export_what_status_shows_of_each_peer(tmp_path: Path) -> None:
+    async def body(p: Pair) -> None:
+        await p.eu.write(commands.create("group", "staff", {"name": "Staff"}), actor="t")
+        assert await p.replicator.sync_with("us")
+        text = render_metrics(p.us)
+        assert 'replica_peer_events_lacking{region="us",peer="eu"} 0' in text
+        assert 'replica_peer_failures{region="us",peer="eu"} 0' in text
+        assert 'replica_peer_last_contact_seconds{region="us",peer="eu"}' in text
+        assert 'replica_quarantined_events{region="us"} 0' in text
+        assert 'replica_events_ingested_total{region="us"} 2' in text
+        [peer] = p.service.report()["replication"]["peers"]
+        assert (peer["name"], peer["events_lacking"]) == ("eu", 0)
 
     run(tmp_path, body)
