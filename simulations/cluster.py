@@ -143,6 +143,11 @@ class LocalCluster:
             proxy.faults.delay_ms, proxy.faults.loss = delay_ms, loss
             proxy.rng = random.Random(rng.getrandbits(32))
 
+    def reset(self) -> None:
+        """Close every open peer connection now (the links stay up)."""
+        for proxy in self.links.values():
+            proxy.reset()
+
     def cut(self, a: str, b: str, *, both_ways: bool = True) -> None:
         self.set_cut(a, b, True)
         if both_ways:

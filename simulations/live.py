@@ -125,11 +125,15 @@ class LiveRun:
         for _ in range(f.crashes):
             when = rng.randrange(duration_ms)
             plan += [(when, "kill", rng.choice(regions))]
+        for _ in range(f.partitions):  # connections reset mid-flight, links left up
+            plan += [(rng.randrange(duration_ms), "reset", None)]
         for when, what, arg in sorted(plan, key=lambda p: p[0]):
             await asyncio.sleep(max(0, when - self.ms()) / 1000)
             if what in ("cut", "uncut"):
                 for a, b in arg:
                     self.cluster.set_cut(a, b, what == "cut")
+            elif what == "reset":
+                self.cluster.reset()
             else:
                 self.cluster.kill(arg)
                 await asyncio.sleep(rng.randint(1, max(1, f.down_ms_max)) / 1000)

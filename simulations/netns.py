@@ -111,3 +111,6 @@ class NetnsCluster(LocalCluster):
 
     def shape(self, delay_ms: int, loss: float, rng: object) -> None:
         """Links here are cut and restored only; delay and loss need the proxy mode."""
+
+    def reset(self) -> None:
+        """Connections are the kernel's here: resets need the proxy mode."""
