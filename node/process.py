@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,6 +14,13 @@ from types import TracebackType
 
 START_WAIT_S = 20.0
 STOP_WAIT_S = 15.0
+
+
+def free_port() -> int:
+    """A port free on loopback now (another process may take it before it is bound)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 class NodeProcess:

@@ -10,7 +10,6 @@ import random
 import secrets
 import shutil
 import signal
-import socket
 import ssl
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -18,16 +17,10 @@ from typing import Any
 
 import aiohttp
 
-from node.process import NodeProcess
+from node.process import NodeProcess, free_port
 from simulations.proxy import LinkProxy
 
 READY_WAIT_S = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class LocalCluster:

@@ -12,7 +12,6 @@ import json
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,16 +21,12 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit
 
+from node.process import free_port
+
 READY_TIMEOUT_S = 20.0  # from spawn to the "listening" line
 EXIT_TIMEOUT_S = 20.0  # from SIGTERM to exit
 HTTP_TIMEOUT_S = 30.0
 PORT_ATTEMPTS = 3  # another process may take the port between probe and bind
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def node_command(region: str, data_dir: Path, listen: str, *extra: str) -> list[str]:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from tests.e2e.helpers import Nodes, free_port
+from node.process import free_port
+from tests.e2e.helpers import Nodes
 
 
 def test_wrong_region_on_a_data_directory_is_refused(nodes: Nodes) -> None:
