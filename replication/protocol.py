@@ -2,16 +2,44 @@
 what this node lacks, both computed from summaries (contiguous counters plus dot
 clouds, so gaps left by out-of-order delivery are found and filled).
 
-Wire: msgpack ``[tag, version, replica_id, summary, events, more]`` where ``events``
-is ``[[origin, [[counter, event_bytes], ...]], ...]``: grouped by origin so an origin
-is sent once per batch, and carried as the event's own bytes so an event of a format
-this node cannot read still has a known dot and can be quarantined, not lost.
+Wire, msgpack, protocol version 2::
+
+    request:  [1, 2, sender, check, changes, events]
+    response: [2, 2, responder, changes, events, more]
+
+``events`` are the events' own bytes. Every event format version begins
+``[version, origin, counter, ...]`` (a new version must keep those three first): the
+dot is read from there, so an event of a format this node cannot read still has a
+known dot and is quarantined, not lost.
+
+``changes`` is the sender's summary, as ``[origin, contiguous, [cloud...]]`` for each
+origin where it differs from a *base* the receiver holds joined with the dots of the
+carried events. Every origin not listed is as in that base; one listed as
+``[origin, 0, []]`` is one the sender holds nothing of. The base of
+- a request whose ``check`` is nil: nothing (the summary is sent whole);
+- a request with a ``check``: every summary this sender's earlier requests showed the
+  receiver, joined. The sender lists what differs from the part the receiver
+  confirmed (by answering), which lies between that base and the sender's summary, so
+  what it leaves out is as in the base. The ``check``, a 64-bit digest of the
+  receiver's id (as the sender believes it) and the sender's whole summary, is what
+  makes that safe: a receiver whose rebuilt summary has another digest (it restarted,
+  forgot the sender, is another incarnation, or the request is stale) cannot know what
+  the sender lacks, so it answers whole with its id and no events, and the sender then
+  sends its summary whole;
+- a response with a nil ``responder`` (the request's check matched, so the requester
+  knows whom it asked): the request's summary;
+- a response naming its ``responder``: nothing.
+So a round between peers that agree costs a few dozen bytes however many origins there
+are, and a rebuilt summary is exact or refused, never guessed. ``more``: the responder
+had more to send than fit.
+
 A message that breaks any rule raises ``BadMessage``: the whole batch is refused.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import hashlib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
@@ -20,6 +48,7 @@ import msgpack
 
 from crdt import Dot, VersionVector
 from crdt import codec as crdt_codec
+from crdt.version_vector import OriginSeen
 from node.events import (
     COUNTER_MAX,
     EVENT_BYTES_MAX,
@@ -30,8 +59,9 @@ from node.events import (
 )
 from node.events import decode as decode_event
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 BATCH_EVENTS_MAX = 50_000
+NOTHING = OriginSeen()
 
 
 class Tag(IntEnum):
@@ -45,93 +75,171 @@ class BadMessage(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class RawEvent:
-    dot: Dot
+    dot: Dot  # the dot its bytes begin with
     data: bytes
 
 
 @dataclass(frozen=True, slots=True)
 class Sync:
-    """A request (tag SYNC_REQUEST) or a response (SYNC_RESPONSE): the sender's summary,
-    the events it sends, and whether it had more to send than fit."""
+    """A message as its sender builds it: its whole summary, the events it sends, whether
+    it had more to send than fit, and the base the summary is sent over (None: whole).
+
+    A request with a base names the ``receiver`` it believes it asks; a response with a
+    base (the request's summary) has no ``replica_id``.
+    """
 
     tag: Tag
-    replica_id: str
+    replica_id: str | None
     summary: VersionVector
     events: tuple[RawEvent, ...] = ()
     more: bool = False
+    base: VersionVector | None = None
+    receiver: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.tag is Tag.SYNC_REQUEST:
+            assert self.replica_id is not None, "a request names its sender"
+            assert not self.more, "more is an answer's"
+            assert (self.base is None) == (self.receiver is None), "a check names a receiver"
+        else:
+            assert (self.replica_id is None) != (self.base is None), "named, or over a base"
+            assert self.receiver is None, "an answer has no check"
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """A message as read: its summary is known once joined with its base (``over``)."""
+
+    tag: Tag
+    replica_id: str | None
+    changes: Mapping[str, OriginSeen]
+    events: tuple[RawEvent, ...] = ()
+    more: bool = False
+    check: int | None = None
+
+    def over(self, base: VersionVector) -> VersionVector:
+        """The sender's summary, given the base it was sent over."""
+        joined = {**_with_events(base, self.events).origins, **self.changes}
+        return VersionVector({o: s for o, s in joined.items() if s.contiguous or s.cloud})
+
+    @property
+    def summary(self) -> VersionVector:
+        """What the message alone shows the sender holds: all of it if sent whole."""
+        return self.over(VersionVector())
 
     def event_bytes(self) -> int:
         return sum(len(e.data) for e in self.events)
 
 
+def _with_events(base: VersionVector, events: Iterable[RawEvent]) -> VersionVector:
+    return base.add_all(e.dot for e in events)
+
+
+def digest(receiver: str, summary: VersionVector) -> int:
+    """The check of a request sent over a base (the codec's encoding is canonical)."""
+    data = msgpack.packb([receiver, crdt_codec.to_wire(summary)])
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+def _changes(summary: VersionVector, base: VersionVector) -> list[list[Any]]:
+    listed = []
+    for origin in sorted(summary.origins.keys() | base.origins.keys()):
+        seen = summary.origins.get(origin, NOTHING)
+        if seen != base.origins.get(origin, NOTHING):
+            listed.append([origin, seen.contiguous, sorted(seen.cloud)])
+    return listed
+
+
 def encode(message: Sync) -> bytes:
-    grouped: dict[str, list[list[Any]]] = {}
-    for raw in message.events:
-        grouped.setdefault(raw.dot.origin, []).append([raw.dot.counter, raw.data])
-    return bytes(
-        msgpack.packb(
-            [
-                int(message.tag),
-                PROTOCOL_VERSION,
-                message.replica_id,
-                crdt_codec.to_wire(message.summary),
-                [[origin, items] for origin, items in grouped.items()],
-                message.more,
-            ]
-        )
-    )
+    base = VersionVector() if message.base is None else message.base
+    changes = _changes(message.summary, _with_events(base, message.events))
+    events = [e.data for e in message.events]
+    head = [int(message.tag), PROTOCOL_VERSION, message.replica_id]
+    if message.tag is Tag.SYNC_REQUEST:
+        check = None if message.receiver is None else digest(message.receiver, message.summary)
+        return bytes(msgpack.packb([*head, check, changes, events]))
+    return bytes(msgpack.packb([*head, changes, events, message.more]))
 
 
-def decode(data: bytes, *, expect: Tag) -> Sync:
+def decode(data: bytes, *, expect: Tag) -> Received:
     try:
         wire = msgpack.unpackb(data)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
         raise BadMessage(f"not msgpack: {exc}") from exc
     if not isinstance(wire, list) or len(wire) != 6:
-        raise BadMessage("a sync message is [tag, version, replica_id, summary, events, more]")
-    tag, version, replica_id, summary, groups, more = wire
+        raise BadMessage("a sync message is a 6-element array")
+    tag, version, replica_id = wire[:3]
     if tag != expect:
         raise BadMessage(f"expected a {expect.name.lower()} (tag {int(expect)}), got tag {tag!r}")
     if version != PROTOCOL_VERSION:
         raise BadMessage(f"unknown protocol version {version!r}")
-    if not isinstance(replica_id, str) or not ORIGIN_RE.fullmatch(replica_id):
+    named = isinstance(replica_id, str) and ORIGIN_RE.fullmatch(replica_id)
+    if not named and (replica_id is not None or expect is Tag.SYNC_REQUEST):
         raise BadMessage(f"bad replica id {replica_id!r}")
-    try:
-        vv = crdt_codec.from_wire(summary)
-    except crdt_codec.CodecError as exc:
-        raise BadMessage(f"bad summary: {exc}") from exc
-    if not isinstance(vv, VersionVector):
-        raise BadMessage("summary must be a version vector")
+    if expect is Tag.SYNC_REQUEST:
+        check, changes, events = wire[3:]
+        # msgpack keeps true apart from 1: refuse a bool wherever an int is meant (and
+        # has no int past 64 bits).
+        if check is not None and (type(check) is not int or check < 0):
+            raise BadMessage(f"bad check {check!r}")
+        return Received(
+            expect, replica_id, _read_changes(changes), _read_events(events), check=check
+        )
+    changes, events, more = wire[3:]
     if not isinstance(more, bool):
         raise BadMessage("more must be a boolean")
-    return Sync(expect, replica_id, vv, tuple(_events(groups)), more)
+    return Received(expect, replica_id, _read_changes(changes), _read_events(events), more)
 
 
-def _events(groups: Any) -> Iterable[RawEvent]:
-    if not isinstance(groups, list):
+def _is_counter(value: Any, *, least: int) -> bool:
+    return type(value) is int and least <= value <= COUNTER_MAX
+
+
+def _read_changes(changes: Any) -> dict[str, OriginSeen]:
+    if not isinstance(changes, list):
+        raise BadMessage("bad summary: changes must be an array")
+    read: dict[str, OriginSeen] = {}
+    for entry in changes:
+        if not isinstance(entry, list) or len(entry) != 3:
+            raise BadMessage("bad summary: an entry is [origin, contiguous, [cloud...]]")
+        origin, contiguous, cloud = entry
+        if not isinstance(origin, str) or not ORIGIN_RE.fullmatch(origin) or origin in read:
+            raise BadMessage(f"bad summary: bad or repeated origin {origin!r}")
+        if not _is_counter(contiguous, least=0) or not isinstance(cloud, list):
+            raise BadMessage(f"bad summary: bad entry for {origin}")
+        if not all(_is_counter(c, least=contiguous + 2) for c in cloud):
+            raise BadMessage(f"bad summary: {origin}'s cloud must lie beyond its gap")
+        read[origin] = OriginSeen(contiguous, frozenset(cloud))
+    return read
+
+
+def _read_events(items: Any) -> tuple[RawEvent, ...]:
+    if not isinstance(items, list):
         raise BadMessage("events must be an array")
-    count = 0
-    for group in groups:
-        if not isinstance(group, list) or len(group) != 2:
-            raise BadMessage("an event group is [origin, [[counter, bytes], ...]]")
-        origin, items = group
-        if not isinstance(origin, str) or not ORIGIN_RE.fullmatch(origin):
-            raise BadMessage(f"bad origin {origin!r}")
-        if not isinstance(items, list):
-            raise BadMessage("an event group's items must be an array")
-        for item in items:
-            count += 1
-            if count > BATCH_EVENTS_MAX:
-                raise BadMessage(f"more than {BATCH_EVENTS_MAX} events in one message")
-            if not isinstance(item, list) or len(item) != 2:
-                raise BadMessage("an event is [counter, bytes]")
-            counter, data = item
-            # msgpack keeps true apart from 1, and a Dot refuses a bool: refuse it here.
-            if type(counter) is not int or not 1 <= counter <= COUNTER_MAX:
-                raise BadMessage(f"bad counter {counter!r}")
-            if not isinstance(data, bytes) or len(data) > EVENT_BYTES_MAX:
-                raise BadMessage("event bytes missing or too large")
-            yield RawEvent(Dot(origin, counter), data)
+    if len(items) > BATCH_EVENTS_MAX:
+        raise BadMessage(f"more than {BATCH_EVENTS_MAX} events in one message")
+    for data in items:
+        if not isinstance(data, bytes) or len(data) > EVENT_BYTES_MAX:
+            raise BadMessage("event bytes missing or too large")
+    return tuple(RawEvent(dot_of(data), data) for data in items)
+
+
+def dot_of(data: bytes) -> Dot:
+    """The dot of an event of any format version, read from its leading fields."""
+    unpacker = msgpack.Unpacker()
+    unpacker.feed(data)
+    try:
+        leading = [unpacker.unpack() for _ in range(min(3, unpacker.read_array_header()))]
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise BadMessage(f"an event begins [version, origin, counter]: {exc}") from exc
+    if len(leading) < 3:
+        raise BadMessage("an event begins [version, origin, counter]")
+    _, origin, counter = leading
+    if not isinstance(origin, str) or not ORIGIN_RE.fullmatch(origin):
+        raise BadMessage(f"bad origin {origin!r}")
+    if not _is_counter(counter, least=1):
+        raise BadMessage(f"bad counter {counter!r}")
+    return Dot(origin, counter)
 
 
 def read_event(raw: RawEvent) -> Event:
@@ -154,7 +262,7 @@ class Batch:
     quarantined: list[RawEvent] = field(default_factory=list)
 
 
-def read_batch(message: Sync) -> Batch:
+def read_batch(message: Received) -> Batch:
     """Every event of ``message``, validated; one bad event refuses the whole batch."""
     batch = Batch()
     for raw in message.events:

@@ -46,6 +46,7 @@ class Limits:
     backoff_max_ms: int = BACKOFF_MAX_MS
     bootstrap_wait_ms_max: int = 120_000
     compaction_interval_ms: int = 10_000
+    requesters_max: int = 64
 
 
 def _raw(pairs: Sequence[tuple[Dot, bytes]]) -> tuple[RawEvent, ...]:
@@ -79,13 +80,20 @@ class Replicator:
         self.batches_refused = 0
         self.bootstrap_received = 0
         self._compaction_cursor = b""
+        # The last whole summary each requester sent or proved (by its check): the base
+        # its next changes are read over. And per peer, the last of ours it confirmed.
+        self._heard: dict[str, VersionVector] = {}
+        self._told: dict[str, VersionVector] = {}
 
     # -- serving a peer ----------------------------------------------------------
 
     async def handle(self, body: bytes) -> bytes:
         """Answer one sync request. Raises BadMessage (nothing written) or Overloaded."""
         request = protocol.decode(body, expect=Tag.SYNC_REQUEST)
-        if request.replica_id == self.replica.identity.replica_id:
+        sender = request.replica_id
+        assert sender is not None, "decode refuses a request without its sender"
+        own = self.replica.identity.replica_id
+        if sender == own:
             raise BadMessage("a node does not sync with itself")
         try:
             batch = protocol.read_batch(request)
@@ -93,22 +101,45 @@ class Replicator:
             self.batches_refused += 1
             raise
         await self._ingest(batch)
-        theirs = request.summary.merge(_summary_of(request.events))
-        peer = self.peers.get(request.replica_id.partition("~")[0])
+        theirs = self._rebuilt(sender, request)
+        peer = self.peers.get(sender.partition("~")[0])
         if peer is not None:
-            peer.contacted(self.now_ms(), request.replica_id, theirs)
+            # Unchecked, what the request alone shows is still a lower bound of theirs.
+            peer.contacted(self.now_ms(), sender, request.summary if theirs is None else theirs)
+        if theirs is None:
+            return protocol.encode(Sync(Tag.SYNC_RESPONSE, own, self._advertised()))
         pairs, more = self._missing(theirs)
         if peer is not None:
             # Not learned() here: the answer may be lost; the peer's next request says.
             peer.events_sent += len(pairs)
+        checked = request.check is not None
         response = Sync(
             Tag.SYNC_RESPONSE,
-            self.replica.identity.replica_id,
+            None if checked else own,
             self._advertised(),
             _raw(pairs),
             more,
+            base=theirs if checked else None,
         )
         return protocol.encode(response)
+
+    def _rebuilt(self, sender: str, request: protocol.Received) -> VersionVector | None:
+        """The requester's whole summary, or None if it was sent over a base we lack."""
+        heard = self._heard.get(sender)
+        if request.check is None:
+            theirs = request.summary
+        elif heard is None:
+            return None
+        else:
+            theirs = request.over(heard)
+            if protocol.digest(self.replica.identity.replica_id, theirs) != request.check:
+                return None
+        # Merged, not replaced: a late duplicate of an older request takes nothing back.
+        self._heard.pop(sender, None)
+        self._heard[sender] = theirs if heard is None else heard.merge(theirs)
+        while len(self._heard) > self.limits.requesters_max:
+            del self._heard[next(iter(self._heard))]  # the longest unheard of
+        return theirs
 
     def _advertised(self) -> VersionVector:
         """Our summary plus the dots kept in quarantine: we hold those too. Left out, a
@@ -133,14 +164,20 @@ class Replicator:
     # -- syncing with a peer -----------------------------------------------------
 
     def request_for(self, name: str, push: Sequence[RawEvent] = ()) -> Sync:
-        """A request to ``name``: our summary, and what it lacks as far as we know."""
+        """A request to ``name``: our summary, and what it lacks as far as we know.
+
+        The summary goes as changes over what the peer confirmed our requests showed it,
+        when there is such a thing; whole otherwise.
+        """
         peer = self.peers[name]
         if not push and peer.summary is not None:
             pairs, _ = self._missing(peer.summary)
             push = _raw(pairs)
-        return Sync(
-            Tag.SYNC_REQUEST, self.replica.identity.replica_id, self._advertised(), tuple(push)
-        )
+        own, told = self.replica.identity.replica_id, self._told.get(name)
+        mine, push = self._advertised(), tuple(push)
+        if told is None or peer.replica_id is None:
+            return Sync(Tag.SYNC_REQUEST, own, mine, push)
+        return Sync(Tag.SYNC_REQUEST, own, mine, push, base=told, receiver=peer.replica_id)
 
     async def absorb(self, name: str, sent: Sync, answer: bytes) -> bool:
         """Take ``name``'s answer to ``sent``; return whether another round is worth it.
@@ -149,19 +186,35 @@ class Replicator:
         """
         peer = self.peers[name]
         response = protocol.decode(answer, expect=Tag.SYNC_RESPONSE)
+        # An answer names its sender, unless our check proved whom we asked: then its
+        # summary comes over ours. Named although we sent a check, it could not read ours.
+        if response.replica_id is not None:
+            replica_id, theirs = response.replica_id, response.summary
+        elif sent.receiver is not None:
+            replica_id, theirs = sent.receiver, response.over(sent.summary)
+        else:
+            raise BadMessage("an answer to a whole summary must name its sender")
+        unread = sent.receiver is not None and response.replica_id is not None
         batch = protocol.read_batch(response)
         received = await self._ingest(batch)
         # Events newly kept aside are progress too: the next request advertises them.
         kept = any(raw.dot not in sent.summary for raw in batch.quarantined)
+        if unread:
+            self._told.pop(name, None)
+        else:
+            told = self._told.get(name)
+            self._told[name] = sent.summary if told is None else told.merge(sent.summary)
         before = peer.summary
-        peer.contacted(self.now_ms(), response.replica_id, response.summary)
+        peer.contacted(self.now_ms(), replica_id, theirs)
         peer.learned(_summary_of(sent.events))
         peer.rounds += 1
         peer.events_sent += len(sent.events)
         peer.events_received += received
         if self.replica.not_ready is not None:
             self.bootstrap_received += received
-        they_lack = bool(self.replica.summary.missing_from(response.summary))
+        if unread:
+            return True  # it sent nothing it holds: ask again, whole
+        they_lack = bool(self.replica.summary.missing_from(theirs))
         if not response.more and not they_lack:
             if self.replica.not_ready is not None:
                 self._ready(f"caught up with {name}")

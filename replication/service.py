@@ -61,6 +61,7 @@ class ReplicationService:
 
     def install(self, app: web.Application) -> None:
         app.router.add_post(SYNC_PATH, self.handle)
+        app.on_response_prepare.append(_terse)
         self.replica.reporters.append(self.report)
         self.replica.metric_reporters.append(self.metrics)
 
@@ -170,6 +171,13 @@ class ReplicationService:
             content_type="application/msgpack",
             headers=sign_response(self.secret, 200, answer),
         )
+
+
+async def _terse(request: web.Request, response: web.StreamResponse) -> None:
+    """A sync answer goes to a peer, not a browser: no ``Server`` (the peer runs the same
+    code). ``Date`` stays, as HTTP requires of every 2xx answer."""
+    if request.path == SYNC_PATH:
+        response.headers.popall("Server", None)
 
 
 def extensions(replica: Replica, settings: Settings) -> Sequence[Extension]:

@@ -74,7 +74,12 @@ class HttpTransport:
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
             connector = aiohttp.TCPConnector(ssl=self._ssl if self._ssl is not None else True)
-            self._session = aiohttp.ClientSession(timeout=self._timeout, connector=connector)
+            self._session = aiohttp.ClientSession(
+                timeout=self._timeout,
+                connector=connector,
+                # A peer needs none of these; each round trip would carry them.
+                skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
+            )
         return self._session
 
     async def send(self, peer: str, body: bytes) -> bytes:

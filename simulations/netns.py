@@ -19,7 +19,7 @@ from pathlib import Path
 from node.process import NodeProcess
 from simulations.cluster import LocalCluster
 
-SUBNET = "10.231.7"  # /24, only on this machine's own test bridge
+SUBNET_PREFIX = "10.231"  # a /24 per run below it, only on this machine's own test bridge
 NODE_PORT = 8000
 
 
@@ -48,7 +48,9 @@ class NetnsCluster(LocalCluster):
         tag = f"{os.getpid() % 100_000}"
         self.bridge = f"rsbr{tag}"
         self.spaces = {r: f"rs{tag}-{r}" for r in regions}
-        self.addresses = {r: f"{SUBNET}.{10 + i}" for i, r in enumerate(regions)}
+        # Runs at once (two test suites) must not share a subnet: their routes would clash.
+        self.subnet = f"{SUBNET_PREFIX}.{os.getpid() % 250}"
+        self.addresses = {r: f"{self.subnet}.{10 + i}" for i, r in enumerate(regions)}
         self.api_token = secrets.token_urlsafe(24)
         self.headers = {"Authorization": f"Bearer {self.api_token}"}
         self._cut: set[tuple[str, str]] = set()
@@ -84,7 +86,7 @@ class NetnsCluster(LocalCluster):
 
     def _network_up(self) -> None:
         _ip("link", "add", self.bridge, "type", "bridge")
-        _ip("addr", "add", f"{SUBNET}.1/24", "dev", self.bridge)
+        _ip("addr", "add", f"{self.subnet}.1/24", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
         for i, (region, space) in enumerate(self.spaces.items()):
             inside, outside = f"rsv{os.getpid() % 10_000}{i}a", f"rsv{os.getpid() % 10_000}{i}b"

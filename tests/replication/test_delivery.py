@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from crdt import Dot, VersionVector
@@ -101,13 +102,20 @@ def test_a_batch_with_one_malformed_event_is_refused_whole(tmp_path: Path) -> No
         bad = Event(Dot(eu_id, 999), events[0].hlc, "user/not an id", Op.CREATE)
         with pytest.raises(BadMessage, match=f"event {eu_id}:999"):
             await replicator.handle(request(eu_id, [*events[2:6], bad, *events[6:]]))
-        liar = RawEvent(events[7].dot, ev.encode(events[6]))
-        raws = (*(RawEvent(e.dot, ev.encode(e)) for e in events[2:6]), liar)
-        with pytest.raises(BadMessage, match="was sent as"):
+        # Its dot reads well, but bytes follow the event: not an event either.
+        trailing = RawEvent(events[7].dot, ev.encode(events[7]) + b"\x00")
+        raws = (*(RawEvent(e.dot, ev.encode(e)) for e in events[2:6]), trailing)
+        with pytest.raises(BadMessage, match=f"event {events[7].dot}"):
             await replicator.handle(
                 protocol.encode(Sync(Tag.SYNC_REQUEST, eu_id, VersionVector(), raws))
             )
         assert replicator.batches_refused == 2
+        # Bytes that do not begin [version, origin, counter] are no event of any version.
+        nameless = RawEvent(events[7].dot, msgpack.packb("not an event"))
+        with pytest.raises(BadMessage, match="an event begins"):
+            await replicator.handle(
+                protocol.encode(Sync(Tag.SYNC_REQUEST, eu_id, VersionVector(), (nameless,)))
+            )
         assert (us.state.seq, us.summary) == (seq, summary)
         assert c.views_of("us") == views
         assert replicator.peers["eu"].summary == known  # a refused batch teaches nothing
