@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from crdt import Dot, VersionVector
+from crdt import Dot, OriginSeen, VersionVector
 from crdt.clock import physical_ms
 from node import events as ev
 from node import log, views
@@ -108,7 +108,7 @@ class Replicator:
             peer.contacted(self.now_ms(), sender, request.summary if theirs is None else theirs)
         if theirs is None:
             return protocol.encode(Sync(Tag.SYNC_RESPONSE, own, self._advertised()))
-        pairs, more = self._missing(theirs)
+        pairs, more = self._missing(theirs, sender)
         if peer is not None:
             # Not learned() here: the answer may be lost; the peer's next request says.
             peer.events_sent += len(pairs)
@@ -149,7 +149,14 @@ class Replicator:
             kept = [dot for dot, _ in log.quarantined(txn)]
         return self.replica.summary.add_all(kept) if kept else self.replica.summary
 
-    def _missing(self, theirs: VersionVector) -> tuple[list[tuple[Dot, bytes]], bool]:
+    def _missing(
+        self, theirs: VersionVector, peer_id: str | None
+    ) -> tuple[list[tuple[Dot, bytes]], bool]:
+        if peer_id is not None:
+            # A replica never lacks its own events (a lost disk comes back as a new
+            # incarnation), whatever a stale summary of it says: never send them back.
+            own = self.replica.summary.highest(peer_id)
+            theirs = theirs.merge(VersionVector({peer_id: OriginSeen(own)}))
         return self.replica.read_missing(
             theirs, bytes_max=self.limits.batch_bytes_max, events_max=self.limits.batch_events_max
         )
@@ -171,7 +178,7 @@ class Replicator:
         """
         peer = self.peers[name]
         if not push and peer.summary is not None:
-            pairs, _ = self._missing(peer.summary)
+            pairs, _ = self._missing(peer.summary, peer.replica_id)
             push = _raw(pairs)
         own, told = self.replica.identity.replica_id, self._told.get(name)
         mine, push = self._advertised(), tuple(push)
@@ -234,9 +241,11 @@ class Replicator:
         logger.info("sync with %s failed (%s); next try in %d ms", name, error, delay)
         return delay
 
-    async def sync_with(self, name: str, push: Sequence[RawEvent] = ()) -> bool:
+    async def sync_with(
+        self, name: str, push: Sequence[RawEvent] = (), *, rounds_max: int | None = None
+    ) -> bool:
         """Round trips with ``name`` until neither side has more; False if it failed."""
-        for _ in range(self.limits.sync_rounds_max):
+        for _ in range(rounds_max or self.limits.sync_rounds_max):
             request = self.request_for(name, push)
             push = ()
             try:
@@ -297,7 +306,9 @@ class Replicator:
     async def push(self, name: str) -> None:
         """Send what is queued for ``name`` (one bounded batch per round trip)."""
         while batch := self.take_push(name):
-            await self.sync_with(name, batch)
+            # One round trip a batch: what else either side lacks is anti-entropy's work,
+            # or a push relays events the other peers are pushing already.
+            await self.sync_with(name, batch, rounds_max=1)
 
     # -- running ----------------------------------------------------------------
 

@@ -240,6 +240,7 @@ class Simulation:
         self.manual_cuts: set[tuple[str, str]] = set()
         self.healed = False
         self._pending: dict[int, tuple[str, str, int]] = {}  # request id -> (from, to, gen)
+        self._pushes: set[int] = set()  # eager pushes: one round trip, no follow-up
         self.workload = Workload(
             list(scenario.regions), random.Random(self.rng.getrandbits(64)), scenario.mix
         )
@@ -286,12 +287,14 @@ class Simulation:
             self.now_ms + self.rng.randint(f.delay_ms_min, f.delay_ms_max) for _ in range(copies)
         ]
 
-    def send_request(self, source: str, target: str, request: Sync) -> None:
+    def send_request(self, source: str, target: str, request: Sync, *, push: bool = False) -> None:
         node = self.nodes[source]
         body = protocol.encode(request)
         self._seq += 1
         request_id = self._seq
         self._pending[request_id] = (source, target, node.generation)
+        if push:
+            self._pushes.add(request_id)
         self.result.rounds += 1
         self.log(
             f"send {source}->{target} #{request_id} events={len(request.events)} bytes={len(body)}"
@@ -338,7 +341,7 @@ class Simulation:
             return
         more = await node.replicator.absorb(target, request, answer)
         self.log(f"absorbed #{request_id} at {source} more={more}")
-        if more:
+        if more and request_id not in self._pushes:
             self.send_request(source, target, node.replicator.request_for(target))
 
     async def _timeout(self, request_id: int) -> None:
@@ -385,7 +388,7 @@ class Simulation:
         for peer in sorted(node.replicator.peers):
             batch = node.replicator.take_push(peer)
             if batch:
-                self.send_request(region, peer, node.replicator.request_for(peer, batch))
+                self.send_request(region, peer, node.replicator.request_for(peer, batch), push=True)
 
     async def _crash(self, region: str, down_ms: int) -> None:
         node = self.nodes[region]
