@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 READY := $(VENV)/.ready
 
-.PHONY: run test check lint types
+.PHONY: run test check lint types bench
 
 $(READY): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,3 +25,9 @@ types: $(READY)
 	$(VENV)/bin/mypy
 
 check: lint types test
+
+# Benchmarks (never part of `test`): installs the bench extra, writes benchmarks/results.json
+# and prints the table. `make bench BENCH_ARGS=--quick` for a fast pass.
+bench: $(READY)
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	$(PY) -m benchmarks.run $(BENCH_ARGS)

@@ -12,8 +12,11 @@ No clock and no randomness is read here: time enters only through event stamps.
 from __future__ import annotations
 
 import hashlib
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgpack
 
@@ -54,6 +57,10 @@ class EntityState:
     etag: int = 0  # XOR of the hashes of every applied dot: same events, same tag
     events: int = 0
     updated_hlc: int = 0
+    # What the views derive from this (immutable) state, e.g. its digest and index keys,
+    # kept with it: a state stored by one commit and read back by the next is not
+    # hashed and tokenised again. Not part of the state: not compared, not encoded.
+    derived: dict[tuple[str, str], Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def exists(self) -> bool:
@@ -62,8 +69,9 @@ class EntityState:
     @property
     def created_hlc(self) -> int:
         """When the live incarnation was created (its earliest live create), else 0."""
-        live = self.existence.dots(ENTITY)
-        return min((self.create_stamps[d] for d in live if d in self.create_stamps), default=0)
+        stamps = self.create_stamps
+        live = (stamps.get(d) for d in self.existence.dots(ENTITY))  # one lookup per dot
+        return min((stamp for stamp in live if stamp is not None), default=0)
 
     def value(self, name: str) -> Value:
         register = self.fields.get(name)
@@ -166,16 +174,90 @@ def encode_state(state: EntityState) -> bytes:
     )
 
 
+def _register(wire: Any) -> LWWRegister[Value]:
+    """A stored register: what ``crdt.codec`` decodes from ``[value, hlc, origin, counter]``,
+    with the same checks, without building its tagged form first (reads decode many)."""
+    if wire is None:
+        return LWWRegister()
+    if not isinstance(wire, list):
+        raise CorruptView(f"a register is an array, not {type(wire).__name__}")
+    value, hlc, origin, counter = wire
+    if not isinstance(hlc, int) or hlc < 0:
+        raise CorruptView("register stamp must be an int >= 0")
+    if not isinstance(origin, str) or not isinstance(counter, int):
+        raise CorruptView("dot must be [str, int]")
+    return LWWRegister(Write(value, hlc, Dot(origin, counter)))
+
+
+# Decoded views, by their bytes: a state is immutable, so one object can serve every
+# reader of the same bytes (reads of a hot entity, a write's check and its fold), and the
+# writer, which has just folded the state it stores, need not decode it again.
+DECODED_VIEWS_MAX = 8_192
+
+
+class _Decoded:
+    """A bounded map from view bytes to their decoded state, least recently used out."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._states: OrderedDict[bytes, EntityState] = OrderedDict()
+        self._lock = threading.Lock()  # the writer thread and the event loop share it
+
+    def get(self, data: bytes) -> EntityState | None:
+        with self._lock:
+            state = self._states.get(data)
+            if state is not None:
+                self._states.move_to_end(data)
+            return state
+
+    def put(self, data: bytes, state: EntityState) -> None:
+        with self._lock:
+            self._states[data] = state
+            self._states.move_to_end(data)
+            if len(self._states) > self.size:
+                self._states.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._states.clear()
+
+
+_DECODED = _Decoded(DECODED_VIEWS_MAX)
+
+
+def remember_state(data: bytes, state: EntityState) -> None:
+    """Let ``decode_state(data)`` answer ``state``: ``data`` is ``encode_state(state)``.
+
+    Kept as decoding would give it (fields and creates in key order), so nothing that
+    iterates it can tell it was not decoded.
+    """
+    canonical = EntityState(
+        existence=state.existence,
+        fields=dict(sorted(state.fields.items())),
+        floor=state.floor,
+        create_stamps=dict(sorted(state.create_stamps.items())),
+        etag=state.etag,
+        events=state.events,
+        updated_hlc=state.updated_hlc,
+        derived=state.derived,
+    )
+    _DECODED.put(data, canonical)
+
+
 def decode_state(data: bytes) -> EntityState:
+    state = _DECODED.get(data)
+    if state is None:
+        state = _decode_state(data)
+        _DECODED.put(data, state)
+    return state
+
+
+def _decode_state(data: bytes) -> EntityState:
     try:
         version, existence, fields, floor, creates, etag, events, updated = msgpack.unpackb(data)
         if version != VIEW_FORMAT:
             raise CorruptView(f"view format {version!r}")
-        registers: dict[str, LWWRegister[Value]] = {}
-        for name, wire in fields.items():
-            register = crdt_codec.from_wire([crdt_codec.Tag.LWW_REGISTER, 1, wire])
-            assert isinstance(register, LWWRegister)
-            registers[name] = register
+        registers = {name: _register(wire) for name, wire in fields.items()}
         exists = crdt_codec.from_wire(existence)
         assert isinstance(exists, ORSet)
         return EntityState(

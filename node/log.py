@@ -103,11 +103,15 @@ def save_state(txn: WriteTxn, state: LogState) -> None:
     txn.put("meta", b"summary", crdt_codec.encode(state.summary))
 
 
-def append(txn: WriteTxn, state: LogState, event: Event) -> int | None:
-    """Append ``event`` unless its dot is already here; return its new seq."""
+def append(txn: WriteTxn, state: LogState, event: Event, *, validated: bool = False) -> int | None:
+    """Append ``event`` unless its dot is already here; return its new seq.
+
+    ``validated``: the caller has just validated the event (the writer does a whole
+    ingested batch before putting any of it), so it is not validated again.
+    """
     if event.dot in state.summary:
         return None
-    data = ev.encode(ev.validate(event))
+    data = ev.encode(event if validated else ev.validate(event))
     state.seq += 1
     txn.put("events", u64(state.seq), data)
     txn.put("dots", dot_key(event.dot), u64(state.seq))

@@ -1,9 +1,12 @@
 """Rebuild the views from the log: views are disposable, the log is the truth.
 
-One write transaction clears every view and index and folds every event again in
-local order, through the same ``views.apply`` the writer uses, so a crash halfway
-leaves the old views, never half-rebuilt ones. A directory that is not a replica's
-(no ``meta`` region) is refused, and nothing is created in it.
+One write transaction clears every view and index and folds every event again, through
+the same ``views.apply`` the writer uses, so a crash halfway leaves the old views, never
+half-rebuilt ones. Events are taken entity by entity (each entity's events in local
+order, from the ``streams`` index): the fold is order-independent, so the views are
+those of the log's own order, and each entity is folded whole and stored once instead
+of being read back and stored again for every event. A directory that is not a
+replica's (no ``meta`` region) is refused, and nothing is created in it.
 """
 
 from __future__ import annotations
@@ -14,19 +17,27 @@ from pathlib import Path
 
 import lmdb
 
-from node import events as ev
-from node import views
+from node import log, views
 from node.kv import DATABASES, WriteTxn
 from node.lmdb_kv import DataDirBusy, LmdbKV
+from node.writer import gc_paused
+
+# Entities folded before their views are stored: bounds the memory a rebuild holds.
+REPLAY_PENDING_MAX = 1_000
 
 
 def replay_views(txn: WriteTxn) -> int:
     """Clear the views and fold every event of the log into them; return the count."""
     views.clear(txn)
     count = 0
-    for _, data in txn.scan("events"):
-        views.apply(txn, ev.decode(data))
-        count += 1
+    pending = views.Pending(remember=False)
+    with gc_paused():
+        for key, _ in txn.scan("streams"):  # stream \0 seq: entity by entity
+            views.apply(txn, log.read_event(txn, log.from_u64(key[-8:])), pending)
+            count += 1
+            if len(pending) >= REPLAY_PENDING_MAX:
+                pending.flush(txn)
+        pending.flush(txn)
     return count
 
 

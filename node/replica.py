@@ -259,6 +259,11 @@ class Replica:
         with self.kv.read() as txn:
             return views.entity(txn, stream_of(kind, entity_id))
 
+    def entities(self, kind: str, entity_ids: Iterable[str]) -> list[EntityState]:
+        """Several entities, read in one transaction (one snapshot)."""
+        with self.kv.read() as txn:
+            return [views.entity(txn, stream_of(kind, entity_id)) for entity_id in entity_ids]
+
     def stream(self, kind: str, entity_id: str) -> list[tuple[int, Event]]:
         with self.kv.read() as txn:
             return list(log.stream_events(txn, stream_of(kind, entity_id)))

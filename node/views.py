@@ -12,20 +12,32 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import msgpack
 
 from crdt import ORSet, VersionVector
 from crdt import codec as crdt_codec
 from node.events import Event, Op, stream_of
-from node.fold import EntityState, decode_state, encode_state, fold, fold_member, prune_member
+from node.fold import (
+    EntityState,
+    decode_state,
+    encode_state,
+    fold,
+    fold_member,
+    prune_member,
+    remember_state,
+)
 from node.kv import ReadTxn, WriteTxn
 from node.schema import UNIQUE_FIELDS, index_value
 
+T = TypeVar("T")
 TOKEN_RE = re.compile(r"[^\W_]+")
 INDEX_DBS = {"email": "idx_email", "username": "idx_username"}
 SEARCH_SCAN_KEYS_MAX = 20_000
+SEARCHED_FIELDS = ("name", "username", "email")
+INDEXED_FIELDS = tuple(dict.fromkeys((*SEARCHED_FIELDS, *UNIQUE_FIELDS)))
 
 
 def entity(txn: ReadTxn, stream: str) -> EntityState:
@@ -44,7 +56,7 @@ def member_slice(txn: ReadTxn, group_id: str, user_id: str) -> ORSet[str]:
 
 def search_tokens(state: EntityState) -> set[str]:
     tokens: set[str] = set()
-    for field in ("name", "username", "email"):
+    for field in SEARCHED_FIELDS:
         value = state.value(field)
         if value:
             folded = index_value(field, value)
@@ -71,29 +83,27 @@ def search_part(token: str) -> bytes:
     return token.encode()[:SEARCH_TOKEN_BYTES_MAX]
 
 
-def _unique_entries(stream: str, state: EntityState) -> dict[tuple[str, bytes], str]:
-    """Each unique-field index key this state implies, with the (casefolded) value."""
+def _index_entries(stream: str, state: EntityState) -> dict[tuple[str, bytes], str | None]:
+    """Every index key this entity's state implies, each unique-field key with the
+    (casefolded) value it holds, each search key with None."""
     kind, _, entity_id = stream.partition("/")
     if kind != "user" or not state.exists:
         return {}
-    entries = {}
+    suffix = b"\0" + entity_id.encode()
+    entries: dict[tuple[str, bytes], str | None] = {
+        ("idx_search", search_part(t) + suffix): None for t in search_tokens(state)
+    }
     for field in UNIQUE_FIELDS:
         value = state.value(field)
         if value:
             folded = index_value(field, value)
-            key = index_part(folded) + b"\0" + entity_id.encode()
-            entries[(INDEX_DBS[field], key)] = folded
+            entries[(INDEX_DBS[field], index_part(folded) + suffix)] = folded
     return entries
 
 
 def _index_keys(stream: str, state: EntityState) -> set[tuple[str, bytes]]:
     """Every index key this entity's state implies."""
-    kind, _, entity_id = stream.partition("/")
-    if kind != "user" or not state.exists:
-        return set()
-    suffix = b"\0" + entity_id.encode()
-    keys = {("idx_search", search_part(t) + suffix) for t in search_tokens(state)}
-    return keys | set(_unique_entries(stream, state))
+    return set(_index_entries(stream, state))
 
 
 def _refresh_conflict(txn: WriteTxn, db: str, index_key: bytes, value: str) -> None:
@@ -132,22 +142,22 @@ def _update_digest(txn: WriteTxn, change: int) -> None:
         txn.put("meta", b"digest", (digest(txn) ^ change).to_bytes(16, "big"))
 
 
-def apply(txn: WriteTxn, event: Event) -> None:
-    """Fold one newly appended event into the views and indexes."""
-    key = event.stream.encode()
-    old = entity(txn, event.stream)
+def apply(txn: WriteTxn, event: Event, pending: Pending | None = None) -> None:
+    """Fold one newly appended event into the views and indexes.
+
+    With ``pending``, the entity's folded state is kept there and stored (with its index
+    and digest changes) when the caller flushes it: one write per entity per commit
+    however many of its events the commit holds. Member slices and memberships are
+    written at once either way.
+    """
+    if pending is None:
+        pending = Pending()
+        apply(txn, event, pending)
+        pending.flush(txn)
+        return
+    old = pending.entity(txn, event.stream)
     new = fold(old, event)
-    txn.put("views", key, encode_state(new))
-    change = entity_digest(event.stream, old) ^ entity_digest(event.stream, new)
-    old_keys, new_keys = _index_keys(event.stream, old), _index_keys(event.stream, new)
-    for db, index_key in old_keys - new_keys:
-        txn.delete(db, index_key)
-    for db, index_key in new_keys - old_keys:
-        txn.put(db, index_key, b"")
-    unique = _unique_entries(event.stream, old) | _unique_entries(event.stream, new)
-    for db, index_key in old_keys ^ new_keys:
-        if (db, index_key) in unique:
-            _refresh_conflict(txn, db, index_key, unique[(db, index_key)])
+    pending.states[event.stream] = new
     group_id = event.entity_id
     if event.op in (Op.ADD, Op.REMOVE):
         assert event.value is not None
@@ -155,12 +165,90 @@ def apply(txn: WriteTxn, event: Event) -> None:
         member = fold_member(before, event)
         txn.put("members", member_key(group_id, event.value), crdt_codec.encode(member))
         if (event.value in before) != (event.value in member):
-            change ^= _hash(b"member", member_key(group_id, event.value))
+            pending.digest_change ^= _hash(b"member", member_key(group_id, event.value))
         _refresh_membership(txn, group_id, event.value, new.exists and event.value in member)
     elif event.kind == "group" and old.exists != new.exists:
         for user_id in members(txn, group_id, live_only=True):
             _refresh_membership(txn, group_id, user_id, new.exists)
-    _update_digest(txn, change)
+
+
+class Pending:
+    """Entity states folded in a write transaction and not stored yet (see ``apply``).
+
+    Whoever reads views or indexes in the same transaction must ``flush`` first. Storing
+    only the last state of each entity gives the same views, indexes, conflicts and
+    digest as storing every intermediate one: each is a function of the final state
+    (index keys carry the entity's id; the digest changes telescope).
+    """
+
+    def __init__(self, *, remember: bool = True) -> None:
+        self.states: dict[str, EntityState] = {}  # stream -> its latest folded state
+        self.stored: dict[str, EntityState] = {}  # stream -> its state as stored
+        self.digest_change = 0
+        # Keep each stored state decoded for whoever reads it next (not worth it when
+        # nothing will: a rebuild stores each entity once).
+        self.remember = remember
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def entity(self, txn: ReadTxn, stream: str) -> EntityState:
+        state = self.states.get(stream)
+        if state is None:
+            state = self.stored[stream] = self.states[stream] = entity(txn, stream)
+        return state
+
+    def flush(self, txn: WriteTxn) -> None:
+        """Store every pending state, its index changes and the digest change."""
+        change = self.digest_change
+        for stream, new in self.states.items():
+            old = self.stored[stream]
+            if new is old:
+                continue
+            data = encode_state(new)
+            txn.put("views", stream.encode(), data)
+            if self.remember:
+                remember_state(data, new)
+            if new.existence is not old.existence or new.fields is not old.fields:
+                change ^= _derived(entity_digest, stream, old)
+                change ^= _derived(entity_digest, stream, new)
+            _reindex(txn, stream, old, new)
+        _update_digest(txn, change)
+        self.states.clear()
+        self.stored.clear()
+        self.digest_change = 0
+
+
+def _derived(compute: Callable[[str, EntityState], T], stream: str, state: EntityState) -> T:
+    """``compute(stream, state)``, kept with the state for whoever asks again."""
+    key = (compute.__name__, stream)
+    try:
+        value: T = state.derived[key]
+    except KeyError:
+        value = state.derived[key] = compute(stream, state)
+    return value
+
+
+def _indexed(stream: str, state: EntityState) -> tuple[object, ...]:
+    """What the index keys of an entity are a function of."""
+    if not stream.startswith("user/") or not state.exists:
+        return ()
+    return tuple(state.value(field) for field in INDEXED_FIELDS)
+
+
+def _reindex(txn: WriteTxn, stream: str, old: EntityState, new: EntityState) -> None:
+    if _indexed(stream, old) == _indexed(stream, new):
+        return
+    before, after = _derived(_index_entries, stream, old), _derived(_index_entries, stream, new)
+    gone, came = before.keys() - after.keys(), after.keys() - before.keys()
+    for db, index_key in gone:
+        txn.delete(db, index_key)
+    for db, index_key in came:
+        txn.put(db, index_key, b"")
+    for db, index_key in gone | came:
+        value = before.get((db, index_key)) or after.get((db, index_key))
+        if value is not None:  # a unique field's key: who holds that value changed
+            _refresh_conflict(txn, db, index_key, value)
 
 
 def _refresh_membership(txn: WriteTxn, group_id: str, user_id: str, present: bool) -> None:

@@ -1,0 +1,56 @@
+"""Durable HTTP writes against a real ``replica node`` process: PATCH and POST /users.
+
+64 concurrent connections from a load generator on the other core; the servers pinned
+to one core. Baseline in the same run: ``benchmarks.bare_server``, a bare aiohttp handler
+appending the same request bytes to LMDB with group commit (one writer thread, batched
+durable commits), the ceiling of the stack. Both run with full durability (LMDB sync and
+metasync); the ``--no-metasync`` setting is measured too, on both sides. Node and
+baseline take turns, round after round; the best round of each counts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from benchmarks.common import Row, row, scratch_dir
+from benchmarks.httpbench import BareServer, Load, Node, Scenario, compare, seed_users
+
+NAME = "HTTP writes"
+USERS = 1_000
+
+
+def _rows(what: str, node: Load, bare: Load, *, targets: bool = True) -> list[Row]:
+    at_least = 0.7 if targets else None
+    at_most = 2.0 if targets else None
+    return [
+        row(NAME, f"{what} req/s", node.rps, "req/s", bare.rps, at_least=at_least),
+        row(NAME, f"{what} p50", node.p50_ms, "ms", bare.p50_ms),
+        row(NAME, f"{what} p99", node.p99_ms, "ms", bare.p99_ms, at_most=at_most),
+    ]
+
+
+def run(quick: bool) -> list[Row]:
+    rounds, duration, warmup = (1, 2.0, 1.0) if quick else (3, 5.0, 2.0)
+    with scratch_dir("http-writes") as tmp:
+        base = Path(tmp)
+        ids = seed_users(base / "node", USERS)
+        patch = Scenario("patch", tuple(f"/users/{u}" for u in ids))
+        scenarios = {"patch": patch, "post": Scenario("create", prefix="c")}
+        with Node(base / "node") as node, BareServer(base / "bare") as bare:
+            urls = {"node": node.url, "bare": bare.url}
+            loads = compare(urls, scenarios, rounds=rounds, duration_s=duration, warmup_s=warmup)
+        with (
+            Node(base / "node", "--no-metasync") as node,
+            BareServer(base / "bare", "--no-metasync") as bare,
+        ):
+            urls = {"node": node.url, "bare": bare.url}
+            fast = compare(
+                urls, {"patch": patch}, rounds=rounds, duration_s=duration, warmup_s=warmup
+            )
+    return [
+        *_rows("PATCH", loads[("node", "patch")], loads[("bare", "patch")]),
+        *_rows("POST", loads[("node", "post")], loads[("bare", "post")]),
+        *_rows(
+            "PATCH --no-metasync", fast[("node", "patch")], fast[("bare", "patch")], targets=False
+        ),
+    ]

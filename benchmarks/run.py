@@ -1,0 +1,121 @@
+"""Run the benchmarks: ``python -m benchmarks.run [--quick] [--only NAME ...] [--readme]``.
+
+Discovers every module of this package that exposes ``run(quick: bool) -> list[Row]``,
+runs them one after the other, prints each one's rows as it finishes and the whole
+table at the end, and writes ``benchmarks/results.json``. ``--readme`` also puts the
+table into the "Performance" section of README.md (between its bench markers).
+
+Missed targets are reported, not failed: the exit status is non-zero only when a
+benchmark could not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import benchmarks
+from benchmarks.common import Row, print_table, table, write_json
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results.json"
+README = HERE.parent / "README.md"
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+# Shown first, in this order; any other module follows by name.
+ORDER = (
+    "http_writes",
+    "http_reads",
+    "ingest",
+    "rebuild",
+    "crdt_merge",
+    "append_vs_eventsourcing",
+    "wire_bytes",
+)
+
+
+def discover() -> dict[str, Callable[[bool], list[Row]]]:
+    found: dict[str, Callable[[bool], list[Row]]] = {}
+    names = sorted(m.name for m in pkgutil.iter_modules(benchmarks.__path__))
+    for name in sorted(names, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n)):
+        if name == "run":
+            continue
+        module = importlib.import_module(f"benchmarks.{name}")
+        run = getattr(module, "run", None)
+        if callable(run):
+            found[name] = run
+    return found
+
+
+def update_readme(rows: list[Row], *, quick: bool, when: str) -> bool:
+    text = README.read_text()
+    if START not in text or END not in text:
+        return False
+    head, _, rest = text.partition(START)
+    _, _, tail = rest.partition(END)
+    note = f"Measured {when}" + (
+        " with `--quick` (smaller data sets, shorter runs)" if quick else ""
+    )
+    block = f"{START}\n{note}:\n\n{table(rows, markdown=True)}\n{END}"
+    README.write_text(head + block + tail)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run", description="Run the benchmarks."
+    )
+    parser.add_argument("--quick", action="store_true", help="smaller data sets, shorter runs")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="benchmark modules to run")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON")
+    parser.add_argument("--readme", action="store_true", help="update README's Performance table")
+    args = parser.parse_args(argv)
+
+    found = discover()
+    chosen = list(found) if not args.only else args.only
+    unknown = [name for name in chosen if name not in found]
+    if unknown:
+        parser.error(f"no benchmark {', '.join(unknown)}; there are: {', '.join(found)}")
+
+    rows: list[Row] = []
+    failed: dict[str, str] = {}
+    timings: dict[str, float] = {}
+    for name in chosen:
+        print(f"== {name}{' (quick)' if args.quick else ''}", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        try:
+            got = found[name](args.quick)
+        except Exception:
+            failed[name] = traceback.format_exc()
+            print(failed[name], file=sys.stderr, flush=True)
+            continue
+        finally:
+            timings[name] = round(time.perf_counter() - started, 1)
+        rows += got
+        print_table(got, file=sys.stderr)
+        print(f"   ({timings[name]} s)", file=sys.stderr, flush=True)
+
+    extra: dict[str, Any] = {"quick": args.quick, "seconds": timings, "failed": failed}
+    write_json(rows, args.out, extra=extra)
+    print()
+    print_table(rows)
+    missed = [r for r in rows if r.met is False]
+    print(f"\n{len(rows)} figures, {len(missed)} targets missed; written to {args.out}")
+    if args.readme:
+        when = time.strftime("%Y-%m-%d", time.gmtime())
+        if not update_readme(rows, quick=args.quick, when=when):
+            print("README.md has no bench markers; not updated", file=sys.stderr)
+    if failed:
+        print(f"failed to run: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
