@@ -51,7 +51,14 @@ def events(n: int, *, seed: int = 6) -> Iterator[Event]:
 
     def set_field(stream: str, field: str, value: str, origin: str | None = None) -> Event:
         prior = winners.get((stream, field))
-        e = event(stream, Op.SET, field, value, frozenset() if prior is None else {prior}, origin)
+        e = event(
+            stream,
+            Op.SET,
+            field,
+            value,
+            frozenset() if prior is None else frozenset({prior}),
+            origin,
+        )
         winners[(stream, field)] = e.dot
         return e
 
