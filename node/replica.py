@@ -82,6 +82,7 @@ class Replica:
         batch_requests_max: int = 512,
         queue_requests_max: int = 10_000,
         incarnation: str | None = None,
+        threaded_writer: bool = True,
     ) -> None:
         self.kv = kv
         self.identity: Identity = kv.write(
@@ -107,6 +108,7 @@ class Replica:
             self.clock,
             on_commit=self._on_commit,
             batch_requests_max=batch_requests_max,
+            threaded=threaded_writer,
             queue_requests_max=queue_requests_max,
         )
 

@@ -97,7 +97,10 @@ class Writer:
         on_commit: Callable[[Committed], None],
         batch_requests_max: int = BATCH_REQUESTS_MAX,
         queue_requests_max: int = QUEUE_REQUESTS_MAX,
+        threaded: bool = True,
     ) -> None:
+        """``threaded=False`` commits each request in the caller's thread, one by one: for
+        simulations, which run one action at a time and gain nothing from a hand-off."""
         assert batch_requests_max >= 1
         self.kv, self.identity, self.clock = kv, identity, clock
         self.committed = state
@@ -107,7 +110,9 @@ class Writer:
         self._thread = threading.Thread(target=self._run, name="writer", daemon=True)
         self.commits = 0
         self.requests = 0
-        self._thread.start()
+        self.threaded = threaded
+        if threaded:
+            self._thread.start()
 
     @property
     def queued(self) -> int:
@@ -143,6 +148,9 @@ class Writer:
         await self._submit(_Request(asyncio.get_running_loop(), _future(), maintain=work))
 
     async def _submit(self, request: _Request) -> list[Event]:
+        if not self.threaded:
+            self._commit([request])
+            return await request.future
         try:
             self._queue.put_nowait(request)
         except queue.Full:
@@ -151,8 +159,9 @@ class Writer:
 
     def stop(self) -> None:
         """Drain every queued request, then end the thread."""
-        self._queue.put(_STOP)
-        self._thread.join()
+        if self.threaded:
+            self._queue.put(_STOP)
+            self._thread.join()
 
     def _run(self) -> None:
         stopping = False

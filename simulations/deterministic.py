@@ -165,6 +165,7 @@ class SimNode:
             self.data_dir,
             self.region,
             durable=False,
+            threaded_writer=False,  # one action at a time: no hand-off to a thread
             now_ms=self.now_ms,
             incarnation=self.incarnation,
         )

@@ -217,3 +217,32 @@ class TestLmdbWriter(WriterContract):
             assert event.hlc < far
         finally:
             replica.close()
+
+
+def test_an_inline_writer_commits_in_the_callers_thread_with_contiguous_dots() -> None:
+    """Simulations run the writer without its thread; it must behave the same."""
+    import threading
+
+    from node import commands
+    from node.kv import MemoryKV
+    from node.replica import Replica
+    from node.writer import Rejected
+
+    async def body() -> None:
+        replica = Replica(MemoryKV(), "eu", threaded_writer=False)
+        replica.bind(asyncio.get_running_loop())
+        seen_threads: set[int] = set()
+        replica.listeners.append(lambda _: seen_threads.add(threading.get_ident()))
+        try:
+            await replica.write(commands.create("group", "g", {"name": "G"}), actor="t")
+            with pytest.raises(Rejected, match="already exists"):
+                await replica.write(commands.create("group", "g", {"name": "G"}), actor="t")
+            await replica.write(commands.patch("group", "g", {"name": "H"}, None), actor="t")
+            assert replica.writer.commits == 3
+            assert seen_threads == {threading.get_ident()}
+            assert replica.state.counter == 3  # create + name, then name: no gap
+            assert replica.summary.contiguous(replica.identity.replica_id) == 3
+        finally:
+            replica.close()
+
+    asyncio.run(body())
