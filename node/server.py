@@ -8,6 +8,7 @@ close LMDB. Logs are JSON lines on stderr.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import signal
@@ -55,6 +56,19 @@ def server_tls(settings: Settings) -> ssl.SSLContext | None:
         context.load_verify_locations(settings.tls_ca)
         context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+# The collector's first generation at 10,000 allocations instead of 700: a node allocates
+# at a great rate (every request, every folded event) and keeps a large heap of decoded
+# views, which every collection of an older generation walks again.
+GC_THRESHOLDS = (10_000, 10, 10)
+
+
+def tune_gc() -> None:
+    """Collect less often, and never walk again what start-up loaded (modules, the app):
+    a fifth of the time of a bulk ingest went to the collector with Python's defaults."""
+    gc.set_threshold(*GC_THRESHOLDS)
+    gc.freeze()
 
 
 def configure_logging(level: str) -> None:
@@ -112,6 +126,7 @@ async def serve(replica: Replica, settings: Settings, extensions: Sequence[Exten
         extension.install(app)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
+    tune_gc()
     site = web.TCPSite(
         runner,
         settings.listen_host,
