@@ -31,6 +31,14 @@ DATABASES = (
 )
 
 
+def key_after(prefix: bytes) -> bytes | None:
+    """The least key greater than every key that starts with ``prefix`` (None: no bound)."""
+    stripped = prefix.rstrip(b"\xff")
+    if not stripped:
+        return None
+    return stripped[:-1] + bytes([stripped[-1] + 1])
+
+
 class ReadTxn(Protocol):
     def get(self, db: str, key: bytes) -> bytes | None: ...
 
@@ -74,8 +82,7 @@ class _MemoryTxn:
         if reverse:
             # Stop before the least key above the prefix's range, as LMDB's cursor does: a
             # fixed run of 0xff bytes would miss longer keys that carry the prefix.
-            stripped = prefix.rstrip(b"\xff")
-            end = stripped[:-1] + bytes([stripped[-1] + 1]) if stripped else None
+            end = key_after(prefix)
             stop = len(keys) if end is None else bisect.bisect_left(keys, end)
             chosen = reversed(keys[:stop])
         else:

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import lmdb
 
-from node.kv import DATABASES, ReadTxn, WriteTxn
+from node.kv import DATABASES, ReadTxn, WriteTxn, key_after
 
 T = TypeVar("T")
 
@@ -43,7 +43,7 @@ class _LmdbTxn:
     ) -> Iterator[tuple[bytes, bytes]]:
         with self._txn.cursor(db=self._dbs[db]) as cursor:
             if reverse:
-                end = _after(prefix) if prefix else None
+                end = key_after(prefix) if prefix else None
                 placed = cursor.set_range(end) if end is not None else False
                 placed = cursor.prev() if placed else cursor.last()
                 step = cursor.prev
@@ -65,14 +65,6 @@ class _LmdbTxn:
 
     def clear(self, db: str) -> None:
         self._txn.drop(self._dbs[db], delete=False)
-
-
-def _after(prefix: bytes) -> bytes | None:
-    """The least key greater than every key that starts with ``prefix``."""
-    stripped = prefix.rstrip(b"\xff")
-    if not stripped:
-        return None
-    return stripped[:-1] + bytes([stripped[-1] + 1])
 
 
 class LmdbKV:
