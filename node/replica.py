@@ -26,7 +26,7 @@ from node.kv import KV
 from node.lmdb_kv import LmdbKV
 from node.log import Identity, LogState
 from node.tokens import Token, covers, encode_token, token_of
-from node.writer import Committed, Decide, Writer
+from node.writer import Committed, Decide, Writer, call_soon
 
 
 def wall_clock_ms() -> int:
@@ -171,8 +171,11 @@ class Replica:
         *,
         quarantined: Sequence[tuple[Dot, bytes]] = (),
         released: Sequence[Dot] = (),
+        validated: bool = False,
     ) -> list[Event]:
-        new = await self.writer.ingest(incoming, quarantined=quarantined, released=released)
+        new = await self.writer.ingest(
+            incoming, quarantined=quarantined, released=released, validated=validated
+        )
         self.metrics.events_ingested += len(new)
         return new
 
@@ -186,7 +189,7 @@ class Replica:
                 except InvalidEvent:
                     continue  # still too new, or never readable: it stays kept aside
         if readable:
-            await self.ingest(readable, released=[e.dot for e in readable])
+            await self.ingest(readable, released=[e.dot for e in readable], validated=True)
         return len(readable)
 
     def quarantine_count(self) -> int:
@@ -233,7 +236,7 @@ class Replica:
             listener(committed)
         loop = self._loop
         if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._notify)
+            call_soon(loop, self._notify)
 
     def _notify(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()

@@ -80,6 +80,7 @@ class _Request:
     incoming: list[Event] = field(default_factory=list)
     quarantined: Sequence[tuple[Dot, bytes]] = ()
     released: Sequence[Dot] = ()
+    validated: bool = False  # every incoming event has passed ``validate`` already
     maintain: Maintain | None = None
 
 
@@ -128,11 +129,14 @@ class Writer:
         *,
         quarantined: Sequence[tuple[Dot, bytes]] = (),
         released: Sequence[Dot] = (),
+        validated: bool = False,
     ) -> list[Event]:
         """Append (idempotently) and fold events from peers; return those that were new.
 
         ``quarantined`` events (a format this node cannot read) are kept aside, and
         ``released`` ones (now readable, among ``incoming``) leave the quarantine.
+        ``validated``: the caller decoded every event with ``events.decode``, which
+        validates, so they are not validated a second time.
         """
         request = _Request(
             asyncio.get_running_loop(),
@@ -140,6 +144,7 @@ class Writer:
             incoming=incoming,
             quarantined=quarantined,
             released=released,
+            validated=validated,
         )
         return await self._submit(request)
 
@@ -260,8 +265,9 @@ class Writer:
         appended: list[tuple[int, Event]],
         pending: views.Pending,
     ) -> tuple[list[Event], int]:
-        for event in request.incoming:
-            validate(event)  # the whole batch is refused before anything of it is put
+        if not request.validated:
+            for event in request.incoming:
+                validate(event)  # the whole batch is refused before anything of it is put
         for dot, data in request.quarantined:
             if dot not in state.summary:
                 log.quarantine(txn, dot, data)
@@ -318,6 +324,20 @@ def _future() -> asyncio.Future[list[Event]]:
     return asyncio.get_running_loop().create_future()
 
 
+def call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], object]) -> None:
+    """Run ``callback`` in ``loop`` soon, from any thread: from another (the writer's
+    thread) the loop is woken up; from the loop's own (an inline writer) it needs not
+    be, and waking it would cost a write and a read of its self-pipe."""
+    try:
+        running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        loop.call_soon(callback)
+    else:
+        loop.call_soon_threadsafe(callback)
+
+
 def _settle(request: _Request, outcome: list[Event] | BaseException) -> None:
     def settle() -> None:
         if request.future.done():
@@ -327,4 +347,4 @@ def _settle(request: _Request, outcome: list[Event] | BaseException) -> None:
         else:
             request.future.set_result(outcome)
 
-    request.loop.call_soon_threadsafe(settle)
+    call_soon(request.loop, settle)

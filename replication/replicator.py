@@ -26,7 +26,7 @@ from node import log, views
 from node.kv import WriteTxn
 from node.log import LogState
 from node.replica import Replica, iso_of
-from node.writer import Committed, Overloaded
+from node.writer import Committed, Overloaded, call_soon
 from replication import protocol
 from replication.peers import BACKOFF_BASE_MS, BACKOFF_MAX_MS, PeerState
 from replication.protocol import BadMessage, RawEvent, Sync, Tag
@@ -96,7 +96,7 @@ class Replicator:
         if sender == own:
             raise BadMessage("a node does not sync with itself")
         try:
-            batch = protocol.read_batch(request)
+            batch = protocol.read_batch(request, known=self.replica.summary)
         except BadMessage:
             self.batches_refused += 1
             raise
@@ -165,7 +165,8 @@ class Replicator:
         quarantined = [(raw.dot, raw.data) for raw in batch.quarantined]
         if not batch.events and not quarantined:
             return 0
-        new = await self.replica.ingest(batch.events, quarantined=quarantined)
+        # read_batch decoded, and so validated, every event
+        new = await self.replica.ingest(batch.events, quarantined=quarantined, validated=True)
         return len(new)
 
     # -- syncing with a peer -----------------------------------------------------
@@ -202,7 +203,7 @@ class Replicator:
         else:
             raise BadMessage("an answer to a whole summary must name its sender")
         unread = sent.receiver is not None and response.replica_id is not None
-        batch = protocol.read_batch(response)
+        batch = protocol.read_batch(response, known=self.replica.summary)
         received = await self._ingest(batch)
         # Events newly kept aside are progress too: the next request advertises them.
         kept = any(raw.dot not in sent.summary for raw in batch.quarantined)
@@ -292,7 +293,7 @@ class Replicator:
         own = self.replica.identity.replica_id
         fresh = [RawEvent(e.dot, ev.encode(e)) for _, e in committed.events if e.dot.origin == own]
         if fresh and self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self.enqueue, fresh)
+            call_soon(self._loop, lambda: self.enqueue(fresh))
 
     def enqueue(self, fresh: Sequence[RawEvent]) -> None:
         for name, queue in self._queues.items():

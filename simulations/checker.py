@@ -63,12 +63,14 @@ class Report:
         return not self.violations
 
 
-def has(summary: Summary, dot: Dot) -> bool:
+def holds(summary: Summary) -> Callable[[Dot], bool]:
+    """Whether ``summary`` holds a dot, as a predicate: decided once per summary (an
+    ``isinstance`` against a runtime protocol is slow, and the checker asks per event)."""
     if isinstance(summary, HasContains):
-        return summary.contains(dot)
+        return summary.contains
     if callable(summary):
-        return bool(summary(dot))
-    return dot in summary
+        return lambda dot: bool(summary(dot))
+    return summary.__contains__
 
 
 # -- comparing snapshots -------------------------------------------------------------
@@ -174,7 +176,8 @@ def _convergence(snapshots: Mapping[str, Snapshot], digests: Mapping[str, str]) 
 def _missing_acks(summaries: Mapping[str, Summary], acked: list[Event]) -> list[Violation]:
     found = []
     for region, summary in sorted(summaries.items()):
-        missing = [e for e in acked if not has(summary, e.dot)]
+        held = holds(summary)
+        missing = [e for e in acked if not held(e.dot)]
         if missing:
             shown = ", ".join(
                 f"{e.dot} ({e.op.name.lower()} {e.stream})" for e in missing[:EXAMPLES_MAX]
@@ -239,8 +242,10 @@ def check(
         for name, winner in oracle.winners(stream_events).items()
     }
 
+    members = [holds(summary) for summary in summaries.values()]
+
     def everywhere(event: Event) -> bool:
-        return all(has(summary, event.dot) for summary in summaries.values())
+        return all(held(event.dot) for held in members)
 
     def beaten(event: Event) -> Dot | None:
         """The dot of the write that beat this one, if it lost its field to a write."""

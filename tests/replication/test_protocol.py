@@ -349,3 +349,39 @@ def test_a_boolean_counter_is_a_bad_message_not_a_crash() -> None:
     """Found writing these tests: ``true`` passed the int check and Dot raised a bare
     ValueError, which the HTTP endpoint answered with a 500 and sync_with did not catch."""
     assert "bad counter" in refused(carrying(msgpack.packb([1, EU, True])))
+
+
+leading_items = st.one_of(
+    st.integers(min_value=-(2**63), max_value=2**64 - 1),
+    st.text(max_size=40),
+    st.binary(max_size=8),
+    st.booleans(),
+    st.none(),
+    st.floats(allow_nan=False),
+)
+
+
+@given(
+    st.one_of(
+        st.binary(max_size=64),
+        st.lists(leading_items, max_size=16).map(msgpack.packb),
+        st.tuples(st.integers(0, 127), st.text(max_size=300), st.integers(0, 2**64 - 1)).map(
+            lambda t: msgpack.packb([*t, "stream", 1])
+        ),
+    )
+)
+def test_reading_the_dot_off_the_bytes_agrees_with_msgpack(data: bytes) -> None:
+    """The byte-level fast path reads what an unpacker reads, or leaves it to one."""
+    fast = protocol._leading_fast(data)
+    if fast is None:
+        return
+    slow = protocol._leading(data)
+    assert slow == fast
+    assert [type(item) for item in slow] == [type(item) for item in fast]
+
+
+@given(st.integers(1, ev.COUNTER_MAX), st.sampled_from([EU, "a" * 32 + "~" + "b" * 16]))
+def test_the_fast_path_reads_every_dot_this_encoder_writes(counter: int, origin: str) -> None:
+    data = ev.encode(Event(Dot(origin, counter), STAMP, "user/homer", Op.CREATE))
+    assert protocol._leading_fast(data) == (origin, counter)
+    assert protocol.dot_of(data) == Dot(origin, counter)
