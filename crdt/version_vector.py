@@ -121,6 +121,8 @@ class VersionVector:
 
     def merge(self, other: VersionVector) -> VersionVector:
         """Union: every dot seen by either."""
+        if not other.origins:
+            return self
         merged = dict(self.origins)
         for origin, seen in other.origins.items():
             mine = merged.get(origin)

@@ -39,7 +39,7 @@ A message that breaks any rule raises ``BadMessage``: the whole batch is refused
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
@@ -131,8 +131,8 @@ class Received:
         return sum(len(e.data) for e in self.events)
 
 
-def _with_events(base: VersionVector, events: Iterable[RawEvent]) -> VersionVector:
-    return base.add_all(e.dot for e in events)
+def _with_events(base: VersionVector, events: Sequence[RawEvent]) -> VersionVector:
+    return base.add_all(e.dot for e in events) if events else base
 
 
 def digest(receiver: str, summary: VersionVector) -> int:

@@ -573,15 +573,18 @@ def run_scenario(scenario: Scenario, *, keep_trace: bool = False) -> Result:
     sim = Simulation(scenario, root)
     sim.keep_trace = keep_trace
 
-    async def main() -> Result:
+    async def main() -> None:
+        # Returns nothing: asyncio.run formats the repr of its main task (result and
+        # all) when it restores the SIGINT handler, and a whole Result's repr is slow.
         try:
-            return await sim.run()
+            await sim.run()
         finally:
             for node in sim.nodes.values():
                 if node.replica is not None:
                     node.replica.close()
 
     try:
-        return asyncio.run(main())
+        asyncio.run(main())
+        return sim.result
     finally:
         shutil.rmtree(root, ignore_errors=True)
