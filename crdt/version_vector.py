@@ -33,6 +33,8 @@ class OriginSeen:
         return counter <= self.contiguous or counter in self.cloud
 
     def add(self, counter: int) -> OriginSeen:
+        if counter == self.contiguous + 1 and not self.cloud:
+            return OriginSeen(counter)  # the common case: the next counter, in order
         if self.contains(counter):
             return self
         return _compact(self.contiguous, self.cloud | {counter})

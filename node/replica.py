@@ -201,14 +201,18 @@ class Replica:
     ) -> tuple[list[tuple[Dot, bytes]], bool]:
         """Stored events that a replica summarised by ``theirs`` lacks, in bounded batches.
 
-        Returns the batch and whether more were left out. Origins take turns in the
-        order of their names, each range in counter order.
+        Returns the batch and whether more were left out. This replica's own events
+        come first, then the other origins' in the order of their names, each range in
+        counter order: what only this replica may hold goes before what the requester
+        is likely pulling from the other origins themselves at the same time.
         """
         found: list[tuple[Dot, bytes]] = []
         size = 0
+        own = self.identity.replica_id
+        lacking = self.summary.missing_from(theirs)
         with self.kv.read() as txn:
-            for origin, ranges in sorted(self.summary.missing_from(theirs).items()):
-                for first, last in ranges:
+            for origin in sorted(lacking, key=lambda origin: (origin != own, origin)):
+                for first, last in lacking[origin]:
                     for counter, data in log.origin_event_bytes(txn, origin, first, last):
                         if found and (size + len(data) > bytes_max or len(found) >= events_max):
                             return found, True

@@ -58,10 +58,13 @@ def server_tls(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
-# The collector's first generation at 10,000 allocations instead of 700: a node allocates
-# at a great rate (every request, every folded event) and keeps a large heap of decoded
-# views, which every collection of an older generation walks again.
-GC_THRESHOLDS = (10_000, 10, 10)
+# The collector's first generation at 100,000 allocations instead of 700, the second at
+# 20 first-generation collections instead of 10: a node allocates at a great rate (every
+# request, every folded event) and keeps a large heap of decoded views, which every
+# collection of an older generation walks again. Bulk ingest of 200k events: about 13.5k
+# events/s with (10_000, 10, 10), 16.5k with these. Full collections still run, every
+# 20M allocations or so (and only when a quarter of the heap is new since the last).
+GC_THRESHOLDS = (100_000, 20, 10)
 
 
 def tune_gc() -> None:
