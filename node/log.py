@@ -131,10 +131,16 @@ def read_event(txn: ReadTxn, seq: int) -> Event:
 
 def events_after(txn: ReadTxn, seq: int, *, limit: int) -> Iterator[tuple[int, Event]]:
     """The change feed: events with a local sequence above ``seq``, in order."""
+    for seq_after, data in event_bytes_after(txn, seq, limit=limit):
+        yield seq_after, ev.decode(data)
+
+
+def event_bytes_after(txn: ReadTxn, seq: int, *, limit: int) -> Iterator[tuple[int, bytes]]:
+    """``events_after`` as stored, not decoded."""
     for n, (key, data) in enumerate(txn.scan("events", start=u64(seq + 1))):
         if n >= limit:
             return
-        yield from_u64(key), ev.decode(data)
+        yield from_u64(key), data
 
 
 def stream_events(txn: ReadTxn, stream: str) -> Iterator[tuple[int, Event]]:
