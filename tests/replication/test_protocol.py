@@ -385,3 +385,15 @@ def test_the_fast_path_reads_every_dot_this_encoder_writes(counter: int, origin:
     data = ev.encode(Event(Dot(origin, counter), STAMP, "user/homer", Op.CREATE))
     assert protocol._leading_fast(data) == (origin, counter)
     assert protocol.dot_of(data) == Dot(origin, counter)
+
+
+def test_events_already_known_are_left_out_undecoded() -> None:
+    """A dot the node holds is skipped before decoding: its bytes are not read at all."""
+    held = raw(Event(Dot(EU, 1), STAMP, "user/homer", Op.CREATE))
+    new = raw(Event(Dot(EU, 2), STAMP, "user/bart", Op.CREATE))
+    garbled = RawEvent(held.dot, held.data[:-3])  # would not decode
+    known = VersionVector.of([held.dot])
+    batch = protocol.read_batch(carried([garbled, new]), known=known)
+    assert [e.dot for e in batch.events] == [new.dot]
+    with pytest.raises(BadMessage, match=f"event {EU}:1"):
+        protocol.read_batch(carried([garbled, new]))  # unknown, it is read and refused

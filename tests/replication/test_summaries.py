@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from crdt import VersionVector
 from crdt.version_vector import OriginSeen
 from node import commands
 from node import events as ev
@@ -200,3 +201,24 @@ def test_a_node_forgets_all_but_the_latest_requesters_and_still_converges(
         c.assert_converged()
 
     run(tmp_path, ("eu", "us", "ap"), body, limits=Limits(requesters_max=1))
+
+
+def test_a_replica_answers_with_its_own_events_first(tmp_path: Path) -> None:
+    """What only the answering replica may hold goes first; events of other origins,
+    which the requester may be pulling from those origins at the same time, after."""
+
+    async def body(c: Cluster) -> None:
+        await users(c, "ap", "ap1", "ap2")
+        await c.sync_all_until_quiet()
+        await users(c, "eu", "eu1", "eu2")
+        eu = c.replica("eu")
+        own = eu.identity.replica_id
+        pairs, more = eu.read_missing(VersionVector(), bytes_max=1 << 20, events_max=100)
+        origins = [dot.origin for dot, _ in pairs]
+        assert not more
+        assert set(origins) == {own, c.replica("ap").identity.replica_id}
+        assert origins == sorted(origins, key=lambda origin: origin != own)  # "ap" < "eu"
+        first, _ = eu.read_missing(VersionVector(), bytes_max=1 << 20, events_max=3)
+        assert {dot.origin for dot, _ in first} == {own}
+
+    run(tmp_path, ("eu", "ap"), body)
