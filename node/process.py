@@ -23,6 +23,23 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def node_command(region: str, data_dir: Path, listen: str, *extra: str) -> list[str]:
+    """The command line of a ``replica node`` run by this interpreter."""
+    return [
+        sys.executable,
+        "-m",
+        "node",
+        "node",
+        "--region",
+        region,
+        "--data",
+        str(data_dir),
+        "--listen",
+        listen,
+        *extra,
+    ]
+
+
 class NodeProcess:
     def __init__(
         self,
@@ -37,20 +54,7 @@ class NodeProcess:
         """``prefix`` runs the node inside something, e.g. ``ip netns exec NAME``."""
         self.region, self.data_dir, self.port = region, data_dir, port
         self.url = f"http://{host}:{port}"
-        self.args = [
-            *prefix,
-            sys.executable,
-            "-m",
-            "node",
-            "node",
-            "--region",
-            region,
-            "--data",
-            str(data_dir),
-            "--listen",
-            f"{host}:{port}",
-            *extra_args,
-        ]
+        self.args = [*prefix, *node_command(region, data_dir, f"{host}:{port}", *extra_args)]
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[str] | None = None
         self.returncode: int | None = None

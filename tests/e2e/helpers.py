@@ -13,7 +13,6 @@ import os
 import queue
 import signal
 import subprocess
-import sys
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,28 +20,12 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit
 
-from node.process import free_port
+from node.process import free_port, node_command
 
 READY_TIMEOUT_S = 20.0  # from spawn to the "listening" line
 EXIT_TIMEOUT_S = 20.0  # from SIGTERM to exit
 HTTP_TIMEOUT_S = 30.0
 PORT_ATTEMPTS = 3  # another process may take the port between probe and bind
-
-
-def node_command(region: str, data_dir: Path, listen: str, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "node",
-        "node",
-        "--region",
-        region,
-        "--data",
-        str(data_dir),
-        "--listen",
-        listen,
-        *extra,
-    ]
 
 
 def node_env() -> dict[str, str]:
