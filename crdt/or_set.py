@@ -10,7 +10,7 @@ removed dots (the tombstones) until ``compact`` folds in a causally stable summa
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -69,6 +69,26 @@ class ORSet(Generic[E]):
         else:
             entries.pop(op.element, None)
         return ORSet(entries, self.context.add_all(op.observed))
+
+    @classmethod
+    def of_ops(cls, ops: Iterable[Add[E] | Remove[E]]) -> ORSet[E]:
+        """The set that applying ``ops`` (distinct dots) to an empty set gives, in any
+        order, built once: each element keeps the adds no remove observed, and the
+        context holds every dot added or observed removed."""
+        added: dict[E, set[Dot]] = {}
+        removed: dict[E, set[Dot]] = {}
+        for op in ops:
+            if isinstance(op, Add):
+                added.setdefault(op.element, set()).add(op.dot)
+            else:
+                removed.setdefault(op.element, set()).update(op.observed)
+        entries = {
+            e: frozenset(live)
+            for e, dots in added.items()
+            if (live := dots - removed.get(e, set()))
+        }
+        seen = set().union(*added.values(), *removed.values())
+        return cls(entries, VersionVector.of(seen))
 
     def merge(self, other: ORSet[E]) -> ORSet[E]:
         entries: dict[E, frozenset[Dot]] = {}

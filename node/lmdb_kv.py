@@ -35,27 +35,28 @@ class _LmdbTxn:
         self._dbs = dbs
 
     def get(self, db: str, key: bytes) -> bytes | None:
-        value = self._txn.get(key, db=self._dbs[db])
-        return None if value is None else bytes(value)
+        value: bytes | None = self._txn.get(key, db=self._dbs[db])  # bytes: no buffers=True
+        return value
 
     def scan(
         self, db: str, *, prefix: bytes = b"", start: bytes | None = None, reverse: bool = False
     ) -> Iterator[tuple[bytes, bytes]]:
         with self._txn.cursor(db=self._dbs[db]) as cursor:
+            # Position the cursor, then let py-lmdb step it in C, each item as bytes.
             if reverse:
                 end = key_after(prefix) if prefix else None
                 placed = cursor.set_range(end) if end is not None else False
                 placed = cursor.prev() if placed else cursor.last()
-                step = cursor.prev
+                items = cursor.iterprev()
             else:
                 placed = cursor.set_range(max(prefix, start or b""))
-                step = cursor.next
-            while placed:
-                key = cursor.key()
+                items = cursor.iternext()
+            if not placed:
+                return
+            for key, value in items:
                 if not key.startswith(prefix):
                     return
-                yield bytes(key), bytes(cursor.value())
-                placed = step()
+                yield key, value
 
     def put(self, db: str, key: bytes, value: bytes) -> None:
         self._txn.put(key, value, db=self._dbs[db])

@@ -4,7 +4,8 @@
 node's change feed); ``dots`` maps each dot to its sequence (idempotence, per-origin
 range reads); ``streams`` lists each entity's sequences (history, time travel).
 ``meta`` holds the replica's identity and the counters a commit advances together.
-Every event is validated before it is put and after it is read back.
+Every event is validated before it is put and after it is read back, except by the
+rebuild (``stored_streams``), which trusts what this log validated when it appended.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ import secrets
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
 
 from crdt import Dot, VersionVector
 from crdt import codec as crdt_codec
@@ -141,6 +145,25 @@ def event_bytes_after(txn: ReadTxn, seq: int, *, limit: int) -> Iterator[tuple[i
         if n >= limit:
             return
         yield from_u64(key), data
+
+
+def stored_streams(txn: ReadTxn) -> Iterator[tuple[str, list[list[Any]]]]:
+    """Every entity's events in local order, entity by entity, decoded as stored (not
+    validated again, nor made ``Event``s; an event of an older format is upcast)."""
+    stream, wires = b"", list[list[Any]]()
+    for key, _ in txn.scan("streams"):  # stream \0 seq
+        name = key[:-9]
+        if name != stream:
+            if wires:
+                yield stream.decode(), wires
+            stream, wires = name, []
+        data = txn.get("events", key[-8:])
+        if data is None:
+            raise KeyError(from_u64(key[-8:]))
+        wire = msgpack.unpackb(data)
+        wires.append(wire if wire[0] == ev.FORMAT_VERSION else ev.to_wire(ev.decode(data)))
+    if wires:
+        yield stream.decode(), wires
 
 
 def stream_events(txn: ReadTxn, stream: str) -> Iterator[tuple[int, Event]]:

@@ -1,13 +1,13 @@
 """Rebuild the views from the log: views are disposable, the log is the truth.
 
-One write transaction clears every view and index and folds every event again, through
-the same ``views.apply`` the writer uses, so a crash halfway leaves the old views, never
-half-rebuilt ones. Events are taken entity by entity (each entity's events in local
-order, from the ``streams`` index): the fold is order-independent, so the views are
-those of the log's own order, and each entity is folded whole and stored once instead
-of being read back and stored again for every event. A directory that is not a
-replica's (no ``meta`` region) is refused, and nothing is created in it.
-"""
+One write transaction clears every view and index and folds every event again, so a
+crash halfway leaves the old views, never half-rebuilt ones. Events are taken entity by
+entity (each entity's events in local order, from the ``streams`` index), decoded as
+stored (the log validated them when it appended them), and each entity is folded whole
+(``fold_stored``, the writer's fold over many events at once) and stored once, its
+member slices too; uniqueness conflicts are found in one pass at the end. The views are
+those the writer built incrementally, byte for byte. A directory that is not a
+replica's (no ``meta`` region) is refused, and nothing is created in it."""
 
 from __future__ import annotations
 
@@ -30,14 +30,15 @@ def replay_views(txn: WriteTxn) -> int:
     """Clear the views and fold every event of the log into them; return the count."""
     views.clear(txn)
     count = 0
-    pending = views.Pending(remember=False)
+    pending = views.Pending(rebuild=True)
     with gc_paused():
-        for key, _ in txn.scan("streams"):  # stream \0 seq: entity by entity
-            views.apply(txn, log.read_event(txn, log.from_u64(key[-8:])), pending)
-            count += 1
+        for stream, wires in log.stored_streams(txn):  # entity by entity
+            views.replay(txn, stream, wires, pending)
+            count += len(wires)
             if len(pending) >= REPLAY_PENDING_MAX:
                 pending.flush(txn)
         pending.flush(txn)
+        views.find_conflicts(txn)
     return count
 
 

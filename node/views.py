@@ -13,7 +13,8 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from itertools import chain
+from typing import Any, TypeVar
 
 import msgpack
 
@@ -26,6 +27,8 @@ from node.fold import (
     encode_state,
     fold,
     fold_member,
+    fold_stored,
+    fold_stored_members,
     prune_member,
     remember_state,
 )
@@ -38,6 +41,9 @@ INDEX_DBS = {"email": "idx_email", "username": "idx_username"}
 SEARCH_SCAN_KEYS_MAX = 20_000
 SEARCHED_FIELDS = ("name", "username", "email")
 INDEXED_FIELDS = tuple(dict.fromkeys((*SEARCHED_FIELDS, *UNIQUE_FIELDS)))
+
+
+NOTHING_STORED = EntityState()
 
 
 def entity(txn: ReadTxn, stream: str) -> EntityState:
@@ -117,6 +123,23 @@ def _refresh_conflict(txn: WriteTxn, db: str, index_key: bytes, value: str) -> N
         txn.delete("conflicts", key)
 
 
+def find_conflicts(txn: WriteTxn) -> None:
+    """Record every uniqueness conflict the unique indexes hold, in one pass over them
+    (a rebuild, whose ``Pending`` skips the check key by key)."""
+    for field, db in INDEX_DBS.items():
+        value_prefix, last_key, holders = b"", b"", 0
+        for index_key, _ in chain(txn.scan(db), [(b"", b"")]):  # a sentinel ends the last run
+            prefix = index_key[: index_key.rfind(b"\0") + 1]
+            if prefix != value_prefix or not index_key:
+                if holders > 1:
+                    holder = last_key[len(value_prefix) :].decode()
+                    value = entity(txn, stream_of("user", holder)).value(field)
+                    assert value is not None, "an index key's holder holds its value"
+                    _refresh_conflict(txn, db, last_key, index_value(field, value))
+                value_prefix, holders = prefix, 0
+            last_key, holders = index_key, holders + 1
+
+
 def _hash(*parts: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(b"\0".join(parts), digest_size=16).digest(), "big")
 
@@ -172,6 +195,22 @@ def apply(txn: WriteTxn, event: Event, pending: Pending | None = None) -> None:
             _refresh_membership(txn, group_id, user_id, new.exists)
 
 
+def replay(txn: WriteTxn, stream: str, wires: list[list[Any]], pending: Pending) -> None:
+    """Fold every event of one entity, as the log holds them, into views cleared before
+    (the rebuild): its state is stored at the flush, each member slice at once and once."""
+    state = fold_stored(EntityState(), wires)
+    pending.replace(stream, state)
+    kind, _, group_id = stream.partition("/")
+    if kind != "group":
+        return
+    for user_id, member in fold_stored_members(wires).items():
+        key = member_key(group_id, user_id)
+        txn.put("members", key, crdt_codec.encode(member))
+        if user_id in member:
+            pending.digest_change ^= _hash(b"member", key)
+            _refresh_membership(txn, group_id, user_id, state.exists)
+
+
 class Pending:
     """Entity states folded in a write transaction and not stored yet (see ``apply``).
 
@@ -181,13 +220,14 @@ class Pending:
     (index keys carry the entity's id; the digest changes telescope).
     """
 
-    def __init__(self, *, remember: bool = True) -> None:
+    def __init__(self, *, rebuild: bool = False) -> None:
         self.states: dict[str, EntityState] = {}  # stream -> its latest folded state
         self.stored: dict[str, EntityState] = {}  # stream -> its state as stored
         self.digest_change = 0
-        # Keep each stored state decoded for whoever reads it next (not worth it when
-        # nothing will: a rebuild stores each entity once).
-        self.remember = remember
+        # A rebuild stores each entity once, so it neither keeps the stored states decoded
+        # for whoever reads them next (nothing will) nor looks for uniqueness conflicts
+        # key by key: ``find_conflicts`` does it once, over the finished indexes.
+        self.rebuild = rebuild
 
     def __len__(self) -> int:
         return len(self.states)
@@ -198,6 +238,11 @@ class Pending:
             state = self.stored[stream] = self.states[stream] = entity(txn, stream)
         return state
 
+    def replace(self, stream: str, state: EntityState) -> None:
+        """Store ``state`` at the flush where nothing of ``stream`` is stored (a rebuild)."""
+        self.stored[stream] = NOTHING_STORED
+        self.states[stream] = state
+
     def flush(self, txn: WriteTxn) -> None:
         """Store every pending state, its index changes and the digest change."""
         change = self.digest_change
@@ -207,12 +252,12 @@ class Pending:
                 continue
             data = encode_state(new)
             txn.put("views", stream.encode(), data)
-            if self.remember:
+            if not self.rebuild:
                 remember_state(data, new)
             if new.existence is not old.existence or new.fields is not old.fields:
                 change ^= _derived(entity_digest, stream, old)
                 change ^= _derived(entity_digest, stream, new)
-            _reindex(txn, stream, old, new)
+            _reindex(txn, stream, old, new, conflicts=not self.rebuild)
         _update_digest(txn, change)
         self.states.clear()
         self.stored.clear()
@@ -236,7 +281,9 @@ def _indexed(stream: str, state: EntityState) -> tuple[object, ...]:
     return tuple(state.value(field) for field in INDEXED_FIELDS)
 
 
-def _reindex(txn: WriteTxn, stream: str, old: EntityState, new: EntityState) -> None:
+def _reindex(
+    txn: WriteTxn, stream: str, old: EntityState, new: EntityState, *, conflicts: bool
+) -> None:
     if _indexed(stream, old) == _indexed(stream, new):
         return
     before, after = _derived(_index_entries, stream, old), _derived(_index_entries, stream, new)
@@ -245,6 +292,8 @@ def _reindex(txn: WriteTxn, stream: str, old: EntityState, new: EntityState) -> 
         txn.delete(db, index_key)
     for db, index_key in came:
         txn.put(db, index_key, b"")
+    if not conflicts:
+        return
     for db, index_key in gone | came:
         value = before.get((db, index_key)) or after.get((db, index_key))
         if value is not None:  # a unique field's key: who holds that value changed

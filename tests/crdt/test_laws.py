@@ -69,6 +69,18 @@ def test_any_permutation_with_duplicates_gives_the_same_state(
 
 
 @settings(max_examples=LAW_EXAMPLES)
+@given(histories, st.data())
+def test_a_set_built_at_once_from_its_ops_equals_applying_them_one_by_one(
+    history: list[Any], data: st.DataObject
+) -> None:
+    ops = [e.op for e in all_ops(replay(history)) if not isinstance(e.op, Write)]
+    one_by_one: ORSet[str] = ORSet()
+    for op in ops:
+        one_by_one = one_by_one.apply(op)
+    assert ORSet.of_ops(data.draw(st.permutations(ops))) == one_by_one
+
+
+@settings(max_examples=LAW_EXAMPLES)
 @given(histories)
 def test_merging_states_equals_applying_the_union_of_their_ops(history: list[Any]) -> None:
     a, b, _ = replay(history)

@@ -1,0 +1,79 @@
+"""Folding many events at once gives the state folding them one at a time gives, in any
+order and from any starting state; so does folding them as the log stores them."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from crdt import ORSet
+from node import events as ev
+from node.events import Event, Op
+from node.fold import (
+    EntityState,
+    fold,
+    fold_many,
+    fold_member,
+    fold_stored,
+    fold_stored_members,
+)
+from tests.node.test_views import Step, histories, replay
+
+EXAMPLES = 300
+
+
+def by_stream(events: list[Event]) -> dict[str, list[Event]]:
+    streams: dict[str, list[Event]] = {}
+    for event in events:
+        streams.setdefault(event.stream, []).append(event)
+    return streams
+
+
+def one_at_a_time(events: list[Event]) -> EntityState:
+    state = EntityState()
+    for event in events:
+        state = fold(state, event)
+    return state
+
+
+@settings(max_examples=EXAMPLES)
+@given(histories, st.data())
+def test_folding_in_batches_equals_folding_one_at_a_time(
+    history: list[Step], data: st.DataObject
+) -> None:
+    for events in by_stream(replay(history).events).values():
+        expected = one_at_a_time(events)
+        shuffled = data.draw(st.permutations(events))
+        cut = data.draw(st.integers(0, len(shuffled)))
+        state = fold_many(fold_many(EntityState(), shuffled[:cut]), shuffled[cut:])
+        assert state == expected
+        assert state.values() == expected.values()
+        assert state.exists == expected.exists
+
+
+@settings(max_examples=EXAMPLES)
+@given(histories, st.data())
+def test_folding_events_as_stored_equals_folding_them(
+    history: list[Step], data: st.DataObject
+) -> None:
+    for events in by_stream(replay(history).events).values():
+        shuffled = data.draw(st.permutations(events))
+        cut = data.draw(st.integers(0, len(shuffled)))
+        base = fold_many(EntityState(), shuffled[:cut])
+        stored = fold_stored(base, [ev.to_wire(e) for e in shuffled[cut:]])
+        assert stored == fold_many(base, shuffled[cut:])
+
+
+@settings(max_examples=EXAMPLES)
+@given(histories, st.data())
+def test_member_slices_from_stored_events_equal_folding_each_member(
+    history: list[Step], data: st.DataObject
+) -> None:
+    for events in by_stream(replay(history).events).values():
+        shuffled = data.draw(st.permutations(events))
+        expected: dict[str, ORSet[str]] = {}
+        for event in shuffled:
+            if event.op in (Op.ADD, Op.REMOVE):
+                assert event.value is not None
+                expected[event.value] = fold_member(expected.get(event.value, ORSet()), event)
+        assert fold_stored_members([ev.to_wire(e) for e in shuffled]) == expected
