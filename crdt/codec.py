@@ -66,7 +66,9 @@ def to_wire(value: object) -> list[Any]:
         w = value.winner
         return [Tag.LWW_REGISTER, v, None if w is None else [w.value, w.hlc, *_dot_payload(w.dot)]]
     if isinstance(value, ORSet):
-        entries = sorted(value.entries.items(), key=lambda item: _element_key(item[0]))
+        entries = list(value.entries.items())
+        if len(entries) > 1:
+            entries.sort(key=lambda item: _element_key(item[0]))
         return [
             Tag.OR_SET,
             v,

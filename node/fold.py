@@ -32,10 +32,9 @@ class CorruptView(ValueError):
     """A stored view that does not decode: rebuild views from the log."""
 
 
-def dot_hash(origin: str, counter: int) -> int:
+def dot_hash(origin: str, counter: int, _blake2b: Any = hashlib.blake2b) -> int:
     """The 64-bit hash of a dot that an entity's etag XORs in: the same on every replica."""
-    digest = hashlib.blake2b(f"{origin}:{counter}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big")
+    return int.from_bytes(_blake2b(f"{origin}:{counter}".encode(), digest_size=8).digest(), "big")
 
 
 Key = tuple[int, str, int]  # (hlc, origin, counter): the total order of writes

@@ -43,9 +43,6 @@ SEARCHED_FIELDS = ("name", "username", "email")
 INDEXED_FIELDS = tuple(dict.fromkeys((*SEARCHED_FIELDS, *UNIQUE_FIELDS)))
 
 
-NOTHING_STORED = EntityState()
-
-
 def entity(txn: ReadTxn, stream: str) -> EntityState:
     raw = txn.get("views", stream.encode())
     return EntityState() if raw is None else decode_state(raw)
@@ -240,7 +237,7 @@ class Pending:
 
     def replace(self, stream: str, state: EntityState) -> None:
         """Store ``state`` at the flush where nothing of ``stream`` is stored (a rebuild)."""
-        self.stored[stream] = NOTHING_STORED
+        self.stored[stream] = EntityState()  # its own: states keep what is derived of them
         self.states[stream] = state
 
     def flush(self, txn: WriteTxn) -> None:
