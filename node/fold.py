@@ -20,7 +20,7 @@ from typing import Any
 
 import msgpack
 
-from crdt import Add, Dot, LWWRegister, ORSet, Remove, VersionVector, Write
+from crdt import Add, Dot, ORSet, Remove, VersionVector, Write
 from crdt import codec as crdt_codec
 from node.events import Event, Op, Value
 
@@ -38,12 +38,15 @@ def dot_hash(origin: str, counter: int, _blake2b: Any = hashlib.blake2b) -> int:
 
 
 Key = tuple[int, str, int]  # (hlc, origin, counter): the total order of writes
+# An LWW register's state: its winning write, as its key and its value. Plain tuples,
+# not ``crdt.Write``s: a view holds and decodes many, and the key compares as it is.
+Winner = tuple[Key, Value]
 
 
 @dataclass(frozen=True, slots=True)
 class EntityState:
     existence: ORSet[str] = field(default_factory=ORSet)
-    fields: Mapping[str, LWWRegister[Value]] = field(default_factory=dict)
+    fields: Mapping[str, Winner] = field(default_factory=dict)  # each field's LWW register
     # Every field write ordered at or below the greatest delete is cleared: a re-created
     # id starts from scratch instead of showing what was written before its deletion.
     floor: Key | None = None
@@ -68,19 +71,27 @@ class EntityState:
         return min((stamp for stamp in live if stamp is not None), default=0)
 
     def value(self, name: str) -> Value:
-        register = self.fields.get(name)
-        return None if register is None else register.value
+        held = self.fields.get(name)
+        return None if held is None else held[1]
 
     def values(self) -> dict[str, Value]:
-        return {name: register.value for name, register in self.fields.items()}
+        return {name: value for name, (_, value) in self.fields.items()}
 
     def winner(self, name: str) -> Write[Value] | None:
-        register = self.fields.get(name)
-        return None if register is None else register.winner
+        held = self.fields.get(name)
+        if held is None:
+            return None
+        (hlc, origin, counter), value = held
+        return Write(value, hlc, Dot(origin, counter))
 
 
-def _above(floor: Key | None, write: Write[Value] | None) -> bool:
-    return write is not None and (floor is None or write.key() > floor)
+def later(key: Key, than: Key) -> bool:
+    """The order of an LWW register's writes: the greater stamp, then origin, then counter."""
+    return key > than
+
+
+def _above(floor: Key | None, key: Key) -> bool:
+    return floor is None or key > floor
 
 
 _CREATE, _DELETE, _SET = int(Op.CREATE), int(Op.DELETE), int(Op.SET)
@@ -102,7 +113,7 @@ class _Folding:
 
     def __init__(self, base: EntityState) -> None:
         self.base = base
-        self.writes: dict[str, tuple[Key, Value]] = {}  # field -> greatest write folded here
+        self.writes: dict[str, Winner] = {}  # field -> greatest write folded here
         self.existence = base.existence
         self.floor = base.floor
         self.creates: dict[Dot, int] | None = None  # copied from the base at the first create
@@ -128,7 +139,7 @@ class _Folding:
             assert field is not None
             key = (hlc, origin, counter)
             held = self.writes.get(field)
-            if held is None or key > held[0]:
+            if held is None or later(key, held[0]):
                 self.writes[field] = (key, value)
         elif op == _CREATE:
             dot = Dot(origin, counter)
@@ -147,17 +158,17 @@ class _Folding:
         base, floor = self.base, self.floor
         fields = base.fields
         if floor != base.floor:
-            fields = {name: r for name, r in fields.items() if _above(floor, r.winner)}
-        grown: dict[str, LWWRegister[Value]] | None = None
-        for name, (key, value) in self.writes.items():
+            fields = {name: held for name, held in fields.items() if _above(floor, held[0])}
+        grown: dict[str, Winner] | None = None
+        for name, write in self.writes.items():
+            key = write[0]
             if floor is not None and key <= floor:
                 continue
             held = fields.get(name)
-            winner = None if held is None else held.winner
-            if winner is None or key > winner.key():
+            if held is None or later(key, held[0]):
                 if grown is None:
                     grown = dict(fields)
-                grown[name] = LWWRegister(Write(value, key[0], Dot(key[1], key[2])))
+                grown[name] = write
         return EntityState(
             existence=self.existence,
             fields=fields if grown is None else grown,
@@ -239,9 +250,8 @@ def fold_all(events: Iterable[Event]) -> tuple[EntityState, ORSet[str]]:
 
 def encode_state(state: EntityState) -> bytes:
     fields = {
-        name: [w.value, w.hlc, w.dot.origin, w.dot.counter]
-        for name, register in sorted(state.fields.items())
-        if (w := register.winner) is not None
+        name: [value, hlc, origin, counter]
+        for name, ((hlc, origin, counter), value) in sorted(state.fields.items())
     }
     creates = [[d.origin, d.counter, hlc] for d, hlc in sorted(state.create_stamps.items())]
     return bytes(
@@ -260,19 +270,19 @@ def encode_state(state: EntityState) -> bytes:
     )
 
 
-def _register(wire: Any) -> LWWRegister[Value]:
-    """A stored register: what ``crdt.codec`` decodes from ``[value, hlc, origin, counter]``,
-    with the same checks, without building its tagged form first (reads decode many)."""
-    if wire is None:
-        return LWWRegister()
+def _winner(wire: Any) -> Winner:
+    """A stored register's winning write, from ``[value, hlc, origin, counter]``, with the
+    checks ``crdt.codec`` makes of a register."""
     if not isinstance(wire, list):
         raise CorruptView(f"a register is an array, not {type(wire).__name__}")
     value, hlc, origin, counter = wire
     if not isinstance(hlc, int) or hlc < 0:
         raise CorruptView("register stamp must be an int >= 0")
-    if not isinstance(origin, str) or not isinstance(counter, int):
-        raise CorruptView("dot must be [str, int]")
-    return LWWRegister(Write(value, hlc, Dot(origin, counter)))
+    if not isinstance(origin, str) or not origin or not isinstance(counter, int) or counter < 1:
+        raise CorruptView("dot must be [str, int >= 1]")
+    if value is not None and not isinstance(value, str):
+        raise CorruptView("a value is a string or null")
+    return (hlc, origin, counter), value
 
 
 # Decoded views, by their bytes: a state is immutable, so one object can serve every
@@ -343,7 +353,7 @@ def _decode_state(data: bytes) -> EntityState:
         version, existence, fields, floor, creates, etag, events, updated = msgpack.unpackb(data)
         if version != VIEW_FORMAT:
             raise CorruptView(f"view format {version!r}")
-        registers = {name: _register(wire) for name, wire in fields.items()}
+        registers = {name: _winner(wire) for name, wire in fields.items()}
         exists = crdt_codec.from_wire(existence)
         assert isinstance(exists, ORSet)
         return EntityState(

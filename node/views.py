@@ -144,7 +144,8 @@ def _hash(*parts: bytes) -> int:
 def entity_digest(stream: str, state: EntityState) -> int:
     """A hash of what a client can see of an entity (not how it was stored), 0 if nothing."""
     winners = sorted(
-        (name, w.value, w.hlc, str(w.dot)) for name, r in state.fields.items() if (w := r.winner)
+        (name, value, hlc, f"{origin}:{counter}")
+        for name, ((hlc, origin, counter), value) in state.fields.items()
     )
     if not winners and not state.exists:
         return 0

@@ -13,6 +13,7 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from crdt import ORSet, Remove, Write
+from node import fold
 from replication import protocol
 from replication.replicator import Replicator
 from simulations.deterministic import SimNode
@@ -39,9 +40,18 @@ def replication_skips_an_event() -> AbstractContextManager[None]:
     return _patched(Replicator, "_ingest", skipping)
 
 
-def lww_tie_ignores_origin() -> AbstractContextManager[None]:
+@contextmanager
+def lww_tie_ignores_origin() -> Iterator[None]:
     """Equal stamps are ordered by counter alone, so replicas disagree with the contract."""
-    return _patched(Write, "key", lambda self: (self.hlc, "", self.dot.counter))
+
+    def by_counter(key: fold.Key, than: fold.Key) -> bool:
+        return (key[0], key[2]) > (than[0], than[2])
+
+    with (
+        _patched(Write, "key", lambda self: (self.hlc, "", self.dot.counter)),
+        _patched(fold, "later", by_counter),
+    ):
+        yield
 
 
 def remove_deletes_unobserved_adds() -> AbstractContextManager[None]:
