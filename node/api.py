@@ -18,9 +18,9 @@ from aiohttp import web
 
 from node import commands
 from node.config import Settings
-from node.events import ENTITY_ID_RE, Event
+from node.events import ENTITY_ID_RE, Event, stream_of
 from node.fold import EntityState
-from node.http_errors import BODY_BYTES_MAX, Handler, fail, json_errors
+from node.http_errors import BODY_BYTES_MAX, Handler, as_json_error, fail
 from node.metrics import render_metrics
 from node.openapi import OPENAPI
 from node.replica import At, Replica, history, iso_of
@@ -36,9 +36,13 @@ OPEN_PATHS = ("/health",)
 
 
 def _json(data: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(
-        status=status, text=json.dumps(data), content_type="application/json", headers=headers
-    )
+    return _json_bytes(json.dumps(data).encode(), status=status, headers=headers)
+
+
+def _json_bytes(
+    body: bytes, *, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
 
 
 def _replica(request: web.Request) -> Replica:
@@ -106,21 +110,23 @@ async def _catch_up(request: web.Request) -> None:
 
 @web.middleware
 async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Authentication, then readiness, then the consistency wait, before every handler.
+    """Authentication, then readiness, then the consistency wait, before every handler;
+    every failure as a JSON error; and every answer, errors included, carrying the node's
+    token unless a write set its own.
 
-    One middleware, not three: each middleware is one more coroutine on every request.
+    One middleware, not several, and no response signal: each is more work on every request.
     """
-    _authenticate(request)
-    _check_ready(request)
-    if "X-Consistency-Token" in request.headers:
-        await _catch_up(request)
-    return await handler(request)
-
-
-async def _stamp_token(request: web.Request, response: web.StreamResponse) -> None:
-    """Every answer, errors included, carries the node's token unless a write set its own."""
+    try:
+        _authenticate(request)
+        _check_ready(request)
+        if "X-Consistency-Token" in request.headers:
+            await _catch_up(request)
+        response = await handler(request)
+    except Exception as exc:  # as_json_error answers each kind (or raises a redirect again)
+        response = as_json_error(request, exc)
     if "X-Consistency-Token" not in response.headers:
         response.headers["X-Consistency-Token"] = _replica(request).token_text()
+    return response
 
 
 def _int_header(request: web.Request, name: str, default: int) -> int:
@@ -205,6 +211,17 @@ def _entity_json(kind: str, entity_id: str, state: EntityState) -> dict[str, Any
     return out
 
 
+def _entity_body(kind: str, entity_id: str, state: EntityState) -> bytes:
+    """The entity's JSON, rendered once per state: a state is immutable, and the decoded
+    views keep a hot entity's state, so its next reads send the same bytes."""
+    key = ("api_body", stream_of(kind, entity_id))
+    try:
+        body: bytes = state.derived[key]
+    except KeyError:
+        body = state.derived[key] = json.dumps(_entity_json(kind, entity_id, state)).encode()
+    return body
+
+
 def _entity_response(
     kind: str,
     entity_id: str,
@@ -213,8 +230,8 @@ def _entity_response(
     status: int = 200,
     headers: dict[str, str] | None = None,
 ) -> web.Response:
-    return _json(
-        _entity_json(kind, entity_id, state),
+    return _json_bytes(
+        _entity_body(kind, entity_id, state),
         status=status,
         headers={"ETag": etag_of(state.etag), **(headers or {})},
     )
@@ -268,7 +285,7 @@ def _new_id() -> str:
 def get_handler(kind: str) -> Handler:
     async def handle(request: web.Request) -> web.Response:
         entity_id = _id(request)
-        if "at" in request.query:
+        if request.query_string and "at" in request.query:
             state, _ = _replica(request).entity_at(kind, entity_id, _parse_at(request.query["at"]))
             if not state.exists:
                 fail(404, "not_found", f"no {kind} {entity_id!r} at that time")
@@ -322,8 +339,7 @@ async def list_users(request: web.Request) -> web.Response:
     limit, after = _limit(request), _cursor(request)
     for field in ("email", "username"):
         if field in request.query:
-            ids = replica.lookup(field, request.query[field])
-            return _json({"users": _users(replica, ids), "next_cursor": None})
+            return _users_page(replica.look_up_entities(field, request.query[field]), None)
     if "q" in request.query:
         query = request.query["q"]
         if len(query) > 200:
@@ -332,16 +348,16 @@ async def list_users(request: web.Request) -> web.Response:
     else:
         ids = replica.entity_ids("user", after=after, limit=limit)
     cursor = ids[-1] if len(ids) == limit else None
-    return _json({"users": _users(replica, ids), "next_cursor": cursor})
-
-
-def _users(replica: Replica, ids: list[str]) -> list[dict[str, Any]]:
     states = replica.entities("user", ids)
-    return [
-        _entity_json("user", user_id, state)
-        for user_id, state in zip(ids, states, strict=True)
-        if state.exists
-    ]
+    found = [(i, state) for i, state in zip(ids, states, strict=True) if state.exists]
+    return _users_page(found, cursor)
+
+
+def _users_page(found: list[tuple[str, EntityState]], cursor: str | None) -> web.Response:
+    """``{"users": [...], "next_cursor": ...}``, joined from each user's rendered JSON."""
+    users = b", ".join(_entity_body("user", user_id, state) for user_id, state in found)
+    tail = json.dumps(cursor).encode()
+    return _json_bytes(b'{"users": [' + users + b'], "next_cursor": ' + tail + b"}")
 
 
 async def user_groups(request: web.Request) -> web.Response:
@@ -463,11 +479,7 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 def build_app(replica: Replica, settings: Settings) -> web.Application:
-    app = web.Application(
-        client_max_size=settings.body_bytes_max,
-        middlewares=[json_errors, guard],
-    )
-    app.on_response_prepare.append(_stamp_token)
+    app = web.Application(client_max_size=settings.body_bytes_max, middlewares=[guard])
     app[REPLICA] = replica
     app[SETTINGS] = settings
     app[BODY_BYTES_MAX] = settings.body_bytes_max
@@ -477,13 +489,13 @@ def build_app(replica: Replica, settings: Settings) -> web.Application:
         base = f"/{kind}s"
         routes += [
             ("POST", base, create_handler(kind)),
+            *([("GET", "/users", list_users)] if kind == "user" else []),  # one resource
             ("GET", base + "/{id}", get_handler(kind)),
             ("PATCH", base + "/{id}", patch_handler(kind)),
             ("DELETE", base + "/{id}", delete_handler(kind)),
             ("GET", base + "/{id}/history", history_handler(kind)),
         ]
     routes += [
-        ("GET", "/users", list_users),
         ("GET", "/users/{id}/groups", user_groups),
         ("GET", "/groups/{id}/members", group_members),
         ("PUT", "/groups/{id}/members/{user_id}", put_member),

@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 BODY_BYTES_MAX = web.AppKey("body_bytes_max", int)
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]  # what a middleware wraps
 
 _CODES = {
     400: "bad_request",
@@ -47,34 +47,31 @@ def error_response(
     )
 
 
-@web.middleware
-async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except ApiError as e:
-        return error_response(e.status, e.code, e.message, **e.extra)
-    except Rejected as e:
-        return error_response(e.status, e.code, e.message, **e.extra)
-    except FieldError as e:
-        if e.field is None:
-            return error_response(e.status, e.code, e.message)
-        return error_response(e.status, e.code, e.message, field=e.field)
-    except web.RequestPayloadError as e:  # e.g. a body that is not the gzip it claims
-        reason = getattr(e.__cause__, "message", None) or " ".join(str(e).split())
+def as_json_error(request: web.Request, exc: Exception) -> web.StreamResponse:
+    """The JSON answer to what a handler raised; an HTTP redirect is raised again."""
+    if isinstance(exc, ApiError | Rejected):
+        return error_response(exc.status, exc.code, exc.message, **exc.extra)
+    if isinstance(exc, FieldError):
+        if exc.field is None:
+            return error_response(exc.status, exc.code, exc.message)
+        return error_response(exc.status, exc.code, exc.message, field=exc.field)
+    if isinstance(exc, web.RequestPayloadError):  # e.g. a body that is not the gzip it claims
+        reason = getattr(exc.__cause__, "message", None) or " ".join(str(exc).split())
         return error_response(400, "bad_payload", f"the body cannot be read: {reason}")
-    except Overloaded:
+    if isinstance(exc, Overloaded):
         return error_response(
             503, "overloaded", "the write queue is full; retry shortly", {"Retry-After": "1"}
         )
-    except web.HTTPException as e:
-        if e.status < 400:
-            raise
-        code = _CODES.get(e.status, "http_error")
+    if isinstance(exc, web.HTTPException):
+        if exc.status < 400:
+            raise exc
+        code = _CODES.get(exc.status, "http_error")
         message = (
-            e.reason if e.status != 413 else f"the body exceeds {request.app[BODY_BYTES_MAX]} bytes"
+            exc.reason
+            if exc.status != 413
+            else f"the body exceeds {request.app[BODY_BYTES_MAX]} bytes"
         )
-        headers = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
-        return error_response(e.status, code, message, headers)
-    except Exception:
-        logger.exception("unexpected error on %s %s", request.method, request.path)
-        return error_response(500, "internal", "internal error")
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return error_response(exc.status, code, message, headers)
+    logger.error("unexpected error on %s %s", request.method, request.path, exc_info=exc)
+    return error_response(500, "internal", "internal error")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fcntl
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -68,6 +68,23 @@ class _LmdbTxn:
         self._txn.drop(self._dbs[db], delete=False)
 
 
+class _Reading:
+    """A read transaction as a context manager: a class, not a generator, because every
+    GET opens one."""
+
+    __slots__ = ("_dbs", "_env", "_txn")
+
+    def __init__(self, env: Any, dbs: dict[str, Any]) -> None:
+        self._env, self._dbs = env, dbs
+
+    def __enter__(self) -> ReadTxn:
+        self._txn = self._env.begin(buffers=False)
+        return _LmdbTxn(self._txn, self._dbs)
+
+    def __exit__(self, *exc: object) -> None:
+        self._txn.abort()  # a read-only transaction has nothing to commit
+
+
 class LmdbKV:
     def __init__(
         self,
@@ -104,10 +121,8 @@ class LmdbKV:
     def map_bytes(self) -> int:
         return int(self.env.info()["map_size"])
 
-    @contextmanager
-    def read(self) -> Iterator[ReadTxn]:
-        with self.env.begin(buffers=False) as txn:
-            yield _LmdbTxn(txn, self._dbs)
+    def read(self) -> AbstractContextManager[ReadTxn]:
+        return _Reading(self.env, self._dbs)
 
     def write(self, work: Callable[[WriteTxn], T]) -> T:
         for _ in range(MAP_GROWTHS_PER_WRITE_MAX):

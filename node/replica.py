@@ -310,6 +310,15 @@ class Replica:
         with self.kv.read() as txn:
             return views.lookup(txn, field, value)
 
+    def look_up_entities(self, field: str, value: str) -> list[tuple[str, EntityState]]:
+        """The users holding ``value`` in a unique field and their states, in one snapshot."""
+        with self.kv.read() as txn:
+            found = [
+                (i, views.entity(txn, stream_of("user", i)))
+                for i in views.lookup(txn, field, value)
+            ]
+        return [(user_id, state) for user_id, state in found if state.exists]
+
     def search(self, query: str, *, after: str, limit: int) -> list[str]:
         with self.kv.read() as txn:
             return views.search(txn, query, after=after, limit=limit)
