@@ -233,8 +233,16 @@ def _entity_response(
     return _json_bytes(
         _entity_body(kind, entity_id, state),
         status=status,
-        headers={"ETag": etag_of(state.etag), **(headers or {})},
+        headers={"ETag": _etag(state), **(headers or {})},
     )
+
+
+def _etag(state: EntityState) -> str:
+    try:
+        etag: str = state.derived[("api_etag", "")]
+    except KeyError:
+        etag = state.derived[("api_etag", "")] = etag_of(state.etag)
+    return etag
 
 
 def _id(request: web.Request, name: str = "id") -> str:
@@ -292,7 +300,7 @@ def get_handler(kind: str) -> Handler:
             body = {**_entity_json(kind, entity_id, state), "as_of": request.query["at"]}
             return _json(body, headers={"ETag": etag_of(state.etag)})
         state = _existing(request, kind, entity_id)
-        etag = etag_of(state.etag)
+        etag = _etag(state)
         if_none_match = request.headers.get("If-None-Match")
         if if_none_match is not None and (etag in if_none_match or if_none_match.strip() == "*"):
             return web.Response(status=304, headers={"ETag": etag})

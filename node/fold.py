@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -292,26 +291,26 @@ DECODED_VIEWS_MAX = 8_192
 
 
 class _Decoded:
-    """A bounded map from view bytes to their decoded state, least recently used out."""
+    """A bounded map from view bytes to their decoded state, the oldest put out first.
+
+    A read is one dict lookup, without a lock (atomic under the GIL): every GET makes
+    one. Puts come from the writer thread and the event loop, so they take the lock.
+    """
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._states: OrderedDict[bytes, EntityState] = OrderedDict()
-        self._lock = threading.Lock()  # the writer thread and the event loop share it
+        self._states: dict[bytes, EntityState] = {}
+        self._lock = threading.Lock()
 
     def get(self, data: bytes) -> EntityState | None:
-        with self._lock:
-            state = self._states.get(data)
-            if state is not None:
-                self._states.move_to_end(data)
-            return state
+        return self._states.get(data)
 
     def put(self, data: bytes, state: EntityState) -> None:
         with self._lock:
-            self._states[data] = state
-            self._states.move_to_end(data)
-            if len(self._states) > self.size:
-                self._states.popitem(last=False)
+            states = self._states
+            states[data] = state
+            if len(states) > self.size:
+                del states[next(iter(states))]
 
     def clear(self) -> None:
         with self._lock:
