@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -299,7 +300,7 @@ class _Decoded:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._states: dict[bytes, EntityState] = {}
+        self._states: OrderedDict[bytes, EntityState] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, data: bytes) -> EntityState | None:
@@ -310,7 +311,7 @@ class _Decoded:
             states = self._states
             states[data] = state
             if len(states) > self.size:
-                del states[next(iter(states))]
+                states.popitem(last=False)  # O(1); a plain dict's oldest key is O(deleted)
 
     def clear(self) -> None:
         with self._lock:
