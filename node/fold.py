@@ -160,6 +160,7 @@ class _Folding:
         if floor != base.floor:
             fields = {name: held for name, held in fields.items() if _above(floor, held[0])}
         grown: dict[str, Winner] | None = None
+        named = False  # a field with no write before
         for name, write in self.writes.items():
             key = write[0]
             if floor is not None and key <= floor:
@@ -169,11 +170,16 @@ class _Folding:
                 if grown is None:
                     grown = dict(fields)
                 grown[name] = write
+                named = named or held is None
+        # Fields and creates stay in key order, as a decoded state has them.
+        if grown is not None and named:
+            grown = dict(sorted(grown.items()))
+        creates = self.creates
         return EntityState(
             existence=self.existence,
             fields=fields if grown is None else grown,
             floor=floor,
-            create_stamps=base.create_stamps if self.creates is None else self.creates,
+            create_stamps=base.create_stamps if creates is None else dict(sorted(creates.items())),
             etag=self.etag,
             events=self.events,
             updated_hlc=self.updated,
@@ -324,20 +330,10 @@ _DECODED = _Decoded(DECODED_VIEWS_MAX)
 def remember_state(data: bytes, state: EntityState) -> None:
     """Let ``decode_state(data)`` answer ``state``: ``data`` is ``encode_state(state)``.
 
-    Kept as decoding would give it (fields and creates in key order), so nothing that
-    iterates it can tell it was not decoded.
+    A folded state keeps its fields and creates in key order, as decoding gives them, so
+    nothing that iterates it can tell it was not decoded.
     """
-    canonical = EntityState(
-        existence=state.existence,
-        fields=dict(sorted(state.fields.items())),
-        floor=state.floor,
-        create_stamps=dict(sorted(state.create_stamps.items())),
-        etag=state.etag,
-        events=state.events,
-        updated_hlc=state.updated_hlc,
-        derived=state.derived,
-    )
-    _DECODED.put(data, canonical)
+    _DECODED.put(data, state)
 
 
 def decode_state(data: bytes) -> EntityState:
