@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -33,6 +34,7 @@ STARTED = web.AppKey("started", float)
 ACTOR_CHARS_MAX = 128
 PAGE_ITEMS_DEFAULT = 50
 OPEN_PATHS = ("/health",)
+MAYBE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
 
 
 def _json(data: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -173,10 +175,14 @@ async def _body(request: web.Request) -> Any:
         body = json.loads(raw)
     except (ValueError, RecursionError) as e:
         fail(400, "bad_json", f"the body is not JSON: {e}")
-    try:  # JSON may escape a lone surrogate ("\ud800"): not text, it cannot be stored
-        json.dumps(body, ensure_ascii=False).encode()
-    except (UnicodeEncodeError, RecursionError):
-        fail(400, "bad_json", "the body has a lone surrogate escape such as \\ud800")
+    # JSON may carry a lone surrogate, escaped ("\ud800"), as its UTF-8 bytes (json
+    # decodes them) or in UTF-16/32 (whose ASCII has NUL bytes): not text, it cannot be
+    # stored. Only a body that may hold one is checked whole.
+    if MAYBE_SURROGATE.search(raw) or b"\0" in raw:
+        try:
+            json.dumps(body, ensure_ascii=False).encode()
+        except (UnicodeEncodeError, RecursionError):
+            fail(400, "bad_json", "the body has a lone surrogate escape such as \\ud800")
     return body
 
 

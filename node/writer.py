@@ -12,6 +12,7 @@ own counters never have gaps. Ingested events (from peers) pass the same path.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import queue
@@ -200,14 +201,13 @@ class Writer:
                     self._commit([request])
                 return
             logger.exception("write failed")
-            _settle(batch[0], exc)
+            _settle([(batch[0], exc)])
             return
         self.committed = committed.state
         self.commits += 1
         self.requests += len(batch)
         self.on_commit(committed)
-        for request, outcome in zip(batch, outcomes, strict=True):
-            _settle(request, outcome)
+        _settle(list(zip(batch, outcomes, strict=True)))
 
     def _apply(
         self, txn: WriteTxn, batch: list[_Request]
@@ -338,13 +338,24 @@ def call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], object]) -
         loop.call_soon_threadsafe(callback)
 
 
-def _settle(request: _Request, outcome: list[Event] | BaseException) -> None:
-    def settle() -> None:
+Outcome = list[Event] | BaseException
+
+
+def _settle(outcomes: list[tuple[_Request, Outcome]]) -> None:
+    """Answer each request with its outcome: one wake-up of each loop per commit, not
+    one per request (each costs a write to the loop's self-pipe)."""
+    per_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Request, Outcome]]] = {}
+    for request, outcome in outcomes:
+        per_loop.setdefault(request.loop, []).append((request, outcome))
+    for loop, settled in per_loop.items():
+        call_soon(loop, functools.partial(_resolve, settled))
+
+
+def _resolve(settled: list[tuple[_Request, Outcome]]) -> None:
+    for request, outcome in settled:
         if request.future.done():
-            return  # the client went away
+            continue  # the client went away
         if isinstance(outcome, BaseException):
             request.future.set_exception(outcome)
         else:
             request.future.set_result(outcome)
-
-    call_soon(request.loop, settle)

@@ -183,6 +183,31 @@ BAD_INPUTS: list[Bad] = [
         _j({"profile": {"job": "\udc80"}}),
     ),
     Bad("lone-surrogate-group", "POST", "/groups", 400, "bad_json", _j({"name": "\udfff"})),
+    # json decodes a surrogate's UTF-8 bytes, and UTF-16 text, into lone surrogates too
+    Bad(
+        "lone-surrogate-utf8-bytes",
+        "POST",
+        "/groups",
+        400,
+        "bad_json",
+        b'{"name": "x\xed\xa0\x80"}',
+    ),
+    Bad(
+        "lone-surrogate-utf16",
+        "POST",
+        "/groups",
+        400,
+        "bad_json",
+        '{"name": "x\ud800"}'.encode("utf-16-le", "surrogatepass"),
+    ),
+    Bad(
+        "lone-surrogate-uppercase-escape",
+        "PATCH",
+        "/users/homer",
+        400,
+        "bad_json",
+        b'{"name": "x\\uDBFF"}',
+    ),
     Bad(
         "bad-gzip",
         "POST",
