@@ -367,52 +367,34 @@ async def _protocol(root: Path, pushes: int, bulk: int) -> dict[str, Any]:
         rounds, req, resp = _delta(_bodies(eu.links), before)
         out["idle"] = [(len(eu.replica.summary.origins), rounds, req, resp)]
 
-        # -- eager push of single events
-        sizes: list[int] = []
-        before = _bodies(eu.links)
-        for i in range(pushes):
-            (event,) = await _writes(eu.replica, 1, i)
-            data = ev.encode(event)
-            sizes.append(len(data))
-            eu.replicator.enqueue([RawEvent(event.dot, data)])
-            for peer in eu.replicator.peers:
-                await eu.replicator.push(peer)
-        rounds, req, resp = _delta(_bodies(eu.links), before)
-        for node in cluster.nodes.values():
-            if node.replica.summary != eu.replica.summary:
-                raise AssertionError(f"{node.region} missed pushed events")
-        deliveries = pushes * len(eu.replicator.peers)
-        out["push"] = {
-            "deliveries": deliveries,
-            "rounds": rounds,
-            "request": req / deliveries,
-            "response": resp / deliveries,
-            "event": sum(sizes) / len(sizes),
-        }
+        async def push(batches: int, per_push: int, first: int) -> dict[str, Any]:
+            """Eager pushes of ``per_push`` events each; bodies per delivered event."""
+            sizes: list[int] = []
+            before = _bodies(eu.links)
+            for b in range(batches):
+                made = await _writes(eu.replica, per_push, first + per_push * b)
+                raws = [RawEvent(e.dot, ev.encode(e)) for e in made]
+                sizes += [len(r.data) for r in raws]
+                eu.replicator.enqueue(raws)
+                for peer in eu.replicator.peers:
+                    await eu.replicator.push(peer)
+            rounds, req, resp = _delta(_bodies(eu.links), before)
+            for node in cluster.nodes.values():
+                if node.replica.summary != eu.replica.summary:
+                    raise AssertionError(f"{node.region} missed pushed events")
+            deliveries = len(sizes) * len(eu.replicator.peers)
+            return {
+                "deliveries": deliveries,
+                "rounds": rounds,
+                "request": req / deliveries,
+                "response": resp / deliveries,
+                "event": sum(sizes) / len(sizes),
+            }
 
-        # -- eager push under load: the pusher finds several events queued (10 per push)
-        sizes = []
-        before = _bodies(eu.links)
+        # -- eager push of single events; then under load, several queued (10 per push)
+        out["push"] = await push(pushes, 1, 0)
         batches = max(1, pushes // 10)
-        for b in range(batches):
-            made = await _writes(eu.replica, 10, pushes + 10 * b)
-            raws = [RawEvent(e.dot, ev.encode(e)) for e in made]
-            sizes += [len(r.data) for r in raws]
-            eu.replicator.enqueue(raws)
-            for peer in eu.replicator.peers:
-                await eu.replicator.push(peer)
-        rounds, req, resp = _delta(_bodies(eu.links), before)
-        for node in cluster.nodes.values():
-            if node.replica.summary != eu.replica.summary:
-                raise AssertionError(f"{node.region} missed pushed events")
-        deliveries = len(sizes) * len(eu.replicator.peers)
-        out["push10"] = {
-            "deliveries": deliveries,
-            "rounds": rounds,
-            "request": req / deliveries,
-            "response": resp / deliveries,
-            "event": sum(sizes) / len(sizes),
-        }
+        out["push10"] = await push(batches, 10, pushes)
 
         # -- bulk catch-up of a new node from eu
         await _writes(eu.replica, bulk, pushes + 10 * batches)
