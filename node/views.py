@@ -44,6 +44,8 @@ INDEXED_FIELDS = tuple(dict.fromkeys((*SEARCHED_FIELDS, *UNIQUE_FIELDS)))
 
 
 def entity(txn: ReadTxn, stream: str) -> EntityState:
+    if isinstance(txn, PendingReads):
+        return txn.entity(stream)
     raw = txn.get("views", stream.encode())
     return EntityState() if raw is None else decode_state(raw)
 
@@ -212,7 +214,8 @@ def replay(txn: WriteTxn, stream: str, wires: list[list[Any]], pending: Pending)
 class Pending:
     """Entity states folded in a write transaction and not stored yet (see ``apply``).
 
-    Whoever reads views or indexes in the same transaction must ``flush`` first. Storing
+    Whoever reads views or indexes in the same transaction must ``flush`` first, or read
+    through ``PendingReads``, which does when it must. Storing
     only the last state of each entity gives the same views, indexes, conflicts and
     digest as storing every intermediate one: each is a function of the final state
     (index keys carry the entity's id; the digest changes telescope).
@@ -260,6 +263,42 @@ class Pending:
         self.states.clear()
         self.stored.clear()
         self.digest_change = 0
+
+
+# What ``Pending.flush`` writes: a read of any of these must see the pending states stored.
+DEFERRED_DBS = frozenset(("views", "meta", "conflicts", "idx_search", *INDEX_DBS.values()))
+
+
+class PendingReads:
+    """A write transaction as a decision reads it, with the pending states in view.
+
+    An entity's state comes from ``pending`` (folded in this commit, not stored yet) or
+    from the transaction, and stays in ``pending`` for the fold of what the decision
+    writes: a commit of many writes to one entity stores it once, not once per write.
+    Any other read of what a flush writes (an index, a view scan) flushes first.
+    """
+
+    __slots__ = ("pending", "txn")
+
+    def __init__(self, txn: WriteTxn, pending: Pending) -> None:
+        self.txn, self.pending = txn, pending
+
+    def entity(self, stream: str) -> EntityState:
+        return self.pending.entity(self.txn, stream)
+
+    def get(self, db: str, key: bytes) -> bytes | None:
+        self._settle(db)
+        return self.txn.get(db, key)
+
+    def scan(
+        self, db: str, *, prefix: bytes = b"", start: bytes | None = None, reverse: bool = False
+    ) -> Iterator[tuple[bytes, bytes]]:
+        self._settle(db)
+        return self.txn.scan(db, prefix=prefix, start=start, reverse=reverse)
+
+    def _settle(self, db: str) -> None:
+        if db in DEFERRED_DBS and self.pending.states:
+            self.pending.flush(self.txn)
 
 
 def _derived(compute: Callable[[str, EntityState], T], stream: str, state: EntityState) -> T:

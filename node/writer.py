@@ -216,8 +216,8 @@ class Writer:
         appended: list[tuple[int, Event]] = []
         outcomes: list[list[Event] | Exception] = []
         drifted = 0
-        # Entity views folded in this commit, stored once each; stored before anything
-        # reads views in this transaction (a decision, maintenance) and before commit.
+        # Entity views folded in this commit, stored once each at the end; a decision
+        # reads them through the pending states, maintenance after a flush.
         pending = views.Pending()
         for request in batch:
             if request.maintain is not None:
@@ -230,9 +230,8 @@ class Writer:
                 drifted += n_drifted
                 outcomes.append(new)
                 continue
-            pending.flush(txn)
             try:
-                drafts = request.decide(txn)
+                drafts = request.decide(views.PendingReads(txn, pending))
             except Rejected as rejection:
                 outcomes.append(rejection)
                 continue

@@ -16,7 +16,9 @@ from node import commands, log
 from node.events import Event, InvalidEvent, Op
 from node.kv import KV, MemoryKV, ReadTxn
 from node.lmdb_kv import LmdbKV
+from node.rebuild import replay_views
 from node.replica import Replica
+from node.tokens import etag_of
 from node.writer import Draft, Rejected
 
 NOW_MS = 1_700_000_000_000
@@ -162,6 +164,41 @@ class WriterContract:
         assert asyncio.run(replica.ingest([peer_event(1, hlc=far)])) == [peer_event(1, hlc=far)]
         assert replica.clock.last < far
         assert replica.metrics.stamps_drifted == 1
+
+    def test_each_decision_of_a_commit_sees_the_writes_before_it(self, replica: Replica) -> None:
+        """Decisions read the entity states folded earlier in the same commit (not stored
+        until its end), and an index read sees them stored; the views come out as a
+        rebuild makes them."""
+        asyncio.run(replica.write(commands.create("user", "homer", homer(1)), actor="t"))
+        etag = etag_of(replica.entity("user", "homer").etag)
+        moved = {"email": "homer@springfield.us"}
+        writes = [
+            replica.write(commands.patch("user", "homer", {"name": "H2"}, etag), actor="t"),
+            replica.write(commands.patch("user", "homer", {"name": "H3"}, etag), actor="t"),
+            replica.write(commands.patch("user", "homer", {"name": "H4"}, None), actor="t"),
+            replica.write(commands.patch("user", "homer", moved, None), actor="t"),
+            replica.write(commands.create("user", "marge", moved), actor="t"),
+            replica.write(commands.create("user", "lisa", {"email": "homer1@x.us"}), actor="t"),
+            replica.write(commands.create("user", "lisa", {}), actor="t"),
+            replica.write(commands.delete("user", "lisa", None), actor="t"),
+            replica.write(commands.patch("user", "lisa", {"name": "L"}, None), actor="t"),
+        ]
+        results = asyncio.run(in_one_batch(replica, writes))
+        assert replica.writer.commits <= 3  # the create, the gate (maybe alone), then the rest
+        statuses = [r.status if isinstance(r, Rejected) else len(r) for r in results]
+        # the second If-Match saw the first patch's etag; marge the email homer took just
+        # before; lisa the email homer left; a second create the first; the patch the delete
+        assert statuses == [1, 412, 1, 1, 409, 2, 409, 1, 404]
+        homer_now = replica.entity("user", "homer")
+        assert (homer_now.value("name"), homer_now.value("email")) == ("H4", moved["email"])
+        assert replica.look_up_entities("email", "homer1@x.us") == []  # lisa's, then deleted
+        before = (replica.digest(), replica.fingerprints())
+        with replica.kv.read() as txn:
+            stored = dict(txn.scan("views"))
+        assert replica.kv.write(replay_views) == event_count(replica)
+        with replica.kv.read() as txn:
+            assert dict(txn.scan("views")) == stored
+        assert (replica.digest(), replica.fingerprints()) == before
 
     def test_an_exception_in_one_request_does_not_fail_its_batch(self, replica: Replica) -> None:
         def broken(txn: ReadTxn) -> list[Draft]:
