@@ -350,10 +350,14 @@ def history_handler(kind: str) -> Handler:
 
 async def list_users(request: web.Request) -> web.Response:
     replica = _replica(request)
+    params = request.query
+    for field in ("email", "username"):  # a unique field: one page, no cursor
+        value = params.get(field)
+        if value is not None:
+            if "limit" in params or "cursor" in params:  # still refused if malformed
+                _limit(request), _cursor(request)
+            return _users_page(replica.look_up_entities(field, value), None)
     limit, after = _limit(request), _cursor(request)
-    for field in ("email", "username"):
-        if field in request.query:
-            return _users_page(replica.look_up_entities(field, request.query[field]), None)
     if "q" in request.query:
         query = request.query["q"]
         if len(query) > 200:

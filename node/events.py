@@ -146,6 +146,9 @@ def encode(event: Event) -> bytes:
 UPCASTERS: dict[int, Callable[[list[Any]], list[Any]]] = {}
 
 
+_OPS: dict[object, Op] = {int(op): op for op in Op}  # a dict lookup, not an Enum call
+
+
 def from_wire(wire: Any) -> Event:
     if not isinstance(wire, list) or not wire:
         raise InvalidEvent("an event is a non-empty array")
@@ -163,12 +166,14 @@ def from_wire(wire: Any) -> Event:
             dot=Dot(origin, counter),
             hlc=hlc,
             stream=stream,
-            op=Op(op),
+            op=_OPS[op],
             field=field,
             value=value,
             observed=frozenset(Dot(o, c) for o, c in observed),
             actor=actor,
         )
+    except KeyError:
+        raise InvalidEvent(f"malformed event: unknown op {op!r}") from None
     except (TypeError, ValueError) as exc:
         raise InvalidEvent(f"malformed event: {exc}") from exc
     if not isinstance(stream, str) or not (field is None or isinstance(field, str)):

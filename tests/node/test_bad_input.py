@@ -380,6 +380,8 @@ BAD_INPUTS: list[Bad] = [
     Bad("limit-arabic-digit", "GET", "/changes?limit=%D9%A3", 400, "bad_query"),
     Bad("cursor-bad-chars", "GET", "/users?cursor=a%2Fb", 400, "bad_query"),
     Bad("cursor-nul", "GET", "/users?q=homer&cursor=a%00", 400, "bad_query"),
+    Bad("limit-abc-by-email", "GET", "/users?email=homer@x.us&limit=abc", 400, "bad_query"),
+    Bad("cursor-bad-by-username", "GET", "/users?username=homer&cursor=a%2F", 400, "bad_query"),
     Bad(
         "cursor-too-long",
         "GET",
