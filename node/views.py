@@ -215,10 +215,10 @@ class Pending:
     """Entity states folded in a write transaction and not stored yet (see ``apply``).
 
     Whoever reads views or indexes in the same transaction must ``flush`` first, or read
-    through ``PendingReads``, which does when it must. Storing
-    only the last state of each entity gives the same views, indexes, conflicts and
-    digest as storing every intermediate one: each is a function of the final state
-    (index keys carry the entity's id; the digest changes telescope).
+    through ``PendingReads``, which flushes when it must. Storing only the last state of
+    each entity gives the same views, indexes, conflicts and digest as storing every
+    intermediate one: each is a function of the final state (index keys carry the
+    entity's id; the digest changes telescope).
     """
 
     def __init__(self, *, rebuild: bool = False) -> None:
