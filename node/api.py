@@ -354,12 +354,13 @@ async def list_users(request: web.Request) -> web.Response:
     for field in ("email", "username"):  # a unique field: one page, no cursor
         value = params.get(field)
         if value is not None:
-            if "limit" in params or "cursor" in params:  # still refused if malformed
-                _limit(request), _cursor(request)
+            if "limit" in params or "cursor" in params:  # ignored here, but refused if malformed
+                _limit(request)
+                _cursor(request)
             return _users_page(replica.look_up_entities(field, value), None)
     limit, after = _limit(request), _cursor(request)
-    if "q" in request.query:
-        query = request.query["q"]
+    if "q" in params:
+        query = params["q"]
         if len(query) > 200:
             fail(400, "bad_query", "q is at most 200 characters")
         ids = replica.search(query, after=after, limit=limit)
