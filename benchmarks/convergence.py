@@ -40,7 +40,7 @@ REQUEST_TIMEOUT_S = 30.0
 CONVERGE_WAIT_S = 60.0
 CONCURRENCY_PER_REGION = 32
 PROFILE_KEYS = 8  # events per PATCH
-NODE_ARGS: tuple[str, ...] = ()  # product defaults (gossip 500 ms, backoff up to 2 s)
+NODE_ARGS: tuple[str, ...] = ()  # product defaults (gossip 500 ms, backoff up to 1 s)
 
 
 @dataclass(frozen=True)

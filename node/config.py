@@ -45,7 +45,7 @@ class Settings:
     sync_batch_bytes_max: int = 1_048_576
     sync_body_bytes_max: int = 8 * 1_048_576
     push_queue_events_max: int = 10_000
-    backoff_max_ms: int = 2_000
+    backoff_max_ms: int = 1_000
     auth_window_ms: int = 30_000
     bootstrap_wait_ms_max: int = 120_000
     # TLS between nodes: a certificate and key to serve and to present; with a CA, peers'

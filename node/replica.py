@@ -197,9 +197,15 @@ class Replica:
             return sum(1 for _ in log.quarantined(txn))
 
     def read_missing(
-        self, theirs: VersionVector, *, bytes_max: int, events_max: int
+        self,
+        theirs: VersionVector,
+        *,
+        bytes_max: int,
+        events_max: int,
+        only: str | None = None,
     ) -> tuple[list[tuple[Dot, bytes]], bool]:
-        """Stored events that a replica summarised by ``theirs`` lacks, in bounded batches.
+        """Stored events that a replica summarised by ``theirs`` lacks, in bounded batches;
+        of origin ``only`` alone if it is given.
 
         Returns the batch and whether more were left out. This replica's own events
         come first, then the other origins' in the order of their names, each range in
@@ -210,6 +216,8 @@ class Replica:
         size = 0
         own = self.identity.replica_id
         lacking = self.summary.missing_from(theirs)
+        if only is not None:
+            lacking = {only: lacking[only]} if only in lacking else {}
         with self.kv.read() as txn:
             for origin in sorted(lacking, key=lambda origin: (origin != own, origin)):
                 for first, last in lacking[origin]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from crdt import VersionVector
 
 BACKOFF_BASE_MS = 250
-BACKOFF_MAX_MS = 2_000  # after a heal, peers find each other again within ~3 s
+BACKOFF_MAX_MS = 1_000  # after a heal, peers find each other again within ~1.5 s
 
 
 @dataclass

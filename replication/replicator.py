@@ -6,6 +6,8 @@ Three ways events move, all through the same round trip and the same writer path
 - **anti-entropy**: every ``gossip_interval_ms`` a random reachable peer is synced
   from summaries, repairing whatever a push lost; paged until both sides caught up;
 - **serving**: a peer's request is ingested, and answered with what the peer lacks.
+What a node sends a peer is what the peer last showed it lacks, less what is on its way
+to it already; relays of other origins' events wait for a fresh answer (``request_for``).
 The stable point (the meet of every summary) bounds what compaction may drop.
 """
 
@@ -47,6 +49,9 @@ class Limits:
     bootstrap_wait_ms_max: int = 120_000
     compaction_interval_ms: int = 10_000
     requesters_max: int = 64
+    # Events we answered a peer with are not pushed to it again for this long: it is
+    # likely still ingesting them. If it lost them, its next request asks again.
+    answered_hold_ms: int = 2_000
 
 
 def _raw(pairs: Sequence[tuple[Dot, bytes]]) -> tuple[RawEvent, ...]:
@@ -84,6 +89,12 @@ class Replicator:
         # its next changes are read over. And per peer, the last of ours it confirmed.
         self._heard: dict[str, VersionVector] = {}
         self._told: dict[str, VersionVector] = {}
+        # Per peer, what is on its way to it and its summary may not show yet: what our
+        # requests to it carry now, and what we answered it with lately (sent at, dots).
+        self._carrying: dict[str, list[VersionVector]] = {name: [] for name in peers}
+        self._answered: dict[str, deque[tuple[int, str, VersionVector]]] = {
+            name: deque() for name in peers
+        }
 
     # -- serving a peer ----------------------------------------------------------
 
@@ -108,10 +119,14 @@ class Replicator:
             peer.contacted(self.now_ms(), sender, request.summary if theirs is None else theirs)
         if theirs is None:
             return protocol.encode(Sync(Tag.SYNC_RESPONSE, own, self._advertised()))
-        pairs, more = self._missing(theirs, sender)
+        # Not what our requests to the peer carry now: one of them would bring it twice.
+        pairs, more = self._missing(self._on_the_way(theirs, peer, answers=False), sender)
         if peer is not None:
             # Not learned() here: the answer may be lost; the peer's next request says.
             peer.events_sent += len(pairs)
+            if pairs:
+                answered = VersionVector.of(dot for dot, _ in pairs)
+                self._answered_lately(peer.name).append((self.now_ms(), sender, answered))
         checked = request.check is not None
         response = Sync(
             Tag.SYNC_RESPONSE,
@@ -122,6 +137,29 @@ class Replicator:
             base=theirs if checked else None,
         )
         return protocol.encode(response)
+
+    def _on_the_way(
+        self, theirs: VersionVector, peer: PeerState | None, *, answers: bool
+    ) -> VersionVector:
+        """``theirs`` joined with what our requests to ``peer`` carry now, and with what we
+        answered it with within ``answered_hold_ms`` if ``answers``."""
+        if peer is None:
+            return theirs
+        for carried in self._carrying[peer.name]:
+            theirs = theirs.merge(carried)
+        if answers:
+            for _, replica_id, answered in self._answered_lately(peer.name):
+                if replica_id == peer.replica_id:  # not a lost incarnation's
+                    theirs = theirs.merge(answered)
+        return theirs
+
+    def _answered_lately(self, name: str) -> deque[tuple[int, str, VersionVector]]:
+        """What we answered ``name`` with within ``answered_hold_ms``, and to which of its
+        incarnations (older answers are dropped)."""
+        answered, since = self._answered[name], self.now_ms() - self.limits.answered_hold_ms
+        while answered and answered[0][0] < since:
+            answered.popleft()
+        return answered
 
     def _rebuilt(self, sender: str, request: protocol.Received) -> VersionVector | None:
         """The requester's whole summary, or None if it was sent over a base we lack."""
@@ -150,7 +188,7 @@ class Replicator:
         return self.replica.summary.add_all(kept) if kept else self.replica.summary
 
     def _missing(
-        self, theirs: VersionVector, peer_id: str | None
+        self, theirs: VersionVector, peer_id: str | None, *, own_only: bool = False
     ) -> tuple[list[tuple[Dot, bytes]], bool]:
         if peer_id is not None:
             # A replica never lacks its own events (a lost disk comes back as a new
@@ -158,7 +196,10 @@ class Replicator:
             own = self.replica.summary.highest(peer_id)
             theirs = theirs.merge(VersionVector({peer_id: OriginSeen(own)}))
         return self.replica.read_missing(
-            theirs, bytes_max=self.limits.batch_bytes_max, events_max=self.limits.batch_events_max
+            theirs,
+            bytes_max=self.limits.batch_bytes_max,
+            events_max=self.limits.batch_events_max,
+            only=self.replica.identity.replica_id if own_only else None,
         )
 
     async def _ingest(self, batch: protocol.Batch) -> int:
@@ -171,15 +212,24 @@ class Replicator:
 
     # -- syncing with a peer -----------------------------------------------------
 
-    def request_for(self, name: str, push: Sequence[RawEvent] = ()) -> Sync:
-        """A request to ``name``: our summary, and what it lacks as far as we know.
+    def request_for(
+        self, name: str, push: Sequence[RawEvent] = (), *, answered: bool = False
+    ) -> Sync:
+        """A request to ``name``: our summary, and ``push`` or what the peer lacks.
+
+        Until the peer has ``answered`` an earlier round of the same sync, only our own
+        events are pushed: what we know of the peer may be old, and the other origins
+        (or other relays) may have sent it theirs since. Its answer's summary is fresh;
+        the next round pushes whatever else it still lacks. Never pushed: what our other
+        requests to it carry now, or what we answered it with lately.
 
         The summary goes as changes over what the peer confirmed our requests showed it,
         when there is such a thing; whole otherwise.
         """
         peer = self.peers[name]
         if not push and peer.summary is not None:
-            pairs, _ = self._missing(peer.summary, peer.replica_id)
+            lacks = self._on_the_way(peer.summary, peer, answers=True)
+            pairs, _ = self._missing(lacks, peer.replica_id, own_only=not answered)
             push = _raw(pairs)
         own, told = self.replica.identity.replica_id, self._told.get(name)
         mine, push = self._advertised(), tuple(push)
@@ -246,9 +296,11 @@ class Replicator:
         self, name: str, push: Sequence[RawEvent] = (), *, rounds_max: int | None = None
     ) -> bool:
         """Round trips with ``name`` until neither side has more; False if it failed."""
-        for _ in range(rounds_max or self.limits.sync_rounds_max):
-            request = self.request_for(name, push)
+        for round_ in range(rounds_max or self.limits.sync_rounds_max):
+            request = self.request_for(name, push, answered=round_ > 0)
             push = ()
+            carried = _summary_of(request.events)
+            self._carrying[name].append(carried)
             try:
                 answer = await self.transport.send(name, protocol.encode(request))
                 if not await self.absorb(name, request, answer):
@@ -256,6 +308,8 @@ class Replicator:
             except (TransportError, BadMessage, Overloaded) as exc:
                 self.failed(name, str(exc))
                 return False
+            finally:
+                self._carrying[name].remove(carried)
         return True
 
     def take_push(self, name: str) -> list[RawEvent]:
@@ -339,11 +393,23 @@ class Replicator:
     async def _gossip(self) -> None:
         while True:
             try:
-                await self.anti_entropy_once()
+                synced = await self.anti_entropy_once()
             except Exception:
                 logger.exception("anti-entropy round failed")
+                synced = None
             jitter = 0.75 + self.rng.random() / 2
-            await asyncio.sleep(self.limits.gossip_interval_ms * jitter / 1000)
+            await asyncio.sleep(self.next_round_ms(synced, jitter) / 1000)
+
+    def next_round_ms(self, synced: str | None, jitter: float) -> float:
+        """How long the gossip loop waits: an interval (times ``jitter``) after a round;
+        after none (every peer backing off), only until the first peer is due, so a peer
+        back from a partition is tried when its backoff ends, not up to an interval later.
+        """
+        interval = self.limits.gossip_interval_ms * jitter
+        if synced is not None or not self.peers:
+            return interval
+        due = min(peer.next_attempt_ms for peer in self.peers.values())
+        return min(interval, max(0, due - self.now_ms()))
 
     async def _pusher(self, name: str) -> None:
         while True:

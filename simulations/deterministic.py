@@ -344,7 +344,8 @@ class Simulation:
         more = await node.replicator.absorb(target, request, answer)
         self.log(f"absorbed #{request_id} at {source} more={more}")
         if more and request_id not in self._pushes:
-            self.send_request(source, target, node.replicator.request_for(target))
+            request = node.replicator.request_for(target, answered=True)
+            self.send_request(source, target, request)
 
     async def _timeout(self, request_id: int) -> None:
         pending = self._pending.pop(request_id, None)

@@ -1,0 +1,173 @@
+"""What a node sends a peer is computed from what the peer has shown it holds, less what
+is already on its way to it.
+
+After a heal every node syncs with every other at once. Without these rules a node
+relays events the peer got from their origin meanwhile, answers with events its own
+request to that peer carries, and pushes what it answered the peer with a moment ago
+(the convergence benchmark counts the events sent against those needed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from pathlib import Path
+
+from node import commands
+from replication import protocol
+from replication.peers import PeerState
+from replication.protocol import Tag
+from replication.replicator import Limits
+from replication.transport import Handler, TransportError
+from tests.replication.cluster import Cluster, person, run
+
+
+def origins(body: bytes, tag: Tag) -> Counter[str]:
+    """How many events of each region a request or an answer carries."""
+    return Counter(
+        raw.dot.origin.partition("~")[0] for raw in protocol.decode(body, expect=tag).events
+    )
+
+
+def record(c: Cluster, sender: str, receiver: str) -> list[tuple[Counter[str], Counter[str]]]:
+    """From now on, the regions of the events each exchange ``sender`` starts with
+    ``receiver`` carries: (in its request, in the answer)."""
+    seen: list[tuple[Counter[str], Counter[str]]] = []
+    deliver = c.nodes[sender].transport.handlers[receiver]
+
+    async def recording(body: bytes) -> bytes:
+        answer = await deliver(body)
+        seen.append((origins(body, Tag.SYNC_REQUEST), origins(answer, Tag.SYNC_RESPONSE)))
+        return answer
+
+    c.nodes[sender].transport.handlers[receiver] = recording
+    return seen
+
+
+async def users(c: Cluster, region: str, count: int, *, first: int = 0) -> None:
+    for n in range(first, first + count):
+        name = f"{region}{n}"
+        await c.write(region, commands.create("user", name, person(name)))
+
+
+def test_others_events_are_relayed_only_once_the_peer_answered_that_it_lacks_them(
+    tmp_path: Path,
+) -> None:
+    async def body(c: Cluster) -> None:
+        await c.sync_all_until_quiet()  # every node knows every peer's (empty) summary
+        for region in c.regions:
+            await users(c, region, 3)  # 12 events each
+        assert await c.sync("eu", "ap")  # eu now holds ap's events
+        seen = record(c, "eu", "us")
+
+        # The opening request pushes eu's own events only; us's answer shows it lacks
+        # ap's, and the next round relays them.
+        assert await c.sync("eu", "us")
+        assert seen[0] == (Counter(eu=12), Counter(us=12))
+        assert seen[1][0] == Counter(ap=12)
+        c.assert_converged(["eu", "us"])
+
+        # What eu knows of ap is now old: ap got us's events from their origin since.
+        await users(c, "us", 2, first=3)
+        assert await c.sync("ap", "us")
+        seen = record(c, "eu", "ap")
+        assert await c.sync("eu", "ap")
+        relayed = sum((request for request, _ in seen), Counter[str]())
+        assert relayed["us"] == 0, f"eu relayed us's events that ap held: {seen}"
+        c.assert_converged()
+
+    run(tmp_path, ("ap", "eu", "us"), body)
+
+
+def test_an_answer_leaves_out_what_our_own_request_to_that_peer_carries(tmp_path: Path) -> None:
+    async def body(c: Cluster) -> None:
+        await c.sync_all_until_quiet()
+        await users(c, "eu", 5)  # 20 events
+        await users(c, "us", 2)
+        # eu's request to us is held on the way while us's request reaches eu.
+        on_its_way, release = asyncio.Event(), asyncio.Event()
+        deliver = c.nodes["eu"].transport.handlers["us"]
+        carried: list[Counter[str]] = []
+
+        async def held(body: bytes) -> bytes:
+            carried.append(origins(body, Tag.SYNC_REQUEST))
+            on_its_way.set()
+            await release.wait()
+            return await deliver(body)
+
+        c.nodes["eu"].transport.handlers["us"] = held
+        eu_to_us = asyncio.create_task(c.sync("eu", "us"))
+        await on_its_way.wait()
+        assert carried[0] == Counter(eu=20)
+        answers = record(c, "us", "eu")
+        assert await c.sync("us", "eu")
+        assert all(answer["eu"] == 0 for _, answer in answers), answers
+        release.set()
+        assert await eu_to_us
+        c.assert_converged()
+
+    run(tmp_path, ("eu", "us"), body)
+
+
+def test_what_a_node_answered_a_peer_with_it_does_not_push_again_while_held(
+    tmp_path: Path,
+) -> None:
+    async def body(c: Cluster) -> None:
+        await c.sync_all_until_quiet()
+        await users(c, "eu", 3)  # 12 events
+        # us asks eu and gets eu's events; eu heard us's summary from before them.
+        assert await c.sync("us", "eu")
+        pushed = record(c, "eu", "us")
+        assert await c.sync("eu", "us")
+        assert all(request["eu"] == 0 for request, _ in pushed), pushed
+        c.assert_converged()
+
+        # An answer lost on the way: us asking again gets the events at once; eu pushes
+        # them itself only once the hold is over.
+        await users(c, "eu", 1, first=3)
+        lose_answer(c, "us", "eu")
+        assert not await c.sync("us", "eu")
+        assert await c.sync("eu", "us")
+        assert "eu0" in c.replica("us").entity_ids("user", after="", limit=10)
+        assert len(c.replica("us").entity_ids("user", after="", limit=10)) == 3
+        c.advance(c.limits.answered_hold_ms + 1)
+        c.nodes["us"].replicator.peers["eu"].next_attempt_ms = 0  # its backoff is not tested here
+        pushed = record(c, "eu", "us")
+        assert await c.sync("eu", "us")
+        assert pushed[0][0] == Counter(eu=4)
+        c.assert_converged()
+
+    run(tmp_path, ("eu", "us"), body)
+
+
+def lose_answer(c: Cluster, sender: str, receiver: str) -> None:
+    """The next answer ``receiver`` gives ``sender`` is lost after ``receiver`` sent it."""
+    deliver: Handler = c.nodes[sender].transport.handlers[receiver]
+
+    async def losing(body: bytes) -> bytes:
+        await deliver(body)
+        c.nodes[sender].transport.handlers[receiver] = deliver
+        raise TransportError("the answer was lost")
+
+    c.nodes[sender].transport.handlers[receiver] = losing
+
+
+def test_with_every_peer_backing_off_the_next_round_is_when_the_first_is_due(
+    tmp_path: Path,
+) -> None:
+    async def body(c: Cluster) -> None:
+        replicator = c.replicator("eu")
+        interval = c.limits.gossip_interval_ms
+        assert replicator.next_round_ms("us", 1.0) == interval
+        assert replicator.next_round_ms("us", 1.25) == 1.25 * interval
+        peers: dict[str, PeerState] = replicator.peers
+        now = c.now_ms[0]
+        peers["us"].next_attempt_ms, peers["ap"].next_attempt_ms = now + 120, now + 300
+        assert replicator.next_round_ms(None, 1.0) == 120
+        peers["us"].next_attempt_ms = now + 10 * interval
+        peers["ap"].next_attempt_ms = now + 5 * interval
+        assert replicator.next_round_ms(None, 1.0) == interval
+        peers["ap"].next_attempt_ms = now - 5
+        assert replicator.next_round_ms(None, 1.0) == 0
+
+    run(tmp_path, ("ap", "eu", "us"), body, limits=Limits(gossip_interval_ms=500))
