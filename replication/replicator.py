@@ -3,8 +3,8 @@
 Three ways events move, all through the same round trip and the same writer path:
 - **eager push**: each durable local commit is queued (bounded) for every peer and
   sent at once, so lag is a round trip when the network is up;
-- **anti-entropy**: every ``gossip_interval_ms`` a random reachable peer is synced
-  from summaries, repairing whatever a push lost; paged until both sides caught up;
+- **anti-entropy**: every ``gossip_interval_ms`` each reachable peer is synced from
+  summaries, repairing whatever a push lost; paged until both sides caught up;
 - **serving**: a peer's request is ingested, and answered with what the peer lacks.
 What a node sends a peer is what the peer last showed it lacks, less what is on its way
 to it already; relays of other origins' events wait for a fresh answer (``request_for``).
@@ -95,6 +95,7 @@ class Replicator:
         self._answered: dict[str, deque[tuple[int, str, VersionVector]]] = {
             name: deque() for name in peers
         }
+        self._bootstrapping = asyncio.Lock()
 
     # -- serving a peer ----------------------------------------------------------
 
@@ -119,8 +120,10 @@ class Replicator:
             peer.contacted(self.now_ms(), sender, request.summary if theirs is None else theirs)
         if theirs is None:
             return protocol.encode(Sync(Tag.SYNC_RESPONSE, own, self._advertised()))
-        # Not what our requests to the peer carry now: one of them would bring it twice.
-        pairs, more = self._missing(self._on_the_way(theirs, peer, answers=False), sender)
+        # Not what the peer holds as far as we know by now (the request may have waited
+        # while our pushes to the peer landed), nor what our requests to it carry now.
+        holds = theirs if peer is None or peer.summary is None else peer.summary
+        pairs, more = self._missing(self._on_the_way(holds, peer, answers=False), sender)
         if peer is not None:
             # Not learned() here: the answer may be lost; the peer's next request says.
             peer.events_sent += len(pairs)
@@ -328,7 +331,7 @@ class Replicator:
         return batch
 
     def choose_peer(self) -> str | None:
-        """A reachable peer at random, for the next anti-entropy round."""
+        """A reachable peer at random (a simulation's gossip tick syncs with one)."""
         now = self.now_ms()
         ready = sorted(n for n, p in self.peers.items() if p.available(now))
         return self.rng.choice(ready) if ready else None
@@ -375,7 +378,7 @@ class Replicator:
             self._loop.call_later(
                 self.limits.bootstrap_wait_ms_max / 1000, self._ready, "bootstrap wait ran out"
             )
-        self._tasks = [asyncio.create_task(self._gossip())]
+        self._tasks = [asyncio.create_task(self._gossip(name)) for name in self.peers]
         self._tasks += [asyncio.create_task(self._pusher(name)) for name in self.peers]
         self._tasks.append(asyncio.create_task(self._compactor()))
 
@@ -390,26 +393,42 @@ class Replicator:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.transport.close()
 
-    async def _gossip(self) -> None:
+    async def _gossip(self, name: str) -> None:
+        """Anti-entropy with one peer for as long as the node runs: one loop per peer, so
+        a long sync with one (say, paging in its partition's writes) delays no other."""
         while True:
             try:
-                synced = await self.anti_entropy_once()
+                await self.anti_entropy_with(name)
             except Exception:
-                logger.exception("anti-entropy round failed")
-                synced = None
+                logger.exception("anti-entropy with %s failed", name)
             jitter = 0.75 + self.rng.random() / 2
-            await asyncio.sleep(self.next_round_ms(synced, jitter) / 1000)
+            await asyncio.sleep(self.gossip_wait_ms(name, jitter) / 1000)
 
-    def next_round_ms(self, synced: str | None, jitter: float) -> float:
-        """How long the gossip loop waits: an interval (times ``jitter``) after a round;
-        after none (every peer backing off), only until the first peer is due, so a peer
-        back from a partition is tried when its backoff ends, not up to an interval later.
+    async def anti_entropy_with(self, name: str) -> bool:
+        """Sync with ``name`` unless it is backing off; return whether a sync ran.
+
+        A node still bootstrapping syncs with one peer at a time: every peer holds the
+        whole history it lacks, and pulled from all at once it would come N times over.
         """
-        interval = self.limits.gossip_interval_ms * jitter
-        if synced is not None or not self.peers:
-            return interval
-        due = min(peer.next_attempt_ms for peer in self.peers.values())
-        return min(interval, max(0, due - self.now_ms()))
+        if self.replica.not_ready is None:
+            return await self._sync_if_available(name)
+        async with self._bootstrapping:
+            return await self._sync_if_available(name)
+
+    async def _sync_if_available(self, name: str) -> bool:
+        if not self.peers[name].available(self.now_ms()):
+            return False
+        await self.sync_with(name)
+        return True
+
+    def gossip_wait_ms(self, name: str, jitter: float) -> float:
+        """How long ``name``'s anti-entropy loop waits before its next sync: an interval
+        (times ``jitter``); while the peer is backing off, until its backoff ends, so a
+        peer back from a partition is tried then, not up to an interval later."""
+        peer = self.peers[name]
+        if peer.failures:
+            return max(0, peer.next_attempt_ms - self.now_ms())
+        return self.limits.gossip_interval_ms * jitter
 
     async def _pusher(self, name: str) -> None:
         while True:

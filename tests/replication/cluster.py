@@ -148,7 +148,7 @@ class Cluster:
         """
         node = self.nodes[region]
         replicator = node.replicator
-        push, gossip = replicator.push, replicator.anti_entropy_once
+        push, gossip = replicator.push, replicator.anti_entropy_with
 
         async def counted_push(name: str) -> None:
             self.busy += 1
@@ -157,15 +157,15 @@ class Cluster:
             finally:
                 self.busy -= 1
 
-        async def counted_gossip() -> str | None:
+        async def counted_gossip(name: str) -> bool:
             self.busy += 1
             try:
-                return await gossip()
+                return await gossip(name)
             finally:
                 self.busy -= 1
 
         replicator.push = counted_push  # type: ignore[method-assign]
-        replicator.anti_entropy_once = counted_gossip  # type: ignore[method-assign]
+        replicator.anti_entropy_with = counted_gossip  # type: ignore[method-assign]
         replicator.start()
         node.started = True
 

@@ -126,6 +126,9 @@ def test_a_new_node_bootstraps_from_the_cluster_before_serving(tmp_path: Path) -
         assert ap.not_ready is None
         status = c.replicator("ap").status()
         assert status["bootstrap"] == {"active": False, "events_received": len(acked) + 2 + 1}
+        # From one peer at a time: each event came once, not once from each peer.
+        sent = [c.replicator(peer).peers["ap"].events_sent for peer in ("eu", "us")]
+        assert sum(sent) == len(acked) + 2 + 1, sent
         assert all(d in ap.summary for d in acked)
         c.assert_converged()
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from node import commands
 from replication import protocol
-from replication.peers import PeerState
 from replication.protocol import Tag
 from replication.replicator import Limits
 from replication.transport import Handler, TransportError
@@ -152,22 +151,24 @@ def lose_answer(c: Cluster, sender: str, receiver: str) -> None:
     c.nodes[sender].transport.handlers[receiver] = losing
 
 
-def test_with_every_peer_backing_off_the_next_round_is_when_the_first_is_due(
-    tmp_path: Path,
-) -> None:
+def test_a_peer_backing_off_is_synced_again_when_its_backoff_ends(tmp_path: Path) -> None:
     async def body(c: Cluster) -> None:
         replicator = c.replicator("eu")
         interval = c.limits.gossip_interval_ms
-        assert replicator.next_round_ms("us", 1.0) == interval
-        assert replicator.next_round_ms("us", 1.25) == 1.25 * interval
-        peers: dict[str, PeerState] = replicator.peers
-        now = c.now_ms[0]
-        peers["us"].next_attempt_ms, peers["ap"].next_attempt_ms = now + 120, now + 300
-        assert replicator.next_round_ms(None, 1.0) == 120
-        peers["us"].next_attempt_ms = now + 10 * interval
-        peers["ap"].next_attempt_ms = now + 5 * interval
-        assert replicator.next_round_ms(None, 1.0) == interval
-        peers["ap"].next_attempt_ms = now - 5
-        assert replicator.next_round_ms(None, 1.0) == 0
+        assert replicator.gossip_wait_ms("us", 1.0) == interval
+        assert replicator.gossip_wait_ms("us", 1.25) == 1.25 * interval
+        c.cut("eu", "us")
+        assert not await c.sync("eu", "us")
+        backoff = replicator.peers["us"].next_attempt_ms - c.now_ms[0]
+        assert 0 < backoff < interval
+        assert replicator.gossip_wait_ms("us", 1.25) == backoff  # not an interval later
+        assert replicator.gossip_wait_ms("ap", 1.25) == 1.25 * interval  # the others: as ever
+        assert not await replicator.anti_entropy_with("us")  # not before its time
+        assert c.links[("eu", "us")].attempts == 1
+        c.advance(backoff)
+        assert replicator.gossip_wait_ms("us", 1.25) == 0
+        c.heal()
+        assert await replicator.anti_entropy_with("us")
+        assert replicator.gossip_wait_ms("us", 1.25) == 1.25 * interval
 
     run(tmp_path, ("ap", "eu", "us"), body, limits=Limits(gossip_interval_ms=500))
