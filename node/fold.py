@@ -99,7 +99,7 @@ _ADD, _REMOVE = int(Op.ADD), int(Op.REMOVE)
 NO_DOTS: frozenset[Dot] = frozenset()
 
 
-class _Folding:
+class Folding:
     """One entity's state while events fold into it, frozen into an ``EntityState`` once.
 
     Folding n events costs n cheap steps and one new state, not n states: a field keeps
@@ -154,6 +154,17 @@ class _Folding:
                 self.floor = key
         # add/remove change member slices (fold_member); the entity records that it changed.
 
+    def add(self, event: Event) -> None:
+        """Fold one event (``fold``, without making a state of it yet)."""
+        dot = event.dot
+        self.event(
+            dot.origin, dot.counter, event.hlc, event.op, event.field, event.value, event.observed
+        )
+
+    @property
+    def exists(self) -> bool:
+        return ENTITY in self.existence
+
     def state(self) -> EntityState:
         base, floor = self.base, self.floor
         fields = base.fields
@@ -193,16 +204,16 @@ def fold(state: EntityState, event: Event) -> EntityState:
 
 def fold_many(state: EntityState, events: Iterable[Event]) -> EntityState:
     """Apply events to their entity, as ``fold`` one at a time would."""
-    folding = _Folding(state)
+    folding = Folding(state)
     for e in events:
-        folding.event(e.dot.origin, e.dot.counter, e.hlc, e.op, e.field, e.value, e.observed)
+        folding.add(e)
     return folding.state()
 
 
 def fold_stored(state: EntityState, wires: Iterable[list[Any]]) -> EntityState:
     """Apply events as this node's log holds them, decoded but not made ``Event``s (each
     was validated when it was appended, and is in the current format): the rebuild."""
-    folding = _Folding(state)
+    folding = Folding(state)
     for _, origin, counter, hlc, _stream, op, name, value, observed, _actor in wires:
         dots = NO_DOTS if op != _DELETE else frozenset(Dot(o, c) for o, c in observed)
         folding.event(origin, counter, hlc, op, name, value, dots)

@@ -23,9 +23,9 @@ from crdt import codec as crdt_codec
 from node.events import Event, Op, stream_of
 from node.fold import (
     EntityState,
+    Folding,
     decode_state,
     encode_state,
-    fold,
     fold_member,
     fold_stored,
     fold_stored_members,
@@ -178,9 +178,9 @@ def apply(txn: WriteTxn, event: Event, pending: Pending | None = None) -> None:
         apply(txn, event, pending)
         pending.flush(txn)
         return
-    old = pending.entity(txn, event.stream)
-    new = fold(old, event)
-    pending.states[event.stream] = new
+    folding = pending.folding(txn, event.stream)
+    existed = folding.exists
+    folding.add(event)
     group_id = event.entity_id
     if event.op in (Op.ADD, Op.REMOVE):
         assert event.value is not None
@@ -189,10 +189,11 @@ def apply(txn: WriteTxn, event: Event, pending: Pending | None = None) -> None:
         txn.put("members", member_key(group_id, event.value), crdt_codec.encode(member))
         if (event.value in before) != (event.value in member):
             pending.digest_change ^= _hash(b"member", member_key(group_id, event.value))
-        _refresh_membership(txn, group_id, event.value, new.exists and event.value in member)
-    elif event.kind == "group" and old.exists != new.exists:
+        present = folding.exists and event.value in member
+        _refresh_membership(txn, group_id, event.value, present)
+    elif event.kind == "group" and existed != folding.exists:
         for user_id in members(txn, group_id, live_only=True):
-            _refresh_membership(txn, group_id, user_id, new.exists)
+            _refresh_membership(txn, group_id, user_id, folding.exists)
 
 
 def replay(txn: WriteTxn, stream: str, wires: list[list[Any]], pending: Pending) -> None:
@@ -218,11 +219,13 @@ class Pending:
     through ``PendingReads``, which flushes when it must. Storing only the last state of
     each entity gives the same views, indexes, conflicts and digest as storing every
     intermediate one: each is a function of the final state (index keys carry the
-    entity's id; the digest changes telescope).
+    entity's id; the digest changes telescope). For the same reason the events of one
+    entity fold into one ``Folding``, made a state only when read or flushed.
     """
 
     def __init__(self, *, rebuild: bool = False) -> None:
-        self.states: dict[str, EntityState] = {}  # stream -> its latest folded state
+        # stream -> its latest state, or a Folding of the events since it
+        self.states: dict[str, EntityState | Folding] = {}
         self.stored: dict[str, EntityState] = {}  # stream -> its state as stored
         self.digest_change = 0
         # A rebuild stores each entity once, so it neither keeps the stored states decoded
@@ -234,10 +237,22 @@ class Pending:
         return len(self.states)
 
     def entity(self, txn: ReadTxn, stream: str) -> EntityState:
-        state = self.states.get(stream)
-        if state is None:
-            state = self.stored[stream] = self.states[stream] = entity(txn, stream)
-        return state
+        held = self.states.get(stream)
+        if held is None:
+            held = self.stored[stream] = self.states[stream] = entity(txn, stream)
+        elif isinstance(held, Folding):
+            held = self.states[stream] = held.state()
+        return held
+
+    def folding(self, txn: ReadTxn, stream: str) -> Folding:
+        """Where the next event of ``stream`` in this transaction folds."""
+        held = self.states.get(stream)
+        if isinstance(held, Folding):
+            return held
+        if held is None:
+            held = self.stored[stream] = entity(txn, stream)
+        folding = self.states[stream] = Folding(held)
+        return folding
 
     def replace(self, stream: str, state: EntityState) -> None:
         """Store ``state`` at the flush where nothing of ``stream`` is stored (a rebuild)."""
@@ -247,8 +262,9 @@ class Pending:
     def flush(self, txn: WriteTxn) -> None:
         """Store every pending state, its index changes and the digest change."""
         change = self.digest_change
-        for stream, new in self.states.items():
+        for stream, held in self.states.items():
             old = self.stored[stream]
+            new = held.state() if isinstance(held, Folding) else held
             if new is old:
                 continue
             data = encode_state(new)

@@ -17,7 +17,12 @@ from node.log import LogState
 from tests.node.test_views import Step, check_against_model, histories, replay
 
 
-def fold_pending(events: list[Event], flush_after: set[int]) -> MemoryKV:
+def fold_pending(
+    events: list[Event], flush_after: set[int], read_after: frozenset[int] = frozenset()
+) -> MemoryKV:
+    """Fold ``events`` in one transaction, flushing after those numbered in
+    ``flush_after`` and reading the entity (as a decision does, which makes a state of
+    the events folded so far) after those in ``read_after``."""
     kv, state = MemoryKV(), LogState()
 
     def work(txn: WriteTxn) -> None:
@@ -25,6 +30,8 @@ def fold_pending(events: list[Event], flush_after: set[int]) -> MemoryKV:
         for n, event in enumerate(events):
             if log.append(txn, state, event) is not None:
                 views.apply(txn, event, pending)
+            if n in read_after:
+                pending.entity(txn, event.stream)
             if n in flush_after:
                 pending.flush(txn)
         pending.flush(txn)
@@ -54,7 +61,8 @@ def test_pending_views_agree_with_the_model_and_the_digest(
     replayed = replay(history)
     events = data.draw(st.permutations(replayed.events))
     flush_after = data.draw(st.sets(st.integers(0, max(0, len(events) - 1))))
-    kv = fold_pending(events, flush_after)
+    read_after = data.draw(st.frozensets(st.integers(0, max(0, len(events) - 1))))
+    kv = fold_pending(events, flush_after, read_after)
     check_against_model(kv, replayed.known)
     with kv.read() as txn:
         assert views.digest(txn) == digest_from_scratch(kv)
