@@ -108,7 +108,11 @@ class Writer:
         self.committed = state
         self.on_commit = on_commit
         self.batch_requests_max = batch_requests_max
-        self._queue: queue.Queue[_Request | object] = queue.Queue(maxsize=queue_requests_max)
+        # A SimpleQueue (C, no condition variables in Python): a hand-off costs a third of
+        # a Queue's on each side. Its bound is checked before each put, by the node's one
+        # event loop, so no other put comes in between.
+        self._queue: queue.SimpleQueue[_Request | object] = queue.SimpleQueue()
+        self.queue_requests_max = queue_requests_max
         self._thread = threading.Thread(target=self._run, name="writer", daemon=True)
         self.commits = 0
         self.requests = 0
@@ -157,10 +161,9 @@ class Writer:
         if not self.threaded:
             self._commit([request])
             return await request.future
-        try:
-            self._queue.put_nowait(request)
-        except queue.Full:
-            raise Overloaded from None
+        if self._queue.qsize() >= self.queue_requests_max:
+            raise Overloaded
+        self._queue.put(request)
         return await request.future
 
     def stop(self) -> None:

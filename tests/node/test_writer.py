@@ -256,6 +256,46 @@ class TestLmdbWriter(WriterContract):
             replica.close()
 
 
+def test_a_full_write_queue_refuses_at_once_and_writes_nothing_of_it() -> None:
+    """The queue holds ``queue_requests_max`` requests; one more is refused (503 over
+    HTTP) without waiting, and those queued before it are all committed."""
+    from node.kv import MemoryKV
+    from node.writer import Overloaded
+
+    async def body() -> None:
+        replica = Replica(MemoryKV(), "eu", queue_requests_max=3)
+        taken, gate = threading.Event(), threading.Event()
+
+        def held(txn: ReadTxn) -> list[Draft]:
+            taken.set()
+            assert gate.wait(GATE_WAIT_S)
+            return []
+
+        try:
+            holder = asyncio.ensure_future(replica.write(held, actor="gate"))
+            assert await asyncio.to_thread(taken.wait, GATE_WAIT_S)  # the writer holds it
+            queued = [
+                asyncio.ensure_future(
+                    replica.write(commands.create("user", f"u{n}", homer(n)), actor="t")
+                )
+                for n in range(3)
+            ]
+            await asyncio.sleep(0)
+            assert replica.writer.queued == 3
+            with pytest.raises(Overloaded):
+                await replica.write(commands.create("user", "late", homer(9)), actor="t")
+            gate.set()
+            await holder
+            assert all(len(events) == 4 for events in await asyncio.gather(*queued))
+            assert replica.entity_ids("user", after="", limit=10) == ["u0", "u1", "u2"]
+            assert event_count(replica) == 12
+        finally:
+            gate.set()
+            replica.close()
+
+    asyncio.run(body())
+
+
 def test_an_inline_writer_commits_in_the_callers_thread_with_contiguous_dots() -> None:
     """Simulations run the writer without its thread; it must behave the same."""
     import threading
