@@ -108,6 +108,38 @@ def test_an_answer_leaves_out_what_our_own_request_to_that_peer_carries(tmp_path
     run(tmp_path, ("eu", "us"), body)
 
 
+def test_an_answer_leaves_out_what_the_requester_got_while_its_request_waited(
+    tmp_path: Path,
+) -> None:
+    async def body(c: Cluster) -> None:
+        await c.sync_all_until_quiet()
+        await users(c, "eu", 5)  # 20 events
+        # us's request leaves, and waits on its way to eu (say, behind eu's writer)...
+        on_its_way, release = asyncio.Event(), asyncio.Event()
+        deliver = c.nodes["us"].transport.handlers["eu"]
+        answers: list[Counter[str]] = []
+
+        async def held(body: bytes) -> bytes:
+            on_its_way.set()
+            await release.wait()
+            answer = await deliver(body)
+            answers.append(origins(answer, Tag.SYNC_RESPONSE))
+            return answer
+
+        c.nodes["us"].transport.handlers["eu"] = held
+        us_to_eu = asyncio.create_task(c.sync("us", "eu"))
+        await on_its_way.wait()
+        # ...while eu's own push lands at us: eu's answer must not carry those again.
+        assert await c.sync("eu", "us")
+        release.set()
+        assert await us_to_eu
+        assert answers
+        assert all(answer["eu"] == 0 for answer in answers), answers
+        c.assert_converged()
+
+    run(tmp_path, ("eu", "us"), body)
+
+
 def test_what_a_node_answered_a_peer_with_it_does_not_push_again_while_held(
     tmp_path: Path,
 ) -> None:
