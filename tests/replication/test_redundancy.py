@@ -43,6 +43,28 @@ def record(c: Cluster, sender: str, receiver: str) -> list[tuple[Counter[str], C
     return seen
 
 
+class Held:
+    """From now on, the requests ``sender`` sends ``receiver`` wait on their way until
+    ``release`` is set; ``on_its_way`` is set once one has left. The regions of the events
+    each request and each answer carried are kept."""
+
+    def __init__(self, c: Cluster, sender: str, receiver: str) -> None:
+        self.on_its_way, self.release = asyncio.Event(), asyncio.Event()
+        self.requests: list[Counter[str]] = []
+        self.answers: list[Counter[str]] = []
+        deliver = c.nodes[sender].transport.handlers[receiver]
+
+        async def held(body: bytes) -> bytes:
+            self.requests.append(origins(body, Tag.SYNC_REQUEST))
+            self.on_its_way.set()
+            await self.release.wait()
+            answer = await deliver(body)
+            self.answers.append(origins(answer, Tag.SYNC_RESPONSE))
+            return answer
+
+        c.nodes[sender].transport.handlers[receiver] = held
+
+
 async def users(c: Cluster, region: str, count: int, *, first: int = 0) -> None:
     for n in range(first, first + count):
         name = f"{region}{n}"
@@ -84,24 +106,14 @@ def test_an_answer_leaves_out_what_our_own_request_to_that_peer_carries(tmp_path
         await users(c, "eu", 5)  # 20 events
         await users(c, "us", 2)
         # eu's request to us is held on the way while us's request reaches eu.
-        on_its_way, release = asyncio.Event(), asyncio.Event()
-        deliver = c.nodes["eu"].transport.handlers["us"]
-        carried: list[Counter[str]] = []
-
-        async def held(body: bytes) -> bytes:
-            carried.append(origins(body, Tag.SYNC_REQUEST))
-            on_its_way.set()
-            await release.wait()
-            return await deliver(body)
-
-        c.nodes["eu"].transport.handlers["us"] = held
+        held = Held(c, "eu", "us")
         eu_to_us = asyncio.create_task(c.sync("eu", "us"))
-        await on_its_way.wait()
-        assert carried[0] == Counter(eu=20)
+        await held.on_its_way.wait()
+        assert held.requests[0] == Counter(eu=20)
         answers = record(c, "us", "eu")
         assert await c.sync("us", "eu")
         assert all(answer["eu"] == 0 for _, answer in answers), answers
-        release.set()
+        held.release.set()
         assert await eu_to_us
         c.assert_converged()
 
@@ -115,26 +127,15 @@ def test_an_answer_leaves_out_what_the_requester_got_while_its_request_waited(
         await c.sync_all_until_quiet()
         await users(c, "eu", 5)  # 20 events
         # us's request leaves, and waits on its way to eu (say, behind eu's writer)...
-        on_its_way, release = asyncio.Event(), asyncio.Event()
-        deliver = c.nodes["us"].transport.handlers["eu"]
-        answers: list[Counter[str]] = []
-
-        async def held(body: bytes) -> bytes:
-            on_its_way.set()
-            await release.wait()
-            answer = await deliver(body)
-            answers.append(origins(answer, Tag.SYNC_RESPONSE))
-            return answer
-
-        c.nodes["us"].transport.handlers["eu"] = held
+        held = Held(c, "us", "eu")
         us_to_eu = asyncio.create_task(c.sync("us", "eu"))
-        await on_its_way.wait()
+        await held.on_its_way.wait()
         # ...while eu's own push lands at us: eu's answer must not carry those again.
         assert await c.sync("eu", "us")
-        release.set()
+        held.release.set()
         assert await us_to_eu
-        assert answers
-        assert all(answer["eu"] == 0 for answer in answers), answers
+        assert held.answers
+        assert all(answer["eu"] == 0 for answer in held.answers), held.answers
         c.assert_converged()
 
     run(tmp_path, ("eu", "us"), body)
