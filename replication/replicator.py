@@ -399,8 +399,9 @@ class Replicator:
         while True:
             try:
                 await self.anti_entropy_with(name)
-            except Exception:
+            except Exception as exc:
                 logger.exception("anti-entropy with %s failed", name)
+                self.failed(name, f"{type(exc).__name__}: {exc}")  # backs off, never spins
             jitter = 0.75 + self.rng.random() / 2
             await asyncio.sleep(self.gossip_wait_ms(name, jitter) / 1000)
 

@@ -3,6 +3,7 @@ is away is not retried before its time (no busy loop), whether by gossip or eage
 
 from __future__ import annotations
 
+import asyncio
 import random
 from pathlib import Path
 
@@ -144,5 +145,29 @@ def test_eager_push_to_an_away_peer_drops_its_queue_instead_of_retrying(tmp_path
         assert c.replica("us").entity_ids("user", after="", limit=100) == ["late"]
         assert await c.replicator("eu").anti_entropy_once() == "us"
         assert len(c.replica("us").entity_ids("user", after="", limit=100)) == 21
+
+    run(tmp_path, ("eu", "us"), body, limits=Limits(gossip_interval_ms=3_600_000))
+
+
+def test_an_unexpected_error_in_a_sync_backs_off_instead_of_spinning(tmp_path: Path) -> None:
+    async def body(c: Cluster) -> None:
+        replicator = c.replicator("eu")
+        c.cut("eu", "us")
+        assert not await c.sync("eu", "us")  # a failure: "us" is backing off
+        c.heal()
+        c.advance(BACKOFF_MAX_MS * 2)  # its backoff is over
+        calls = 0
+
+        async def broken(name: str, *args: object, **kwargs: object) -> bool:
+            nonlocal calls
+            calls += 1
+            raise RuntimeError("a bug")
+
+        replicator.sync_with = broken  # type: ignore[method-assign]
+        c.start("eu")
+        await asyncio.sleep(0.2)
+        assert calls == 1, f"the loop retried {calls} times instead of backing off"
+        assert replicator.peers["us"].failures == 2
+        assert "a bug" in (replicator.peers["us"].last_error or "")
 
     run(tmp_path, ("eu", "us"), body, limits=Limits(gossip_interval_ms=3_600_000))
