@@ -25,7 +25,7 @@ from node.http_errors import BODY_BYTES_MAX, Handler, as_json_error, fail
 from node.metrics import render_metrics
 from node.openapi import OPENAPI
 from node.replica import At, Replica, history, iso_of
-from node.schema import check_id, parse_fields, render
+from node.schema import parse_fields, render
 from node.tokens import BadToken, decode_token, encode_token, etag_of
 
 REPLICA = web.AppKey("replica", Replica)
@@ -58,13 +58,8 @@ def _settings(request: web.Request) -> Settings:
 # -- middleware -------------------------------------------------------------------
 
 
-def _authenticate(request: web.Request) -> None:
-    token = _settings(request).api_token
-    if (
-        token is not None
-        and request.path not in OPEN_PATHS
-        and not request.path.startswith("/replication/")
-    ):
+def _authenticate(request: web.Request, token: str) -> None:
+    if request.path not in OPEN_PATHS and not request.path.startswith("/replication/"):
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         # The scheme is case-insensitive (RFC 7235). Bytes that are not UTF-8 arrive as
         # lone surrogates: encode them back, never raise.
@@ -77,27 +72,20 @@ def _authenticate(request: web.Request) -> None:
 OPS_PATHS = ("/health", "/status", "/metrics", "/openapi.json")
 
 
-def _check_ready(request: web.Request) -> None:
+def _check_ready(request: web.Request, why: str) -> None:
     """While the node cannot serve clients yet (bootstrapping), say so and why."""
-    why = _replica(request).not_ready
-    if (
-        why is not None
-        and request.path not in OPS_PATHS
-        and not request.path.startswith("/replication/")
-    ):
+    if request.path not in OPS_PATHS and not request.path.startswith("/replication/"):
         fail(503, "not_ready", f"this node is not serving clients yet: {why}; see /status")
 
 
-async def _catch_up(request: web.Request) -> None:
+async def _catch_up(request: web.Request, replica: Replica, settings: Settings) -> None:
     """Before a read, wait until this node has seen what the client's token covers."""
-    replica = _replica(request)
     given = request.headers.get("X-Consistency-Token")
     if given is not None and request.method in ("GET", "HEAD"):
         try:
             wanted = decode_token(given)
         except BadToken as e:
             fail(400, "bad_token", str(e))
-        settings = _settings(request)
         wait_ms = _int_header(request, "X-Wait-Ms", settings.consistency_wait_ms_default)
         if wait_ms > settings.consistency_wait_ms_max:
             fail(400, "bad_header", f"X-Wait-Ms is at most {settings.consistency_wait_ms_max}")
@@ -110,25 +98,56 @@ async def _catch_up(request: web.Request) -> None:
             )
 
 
-@web.middleware
-async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Authentication, then readiness, then the consistency wait, before every handler;
-    every failure as a JSON error; and every answer, errors included, carrying the node's
-    token unless a write set its own.
+Guard = Callable[[Handler], Handler]
+GUARD: web.AppKey[Guard] = web.AppKey("guard")  # how an extension wraps the routes it adds
+UNMATCHED = "unmatched"  # the name of the route answering what no other route matches
 
-    One middleware, not several, and no response signal: each is more work on every request.
+
+def guard(replica: Replica, settings: Settings) -> Guard:
+    """What wraps every route's handler: authentication, then readiness, then the
+    consistency wait, before it; every failure as a JSON error; and every answer,
+    errors included, carrying the node's token unless a write set its own.
+
+    A wrapper per route rather than an aiohttp middleware, which costs a chain of calls
+    on every request; a catch-all route (``unmatched``) answers, as JSON too, what no
+    route matches. It holds the replica and settings: nothing is looked up per request.
     """
-    try:
-        _authenticate(request)
-        _check_ready(request)
-        if "X-Consistency-Token" in request.headers:
-            await _catch_up(request)
-        response = await handler(request)
-    except Exception as exc:  # as_json_error answers each kind (or raises a redirect again)
-        response = as_json_error(request, exc)
-    if "X-Consistency-Token" not in response.headers:
-        response.headers["X-Consistency-Token"] = _replica(request).token_text()
-    return response
+    token = settings.api_token
+
+    def guarded(handler: Handler) -> Handler:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            try:
+                if token is not None:
+                    _authenticate(request, token)
+                if replica.not_ready is not None:
+                    _check_ready(request, replica.not_ready)
+                if "X-Consistency-Token" in request.headers:
+                    await _catch_up(request, replica, settings)
+                response = await handler(request)
+            except Exception as exc:  # as_json_error answers each kind (or raises a redirect)
+                response = as_json_error(request, exc)
+            if "X-Consistency-Token" not in response.headers:
+                response.headers["X-Consistency-Token"] = replica.token_text()
+            return response
+
+        return handle
+
+    return guarded
+
+
+async def unmatched(request: web.Request) -> web.StreamResponse:
+    """No route takes this request: 405 with ``Allow`` if its path has routes, else 404.
+
+    The catch-all route is tried last whenever it was added: aiohttp resolves a path
+    from its longest prefix, and this one's is ``/``."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource.name != UNMATCHED:
+            _, methods = await resource.resolve(request)
+            allowed |= methods
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise web.HTTPNotFound()
 
 
 def _int_header(request: web.Request, name: str, default: int) -> int:
@@ -197,9 +216,8 @@ def _actor(request: web.Request) -> str:
     return actor
 
 
-def _write_token(request: web.Request, written: list[Event]) -> dict[str, str]:
+def _write_token(replica: Replica, written: list[Event]) -> dict[str, str]:
     """The token a write answers with: it covers the events the write made."""
-    replica = _replica(request)
     if not written:
         return {"X-Consistency-Token": replica.token_text()}
     return {
@@ -252,14 +270,14 @@ def _etag(state: EntityState) -> str:
 
 
 def _id(request: web.Request, name: str = "id") -> str:
-    try:
-        return check_id(request.match_info[name], what=name)
-    except Exception:
+    entity_id = request.match_info[name]
+    if not ENTITY_ID_RE.fullmatch(entity_id):  # as schema.check_id, here a path that is no id
         fail(404, "not_found", f"no such {name}")
+    return entity_id
 
 
-def _existing(request: web.Request, kind: str, entity_id: str) -> EntityState:
-    state = _replica(request).entity(kind, entity_id)
+def _existing(replica: Replica, kind: str, entity_id: str) -> EntityState:
+    state = replica.entity(kind, entity_id)
     if not state.exists:
         fail(404, "not_found", f"no {kind} {entity_id!r}")
     return state
@@ -278,15 +296,15 @@ def _parse_at(raw: str) -> At:
     return At.time_ms(max(0, int(moment.timestamp() * 1000)))  # before 1970: before all
 
 
-def create_handler(kind: str) -> Handler:
+def create_handler(kind: str, replica: Replica) -> Handler:
     async def handle(request: web.Request) -> web.Response:
         requested_id, writes = parse_fields(kind, await _body(request), creating=True)
         entity_id = requested_id or _new_id()
-        written = await _replica(request).write(
+        written = await replica.write(
             commands.create(kind, entity_id, writes), actor=_actor(request)
         )
-        state = _replica(request).entity(kind, entity_id)
-        headers = {"Location": f"/{kind}s/{entity_id}", **_write_token(request, written)}
+        state = replica.entity(kind, entity_id)
+        headers = {"Location": f"/{kind}s/{entity_id}", **_write_token(replica, written)}
         return _entity_response(kind, entity_id, state, status=201, headers=headers)
 
     return handle
@@ -296,43 +314,44 @@ def _new_id() -> str:
     return uuid.uuid4().hex
 
 
-def get_handler(kind: str) -> Handler:
+def get_handler(kind: str, replica: Replica) -> Handler:
     async def handle(request: web.Request) -> web.Response:
         entity_id = _id(request)
         if request.query_string and "at" in request.query:
-            state, _ = _replica(request).entity_at(kind, entity_id, _parse_at(request.query["at"]))
+            state, _ = replica.entity_at(kind, entity_id, _parse_at(request.query["at"]))
             if not state.exists:
                 fail(404, "not_found", f"no {kind} {entity_id!r} at that time")
             body = {**_entity_json(kind, entity_id, state), "as_of": request.query["at"]}
             return _json(body, headers={"ETag": etag_of(state.etag)})
-        state = _existing(request, kind, entity_id)
-        etag = _etag(state)
+        state = _existing(replica, kind, entity_id)
         if_none_match = request.headers.get("If-None-Match")
-        if if_none_match is not None and (etag in if_none_match or if_none_match.strip() == "*"):
-            return web.Response(status=304, headers={"ETag": etag})
+        if if_none_match is not None:
+            etag = _etag(state)
+            if etag in if_none_match or if_none_match.strip() == "*":
+                return web.Response(status=304, headers={"ETag": etag})
         return _entity_response(kind, entity_id, state)
 
     return handle
 
 
-def patch_handler(kind: str) -> Handler:
+def patch_handler(kind: str, replica: Replica) -> Handler:
     async def handle(request: web.Request) -> web.Response:
         entity_id = _id(request)
         _, writes = parse_fields(kind, await _body(request), creating=False)
         decide = commands.patch(kind, entity_id, writes, request.headers.get("If-Match"))
-        written = await _replica(request).write(decide, actor=_actor(request))
-        state = _replica(request).entity(kind, entity_id)
-        return _entity_response(kind, entity_id, state, headers=_write_token(request, written))
+        written = await replica.write(decide, actor=_actor(request))
+        state = replica.entity(kind, entity_id)
+        return _entity_response(kind, entity_id, state, headers=_write_token(replica, written))
 
     return handle
 
 
-def delete_handler(kind: str) -> Handler:
+def delete_handler(kind: str, replica: Replica) -> Handler:
     async def handle(request: web.Request) -> web.Response:
         entity_id = _id(request)
         decide = commands.delete(kind, entity_id, request.headers.get("If-Match"))
-        written = await _replica(request).write(decide, actor=_actor(request))
-        return web.Response(status=204, headers=_write_token(request, written))
+        written = await replica.write(decide, actor=_actor(request))
+        return web.Response(status=204, headers=_write_token(replica, written))
 
     return handle
 
@@ -374,22 +393,24 @@ async def list_users(request: web.Request) -> web.Response:
 
 def _users_page(found: list[tuple[str, EntityState]], cursor: str | None) -> web.Response:
     """``{"users": [...], "next_cursor": ...}``, joined from each user's rendered JSON."""
-    users = b", ".join(_entity_body("user", user_id, state) for user_id, state in found)
-    tail = json.dumps(cursor).encode()
+    users = b", ".join([_entity_body("user", user_id, state) for user_id, state in found])
+    tail = b"null" if cursor is None else json.dumps(cursor).encode()
     return _json_bytes(b'{"users": [' + users + b'], "next_cursor": ' + tail + b"}")
 
 
 async def user_groups(request: web.Request) -> web.Response:
     user_id = _id(request)
-    _existing(request, "user", user_id)
-    return _json({"user": user_id, "groups": _replica(request).groups_of(user_id)})
+    replica = _replica(request)
+    _existing(replica, "user", user_id)
+    return _json({"user": user_id, "groups": replica.groups_of(user_id)})
 
 
 async def group_members(request: web.Request) -> web.Response:
     group_id = _id(request)
-    _existing(request, "group", group_id)
+    replica = _replica(request)
+    _existing(replica, "group", group_id)
     limit = _limit(request)
-    ids = _replica(request).members(group_id, after=_cursor(request), limit=limit)
+    ids = replica.members(group_id, after=_cursor(request), limit=limit)
     return _json(
         {"group": group_id, "members": ids, "next_cursor": ids[-1] if len(ids) == limit else None}
     )
@@ -397,20 +418,18 @@ async def group_members(request: web.Request) -> web.Response:
 
 async def put_member(request: web.Request) -> web.Response:
     group_id, user_id = _id(request), _id(request, "user_id")
-    written = await _replica(request).write(
-        commands.add_member(group_id, user_id), actor=_actor(request)
-    )
+    replica = _replica(request)
+    written = await replica.write(commands.add_member(group_id, user_id), actor=_actor(request))
     return _json(
-        {"group": group_id, "user": user_id, "member": True}, headers=_write_token(request, written)
+        {"group": group_id, "user": user_id, "member": True}, headers=_write_token(replica, written)
     )
 
 
 async def delete_member(request: web.Request) -> web.Response:
     group_id, user_id = _id(request), _id(request, "user_id")
-    written = await _replica(request).write(
-        commands.remove_member(group_id, user_id), actor=_actor(request)
-    )
-    return web.Response(status=204, headers=_write_token(request, written))
+    replica = _replica(request)
+    written = await replica.write(commands.remove_member(group_id, user_id), actor=_actor(request))
+    return web.Response(status=204, headers=_write_token(replica, written))
 
 
 # -- feed and operations ----------------------------------------------------------
@@ -498,7 +517,8 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 def build_app(replica: Replica, settings: Settings) -> web.Application:
-    app = web.Application(client_max_size=settings.body_bytes_max, middlewares=[guard])
+    app = web.Application(client_max_size=settings.body_bytes_max)
+    guarded = app[GUARD] = guard(replica, settings)
     app[REPLICA] = replica
     app[SETTINGS] = settings
     app[BODY_BYTES_MAX] = settings.body_bytes_max
@@ -507,11 +527,11 @@ def build_app(replica: Replica, settings: Settings) -> web.Application:
     for kind in ("user", "group"):
         base = f"/{kind}s"
         routes += [
-            ("POST", base, create_handler(kind)),
+            ("POST", base, create_handler(kind, replica)),
             *([("GET", "/users", list_users)] if kind == "user" else []),  # one resource
-            ("GET", base + "/{id}", get_handler(kind)),
-            ("PATCH", base + "/{id}", patch_handler(kind)),
-            ("DELETE", base + "/{id}", delete_handler(kind)),
+            ("GET", base + "/{id}", get_handler(kind, replica)),
+            ("PATCH", base + "/{id}", patch_handler(kind, replica)),
+            ("DELETE", base + "/{id}", delete_handler(kind, replica)),
             ("GET", base + "/{id}/history", history_handler(kind)),
         ]
     routes += [
@@ -527,5 +547,6 @@ def build_app(replica: Replica, settings: Settings) -> web.Application:
         ("GET", "/openapi.json", openapi),
     ]
     for method, path, handler in routes:
-        app.router.add_route(method, path, handler)
+        app.router.add_route(method, path, guarded(handler))
+    app.router.add_route("*", "/{path:.*}", guarded(unmatched), name=UNMATCHED)
     return app

@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 BODY_BYTES_MAX = web.AppKey("body_bytes_max", int)
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]  # what a middleware wraps
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]  # what a route runs
 
 _CODES = {
     400: "bad_request",

@@ -60,6 +60,10 @@ class WriteTxn(ReadTxn, Protocol):
 class KV(Protocol):
     def read(self) -> AbstractContextManager[ReadTxn]: ...
 
+    def get(self, db: str, key: bytes) -> bytes | None:
+        """One key, read in a transaction of its own (``read`` for several in one snapshot)."""
+        ...
+
     def write(self, work: Callable[[WriteTxn], T]) -> T:
         """Run ``work`` in one write transaction and commit it durably, or abort on error."""
         ...
@@ -111,6 +115,9 @@ class MemoryKV:
     @contextmanager
     def read(self) -> Iterator[ReadTxn]:
         yield _MemoryTxn(self._dbs)  # a writer replaces the dicts, never edits these
+
+    def get(self, db: str, key: bytes) -> bytes | None:
+        return self._dbs[db].get(key)
 
     def write(self, work: Callable[[WriteTxn], T]) -> T:
         draft = {name: dict(table) for name, table in self._dbs.items()}

@@ -124,6 +124,14 @@ class LmdbKV:
     def read(self) -> AbstractContextManager[ReadTxn]:
         return _Reading(self.env, self._dbs)
 
+    def get(self, db: str, key: bytes) -> bytes | None:
+        txn = self.env.begin(buffers=False)
+        try:
+            value: bytes | None = txn.get(key, db=self._dbs[db])
+        finally:
+            txn.abort()
+        return value
+
     def write(self, work: Callable[[WriteTxn], T]) -> T:
         for _ in range(MAP_GROWTHS_PER_WRITE_MAX):
             txn = self.env.begin(write=True)

@@ -273,8 +273,7 @@ class Replica:
     # -- reads -----------------------------------------------------------------
 
     def entity(self, kind: str, entity_id: str) -> EntityState:
-        with self.kv.read() as txn:
-            return views.entity(txn, stream_of(kind, entity_id))
+        return views.stored_entity(self.kv.get("views", stream_of(kind, entity_id).encode()))
 
     def entities(self, kind: str, entity_ids: Iterable[str]) -> list[EntityState]:
         """Several entities, read in one transaction (one snapshot)."""
@@ -320,12 +319,13 @@ class Replica:
 
     def look_up_entities(self, field: str, value: str) -> list[tuple[str, EntityState]]:
         """The users holding ``value`` in a unique field and their states, in one snapshot."""
+        found = []
         with self.kv.read() as txn:
-            found = [
-                (i, views.entity(txn, stream_of("user", i)))
-                for i in views.lookup(txn, field, value)
-            ]
-        return [(user_id, state) for user_id, state in found if state.exists]
+            for user_id in views.lookup(txn, field, value):
+                state = views.stored_entity(txn.get("views", stream_of("user", user_id).encode()))
+                if state.exists:
+                    found.append((user_id, state))
+        return found
 
     def search(self, query: str, *, after: str, limit: int) -> list[str]:
         with self.kv.read() as txn:

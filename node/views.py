@@ -46,7 +46,11 @@ INDEXED_FIELDS = tuple(dict.fromkeys((*SEARCHED_FIELDS, *UNIQUE_FIELDS)))
 def entity(txn: ReadTxn, stream: str) -> EntityState:
     if isinstance(txn, PendingReads):
         return txn.entity(stream)
-    raw = txn.get("views", stream.encode())
+    return stored_entity(txn.get("views", stream.encode()))
+
+
+def stored_entity(raw: bytes | None) -> EntityState:
+    """An entity's state from its view as stored (None: it has none)."""
     return EntityState() if raw is None else decode_state(raw)
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
+from node.api import GUARD
 from node.config import Settings
 from node.http_errors import error_response
 from node.replica import Replica, wall_clock_ms
@@ -60,7 +61,9 @@ class ReplicationService:
         )
 
     def install(self, app: web.Application) -> None:
-        app.router.add_post(SYNC_PATH, self.handle)
+        # Inside a node's app, through the guard of its routes (JSON errors, the token).
+        guarded = app.get(GUARD)
+        app.router.add_post(SYNC_PATH, self.handle if guarded is None else guarded(self.handle))
         app.on_response_prepare.append(_terse)
         self.replica.reporters.append(self.report)
         self.replica.metric_reporters.append(self.metrics)

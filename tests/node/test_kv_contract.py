@@ -79,6 +79,16 @@ class KVContract:
         with kv.read() as txn:
             assert txn.get("views", b"homer") is None
 
+    def test_a_single_get_reads_the_last_commit(self, kv: KV) -> None:
+        assert kv.get("views", b"homer") is None
+        kv.write(lambda txn: txn.put("views", b"homer", b"simpson"))
+        assert kv.get("views", b"homer") == b"simpson"
+        assert kv.get("members", b"homer") is None  # databases are apart
+        kv.write(lambda txn: txn.put("views", b"homer", b"j. simpson"))
+        assert kv.get("views", b"homer") == b"j. simpson"
+        kv.write(lambda txn: txn.delete("views", b"homer"))
+        assert kv.get("views", b"homer") is None
+
     def test_write_returns_what_its_function_returns_and_sees_its_own_puts(self, kv: KV) -> None:
         def work(txn: WriteTxn) -> bytes | None:
             txn.put("meta", b"k", b"v")
