@@ -230,7 +230,8 @@ def _write_token(replica: Replica, written: list[Event]) -> dict[str, str]:
 
 def _entity_json(kind: str, entity_id: str, state: EntityState) -> dict[str, Any]:
     out = render(kind, entity_id, state.values())
-    out["created_at"] = iso_of(state.created_hlc) if state.created_hlc else None
+    created = state.created_hlc
+    out["created_at"] = iso_of(created) if created else None
     out["updated_at"] = iso_of(state.updated_hlc)
     return out
 
