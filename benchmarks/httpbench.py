@@ -110,18 +110,9 @@ class BareServer:
         self.proc: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> BareServer:
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, text=True, cwd=_root())
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + START_WAIT_S
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if "listening on" in line:
-                pin_process(self.proc.pid, SERVER_CORE)
-                return self
-            if not line and self.proc.poll() is not None:
-                break
-        self.__exit__(None, None, None)
-        raise RuntimeError("the bare server did not start")
+        self.proc = start_listening(self.args, START_WAIT_S)
+        pin_process(self.proc.pid, SERVER_CORE)
+        return self
 
     def __exit__(
         self,
@@ -136,6 +127,27 @@ class BareServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def start_listening(args: list[str], wait_s: float) -> subprocess.Popen[str]:
+    """Start a server process (from the repository's root) and return once it prints that
+    it is listening; if it does not within ``wait_s``, stop it and raise."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, cwd=_root())
+    assert proc.stdout is not None
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if "listening on" in line:
+            return proc
+        if not line and proc.poll() is not None:
+            break
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    raise RuntimeError(f"{' '.join(args)} did not start")
 
 
 def _root() -> str:

@@ -32,6 +32,7 @@ START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 ORDER = (
     "http_writes",
     "http_reads",
+    "http_instructions",
     "ingest",
     "rebuild",
     "crdt_merge",
