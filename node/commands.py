@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from crdt import Dot
 from node import views
 from node.events import Op, Value, stream_of
 from node.fold import EntityState
@@ -56,8 +57,10 @@ def _check_unique(txn: ReadTxn, kind: str, entity_id: str, writes: Mapping[str, 
 def _sets(stream: str, state: EntityState, writes: Mapping[str, Value]) -> list[Draft]:
     drafts = []
     for field, value in sorted(writes.items()):
-        winner = state.winner(field)
-        observed = frozenset() if winner is None else frozenset({winner.dot})
+        held = state.fields.get(
+            field
+        )  # the register's winning write: ((hlc, origin, counter), value)
+        observed = frozenset() if held is None else frozenset({Dot(held[0][1], held[0][2])})
         drafts.append(Draft(stream, Op.SET, field, value, observed))
     return drafts
 
