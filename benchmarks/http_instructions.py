@@ -62,7 +62,8 @@ class Counted:
         self.proc: subprocess.Popen[str] | None = None
 
     def start(self) -> None:
-        self.proc = start_listening(self.args, START_WAIT_S)
+        with (self.out_dir / "server.log").open("a") as log:  # the child keeps its own copy
+            self.proc = start_listening(self.args, START_WAIT_S, stderr=log)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -28,7 +28,7 @@ USERS = 5_000
 
 
 def run(quick: bool) -> list[Row]:
-    rounds, duration, warmup = (1, 2.0, 1.0) if quick else (3, 5.0, 2.0)
+    rounds, duration, warmup = (1, 2.0, 1.0) if quick else (5, 3.0, 2.0)
     users = 1_000 if quick else USERS
     with scratch_dir("http-reads") as tmp:
         base = Path(tmp)

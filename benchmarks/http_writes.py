@@ -30,7 +30,7 @@ def _rows(what: str, node: Load, bare: Load, *, targets: bool = True) -> list[Ro
 
 
 def run(quick: bool) -> list[Row]:
-    rounds, duration, warmup = (1, 2.0, 1.0) if quick else (3, 5.0, 2.0)
+    rounds, duration, warmup = (1, 2.0, 1.0) if quick else (5, 3.0, 2.0)
     with scratch_dir("http-writes") as tmp:
         base = Path(tmp)
         ids = seed_users(base / "node", USERS)

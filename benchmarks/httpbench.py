@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import IO, Any
 
 import aiohttp
 
@@ -129,10 +129,12 @@ class BareServer:
                 self.proc.wait()
 
 
-def start_listening(args: list[str], wait_s: float) -> subprocess.Popen[str]:
+def start_listening(
+    args: list[str], wait_s: float, stderr: IO[str] | None = None
+) -> subprocess.Popen[str]:
     """Start a server process (from the repository's root) and return once it prints that
     it is listening; if it does not within ``wait_s``, stop it and raise."""
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, cwd=_root())
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=_root())
     assert proc.stdout is not None
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
