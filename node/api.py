@@ -55,7 +55,7 @@ def _settings(request: web.Request) -> Settings:
     return request.app[SETTINGS]
 
 
-# -- middleware -------------------------------------------------------------------
+# -- the guard around every route --------------------------------------------------
 
 
 def _authenticate(request: web.Request, token: str) -> None:
