@@ -8,10 +8,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
 from crdt import Dot
 from crdt.clock import make_stamp, physical_ms
+from node.api import GUARD, build_app
+from node.config import Settings
 from node.events import Event, Op
+from node.kv import MemoryKV
+from node.replica import Replica
 from node.tokens import decode_token, encode_token
 from tests.node.api_client import Api, run
 
@@ -257,6 +263,39 @@ def test_a_method_a_path_does_not_allow_is_405_json_with_allow() -> None:
         assert answer["error"] == "not_found"
 
     run(body)
+
+
+def test_a_route_an_extension_adds_after_the_app_is_built_answers_through_the_guard() -> None:
+    """The catch-all (JSON 404/405) was added first; it must not shadow a later route,
+    and a route wrapped with the app's guard answers errors as JSON with the token."""
+
+    async def main() -> None:
+        replica = Replica(MemoryKV(), "eu")
+        try:
+            replica.bind(asyncio.get_running_loop())
+            app = build_app(replica, Settings(region="eu", data_dir=Path("unused")))
+
+            async def extra(request: web.Request) -> web.Response:
+                if request.query.get("fail"):
+                    raise web.HTTPBadRequest()
+                return web.json_response({"extra": True})
+
+            app.router.add_post("/replication/extra", app[GUARD](extra))
+            async with TestClient(TestServer(app)) as client:
+                r = await client.post("/replication/extra")
+                assert (r.status, await r.json()) == (200, {"extra": True})
+                assert "X-Consistency-Token" in r.headers
+                r = await client.post("/replication/extra?fail=1")
+                assert (r.status, (await r.json())["error"]) == (400, "bad_request")
+                r = await client.get("/replication/extra")
+                assert (r.status, (await r.json())["error"]) == (405, "method_not_allowed")
+                assert r.headers["Allow"] == "POST"
+                r = await client.post("/replication/other")
+                assert (r.status, (await r.json())["error"]) == (404, "not_found")
+        finally:
+            replica.close()
+
+    asyncio.run(main())
 
 
 def test_re_creating_a_deleted_id_starts_from_scratch() -> None:
