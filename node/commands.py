@@ -57,9 +57,8 @@ def _check_unique(txn: ReadTxn, kind: str, entity_id: str, writes: Mapping[str, 
 def _sets(stream: str, state: EntityState, writes: Mapping[str, Value]) -> list[Draft]:
     drafts = []
     for field, value in sorted(writes.items()):
-        held = state.fields.get(
-            field
-        )  # the register's winning write: ((hlc, origin, counter), value)
+        # The register's winning write, ((hlc, origin, counter), value): its dot is observed.
+        held = state.fields.get(field)
         observed = frozenset() if held is None else frozenset({Dot(held[0][1], held[0][2])})
         drafts.append(Draft(stream, Op.SET, field, value, observed))
     return drafts

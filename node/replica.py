@@ -273,7 +273,7 @@ class Replica:
     # -- reads -----------------------------------------------------------------
 
     def entity(self, kind: str, entity_id: str) -> EntityState:
-        return views.stored_entity(self.kv.get("views", stream_of(kind, entity_id).encode()))
+        return views.stored_entity(self.kv.get, stream_of(kind, entity_id))
 
     def entities(self, kind: str, entity_ids: Iterable[str]) -> list[EntityState]:
         """Several entities, read in one transaction (one snapshot)."""
@@ -322,7 +322,7 @@ class Replica:
         found = []
         with self.kv.read() as txn:
             for user_id in views.lookup(txn, field, value):
-                state = views.stored_entity(txn.get("views", stream_of("user", user_id).encode()))
+                state = views.entity(txn, stream_of("user", user_id))
                 if state.exists:
                     found.append((user_id, state))
         return found

@@ -46,11 +46,13 @@ INDEXED_FIELDS = tuple(dict.fromkeys((*SEARCHED_FIELDS, *UNIQUE_FIELDS)))
 def entity(txn: ReadTxn, stream: str) -> EntityState:
     if isinstance(txn, PendingReads):
         return txn.entity(stream)
-    return stored_entity(txn.get("views", stream.encode()))
+    return stored_entity(txn.get, stream)
 
 
-def stored_entity(raw: bytes | None) -> EntityState:
-    """An entity's state from its view as stored (None: it has none)."""
+def stored_entity(get: Callable[[str, bytes], bytes | None], stream: str) -> EntityState:
+    """An entity's state as stored, read with ``get``: a transaction's, or the KV's own
+    for a read of one key."""
+    raw = get("views", stream.encode())
     return EntityState() if raw is None else decode_state(raw)
 
 
