@@ -28,7 +28,14 @@ import aiohttp
 
 from benchmarks import bare_server
 from benchmarks.common import Row, row, scratch_dir
-from benchmarks.httpbench import fetch_all, free_port, seed_users, start_listening, user_fields
+from benchmarks.httpbench import (
+    fetch_all,
+    free_port,
+    seed_users,
+    start_listening,
+    stop_process,
+    user_fields,
+)
 from node.process import node_command
 
 NAME = "HTTP instructions"
@@ -66,13 +73,8 @@ class Counted:
             self.proc = start_listening(self.args, START_WAIT_S, stderr=log)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, 60)  # valgrind writes its totals on the way out
 
     async def _control(self, session: aiohttp.ClientSession, *option: str) -> None:
         """Run ``callgrind_control`` on the server; it acts when the server next runs, so

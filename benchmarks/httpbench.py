@@ -120,13 +120,20 @@ class BareServer:
         error: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, 15)
+
+
+def stop_process(proc: subprocess.Popen[str], wait_s: float) -> None:
+    """SIGTERM (a server drains and exits), then SIGKILL if it is not gone in ``wait_s``."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def start_listening(
@@ -143,12 +150,7 @@ def start_listening(
             return proc
         if not line and proc.poll() is not None:
             break
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    stop_process(proc, 15)
     raise RuntimeError(f"{' '.join(args)} did not start")
 
 
