@@ -8,6 +8,9 @@ on, as the node's default), and only then answers. Reads (``GET /users/{id}``,
 no events, no views, no tokens.
 
     python -m benchmarks.bare_server --data DIR --listen 127.0.0.1:PORT [--no-metasync]
+        [--event-loop uvloop|asyncio]
+
+It runs on the node's default event loop (uvloop) unless told otherwise.
 
 Preload with ``load(dir, users)`` before starting it (``users``: id -> (email, JSON bytes)).
 """
@@ -25,6 +28,8 @@ from typing import Any
 
 import lmdb
 from aiohttp import web
+
+from node.event_loop import EVENT_LOOP_DEFAULT, EVENT_LOOPS, run_on, running_loop_name
 
 BATCH_REQUESTS_MAX = 512
 QUEUE_REQUESTS_MAX = 10_000
@@ -149,7 +154,7 @@ async def serve(data: Path, host: str, port: int, metasync: bool) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    print(f"bare server listening on http://{host}:{port}", flush=True)
+    print(f"bare server listening on http://{host}:{port} ({running_loop_name()})", flush=True)
     await stop.wait()
     await runner.cleanup()
     writer.stop()
@@ -161,9 +166,11 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--listen", default="127.0.0.1:0")
     parser.add_argument("--no-metasync", action="store_true")
+    # The node's default loop, so that both servers stand on the same stack.
+    parser.add_argument("--event-loop", choices=EVENT_LOOPS, default=EVENT_LOOP_DEFAULT)
     args = parser.parse_args()
     host, _, port = args.listen.rpartition(":")
-    asyncio.run(serve(args.data, host, int(port), not args.no_metasync))
+    run_on(args.event_loop, serve(args.data, host, int(port), not args.no_metasync))
 
 
 if __name__ == "__main__":

@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="faster commits; an OS crash may lose the last commit",
     )
     node.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning or error")
+    node.add_argument(
+        "--event-loop", metavar="LOOP", help="uvloop (the default) or asyncio's own loop"
+    )
     node.add_argument("--gossip-interval-ms", metavar="N", help="anti-entropy interval")
     node.add_argument(
         "--tls-cert", metavar="FILE", help="certificate to serve and present to peers"

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
+from node.event_loop import EVENT_LOOP_DEFAULT, EVENT_LOOPS
+
 
 @dataclass(frozen=True, slots=True)
 class Peer:
@@ -41,6 +43,7 @@ class Settings:
     lmdb_map_bytes_initial: int = 64 * 1024 * 1024
     lmdb_metasync: bool = True  # False: faster commits; an OS crash may lose the last one
     log_level: str = "info"
+    event_loop: str = EVENT_LOOP_DEFAULT  # "uvloop" or "asyncio" (see node/event_loop.py)
     gossip_interval_ms: int = 500
     sync_batch_bytes_max: int = 1_048_576
     sync_body_bytes_max: int = 8 * 1_048_576
@@ -232,6 +235,13 @@ def _log_level(name: str, value: object, where: str) -> str:
     return level
 
 
+def _event_loop(name: str, value: object, where: str) -> str:
+    loop = _text(name, value, where).lower()
+    if loop not in EVENT_LOOPS:
+        _fail(name, where, f"must be one of {', '.join(EVENT_LOOPS)}, got {loop!r}")
+    return loop
+
+
 def _file(name: str, value: object, where: str) -> Path:
     path = Path(_text(name, value, where))
     if not path.is_file():
@@ -277,6 +287,7 @@ _CONVERTERS: dict[str, Callable[[str, object, str], Any]] = {
     "api_token": _text,
     "lmdb_metasync": _bool,
     "log_level": _log_level,
+    "event_loop": _event_loop,
     **{name: _file for name in ("tls_cert", "tls_key", "tls_ca")},
     **{name: _int for name in _LIMITS},
 }

@@ -23,6 +23,7 @@ from aiohttp import web
 
 from node.api import build_app
 from node.config import Settings
+from node.event_loop import run_on, running_loop_name
 from node.lmdb_kv import DataDirBusy
 from node.log import WrongRegion
 from node.replica import Replica
@@ -116,7 +117,7 @@ def run_node(settings: Settings, extensions: Extensions = lambda replica, settin
         print(f"replica: error: cannot open {settings.data_dir}: {e}", file=sys.stderr)
         return 2
     try:
-        return asyncio.run(serve(replica, settings, extensions(replica, settings)))
+        return run_on(settings.event_loop, serve(replica, settings, extensions(replica, settings)))
     finally:
         replica.close()
 
@@ -163,7 +164,10 @@ async def serve(replica: Replica, settings: Settings, extensions: Sequence[Exten
             }
         },
     )
-    print(f"replica {replica.identity.replica_id} listening on {url}", flush=True)
+    print(
+        f"replica {replica.identity.replica_id} listening on {url} ({running_loop_name()})",
+        flush=True,
+    )
     await stop.wait()
     logger.info("stopping: draining in-flight requests")
     for extension in extensions:

@@ -41,3 +41,25 @@ def test_non_loopback_listen_without_secrets_is_refused(nodes: Nodes) -> None:
     assert "api-token" in refused.stderr, refused.stderr
     assert "listening" not in refused.stdout
     assert not nodes.data_dir("eu").exists()  # refused before touching anything
+
+
+def test_a_node_serves_on_the_event_loop_it_is_told(nodes: Nodes) -> None:
+    default = nodes.start("eu")
+    assert default.ready_line.endswith("(uvloop)"), default.ready_line
+    created = default.call("POST", "/groups", {"id": "springfield", "name": "Springfield"})
+    assert created.status == 201
+    assert default.terminate() == 0, default.stderr()
+
+    plain = nodes.start("eu", None, "--event-loop", "asyncio")
+    assert plain.ready_line.endswith("(asyncio)"), plain.ready_line
+    assert plain.call("GET", "/groups/springfield").json()["name"] == "Springfield"
+    assert plain.terminate() == 0, plain.stderr()
+
+
+def test_an_unknown_event_loop_is_refused(nodes: Nodes) -> None:
+    refused = nodes.run("eu", "eu", f"127.0.0.1:{free_port()}", "--event-loop", "trio")
+    assert refused.returncode == 2, refused.stderr
+    assert "event_loop" in refused.stderr, refused.stderr
+    assert "'trio'" in refused.stderr, refused.stderr
+    assert "listening" not in refused.stdout
+    assert not nodes.data_dir("eu").exists()  # refused before touching anything

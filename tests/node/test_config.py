@@ -72,6 +72,13 @@ def test_defaults_fill_everything_but_region_and_data_dir() -> None:
             'log_level = "error"',
             ["debug", "warning", "error", "info"],
         ),
+        (
+            "event_loop",
+            ("event_loop", "asyncio"),
+            ("REPLICA_EVENT_LOOP", "UVLOOP"),
+            'event_loop = "asyncio"',
+            ["asyncio", "uvloop", "asyncio", "uvloop"],
+        ),
     ],
 )
 def test_flags_beat_environment_beat_file_beat_defaults(
@@ -203,6 +210,7 @@ def test_tls_files_must_exist_and_cert_goes_with_key(tmp_path: Path) -> None:
         ),
         ({**REQUIRED, "peer": ["eu=http://h:1"]}, {}, None, ["peers", "own region 'eu'", "--peer"]),
         ({**REQUIRED, "log_level": "loud"}, {}, None, ["log_level", "'loud'"]),
+        (REQUIRED, {"REPLICA_EVENT_LOOP": "trio"}, None, ["event_loop", "'trio'", "uvloop"]),
         (
             {**REQUIRED, "consistency_wait_ms_default": "90000"},
             {},
