@@ -31,6 +31,7 @@ import aiohttp
 from benchmarks.common import Row, row, scratch_dir
 from benchmarks.replication_lag import cores as _cores
 from benchmarks.replication_lag import cpu_s, cpu_stall_us, sched_s, stall_share
+from node.event_loop import EVENT_LOOP_DEFAULT, run_on
 from simulations.cluster import LocalCluster
 
 NAME = "convergence after heal"
@@ -174,7 +175,7 @@ def run(quick: bool) -> list[Row]:
     results = []
     for i in range(plan.rounds):
         with scratch_dir("convergence") as tmp:
-            got = asyncio.run(_round(plan, Path(tmp)))
+            got = run_on(EVENT_LOOP_DEFAULT, _round(plan, Path(tmp)))
         print(f"convergence round {i + 1}: {got}", file=sys.stderr)
         results.append(got)
     times = [r["converged_s"] for r in results]

@@ -44,6 +44,7 @@ from typing import Any
 import aiohttp
 
 from benchmarks.common import Row, percentile, row, scratch_dir
+from node.event_loop import EVENT_LOOP_DEFAULT, run_on
 from node.tokens import decode_token
 from simulations.cluster import LocalCluster
 
@@ -392,7 +393,7 @@ async def client(spec: dict[str, Any]) -> dict[str, Any]:
 def run(quick: bool) -> list[Row]:
     plan = plan_for(quick)
     with scratch_dir("replication-lag") as tmp:
-        got = asyncio.run(_measure(plan, Path(tmp)))
+        got = run_on(EVENT_LOOP_DEFAULT, _measure(plan, Path(tmp)))
     name = NAME + (" (quick)" if quick else "")
     what = (
         f"{got['rate']:,.0f} writes/s over 3 nodes, {got['acknowledged']:,} writes"
@@ -483,7 +484,7 @@ def cores() -> int:
 
 def main() -> None:
     spec = json.loads(sys.stdin.read())
-    print(json.dumps(asyncio.run(client(spec))))
+    print(json.dumps(run_on(EVENT_LOOP_DEFAULT, client(spec))))
 
 
 if __name__ == "__main__":

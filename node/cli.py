@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
 import os
 import sys
@@ -13,6 +12,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from node.config import ConfigError, Settings, load_settings
+from node.event_loop import EVENT_LOOP_DEFAULT, run_on
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,7 +148,7 @@ def _cluster(args: dict[str, object]) -> int:
     root = root or Path(tempfile.mkdtemp(prefix="replica-cluster-"))
     port = args["port"]
     assert isinstance(port, int)
-    code = asyncio.run(cluster.run_until_stopped(regions, root, port))
+    code = run_on(EVENT_LOOP_DEFAULT, cluster.run_until_stopped(regions, root, port))
     return code
 
 

@@ -1,5 +1,10 @@
 """The event loop a server runs on: uvloop (libuv's loop, the default) or asyncio's own.
 
+A node serves on the loop its ``event_loop`` setting names; the local cluster's supervisor
+(its fault proxies between nodes) and the benchmarks' load clients run on the default.
+The deterministic simulation keeps asyncio's loop: it serves no sockets, and measured
+the same on both.
+
 Measured with ``benchmarks/http_instructions.py`` on this project's read path: a GET by id
 costs the node 226k user-space instructions on uvloop against 267k on asyncio's loop
 (a lookup by email and the bare baseline server gain as much), a PATCH 1,044k against

@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 
+from node.event_loop import EVENT_LOOP_DEFAULT, run_on
 from simulations.cluster import LocalCluster
 
 CONVERGE_WAIT_S = 30.0
@@ -198,8 +199,9 @@ async def run(root: Path, regions: list[str]) -> int:
 
 
 def main(root: Path | None = None, regions: list[str] | None = None) -> int:
-    return asyncio.run(
+    return run_on(
+        EVENT_LOOP_DEFAULT,
         run(
             root or Path(tempfile.mkdtemp(prefix="replica-cluster-")), regions or ["eu", "us", "ap"]
-        )
+        ),
     )

@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 
 from crdt import Dot
+from node.event_loop import EVENT_LOOP_DEFAULT, run_on
 from node.events import Event, Op
 from node.tokens import decode_token
 from simulations import netns
@@ -266,4 +267,4 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def run_live(args: argparse.Namespace) -> int:
-    return asyncio.run(_run(args))
+    return run_on(EVENT_LOOP_DEFAULT, _run(args))

@@ -76,10 +76,12 @@ class LinkProxy:
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(ConnectionError, OSError):
             while chunk := await reader.read(CHUNK_BYTES):
-                if self.faults.cut:
-                    return
                 if self.faults.delay_ms:
                     await asyncio.sleep(self.faults.delay_ms / 1000)
+                # Cut, or reset while this chunk waited: writing to a closed transport
+                # raises on uvloop (asyncio's own loop drops the bytes).
+                if self.faults.cut or writer.is_closing():
+                    return
                 writer.write(chunk)
                 await writer.drain()
                 self.bytes_forwarded += len(chunk)
