@@ -6,9 +6,9 @@ The deterministic simulation keeps asyncio's loop: it serves no sockets, and mea
 the same on both.
 
 Measured with ``benchmarks/http_instructions.py`` on this project's read path: a GET by id
-costs the node 226k user-space instructions on uvloop against 267k on asyncio's loop
-(a lookup by email and the bare baseline server gain as much), a PATCH 1,044k against
-1,101k. ``asyncio`` stays available as a named setting, for a platform without uvloop or
+costs the node 224k user-space instructions on uvloop against 262k on asyncio's loop
+(a lookup by email and the bare baseline server gain as much), a PATCH 987k against
+1,041k. ``asyncio`` stays available as a named setting, for a platform without uvloop or
 to rule the loop out when chasing a problem.
 """
 
