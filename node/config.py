@@ -228,18 +228,16 @@ def _region(name: str, value: object, where: str) -> str:
     return region
 
 
-def _log_level(name: str, value: object, where: str) -> str:
-    level = _text(name, value, where).lower()
-    if level not in _LOG_LEVELS:
-        _fail(name, where, f"must be one of {', '.join(_LOG_LEVELS)}, got {level!r}")
-    return level
+def _one_of(choices: tuple[str, ...]) -> Callable[[str, object, str], str]:
+    """A converter to one of ``choices``, whatever the case it was given in."""
 
+    def convert(name: str, value: object, where: str) -> str:
+        choice = _text(name, value, where).lower()
+        if choice not in choices:
+            _fail(name, where, f"must be one of {', '.join(choices)}, got {choice!r}")
+        return choice
 
-def _event_loop(name: str, value: object, where: str) -> str:
-    loop = _text(name, value, where).lower()
-    if loop not in EVENT_LOOPS:
-        _fail(name, where, f"must be one of {', '.join(EVENT_LOOPS)}, got {loop!r}")
-    return loop
+    return convert
 
 
 def _file(name: str, value: object, where: str) -> Path:
@@ -286,8 +284,8 @@ _CONVERTERS: dict[str, Callable[[str, object, str], Any]] = {
     "cluster_secret": _text,
     "api_token": _text,
     "lmdb_metasync": _bool,
-    "log_level": _log_level,
-    "event_loop": _event_loop,
+    "log_level": _one_of(_LOG_LEVELS),
+    "event_loop": _one_of(EVENT_LOOPS),
     **{name: _file for name in ("tls_cert", "tls_key", "tls_ca")},
     **{name: _int for name in _LIMITS},
 }
