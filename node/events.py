@@ -9,6 +9,7 @@ with a leading format version; older versions are upcast on read, newer ones rai
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,6 +69,10 @@ class Event:
         frozenset()
     )  # remove/delete: the dots removed; set: the winner it overwrote
     actor: str = ""
+    # The bytes this event was decoded from, when they are in the current format: storing
+    # or forwarding it then costs no encode. Not an argument, so ``dataclasses.replace``
+    # never carries the bytes of one event over to another; not compared, nor hashed.
+    encoded: bytes | None = dataclasses.field(default=None, init=False, compare=False, repr=False)
 
     @property
     def kind(self) -> str:
@@ -138,6 +143,8 @@ def to_wire(event: Event) -> list[Any]:
 
 
 def encode(event: Event) -> bytes:
+    if event.encoded is not None:
+        return event.encoded
     return bytes(msgpack.packb(to_wire(event)))
 
 
@@ -188,4 +195,7 @@ def decode(data: bytes) -> Event:
         wire = msgpack.unpackb(data)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
         raise InvalidEvent(f"event is not msgpack: {exc}") from exc
-    return from_wire(wire)
+    event = from_wire(wire)
+    if wire[0] == FORMAT_VERSION:  # read as it stands, not upcast: its bytes are its encoding
+        object.__setattr__(event, "encoded", data)
+    return event

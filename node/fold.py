@@ -32,9 +32,23 @@ class CorruptView(ValueError):
     """A stored view that does not decode: rebuild views from the log."""
 
 
-def dot_hash(origin: str, counter: int, _blake2b: Any = hashlib.blake2b) -> int:
-    """The 64-bit hash of a dot that an entity's etag XORs in: the same on every replica."""
-    return int.from_bytes(_blake2b(f"{origin}:{counter}".encode(), digest_size=8).digest(), "big")
+# Per origin, a hash already fed "<origin>:": a dot's hash copies it and feeds the counter,
+# at less than half the cost of hashing the whole text anew (one per event folded).
+_ORIGIN_HASHES: dict[str, Any] = {}
+ORIGIN_HASHES_MAX = 4_096  # origins are few (regions x incarnations); a bound all the same
+
+
+def dot_hash(origin: str, counter: int) -> int:
+    """The 64-bit hash of a dot that an entity's etag XORs in: the same on every replica,
+    blake2b-64 of ``"<origin>:<counter>"``."""
+    prefix = _ORIGIN_HASHES.get(origin)
+    if prefix is None:
+        if len(_ORIGIN_HASHES) >= ORIGIN_HASHES_MAX:
+            _ORIGIN_HASHES.clear()
+        prefix = _ORIGIN_HASHES[origin] = hashlib.blake2b(f"{origin}:".encode(), digest_size=8)
+    hashed = prefix.copy()
+    hashed.update(b"%d" % counter)
+    return int.from_bytes(hashed.digest(), "big")
 
 
 Key = tuple[int, str, int]  # (hlc, origin, counter): the total order of writes

@@ -98,6 +98,16 @@ def test_observed_dots_encode_in_one_order() -> None:
 GOOD = Event(Dot(EU, 1), STAMP, "user/homer", Op.SET, "name", "Homer")
 
 
+def test_a_decoded_event_is_stored_as_the_bytes_it_came_in() -> None:
+    # Ingest stores and forwards what a peer sent without encoding it again.
+    data = ev.encode(GOOD)
+    decoded = ev.decode(data)
+    assert ev.encode(decoded) is data
+    # A changed copy is a new event: it never keeps the bytes of the one it was made from.
+    renamed = dataclasses.replace(decoded, value="Max Power")
+    assert ev.decode(ev.encode(renamed)).value == "Max Power"
+
+
 def wire_of(event: Event, **changes: Any) -> bytes:
     """Encode without validating, so broken events can reach the decoder."""
     wire = ev.to_wire(event)
@@ -193,3 +203,5 @@ def test_an_older_version_is_upcast_on_read(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setitem(ev.UPCASTERS, 1, v1_to_v2)
     assert ev.decode(v1_bytes) == GOOD
     assert msgpack.unpackb(ev.encode(GOOD))[0] == 2  # and written as the new version
+    # An upcast event keeps no bytes of the old format: it is stored and sent as the new.
+    assert msgpack.unpackb(ev.encode(ev.decode(v1_bytes)))[0] == 2
