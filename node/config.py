@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from node.event_loop import EVENT_LOOP_DEFAULT, EVENT_LOOPS
+from node.lmdb_kv import MAP_BYTES_INITIAL
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +41,7 @@ class Settings:
     changes_wait_ms_max: int = 30_000
     page_items_max: int = 1_000
     max_drift_ms: int = 60_000
-    lmdb_map_bytes_initial: int = 64 * 1024 * 1024
+    lmdb_map_bytes_initial: int = MAP_BYTES_INITIAL
     lmdb_metasync: bool = True  # False: faster commits; an OS crash may lose the last one
     log_level: str = "info"
     event_loop: str = EVENT_LOOP_DEFAULT  # "uvloop" or "asyncio" (see node/event_loop.py)

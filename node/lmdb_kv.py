@@ -20,7 +20,10 @@ from node.kv import DATABASES, ReadTxn, WriteTxn, key_after
 
 T = TypeVar("T")
 
-MAP_BYTES_INITIAL = 64 * 1024 * 1024
+# Address space, not disk or memory: the data file grows with what is written. A map
+# that fills aborts the write and runs it again in a doubled map, so a bulk ingest or a
+# rebuild that starts small pays for each doubling with a whole commit done twice.
+MAP_BYTES_INITIAL = 1024 * 1024 * 1024
 MAP_GROWTHS_PER_WRITE_MAX = 8
 READERS_MAX = 512
 

@@ -23,7 +23,7 @@ from node.events import Event, InvalidEvent, Op, stream_of
 from node.events import decode as decode_event
 from node.fold import EntityState, decode_state, fold_all
 from node.kv import KV
-from node.lmdb_kv import LmdbKV
+from node.lmdb_kv import MAP_BYTES_INITIAL, LmdbKV
 from node.log import Identity, LogState
 from node.tokens import Token, covers, encode_token, token_of
 from node.writer import Committed, Decide, Writer, call_soon
@@ -118,7 +118,7 @@ class Replica:
         data_dir: Path,
         region: str,
         *,
-        map_bytes_initial: int = 64 << 20,
+        map_bytes_initial: int = MAP_BYTES_INITIAL,
         metasync: bool = True,
         durable: bool = True,
         **options: Any,
