@@ -9,7 +9,7 @@ event is still accepted, and the caller is told so it can count it).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 LOGICAL_BITS = 16
@@ -86,6 +86,25 @@ class HybridLogicalClock:
         if physical_ms(remote) - physical_ms(floor) > self.max_drift_ms:
             return Observation(self._advance(floor, self._last + 1), drifted=True)
         return Observation(self._advance(floor, self._last + 1, remote + 1), drifted=False)
+
+    def observe_all(self, remotes: Sequence[int]) -> int:
+        """Observe many remote stamps at once (a batch ingested in one commit): the clock
+        ends past every one it follows, as ``observe`` one by one would leave it, with one
+        physical reading instead of one each. Returns how many were too far ahead to follow."""
+        if not remotes:
+            return 0
+        floor = self._physical_stamp()
+        ahead_max = physical_ms(floor) + self.max_drift_ms
+        followed, drifted = -1, 0
+        for remote in remotes:
+            if not 0 <= remote <= STAMP_MAX:
+                raise ValueError(f"remote stamp out of range: {remote}")
+            if physical_ms(remote) > ahead_max:
+                drifted += 1
+            elif remote > followed:
+                followed = remote
+        self._advance(floor, self._last + 1, followed + 1)
+        return drifted
 
     def _physical_stamp(self) -> int:
         return make_stamp(max(0, self._now_ms()))

@@ -276,13 +276,13 @@ class Writer:
         for dot in request.released:
             txn.delete("quarantine", log.dot_key(dot))
         new: list[Event] = []
-        drifted = 0
         for event in request.incoming:
             if event.dot in state.summary:
                 continue
-            drifted += self.clock.observe(event.hlc).drifted
             self._append(txn, state, event, appended, pending, validated=True)
             new.append(event)
+        drifted = self.clock.observe_all([event.hlc for event in new])
+        state.hlc = max(state.hlc, self.clock.last)
         # Never reuse a dot of ours that exists anywhere, even beyond a gap.
         state.counter = max(state.counter, state.summary.highest(self.identity.replica_id))
         return new, drifted

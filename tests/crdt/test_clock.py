@@ -74,3 +74,29 @@ def test_clock_refuses_to_leave_64_bits() -> None:
         clock.tick()
     with pytest.raises(ValueError, match="out of range"):
         clock.observe(STAMP_MAX + 1)
+
+
+@given(
+    st.integers(0, 2_000_000_000_000),
+    st.lists(st.integers(-10_000, 10_000), max_size=30),
+)
+def test_observing_a_batch_passes_what_observing_one_by_one_passes(
+    start_ms: int, offsets: list[int]
+) -> None:
+    # A batch ingested in one commit is observed at once: the clock passes every stamp it
+    # follows, counts the same stamps as too far ahead, and never goes backwards.
+    now = 1_700_000_000_000
+    remotes = [make_stamp(max(0, now + offset)) for offset in offsets]
+    one_by_one = HybridLogicalClock(lambda: now, max_drift_ms=DRIFT_MS, last=make_stamp(start_ms))
+    batch = HybridLogicalClock(lambda: now, max_drift_ms=DRIFT_MS, last=make_stamp(start_ms))
+    before = batch.last
+    drifted = sum(one_by_one.observe(remote).drifted for remote in remotes)
+    assert batch.observe_all(remotes) == drifted
+    followed = [r for r in remotes if physical_ms(r) - now <= DRIFT_MS]
+    assert all(batch.last > r for r in followed)
+    if remotes:
+        assert batch.last > before
+        assert batch.last >= make_stamp(now)
+    else:
+        assert batch.last == before
+    assert batch.last <= one_by_one.last  # one step per batch, not one per stamp
