@@ -87,6 +87,14 @@ def stream_of(kind: str, entity_id: str) -> str:
     return f"{kind}/{entity_id}"
 
 
+# Which ops take what, as sets read once per event (not tuples of members built each time).
+_FIELD_OPS = frozenset((Op.SET, Op.ADD, Op.REMOVE))
+_ELEMENT_OPS = frozenset((Op.ADD, Op.REMOVE))
+_VALUELESS_OPS = frozenset((Op.CREATE, Op.DELETE))
+_UNOBSERVING_OPS = frozenset((Op.CREATE, Op.ADD))
+NO_DOTS: frozenset[Dot] = frozenset()
+
+
 def validate(event: Event) -> Event:
     """Check every structural rule; return the event, or raise InvalidEvent."""
     dot = event.dot
@@ -94,35 +102,34 @@ def validate(event: Event) -> Event:
         raise InvalidEvent(f"bad origin {dot.origin!r}")
     if not 1 <= dot.counter <= COUNTER_MAX:
         raise InvalidEvent(f"counter out of range: {dot.counter}")
-    if not isinstance(event.hlc, int) or not 0 < event.hlc <= STAMP_MAX:
-        raise InvalidEvent(f"clock stamp out of range: {event.hlc!r}")
+    hlc = event.hlc
+    if not isinstance(hlc, int) or not 0 < hlc <= STAMP_MAX:
+        raise InvalidEvent(f"clock stamp out of range: {hlc!r}")
     kind, _, entity_id = event.stream.partition("/")
     if kind not in ENTITY_KINDS or not ENTITY_ID_RE.fullmatch(entity_id):
         raise InvalidEvent(f"bad stream {event.stream!r}")
-    if not isinstance(event.op, Op):
-        raise InvalidEvent(f"unknown op {event.op!r}")
-    wants_field = event.op in (Op.SET, Op.ADD, Op.REMOVE)
-    if wants_field != (event.field is not None):
-        raise InvalidEvent(
-            f"{event.op.name.lower()} {'needs' if wants_field else 'takes no'} field"
-        )
-    if event.field is not None and not FIELD_RE.fullmatch(event.field):
-        raise InvalidEvent(f"bad field name {event.field!r}")
-    if event.value is not None and (
-        not isinstance(event.value, str) or len(event.value) > VALUE_CHARS_MAX
-    ):
+    op, field, value = event.op, event.field, event.value
+    if not isinstance(op, Op):
+        raise InvalidEvent(f"unknown op {op!r}")
+    wants_field = op in _FIELD_OPS
+    if wants_field != (field is not None):
+        raise InvalidEvent(f"{op.name.lower()} {'needs' if wants_field else 'takes no'} field")
+    if field is not None and not FIELD_RE.fullmatch(field):
+        raise InvalidEvent(f"bad field name {field!r}")
+    if value is not None and (not isinstance(value, str) or len(value) > VALUE_CHARS_MAX):
         raise InvalidEvent("value must be a string of at most 4096 characters, or null")
-    if event.op in (Op.ADD, Op.REMOVE) and (
-        event.value is None or not ENTITY_ID_RE.fullmatch(event.value)
-    ):
-        raise InvalidEvent(f"{event.op.name.lower()} needs an element id")
-    if event.op in (Op.CREATE, Op.DELETE) and event.value is not None:
-        raise InvalidEvent(f"{event.op.name.lower()} takes no value")
-    if len(event.observed) > OBSERVED_DOTS_MAX:
-        raise InvalidEvent("too many observed dots")
-    if event.observed and event.op in (Op.CREATE, Op.ADD):
-        raise InvalidEvent(f"{event.op.name.lower()} observes nothing")
-    if not isinstance(event.actor, str) or len(event.actor) > ACTOR_CHARS_MAX:
+    if op in _ELEMENT_OPS and (value is None or not ENTITY_ID_RE.fullmatch(value)):
+        raise InvalidEvent(f"{op.name.lower()} needs an element id")
+    if value is not None and op in _VALUELESS_OPS:
+        raise InvalidEvent(f"{op.name.lower()} takes no value")
+    observed = event.observed
+    if observed:
+        if len(observed) > OBSERVED_DOTS_MAX:
+            raise InvalidEvent("too many observed dots")
+        if op in _UNOBSERVING_OPS:
+            raise InvalidEvent(f"{op.name.lower()} observes nothing")
+    actor = event.actor
+    if not isinstance(actor, str) or len(actor) > ACTOR_CHARS_MAX:
         raise InvalidEvent("actor must be a string of at most 128 characters")
     return event
 
@@ -169,16 +176,10 @@ def from_wire(wire: Any) -> Event:
         version = wire[0]
     try:
         _, origin, counter, hlc, stream, op, field, value, observed, actor = wire
-        event = Event(
-            dot=Dot(origin, counter),
-            hlc=hlc,
-            stream=stream,
-            op=_OPS[op],
-            field=field,
-            value=value,
-            observed=frozenset(Dot(o, c) for o, c in observed),
-            actor=actor,
-        )
+        if type(observed) is not list:
+            raise TypeError("observed dots must be an array")
+        dots = frozenset([Dot(o, c) for o, c in observed]) if observed else NO_DOTS
+        event = Event(Dot(origin, counter), hlc, stream, _OPS[op], field, value, dots, actor)
     except KeyError:
         raise InvalidEvent(f"malformed event: unknown op {op!r}") from None
     except (TypeError, ValueError) as exc:

@@ -22,7 +22,7 @@ import msgpack
 
 from crdt import Add, Dot, ORSet, Remove, VersionVector, Write
 from crdt import codec as crdt_codec
-from node.events import Event, Op, Value
+from node.events import NO_DOTS, Event, Op, Value
 
 VIEW_FORMAT = 1
 ENTITY = ""  # the single element of an existence set
@@ -110,7 +110,6 @@ def _above(floor: Key | None, key: Key) -> bool:
 
 _CREATE, _DELETE, _SET = int(Op.CREATE), int(Op.DELETE), int(Op.SET)
 _ADD, _REMOVE = int(Op.ADD), int(Op.REMOVE)
-NO_DOTS: frozenset[Dot] = frozenset()
 
 
 class Folding:

@@ -111,7 +111,7 @@ def test_a_decoded_event_is_stored_as_the_bytes_it_came_in() -> None:
 def wire_of(event: Event, **changes: Any) -> bytes:
     """Encode without validating, so broken events can reach the decoder."""
     wire = ev.to_wire(event)
-    names = ["version", "origin", "counter", "hlc", "stream", "op", "field", "value"]
+    names = ["version", "origin", "counter", "hlc", "stream", "op", "field", "value", "observed"]
     for name, value in changes.items():
         wire[names.index(name)] = value
     return bytes(msgpack.packb(wire))
@@ -136,6 +136,9 @@ BAD_WIRES: list[tuple[str, bytes, str]] = [
     ("add without element", wire_of(GOOD, op=4, field="members", value=None), "element id"),
     ("add of a bad element", wire_of(GOOD, op=4, field="members", value="a/b"), "element id"),
     ("create with value", wire_of(GOOD, op=1, field=None, value="x"), "takes no value"),
+    ("observed not an array", wire_of(GOOD, observed=None), "observed dots must be an array"),
+    ("observed an empty string", wire_of(GOOD, observed=""), "observed dots must be an array"),
+    ("observed a dot of one part", wire_of(GOOD, op=2, observed=[["eu~0000aaaa"]]), "malformed"),
     ("not msgpack", b"\xc1", "not msgpack"),
     ("trailing bytes", wire_of(GOOD) + b"\x00", "not msgpack"),
     ("not an array", msgpack.packb({"v": 1}), "non-empty array"),
