@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import secrets
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,15 +115,40 @@ def append(txn: WriteTxn, state: LogState, event: Event, *, validated: bool = Fa
     """
     if event.dot in state.summary:
         return None
-    data = ev.encode(event if validated else ev.validate(event))
     state.seq += 1
-    txn.put("events", u64(state.seq), data)
-    txn.put("dots", dot_key(event.dot), u64(state.seq))
-    txn.put("streams", stream_key(event.stream, state.seq), b"")
+    _put(txn, state.seq, event, ev.encode(event if validated else ev.validate(event)))
     state.summary = state.summary.add(event.dot)
     # state.hlc is left to the writer's clock: a stamp beyond the allowed drift must not
     # be saved here, or the clock would restart from it and follow it after all.
     return state.seq
+
+
+def append_all(
+    txn: WriteTxn, state: LogState, events: Iterable[Event], *, validated: bool = False
+) -> list[tuple[int, Event]]:
+    """``append`` each event in turn (one whose dot is here, or earlier in ``events``, is
+    passed over); return the appended ones with their seqs. The summary grows once for
+    the batch, not once per event (each growth is a new vector)."""
+    summary, fresh = state.summary, set[Dot]()
+    appended: list[tuple[int, Event]] = []
+    for event in events:
+        dot = event.dot
+        if dot in summary or dot in fresh:
+            continue
+        state.seq += 1
+        _put(txn, state.seq, event, ev.encode(event if validated else ev.validate(event)))
+        fresh.add(dot)
+        appended.append((state.seq, event))
+    if fresh:
+        state.summary = summary.add_all(fresh)
+    return appended
+
+
+def _put(txn: WriteTxn, seq: int, event: Event, data: bytes) -> None:
+    key = u64(seq)
+    txn.put("events", key, data)
+    txn.put("dots", dot_key(event.dot), key)
+    txn.put("streams", stream_key(event.stream, seq), b"")
 
 
 def read_event(txn: ReadTxn, seq: int) -> Event:

@@ -275,12 +275,11 @@ class Writer:
                 log.quarantine(txn, dot, data)
         for dot in request.released:
             txn.delete("quarantine", log.dot_key(dot))
-        new: list[Event] = []
-        for event in request.incoming:
-            if event.dot in state.summary:
-                continue
-            self._append(txn, state, event, appended, pending, validated=True)
-            new.append(event)
+        fresh = log.append_all(txn, state, request.incoming, validated=True)
+        for _, event in fresh:
+            views.apply(txn, event, pending)  # folds read no table the appends wrote
+        appended.extend(fresh)
+        new = [event for _, event in fresh]
         drifted = self.clock.observe_all([event.hlc for event in new])
         state.hlc = max(state.hlc, self.clock.last)
         # Never reuse a dot of ours that exists anywhere, even beyond a gap.
@@ -294,10 +293,8 @@ class Writer:
         event: Event,
         appended: list[tuple[int, Event]],
         pending: views.Pending,
-        *,
-        validated: bool = False,
     ) -> None:
-        seq = log.append(txn, state, event, validated=validated)
+        seq = log.append(txn, state, event)
         if seq is not None:
             views.apply(txn, event, pending)
             appended.append((seq, event))

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import re
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from crdt import Dot, VersionVector
 from node import log
@@ -52,6 +55,39 @@ class LogContract:
         assert state.seq == 1
         assert state.summary == VersionVector.of([first.dot])
         assert state.hlc == 0  # the writer's clock sets it, never a stamp it did not follow
+
+    # One property, run for each backend's subclass: the differing executors are meant.
+    @settings(
+        max_examples=40, deadline=None, suppress_health_check=[HealthCheck.differing_executors]
+    )
+    @given(
+        st.lists(st.tuples(st.sampled_from([EU, US, US_LONGER]), st.integers(1, 6)), max_size=20),
+        st.integers(0, 20),
+    )
+    def test_appending_a_batch_is_appending_each_in_turn(
+        self, dots: list[tuple[str, int]], split: int
+    ) -> None:
+        # The ingest path appends a peer's batch at once: the same seqs, tables and summary
+        # as one event at a time, the dots already here or earlier in the batch passed over.
+        events = [event(o, c, value=f"v{i}") for i, (o, c) in enumerate(dots)]
+        before, batch = events[:split], events[split:]
+        with tempfile.TemporaryDirectory() as one_dir, tempfile.TemporaryDirectory() as all_dir:
+            one_kv, all_kv = self.make_kv(Path(one_dir)), self.make_kv(Path(all_dir))
+            try:
+                one_state, all_state = LogState(), LogState()
+                append_all(one_kv, one_state, before)
+                append_all(all_kv, all_state, before)
+                seqs = append_all(one_kv, one_state, batch)
+                appended = all_kv.write(lambda txn: log.append_all(txn, all_state, batch))
+                expected = [(s, e) for s, e in zip(seqs, batch, strict=True) if s is not None]
+                assert appended == expected
+                assert (all_state.seq, all_state.summary) == (one_state.seq, one_state.summary)
+                with one_kv.read() as one, all_kv.read() as every:
+                    for table in ("events", "dots", "streams"):
+                        assert list(every.scan(table)) == list(one.scan(table))
+            finally:
+                one_kv.close()
+                all_kv.close()
 
     def test_an_invalid_event_is_not_appended(self, kv: KV) -> None:
         state = LogState()
