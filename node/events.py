@@ -69,9 +69,10 @@ class Event:
         frozenset()
     )  # remove/delete: the dots removed; set: the winner it overwrote
     actor: str = ""
-    # The bytes this event was decoded from, when they are in the current format: storing
-    # or forwarding it then costs no encode. Not an argument, so ``dataclasses.replace``
-    # never carries the bytes of one event over to another; not compared, nor hashed.
+    # The event's encoding, kept once made (an event is immutable), or the bytes it was
+    # decoded from when they are in the current format: appending it, then pushing it to
+    # peers, encodes it once at most. Not an argument, so ``dataclasses.replace`` never
+    # carries the bytes of one event over to another; not compared, nor hashed.
     encoded: bytes | None = dataclasses.field(default=None, init=False, compare=False, repr=False)
 
     @property
@@ -150,9 +151,11 @@ def to_wire(event: Event) -> list[Any]:
 
 
 def encode(event: Event) -> bytes:
-    if event.encoded is not None:
-        return event.encoded
-    return bytes(msgpack.packb(to_wire(event)))
+    data = event.encoded
+    if data is None:
+        data = bytes(msgpack.packb(to_wire(event)))
+        object.__setattr__(event, "encoded", data)
+    return data
 
 
 # Upcasters turn the wire of format version N into that of N + 1. Version 1 is the

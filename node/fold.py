@@ -199,6 +199,9 @@ class Folding:
         if grown is not None and named:
             grown = dict(sorted(grown.items()))
         creates = self.creates
+        derived: dict[tuple[str, str], Any] = {}
+        if self.existence is base.existence and EXISTENCE_WIRE in base.derived:
+            derived[EXISTENCE_WIRE] = base.derived[EXISTENCE_WIRE]  # most events leave it be
         return EntityState(
             existence=self.existence,
             fields=fields if grown is None else grown,
@@ -207,6 +210,7 @@ class Folding:
             etag=self.etag,
             events=self.events,
             updated_hlc=self.updated,
+            derived=derived,
         )
 
 
@@ -278,7 +282,15 @@ def fold_all(events: Iterable[Event]) -> tuple[EntityState, ORSet[str]]:
     return fold_many(EntityState(), held), members
 
 
+# The wire form of a state's existence set, kept with the state (see ``derived``): a
+# state folded from one with the same set, or decoded, does not make it again.
+EXISTENCE_WIRE = ("existence_wire", "")
+
+
 def encode_state(state: EntityState) -> bytes:
+    existence = state.derived.get(EXISTENCE_WIRE)
+    if existence is None:
+        existence = state.derived[EXISTENCE_WIRE] = crdt_codec.to_wire(state.existence)
     fields = {
         name: [value, hlc, origin, counter]
         for name, ((hlc, origin, counter), value) in sorted(state.fields.items())
@@ -288,7 +300,7 @@ def encode_state(state: EntityState) -> bytes:
         msgpack.packb(
             [
                 VIEW_FORMAT,
-                crdt_codec.to_wire(state.existence),
+                existence,
                 fields,
                 None if state.floor is None else list(state.floor),
                 creates,
@@ -384,6 +396,7 @@ def _decode_state(data: bytes) -> EntityState:
             etag=etag,
             events=events,
             updated_hlc=updated,
+            derived={EXISTENCE_WIRE: existence},  # as encode_state made it: read, not changed
         )
     except (ValueError, TypeError, AssertionError) as exc:
         raise CorruptView(str(exc)) from exc

@@ -103,6 +103,8 @@ def test_a_decoded_event_is_stored_as_the_bytes_it_came_in() -> None:
     data = ev.encode(GOOD)
     decoded = ev.decode(data)
     assert ev.encode(decoded) is data
+    # An event made here is encoded once, however often it is stored or sent.
+    assert ev.encode(GOOD) is ev.encode(GOOD)
     # A changed copy is a new event: it never keeps the bytes of the one it was made from.
     renamed = dataclasses.replace(decoded, value="Max Power")
     assert ev.decode(ev.encode(renamed)).value == "Max Power"
@@ -205,6 +207,7 @@ def test_an_older_version_is_upcast_on_read(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(ev, "FORMAT_VERSION", 2)
     monkeypatch.setitem(ev.UPCASTERS, 1, v1_to_v2)
     assert ev.decode(v1_bytes) == GOOD
-    assert msgpack.unpackb(ev.encode(GOOD))[0] == 2  # and written as the new version
+    # and written as the new version (by a copy: GOOD keeps the v1 bytes it was encoded to)
+    assert msgpack.unpackb(ev.encode(dataclasses.replace(GOOD)))[0] == 2
     # An upcast event keeps no bytes of the old format: it is stored and sent as the new.
     assert msgpack.unpackb(ev.encode(ev.decode(v1_bytes)))[0] == 2
