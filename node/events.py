@@ -166,7 +166,9 @@ UPCASTERS: dict[int, Callable[[list[Any]], list[Any]]] = {}
 _OPS: dict[object, Op] = {int(op): op for op in Op}  # a dict lookup, not an Enum call
 
 
-def from_wire(wire: Any) -> Event:
+def from_wire(wire: Any, *, dot: Dot | None = None) -> Event:
+    """The event of a decoded wire, validated. ``dot``: the dot the caller expects (read
+    from the bytes' head); the event takes that very object when the wire names it."""
     if not isinstance(wire, list) or not wire:
         raise InvalidEvent("an event is a non-empty array")
     version = wire[0]
@@ -182,7 +184,9 @@ def from_wire(wire: Any) -> Event:
         if type(observed) is not list:
             raise TypeError("observed dots must be an array")
         dots = frozenset([Dot(o, c) for o, c in observed]) if observed else NO_DOTS
-        event = Event(Dot(origin, counter), hlc, stream, _OPS[op], field, value, dots, actor)
+        if dot is None or origin != dot.origin or counter != dot.counter:
+            dot = Dot(origin, counter)
+        event = Event(dot, hlc, stream, _OPS[op], field, value, dots, actor)
     except KeyError:
         raise InvalidEvent(f"malformed event: unknown op {op!r}") from None
     except (TypeError, ValueError) as exc:
@@ -192,14 +196,15 @@ def from_wire(wire: Any) -> Event:
     return validate(event)
 
 
-def decode(data: bytes) -> Event:
+def decode(data: bytes, *, dot: Dot | None = None) -> Event:
+    """The event ``data`` encodes, validated (see ``from_wire`` for ``dot``)."""
     if len(data) > EVENT_BYTES_MAX:
         raise InvalidEvent("event too large")
     try:
         wire = msgpack.unpackb(data)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
         raise InvalidEvent(f"event is not msgpack: {exc}") from exc
-    event = from_wire(wire)
+    event = from_wire(wire, dot=dot)
     if wire[0] == FORMAT_VERSION:  # read as it stands, not upcast: its bytes are its encoding
         object.__setattr__(event, "encoded", data)
     return event

@@ -42,7 +42,7 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -73,9 +73,11 @@ class BadMessage(ValueError):
     """A sync message that breaks the protocol; nothing of it may be written."""
 
 
-@dataclass(frozen=True, slots=True)
-class RawEvent:
-    dot: Dot  # the dot its bytes begin with
+class RawEvent(NamedTuple):
+    """An event as carried: its bytes, and the dot they begin with (a tuple: a message
+    makes one per event)."""
+
+    dot: Dot
     data: bytes
 
 
@@ -289,8 +291,8 @@ def read_event(raw: RawEvent) -> Event:
     Raises ``UnknownFormatVersion`` (an ``InvalidEvent``) for a newer format, which the
     caller quarantines, and ``BadMessage`` for anything else that is wrong.
     """
-    event = decode_event(raw.data)
-    if event.dot != raw.dot:
+    event = decode_event(raw.data, dot=raw.dot)
+    if event.dot is not raw.dot:  # decode takes the dot given when the bytes name it
         raise BadMessage(f"event {event.dot} was sent as {raw.dot}")
     return event
 

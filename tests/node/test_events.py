@@ -103,6 +103,11 @@ def test_a_decoded_event_is_stored_as_the_bytes_it_came_in() -> None:
     data = ev.encode(GOOD)
     decoded = ev.decode(data)
     assert ev.encode(decoded) is data
+    # The dot a message carried the event under is taken as is when the bytes name it.
+    sent_as = Dot(GOOD.dot.origin, GOOD.dot.counter)
+    assert ev.decode(data, dot=sent_as).dot is sent_as
+    other = Dot(GOOD.dot.origin, GOOD.dot.counter + 1)
+    assert ev.decode(data, dot=other).dot == GOOD.dot
     # An event made here is encoded once, however often it is stored or sent.
     assert ev.encode(GOOD) is ev.encode(GOOD)
     # A changed copy is a new event: it never keeps the bytes of the one it was made from.
