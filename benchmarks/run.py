@@ -34,6 +34,7 @@ ORDER = (
     "http_reads",
     "http_instructions",
     "ingest",
+    "ingest_instructions",
     "rebuild",
     "crdt_merge",
     "append_vs_eventsourcing",
