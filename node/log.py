@@ -107,16 +107,12 @@ def save_state(txn: WriteTxn, state: LogState) -> None:
     txn.put("meta", b"summary", crdt_codec.encode(state.summary))
 
 
-def append(txn: WriteTxn, state: LogState, event: Event, *, validated: bool = False) -> int | None:
-    """Append ``event`` unless its dot is already here; return its new seq.
-
-    ``validated``: the caller has just validated the event (the writer does a whole
-    ingested batch before putting any of it), so it is not validated again.
-    """
+def append(txn: WriteTxn, state: LogState, event: Event) -> int | None:
+    """Validate and append ``event`` unless its dot is already here; return its new seq."""
     if event.dot in state.summary:
         return None
     state.seq += 1
-    _put(txn, state.seq, event, ev.encode(event if validated else ev.validate(event)))
+    _put(txn, state.seq, event, ev.encode(ev.validate(event)))
     state.summary = state.summary.add(event.dot)
     # state.hlc is left to the writer's clock: a stamp beyond the allowed drift must not
     # be saved here, or the clock would restart from it and follow it after all.
@@ -128,7 +124,9 @@ def append_all(
 ) -> list[tuple[int, Event]]:
     """``append`` each event in turn (one whose dot is here, or earlier in ``events``, is
     passed over); return the appended ones with their seqs. The summary grows once for
-    the batch, not once per event (each growth is a new vector)."""
+    the batch, not once per event (each growth is a new vector). ``validated``: the
+    caller has validated every event (the writer does a whole ingested batch before
+    putting any of it), so none is validated again."""
     summary, fresh = state.summary, set[Dot]()
     appended: list[tuple[int, Event]] = []
     for event in events:
