@@ -32,7 +32,12 @@ types: $(BENCH_READY)
 
 check: lint types test
 
-# Benchmarks (never part of `test`): installs the bench extra, writes benchmarks/results.json
-# and prints the table. `make bench BENCH_ARGS=--quick` for a fast pass.
+# Benchmarks (never part of `test`): installs the bench extra (and, as root on Debian, the wrk
+# load generator), writes benchmarks/results.json and prints the table.
+# `make bench BENCH_ARGS=--quick` for a fast pass.
 bench: $(BENCH_READY)
+	@command -v wrk >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
+		apt-get install -y -q wrk >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null 2>&1 && apt-get install -y -q wrk >/dev/null 2>&1; } || true
+	@command -v wrk >/dev/null || echo "wrk is not installed: HTTP load comes from aiohttp (named in the table)"
 	$(PY) -m benchmarks.run $(BENCH_ARGS)

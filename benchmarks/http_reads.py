@@ -51,7 +51,14 @@ def run(quick: bool) -> list[Row]:
     for what, key in (("GET /users/{id}", "id"), ("GET /users?email=", "email")):
         node_load, bare_load = loads[("node", key)], loads[("bare", key)]
         rows += [
-            row(NAME, f"{what} req/s", node_load.rps, "req/s", bare_load.rps, at_least=0.8),
+            row(
+                NAME,
+                f"{what} req/s ({node_load.tool})",  # see http_writes: the generator matters
+                node_load.rps,
+                "req/s",
+                bare_load.rps,
+                at_least=0.8,
+            ),
             row(NAME, f"{what} p99", node_load.p99_ms, "ms", bare_load.p99_ms),
         ]
     return rows
