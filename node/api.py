@@ -20,7 +20,7 @@ from aiohttp import web
 from node import commands
 from node.config import Settings
 from node.events import ENTITY_ID_RE, Event, stream_of
-from node.fold import EntityState
+from node.fold import BytesKeyed, EntityState, decode_state
 from node.http_errors import BODY_BYTES_MAX, Handler, as_json_error, fail
 from node.metrics import render_metrics
 from node.openapi import OPENAPI
@@ -262,6 +262,31 @@ def _entity_response(
     )
 
 
+# An existing entity's ETag and JSON, by its stored view's bytes (with its stream: two
+# entities never share a view, but a hit is checked all the same). A GET by id of a hot
+# entity reads one tuple, not the state, its existence set and what is kept with it: in
+# a serving process, where much of what a request touches is out of the CPU's caches,
+# that was about a fifth of a GET's time (18.8-19.7k against 23.9k req/s under wrk).
+RENDERED_ENTITIES_MAX = 8_192
+_RENDERED = BytesKeyed[tuple[str, str, bytes]](RENDERED_ENTITIES_MAX)
+
+
+def _rendered(replica: Replica, kind: str, entity_id: str) -> tuple[str, bytes]:
+    """The entity's ETag and JSON body, or a 404 if it does not exist."""
+    stream = stream_of(kind, entity_id)
+    raw = replica.entity_view(stream)
+    hit = None if raw is None else _RENDERED.get(raw)
+    if hit is not None and hit[0] == stream:
+        return hit[1], hit[2]
+    state = EntityState() if raw is None else decode_state(raw)
+    if not state.exists:
+        fail(404, "not_found", f"no {kind} {entity_id!r}")
+    etag, body = _etag(state), _entity_body(kind, entity_id, state)
+    if raw is not None:
+        _RENDERED.put(raw, (stream, etag, body))
+    return etag, body
+
+
 def _etag(state: EntityState) -> str:
     try:
         etag: str = state.derived[("api_etag", "")]
@@ -322,15 +347,13 @@ def get_handler(kind: str, replica: Replica) -> Handler:
             state, _ = replica.entity_at(kind, entity_id, _parse_at(request.query["at"]))
             if not state.exists:
                 fail(404, "not_found", f"no {kind} {entity_id!r} at that time")
-            body = {**_entity_json(kind, entity_id, state), "as_of": request.query["at"]}
-            return _json(body, headers={"ETag": etag_of(state.etag)})
-        state = _existing(replica, kind, entity_id)
+            then = {**_entity_json(kind, entity_id, state), "as_of": request.query["at"]}
+            return _json(then, headers={"ETag": etag_of(state.etag)})
+        etag, body = _rendered(replica, kind, entity_id)
         if_none_match = request.headers.get("If-None-Match")
-        if if_none_match is not None:
-            etag = _etag(state)
-            if etag in if_none_match or if_none_match.strip() == "*":
-                return web.Response(status=304, headers={"ETag": etag})
-        return _entity_response(kind, entity_id, state)
+        if if_none_match is not None and (etag in if_none_match or if_none_match.strip() == "*"):
+            return web.Response(status=304, headers={"ETag": etag})
+        return _json_bytes(body, headers={"ETag": etag})
 
     return handle
 

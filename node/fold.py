@@ -16,7 +16,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import msgpack
 
@@ -333,8 +333,12 @@ def _winner(wire: Any) -> Winner:
 DECODED_VIEWS_MAX = 8_192
 
 
-class _Decoded:
-    """A bounded map from view bytes to their decoded state, the oldest put out first.
+V = TypeVar("V")
+
+
+class BytesKeyed(Generic[V]):
+    """A bounded map from bytes to what they stand for, the oldest put out first: for
+    values derived from a stored view's bytes alone, so an entry is never stale.
 
     A read is one dict lookup, without a lock (atomic under the GIL): every GET makes
     one. Puts come from the writer thread and the event loop, so they take the lock.
@@ -342,25 +346,25 @@ class _Decoded:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._states: OrderedDict[bytes, EntityState] = OrderedDict()
+        self._values: OrderedDict[bytes, V] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, data: bytes) -> EntityState | None:
-        return self._states.get(data)
+    def get(self, data: bytes) -> V | None:
+        return self._values.get(data)
 
-    def put(self, data: bytes, state: EntityState) -> None:
+    def put(self, data: bytes, value: V) -> None:
         with self._lock:
-            states = self._states
-            states[data] = state
-            if len(states) > self.size:
-                states.popitem(last=False)  # O(1); a plain dict's oldest key is O(deleted)
+            values = self._values
+            values[data] = value
+            if len(values) > self.size:
+                values.popitem(last=False)  # O(1); a plain dict's oldest key is O(deleted)
 
     def clear(self) -> None:
         with self._lock:
-            self._states.clear()
+            self._values.clear()
 
 
-_DECODED = _Decoded(DECODED_VIEWS_MAX)
+_DECODED = BytesKeyed[EntityState](DECODED_VIEWS_MAX)
 
 
 def remember_state(data: bytes, state: EntityState) -> None:

@@ -275,6 +275,10 @@ class Replica:
     def entity(self, kind: str, entity_id: str) -> EntityState:
         return views.stored_entity(self.kv.get, stream_of(kind, entity_id))
 
+    def entity_view(self, stream: str) -> bytes | None:
+        """An entity's stored view, undecoded: what whatever is derived from it is keyed by."""
+        return views.stored_view(self.kv.get, stream)
+
     def entities(self, kind: str, entity_ids: Iterable[str]) -> list[EntityState]:
         """Several entities, read in one transaction (one snapshot)."""
         with self.kv.read() as txn:

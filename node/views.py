@@ -52,8 +52,13 @@ def entity(txn: ReadTxn, stream: str) -> EntityState:
 def stored_entity(get: Callable[[str, bytes], bytes | None], stream: str) -> EntityState:
     """An entity's state as stored, read with ``get``: a transaction's, or the KV's own
     for a read of one key."""
-    raw = get("views", stream.encode())
+    raw = stored_view(get, stream)
     return EntityState() if raw is None else decode_state(raw)
+
+
+def stored_view(get: Callable[[str, bytes], bytes | None], stream: str) -> bytes | None:
+    """An entity's stored view undecoded (``decode_state`` makes it a state), or None."""
+    return get("views", stream.encode())
 
 
 def member_key(group_id: str, user_id: str) -> bytes:
