@@ -146,6 +146,7 @@ BAD_WIRES: list[tuple[str, bytes, str]] = [
     ("observed not an array", wire_of(GOOD, observed=None), "observed dots must be an array"),
     ("observed an empty string", wire_of(GOOD, observed=""), "observed dots must be an array"),
     ("observed a dot of one part", wire_of(GOOD, op=2, observed=[["eu~0000aaaa"]]), "malformed"),
+    ("observed a dot twice", wire_of(GOOD, op=2, observed=[[EU, 1], [EU, 1]]), "repeat"),
     ("not msgpack", b"\xc1", "not msgpack"),
     ("trailing bytes", wire_of(GOOD) + b"\x00", "not msgpack"),
     ("not an array", msgpack.packb({"v": 1}), "non-empty array"),
