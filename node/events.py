@@ -186,7 +186,12 @@ def from_wire(wire: Any, *, dot: Dot | None = None) -> Event:
         dots = frozenset([Dot(o, c) for o, c in observed]) if observed else NO_DOTS
         if len(dots) != len(observed):  # its bytes are stored as they came: no padding
             raise ValueError("observed dots repeat")
-        if dot is None or origin != dot.origin or counter != dot.counter:
+        if (
+            dot is None
+            or origin != dot.origin
+            or type(counter) is not int
+            or counter != dot.counter
+        ):
             dot = Dot(origin, counter)
         event = Event(dot, hlc, stream, _OPS[op], field, value, dots, actor)
     except KeyError:
