@@ -273,14 +273,22 @@ _RENDERED = BytesKeyed[tuple[str, str, bytes]](RENDERED_ENTITIES_MAX)
 
 def _rendered(replica: Replica, kind: str, entity_id: str) -> tuple[str, bytes]:
     """The entity's ETag and JSON body, or a 404 if it does not exist."""
+    rendered = _rendered_view(kind, entity_id, replica.entity_view(stream_of(kind, entity_id)))
+    if rendered is None:
+        fail(404, "not_found", f"no {kind} {entity_id!r}")
+    return rendered
+
+
+def _rendered_view(kind: str, entity_id: str, raw: bytes | None) -> tuple[str, bytes] | None:
+    """The ETag and JSON body of the entity whose stored view is ``raw``, None if it does
+    not exist; decoded and rendered only when the view is not in ``_RENDERED``."""
     stream = stream_of(kind, entity_id)
-    raw = replica.entity_view(stream)
     hit = None if raw is None else _RENDERED.get(raw)
     if hit is not None and hit[0] == stream:
         return hit[1], hit[2]
     state = EntityState() if raw is None else decode_state(raw)
     if not state.exists:
-        fail(404, "not_found", f"no {kind} {entity_id!r}")
+        return None
     etag, body = _etag(state), _entity_body(kind, entity_id, state)
     if raw is not None:
         _RENDERED.put(raw, (stream, etag, body))
@@ -400,7 +408,12 @@ async def list_users(request: web.Request) -> web.Response:
             if "limit" in params or "cursor" in params:  # ignored here, but refused if malformed
                 _limit(request)
                 _cursor(request)
-            return _users_page(replica.look_up_entities(field, value), None)
+            bodies = []
+            for user_id, raw in replica.look_up_views(field, value):
+                rendered = _rendered_view("user", user_id, raw)
+                if rendered is not None:
+                    bodies.append(rendered[1])
+            return _users_page(bodies, None)
     limit, after = _limit(request), _cursor(request)
     if "q" in params:
         query = params["q"]
@@ -411,13 +424,13 @@ async def list_users(request: web.Request) -> web.Response:
         ids = replica.entity_ids("user", after=after, limit=limit)
     cursor = ids[-1] if len(ids) == limit else None
     states = replica.entities("user", ids)
-    found = [(i, state) for i, state in zip(ids, states, strict=True) if state.exists]
-    return _users_page(found, cursor)
+    pairs = zip(ids, states, strict=True)
+    return _users_page([_entity_body("user", i, s) for i, s in pairs if s.exists], cursor)
 
 
-def _users_page(found: list[tuple[str, EntityState]], cursor: str | None) -> web.Response:
+def _users_page(bodies: list[bytes], cursor: str | None) -> web.Response:
     """``{"users": [...], "next_cursor": ...}``, joined from each user's rendered JSON."""
-    users = b", ".join([_entity_body("user", user_id, state) for user_id, state in found])
+    users = b", ".join(bodies)
     tail = b"null" if cursor is None else json.dumps(cursor).encode()
     return _json_bytes(b'{"users": [' + users + b'], "next_cursor": ' + tail + b"}")
 

@@ -48,6 +48,11 @@ class ReadTxn(Protocol):
         """Keys with ``prefix`` in order (from ``start`` inclusive), or backwards from the end."""
         ...
 
+    def keys(self, db: str, prefix: bytes) -> list[bytes]:
+        """Every key with ``prefix``, in order: ``scan``'s keys as a list, for a prefix that
+        holds few (a unique index's value), read without a generator in between."""
+        ...
+
 
 class WriteTxn(ReadTxn, Protocol):
     def put(self, db: str, key: bytes, value: bytes) -> None: ...
@@ -95,6 +100,9 @@ class _MemoryTxn:
             if not key.startswith(prefix):
                 return
             yield key, table[key]
+
+    def keys(self, db: str, prefix: bytes) -> list[bytes]:
+        return [key for key, _ in self.scan(db, prefix=prefix)]
 
     def put(self, db: str, key: bytes, value: bytes) -> None:
         self.dbs[db][bytes(key)] = bytes(value)

@@ -321,15 +321,14 @@ class Replica:
         with self.kv.read() as txn:
             return views.lookup(txn, field, value)
 
-    def look_up_entities(self, field: str, value: str) -> list[tuple[str, EntityState]]:
-        """The users holding ``value`` in a unique field and their states, in one snapshot."""
-        found = []
+    def look_up_views(self, field: str, value: str) -> list[tuple[str, bytes | None]]:
+        """The users holding ``value`` in a unique field and their stored views, undecoded
+        (as ``entity_view``), in one snapshot."""
         with self.kv.read() as txn:
+            found = []
             for user_id in views.lookup(txn, field, value):
-                state = views.entity(txn, stream_of("user", user_id))
-                if state.exists:
-                    found.append((user_id, state))
-        return found
+                found.append((user_id, txn.get("views", stream_of("user", user_id).encode())))
+            return found
 
     def search(self, query: str, *, after: str, limit: int) -> list[str]:
         with self.kv.read() as txn:

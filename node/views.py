@@ -323,6 +323,10 @@ class PendingReads:
         self._settle(db)
         return self.txn.scan(db, prefix=prefix, start=start, reverse=reverse)
 
+    def keys(self, db: str, prefix: bytes) -> list[bytes]:
+        self._settle(db)
+        return self.txn.keys(db, prefix)
+
     def _settle(self, db: str) -> None:
         if db in DEFERRED_DBS and self.pending.states:
             self.pending.flush(self.txn)
@@ -390,7 +394,7 @@ def groups_of(txn: ReadTxn, user_id: str) -> list[str]:
 def lookup(txn: ReadTxn, field: str, value: str) -> list[str]:
     """The ids of users holding ``value`` in a unique field (more than one: a conflict)."""
     prefix = index_part(index_value(field, value)) + b"\0"
-    return [key[len(prefix) :].decode() for key, _ in txn.scan(INDEX_DBS[field], prefix=prefix)]
+    return [key[len(prefix) :].decode() for key in txn.keys(INDEX_DBS[field], prefix)]
 
 
 def search(txn: ReadTxn, query: str, *, after: str, limit: int) -> list[str]:

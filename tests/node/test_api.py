@@ -331,6 +331,25 @@ def test_lookup_by_email_and_username_ignores_case() -> None:
     run(body)
 
 
+def test_lookup_by_email_answers_the_latest_write_then_nothing_after_a_delete() -> None:
+    """The lookup answers from rendered JSON kept by view bytes: never a stale one."""
+
+    async def body(a: Api) -> None:
+        ann = await a.create_user("ann")
+        _, found = await a.call("GET", f"/users?email={ann['email']}", status=200)
+        assert found["users"] == [ann]
+        _, renamed = await a.call("PATCH", f"/users/{ann['id']}", json={"name": "Ann B"})
+        _, found = await a.call("GET", f"/users?email={ann['email']}", status=200)
+        assert renamed["name"] == "Ann B"
+        assert found["users"] == [renamed]
+        await a.call("DELETE", f"/users/{ann['id']}", status=204)
+        for query in (f"email={ann['email']}", "username=ann"):
+            _, found = await a.call("GET", f"/users?{query}", status=200)
+            assert found["users"] == []
+
+    run(body)
+
+
 def test_long_unicode_names_and_emails_fit_lmdb_keys(tmp_path: Path) -> None:
     """Regression: a 480-byte name or an email that grows when casefolded overflowed
     LMDB's 511-byte key limit in the indexes and answered 500 (found by the bad-input

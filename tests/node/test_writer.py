@@ -191,7 +191,7 @@ class WriterContract:
         assert statuses == [1, 412, 1, 1, 409, 2, 409, 1, 404]
         homer_now = replica.entity("user", "homer")
         assert (homer_now.value("name"), homer_now.value("email")) == ("H4", moved["email"])
-        assert replica.look_up_entities("email", "homer1@x.us") == []  # lisa's, then deleted
+        assert replica.look_up_views("email", "homer1@x.us") == []  # lisa's, then deleted
         before = (replica.digest(), replica.fingerprints())
         with replica.kv.read() as txn:
             stored = dict(txn.scan("views"))
