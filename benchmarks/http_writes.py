@@ -24,11 +24,25 @@ def _rows(what: str, node: Load, bare: Load, *, targets: bool = True) -> list[Ro
     at_most = 2.0 if targets else None
     # The load generator is named: without wrk, the aiohttp one on the other core is
     # slower than the bare server and caps its figure, which flatters the ratio.
-    return [
+    rows = [
         row(NAME, f"{what} req/s ({node.tool})", node.rps, "req/s", bare.rps, at_least=at_least),
         row(NAME, f"{what} p50", node.p50_ms, "ms", bare.p50_ms),
         row(NAME, f"{what} p99", node.p99_ms, "ms", bare.p99_ms, at_most=at_most),
     ]
+    if "disk_written" in node.detail and "disk_written" in bare.detail:
+        # What a durable write costs the disk: LMDB writes every page a commit changed,
+        # and the node's views and indexes change pages at random keys; the bare log
+        # appends to one. Divided among the requests that the commits carried.
+        rows.append(
+            row(
+                NAME,
+                f"{what}: bytes written to disk per request (/proc/PID/io)",
+                node.detail["disk_written"] / max(1, node.requests),
+                "bytes",
+                bare.detail["disk_written"] / max(1, bare.requests),
+            )
+        )
+    return rows
 
 
 def run(quick: bool) -> list[Row]:
@@ -40,7 +54,10 @@ def run(quick: bool) -> list[Row]:
         scenarios = {"patch": patch, "post": Scenario("create", prefix="c")}
         with Node(base / "node") as node, BareServer(base / "bare") as bare:
             urls = {"node": node.url, "bare": bare.url}
-            loads = compare(urls, scenarios, rounds=rounds, duration_s=duration, warmup_s=warmup)
+            pids = {"node": node.pid, "bare": bare.pid}
+            loads = compare(
+                urls, scenarios, rounds=rounds, duration_s=duration, warmup_s=warmup, pids=pids
+            )
         with (
             Node(base / "node", "--no-metasync") as node,
             BareServer(base / "bare", "--no-metasync") as bare,

@@ -90,6 +90,11 @@ class Node:
     def __exit__(self, *exc: object) -> None:
         self.process.stop()
 
+    @property
+    def pid(self) -> int:
+        assert self.process.proc is not None
+        return self.process.proc.pid
+
 
 class BareServer:
     """``python -m benchmarks.bare_server`` in its own process, pinned to one core."""
@@ -122,6 +127,25 @@ class BareServer:
     ) -> None:
         if self.proc is not None:
             stop_process(self.proc, 15)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+
+def disk_written(pid: int) -> int | None:
+    """Bytes ``pid`` has caused to be written to storage (Linux's ``/proc/PID/io``, page
+    writes its commits flushed), or None where that is not available."""
+    try:
+        with open(f"/proc/{pid}/io") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if name == "write_bytes":
+                    return int(value)
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def stop_process(proc: subprocess.Popen[str], wait_s: float) -> None:
@@ -349,17 +373,29 @@ def compare(
     rounds: int,
     duration_s: float,
     warmup_s: float,
+    pids: dict[str, int] | None = None,
 ) -> dict[tuple[str, str], Load]:
     """Every scenario against every server, the servers taking turns for ``rounds`` rounds
     (so a noisy neighbour hits both alike); per (server, scenario) the round with the most
     requests per second is kept. Scenario ids get a per-round prefix, so creates stay unique.
+    With the servers' ``pids``, each load's ``detail["disk_written"]`` is the bytes its
+    server wrote to storage during it (warm-up excluded), where Linux tells.
     """
     best: dict[tuple[str, str], Load] = {}
     for n in range(rounds):
         for scenario_name, scenario in scenarios.items():
             for side, url in urls.items():
                 fresh = Scenario(scenario.kind, scenario.paths, f"{scenario.prefix}{side}{n}x")
-                load = measure(url, fresh, duration_s, warmup_s if n == 0 else 0)
+                if n == 0 and warmup_s > 0:
+                    measure(
+                        url, Scenario(scenario.kind, scenario.paths, fresh.prefix + "w"), warmup_s
+                    )
+                pid = None if pids is None else pids.get(side)
+                before = None if pid is None else disk_written(pid)
+                load = measure(url, fresh, duration_s)
+                after = None if pid is None else disk_written(pid)
+                if before is not None and after is not None:
+                    load.detail["disk_written"] = after - before
                 key = (side, scenario_name)
                 if key not in best or load.rps > best[key].rps:
                     best[key] = load
