@@ -36,7 +36,7 @@ def _rows(what: str, node: Load, bare: Load, *, targets: bool = True) -> list[Ro
         rows.append(
             row(
                 NAME,
-                f"{what}: bytes written to disk per request (/proc/PID/io)",
+                f"{what}: bytes written to the disk per request (its /sys/block stat)",
                 node.detail["disk_written"] / max(1, node.requests),
                 "bytes",
                 bare.detail["disk_written"] / max(1, bare.requests),
@@ -54,9 +54,9 @@ def run(quick: bool) -> list[Row]:
         scenarios = {"patch": patch, "post": Scenario("create", prefix="c")}
         with Node(base / "node") as node, BareServer(base / "bare") as bare:
             urls = {"node": node.url, "bare": bare.url}
-            pids = {"node": node.pid, "bare": bare.pid}
+            dirs = {"node": base / "node", "bare": base / "bare"}
             loads = compare(
-                urls, scenarios, rounds=rounds, duration_s=duration, warmup_s=warmup, pids=pids
+                urls, scenarios, rounds=rounds, duration_s=duration, warmup_s=warmup, data_dirs=dirs
             )
         with (
             Node(base / "node", "--no-metasync") as node,

@@ -90,11 +90,6 @@ class Node:
     def __exit__(self, *exc: object) -> None:
         self.process.stop()
 
-    @property
-    def pid(self) -> int:
-        assert self.process.proc is not None
-        return self.process.proc.pid
-
 
 class BareServer:
     """``python -m benchmarks.bare_server`` in its own process, pinned to one core."""
@@ -128,24 +123,23 @@ class BareServer:
         if self.proc is not None:
             stop_process(self.proc, 15)
 
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
 
+def disk_written(path: Path) -> int | None:
+    """Bytes written so far to the block device holding ``path`` (Linux's
+    ``/sys/dev/block/MAJ:MIN/stat``), or None where that is not available.
 
-def disk_written(pid: int) -> int | None:
-    """Bytes ``pid`` has caused to be written to storage (Linux's ``/proc/PID/io``, page
-    writes its commits flushed), or None where that is not available."""
+    The device's count, not the process's ``/proc/PID/io``: a kernel whose page cache
+    holds large folios charges a process a whole folio (up to 2 MiB) for each 4 KiB page
+    it dirties, while the device receives the page. The device's count also takes in
+    its file system's journal, and whatever else writes to it meanwhile.
+    """
     try:
-        with open(f"/proc/{pid}/io") as f:
-            for line in f:
-                name, _, value = line.partition(":")
-                if name == "write_bytes":
-                    return int(value)
-    except (OSError, ValueError):
+        device = os.stat(path).st_dev
+        with open(f"/sys/dev/block/{os.major(device)}:{os.minor(device)}/stat") as f:
+            fields = f.read().split()
+        return int(fields[6]) * 512  # sectors written; a sector here is always 512 bytes
+    except (OSError, ValueError, IndexError):
         return None
-    return None
 
 
 def stop_process(proc: subprocess.Popen[str], wait_s: float) -> None:
@@ -373,13 +367,13 @@ def compare(
     rounds: int,
     duration_s: float,
     warmup_s: float,
-    pids: dict[str, int] | None = None,
+    data_dirs: dict[str, Path] | None = None,
 ) -> dict[tuple[str, str], Load]:
     """Every scenario against every server, the servers taking turns for ``rounds`` rounds
     (so a noisy neighbour hits both alike); per (server, scenario) the round with the most
     requests per second is kept. Scenario ids get a per-round prefix, so creates stay unique.
-    With the servers' ``pids``, each load's ``detail["disk_written"]`` is the bytes its
-    server wrote to storage during it (warm-up excluded), where Linux tells.
+    With the servers' ``data_dirs``, each load's ``detail["disk_written"]`` is the bytes
+    written to their device during it (warm-up excluded), where Linux tells.
     """
     best: dict[tuple[str, str], Load] = {}
     for n in range(rounds):
@@ -390,10 +384,10 @@ def compare(
                     measure(
                         url, Scenario(scenario.kind, scenario.paths, fresh.prefix + "w"), warmup_s
                     )
-                pid = None if pids is None else pids.get(side)
-                before = None if pid is None else disk_written(pid)
+                data = None if data_dirs is None else data_dirs.get(side)
+                before = None if data is None else disk_written(data)
                 load = measure(url, fresh, duration_s)
-                after = None if pid is None else disk_written(pid)
+                after = None if data is None else disk_written(data)
                 if before is not None and after is not None:
                     load.detail["disk_written"] = after - before
                 key = (side, scenario_name)
