@@ -349,12 +349,25 @@ def _python(url: str, scenario: Scenario, duration_s: float) -> Load:
     return Load(r["requests"], r["errors"], r["seconds"], r["p50_ms"], r["p99_ms"], "aiohttp", r)
 
 
-def measure(url: str, scenario: Scenario, duration_s: float, warmup_s: float = 0) -> Load:
-    """An optional warm-up run (discarded), then the measured one; failed requests raise."""
+def measure(
+    url: str,
+    scenario: Scenario,
+    duration_s: float,
+    warmup_s: float = 0,
+    *,
+    data_dir: Path | None = None,
+) -> Load:
+    """An optional warm-up run (discarded), then the measured one; failed requests raise.
+    With the server's ``data_dir``, ``detail["disk_written"]`` is the bytes written to its
+    device during the measured run, where Linux tells."""
     if warmup_s > 0:
         warm = Scenario(scenario.kind, scenario.paths, scenario.prefix + "w")
         run_load(url, warm, warmup_s)
+    before = None if data_dir is None else disk_written(data_dir)
     load = run_load(url, scenario, duration_s)
+    after = None if data_dir is None else disk_written(data_dir)
+    if before is not None and after is not None:
+        load.detail["disk_written"] = after - before
     if load.errors:
         raise RuntimeError(f"{load.errors} failed requests against {url}: {load.detail}")
     return load
@@ -372,24 +385,17 @@ def compare(
     """Every scenario against every server, the servers taking turns for ``rounds`` rounds
     (so a noisy neighbour hits both alike); per (server, scenario) the round with the most
     requests per second is kept. Scenario ids get a per-round prefix, so creates stay unique.
-    With the servers' ``data_dirs``, each load's ``detail["disk_written"]`` is the bytes
-    written to their device during it (warm-up excluded), where Linux tells.
+    With the servers' ``data_dirs``, each load tells the bytes written to their device
+    (``measure``).
     """
     best: dict[tuple[str, str], Load] = {}
     for n in range(rounds):
         for scenario_name, scenario in scenarios.items():
             for side, url in urls.items():
                 fresh = Scenario(scenario.kind, scenario.paths, f"{scenario.prefix}{side}{n}x")
-                if n == 0 and warmup_s > 0:
-                    measure(
-                        url, Scenario(scenario.kind, scenario.paths, fresh.prefix + "w"), warmup_s
-                    )
-                data = None if data_dirs is None else data_dirs.get(side)
-                before = None if data is None else disk_written(data)
-                load = measure(url, fresh, duration_s)
-                after = None if data is None else disk_written(data)
-                if before is not None and after is not None:
-                    load.detail["disk_written"] = after - before
+                data_dir = None if data_dirs is None else data_dirs.get(side)
+                warmup = warmup_s if n == 0 else 0
+                load = measure(url, fresh, duration_s, warmup, data_dir=data_dir)
                 key = (side, scenario_name)
                 if key not in best or load.rps > best[key].rps:
                     best[key] = load
