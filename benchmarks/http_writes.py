@@ -13,7 +13,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from benchmarks.common import Row, row, scratch_dir
-from benchmarks.httpbench import BareServer, Load, Node, Scenario, compare, seed_users
+from benchmarks.httpbench import (
+    BareServer,
+    Load,
+    Node,
+    Scenario,
+    compare,
+    node_metric,
+    seed_users,
+)
 
 NAME = "HTTP writes"
 USERS = 1_000
@@ -58,6 +66,7 @@ def run(quick: bool) -> list[Row]:
             loads = compare(
                 urls, scenarios, rounds=rounds, duration_s=duration, warmup_s=warmup, data_dirs=dirs
             )
+            gc_pause_s = node_metric(node.url, "replica_gc_pause_seconds_max")
         with (
             Node(base / "node", "--no-metasync") as node,
             BareServer(base / "bare", "--no-metasync") as bare,
@@ -66,9 +75,16 @@ def run(quick: bool) -> list[Row]:
             fast = compare(
                 urls, {"patch": patch}, rounds=rounds, duration_s=duration, warmup_s=warmup
             )
+    gc_rows = []
+    if gc_pause_s is not None:
+        # Every thread waits while the collector runs: a pause lands in some request's
+        # latency (the p99s above).
+        figure = "longest garbage-collector pause in the node, PATCH and POST runs (/metrics)"
+        gc_rows.append(row(NAME, figure, gc_pause_s * 1000, "ms"))
     return [
         *_rows("PATCH", loads[("node", "patch")], loads[("bare", "patch")]),
         *_rows("POST", loads[("node", "post")], loads[("bare", "post")]),
+        *gc_rows,
         *_rows(
             "PATCH --no-metasync", fast[("node", "patch")], fast[("bare", "patch")], targets=False
         ),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -140,6 +142,14 @@ def disk_written(path: Path) -> int | None:
         return int(fields[6]) * 512  # sectors written; a sector here is always 512 bytes
     except (OSError, ValueError, IndexError):
         return None
+
+
+def node_metric(url: str, name: str) -> float | None:
+    """One figure of a node's ``/metrics`` (its first sample), or None if it has none."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    found = re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)
+    return None if found is None else float(found.group(1))
 
 
 def stop_process(proc: subprocess.Popen[str], wait_s: float) -> None:

@@ -2,10 +2,42 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import gc
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from node.replica import Replica
+
+
+class GcPauses:
+    """How long the cyclic garbage collector stopped the process (it holds the GIL, so
+    every thread waits): collections, their total and their longest, from ``gc.callbacks``.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
+        self.count = 0
+        self.seconds = 0.0
+        self.max_seconds = 0.0
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = self.clock()
+            return
+        pause = self.clock() - self._started
+        self.count += 1
+        self.seconds += pause
+        self.max_seconds = max(self.max_seconds, pause)
+
+    def install(self) -> None:
+        if self not in gc.callbacks:
+            gc.callbacks.append(self)
+
+
+GC_PAUSES = GcPauses()  # the process's one collector; a serving node installs it
 
 
 def _line(name: str, kind: str, help_text: str, value: float, labels: str = "") -> list[str]:
@@ -48,6 +80,19 @@ def render_metrics(replica: Replica) -> str:
             "gauge",
             "Requests waiting for the writer.",
             writer.queued,
+        ),
+        ("replica_gc_pauses_total", "counter", "Garbage collections run.", GC_PAUSES.count),
+        (
+            "replica_gc_pause_seconds_total",
+            "counter",
+            "Time the garbage collector stopped the process.",
+            GC_PAUSES.seconds,
+        ),
+        (
+            "replica_gc_pause_seconds_max",
+            "gauge",
+            "Longest stop of the process by the garbage collector since start.",
+            GC_PAUSES.max_seconds,
         ),
         ("replica_log_seq", "gauge", "Last local sequence number of the log.", state.seq),
         ("replica_own_counter", "gauge", "This replica's last dot counter.", state.counter),

@@ -26,6 +26,7 @@ from node.config import Settings
 from node.event_loop import run_on, running_loop_name
 from node.lmdb_kv import DataDirBusy
 from node.log import WrongRegion
+from node.metrics import GC_PAUSES
 from node.replica import Replica
 
 SHUTDOWN_WAIT_S = 10.0
@@ -73,6 +74,7 @@ def tune_gc() -> None:
     a fifth of the time of a bulk ingest went to the collector with Python's defaults."""
     gc.set_threshold(*GC_THRESHOLDS)
     gc.freeze()
+    GC_PAUSES.install()  # what the collections cost is in /metrics
 
 
 def configure_logging(level: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from urllib.parse import quote
 
@@ -130,4 +131,7 @@ def test_scripted_flow(node: Node) -> None:
     metrics = node.call("GET", "/metrics")
     assert metrics.status == 200
     assert metrics.headers["content-type"].startswith("text/plain")
+    # what the garbage collector has cost the serving process (maybe no collection yet)
+    for name in ("replica_gc_pauses_total", "replica_gc_pause_seconds_max"):
+        assert re.search(rf"^{name}\{{region=\"eu\"\}} [0-9.e-]+$", metrics.text, re.M), name
     assert node.alive()
