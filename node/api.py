@@ -11,7 +11,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
@@ -408,12 +408,7 @@ async def list_users(request: web.Request) -> web.Response:
             if "limit" in params or "cursor" in params:  # ignored here, but refused if malformed
                 _limit(request)
                 _cursor(request)
-            bodies = []
-            for user_id, raw in replica.look_up_views(field, value):
-                rendered = _rendered_view("user", user_id, raw)
-                if rendered is not None:
-                    bodies.append(rendered[1])
-            return _users_page(bodies, None)
+            return _users_page(_user_bodies(replica.look_up_views(field, value)), None)
     limit, after = _limit(request), _cursor(request)
     if "q" in params:
         query = params["q"]
@@ -423,9 +418,18 @@ async def list_users(request: web.Request) -> web.Response:
     else:
         ids = replica.entity_ids("user", after=after, limit=limit)
     cursor = ids[-1] if len(ids) == limit else None
-    states = replica.entities("user", ids)
-    pairs = zip(ids, states, strict=True)
-    return _users_page([_entity_body("user", i, s) for i, s in pairs if s.exists], cursor)
+    views = zip(ids, replica.entity_views("user", ids), strict=True)
+    return _users_page(_user_bodies(views), cursor)
+
+
+def _user_bodies(views: Iterable[tuple[str, bytes | None]]) -> list[bytes]:
+    """The JSON of each user that exists, from its id and stored view."""
+    bodies = []
+    for user_id, raw in views:
+        rendered = _rendered_view("user", user_id, raw)
+        if rendered is not None:
+            bodies.append(rendered[1])
+    return bodies
 
 
 def _users_page(bodies: list[bytes], cursor: str | None) -> web.Response:

@@ -279,10 +279,12 @@ class Replica:
         """An entity's stored view, undecoded: what whatever is derived from it is keyed by."""
         return views.stored_view(self.kv.get, stream)
 
-    def entities(self, kind: str, entity_ids: Iterable[str]) -> list[EntityState]:
-        """Several entities, read in one transaction (one snapshot)."""
+    def entity_views(self, kind: str, entity_ids: Iterable[str]) -> list[bytes | None]:
+        """Several entities' stored views, undecoded (as ``entity_view``), read in one
+        transaction (one snapshot)."""
         with self.kv.read() as txn:
-            return [views.entity(txn, stream_of(kind, entity_id)) for entity_id in entity_ids]
+            get = txn.get
+            return [views.stored_view(get, stream_of(kind, entity_id)) for entity_id in entity_ids]
 
     def stream(self, kind: str, entity_id: str) -> list[tuple[int, Event]]:
         with self.kv.read() as txn:
