@@ -327,10 +327,11 @@ class Replica:
         """The users holding ``value`` in a unique field and their stored views, undecoded
         (as ``entity_view``), in one snapshot."""
         with self.kv.read() as txn:
-            found = []
-            for user_id in views.lookup(txn, field, value):
-                found.append((user_id, txn.get("views", stream_of("user", user_id).encode())))
-            return found
+            get = txn.get
+            return [
+                (user_id, views.stored_view(get, stream_of("user", user_id)))
+                for user_id in views.lookup(txn, field, value)
+            ]
 
     def search(self, query: str, *, after: str, limit: int) -> list[str]:
         with self.kv.read() as txn:
