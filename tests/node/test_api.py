@@ -350,6 +350,28 @@ def test_lookup_by_email_answers_the_latest_write_then_nothing_after_a_delete() 
     run(body)
 
 
+def test_lists_and_searches_answer_the_latest_write_then_omit_a_deleted_user() -> None:
+    """Pages render from rendered JSON kept by view bytes too: never a stale one."""
+
+    async def body(a: Api) -> None:
+        ann = await a.create_user("ann")
+        bob = await a.create_user("bob")
+        for query in ("", "?q=ann"):
+            _, found = await a.call("GET", f"/users{query}", status=200)
+            assert ann in found["users"]
+        _, renamed = await a.call("PATCH", f"/users/{ann['id']}", json={"name": "Ann Zed"})
+        for query in ("", "?q=ann", "?q=zed"):
+            _, found = await a.call("GET", f"/users{query}", status=200)
+            assert [u for u in found["users"] if u["id"] == ann["id"]] == [renamed], query
+        await a.call("DELETE", f"/users/{ann['id']}", status=204)
+        _, found = await a.call("GET", "/users", status=200)
+        assert found["users"] == [bob]
+        _, found = await a.call("GET", "/users?q=ann", status=200)
+        assert found["users"] == []
+
+    run(body)
+
+
 def test_long_unicode_names_and_emails_fit_lmdb_keys(tmp_path: Path) -> None:
     """Regression: a 480-byte name or an email that grows when casefolded overflowed
     LMDB's 511-byte key limit in the indexes and answered 500 (found by the bad-input
