@@ -49,10 +49,20 @@ async def walk(a: Api, path: str, key: str) -> list[Any]:
     return items
 
 
+async def listed(a: Api, path: str, key: str) -> list[dict[str, Any]]:
+    """The list under ``key`` in what ``GET path`` answers."""
+    _, body = await a.call("GET", path, status=200)
+    items: list[dict[str, Any]] = body[key]
+    return items
+
+
 async def history(a: Api, path: str) -> list[dict[str, Any]]:
-    _, body = await a.call("GET", f"{path}/history", status=200)
-    events: list[dict[str, Any]] = body["events"]
-    return events
+    return await listed(a, f"{path}/history", "events")
+
+
+async def users_found(a: Api, query: str) -> list[dict[str, Any]]:
+    """The users ``GET /users<query>`` answers (``query`` with its ``?``, or empty)."""
+    return await listed(a, f"/users{query}", "users")
 
 
 # -- users ---------------------------------------------------------------------------
@@ -336,16 +346,13 @@ def test_lookup_by_email_answers_the_latest_write_then_nothing_after_a_delete() 
 
     async def body(a: Api) -> None:
         ann = await a.create_user("ann")
-        _, found = await a.call("GET", f"/users?email={ann['email']}", status=200)
-        assert found["users"] == [ann]
+        assert await users_found(a, f"?email={ann['email']}") == [ann]
         _, renamed = await a.call("PATCH", f"/users/{ann['id']}", json={"name": "Ann B"})
-        _, found = await a.call("GET", f"/users?email={ann['email']}", status=200)
         assert renamed["name"] == "Ann B"
-        assert found["users"] == [renamed]
+        assert await users_found(a, f"?email={ann['email']}") == [renamed]
         await a.call("DELETE", f"/users/{ann['id']}", status=204)
-        for query in (f"email={ann['email']}", "username=ann"):
-            _, found = await a.call("GET", f"/users?{query}", status=200)
-            assert found["users"] == []
+        for query in (f"?email={ann['email']}", "?username=ann"):
+            assert await users_found(a, query) == []
 
     run(body)
 
@@ -357,17 +364,14 @@ def test_lists_and_searches_answer_the_latest_write_then_omit_a_deleted_user() -
         ann = await a.create_user("ann")
         bob = await a.create_user("bob")
         for query in ("", "?q=ann"):
-            _, found = await a.call("GET", f"/users{query}", status=200)
-            assert ann in found["users"]
+            assert ann in await users_found(a, query)
         _, renamed = await a.call("PATCH", f"/users/{ann['id']}", json={"name": "Ann Zed"})
         for query in ("", "?q=ann", "?q=zed"):
-            _, found = await a.call("GET", f"/users{query}", status=200)
-            assert [u for u in found["users"] if u["id"] == ann["id"]] == [renamed], query
+            found = await users_found(a, query)
+            assert [u for u in found if u["id"] == ann["id"]] == [renamed], query
         await a.call("DELETE", f"/users/{ann['id']}", status=204)
-        _, found = await a.call("GET", "/users", status=200)
-        assert found["users"] == [bob]
-        _, found = await a.call("GET", "/users?q=ann", status=200)
-        assert found["users"] == []
+        assert await users_found(a, "") == [bob]
+        assert await users_found(a, "?q=ann") == []
 
     run(body)
 
