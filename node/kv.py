@@ -9,7 +9,7 @@ real one (``node.lmdb_kv``) and this in-memory one, for unit tests of logic abov
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol, TypeVar
 
@@ -56,6 +56,17 @@ class ReadTxn(Protocol):
 
 class WriteTxn(ReadTxn, Protocol):
     def put(self, db: str, key: bytes, value: bytes) -> None: ...
+
+    def put_many(
+        self, db: str, items: Iterable[tuple[bytes, bytes]], *, append: bool = False
+    ) -> None:
+        """``put`` each pair in turn, in one call: a commit's rows of one log table.
+
+        ``append``: each key is above the one before it and above every key in ``db``
+        (the log's sequence numbers), so LMDB writes it at the end without searching
+        for its place. A key that is not raises ``ValueError``; the write aborts whole.
+        """
+        ...
 
     def delete(self, db: str, key: bytes) -> None: ...
 
@@ -106,6 +117,18 @@ class _MemoryTxn:
 
     def put(self, db: str, key: bytes, value: bytes) -> None:
         self.dbs[db][bytes(key)] = bytes(value)
+
+    def put_many(
+        self, db: str, items: Iterable[tuple[bytes, bytes]], *, append: bool = False
+    ) -> None:
+        table = self.dbs[db]
+        highest = max(table, default=None) if append else None
+        for key, value in items:
+            if append:
+                if highest is not None and key <= highest:
+                    raise ValueError(f"appended key {key!r} is not above {highest!r}")
+                highest = key
+            self.put(db, key, value)
 
     def delete(self, db: str, key: bytes) -> None:
         self.dbs[db].pop(key, None)

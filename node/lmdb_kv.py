@@ -9,7 +9,7 @@ and the write run again, so a full map never leaves anything half written.
 from __future__ import annotations
 
 import fcntl
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -78,6 +78,16 @@ class _LmdbTxn:
 
     def put(self, db: str, key: bytes, value: bytes) -> None:
         self._txn.put(key, value, db=self._dbs[db])
+
+    def put_many(
+        self, db: str, items: Iterable[tuple[bytes, bytes]], *, append: bool = False
+    ) -> None:
+        rows = items if isinstance(items, list) else list(items)
+        with self._txn.cursor(db=self._dbs[db]) as cursor:
+            _, added = cursor.putmulti(rows, append=append)
+        # With ``append``, LMDB skips a key not above the last one: refuse the write.
+        if append and added != len(rows):
+            raise ValueError(f"{len(rows) - added} of {len(rows)} appended keys out of order")
 
     def delete(self, db: str, key: bytes) -> None:
         self._txn.delete(key, db=self._dbs[db])

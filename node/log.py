@@ -124,29 +124,56 @@ def append_all(
 ) -> list[tuple[int, Event]]:
     """``append`` each event in turn (one whose dot is here, or earlier in ``events``, is
     passed over); return the appended ones with their seqs. The summary grows once for
-    the batch, not once per event (each growth is a new vector). ``validated``: the
-    caller has validated every event (the writer does a whole ingested batch before
-    putting any of it), so none is validated again."""
-    summary, fresh = state.summary, set[Dot]()
+    the batch, not once per event (each growth is a new vector), and each table takes
+    the batch's rows in one call. ``validated``: the caller has validated every event
+    (the writer does a whole ingested batch before putting any of it), so none is
+    validated again."""
+    summary = state.summary
+    fresh = set[tuple[str, int]]()  # (origin, counter): hashed in C, where a Dot's is not
     appended: list[tuple[int, Event]] = []
+    rows: list[tuple[bytes, bytes]] = []
+    dots: list[tuple[bytes, bytes]] = []
+    streams: list[tuple[bytes, bytes]] = []
+    seq = state.seq
     for event in events:
         dot = event.dot
-        if dot in summary or dot in fresh:
+        pair = (dot.origin, dot.counter)
+        if pair in fresh or dot in summary:
             continue
-        state.seq += 1
-        _put(txn, state.seq, event, ev.encode(event if validated else ev.validate(event)))
-        fresh.add(dot)
-        appended.append((state.seq, event))
-    if fresh:
-        state.summary = summary.add_all(fresh)
+        seq += 1
+        key = u64(seq)
+        rows.append((key, ev.encode(event if validated else ev.validate(event))))
+        dots.append((dot_key(dot), key))
+        streams.append((stream_key(event.stream, seq), b""))
+        fresh.add(pair)
+        appended.append((seq, event))
+    if appended:
+        _put_rows(txn, rows, dots, streams)
+        state.seq = seq
+        state.summary = summary.add_all(event.dot for _, event in appended)
     return appended
 
 
 def _put(txn: WriteTxn, seq: int, event: Event, data: bytes) -> None:
+    """An event is a row of ``events`` under its seq, one of ``dots`` and one of
+    ``streams`` (one event: three puts cost less than three calls of ``put_many``)."""
     key = u64(seq)
     txn.put("events", key, data)
     txn.put("dots", dot_key(event.dot), key)
     txn.put("streams", stream_key(event.stream, seq), b"")
+
+
+def _put_rows(
+    txn: WriteTxn,
+    rows: list[tuple[bytes, bytes]],
+    dots: list[tuple[bytes, bytes]],
+    streams: list[tuple[bytes, bytes]],
+) -> None:
+    """A batch's rows of the three tables (see ``_put``), each table's in one call; the
+    seqs ascend above every one in ``events``, so they are appended."""
+    txn.put_many("events", rows, append=True)
+    txn.put_many("dots", dots)
+    txn.put_many("streams", streams)
 
 
 def read_event(txn: ReadTxn, seq: int) -> Event:

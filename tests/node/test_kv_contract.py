@@ -220,6 +220,38 @@ class KVContract:
             assert list(txn.scan("views")) == [(b"kept", b"1")]
             assert list(txn.scan("members")) == []
 
+    def test_put_many_puts_each_pair_and_appends_above_every_key(self, kv: KV) -> None:
+        kv.write(lambda txn: txn.put_many("views", [(b"b", b"1"), (b"a", b"2"), (b"b", b"3")]))
+        kv.write(lambda txn: txn.put_many("events", [(b"\x01", b"x"), (b"\x02", b"y")]))
+        kv.write(lambda txn: txn.put_many("events", iter([(b"\x03", b"z")]), append=True))
+        kv.write(lambda txn: txn.put_many("events", [], append=True))
+        with kv.read() as txn:
+            assert list(txn.scan("views")) == [(b"a", b"2"), (b"b", b"3")]  # the last put wins
+            assert list(txn.scan("events")) == [(b"\x01", b"x"), (b"\x02", b"y"), (b"\x03", b"z")]
+
+    @pytest.mark.parametrize(
+        "rows",
+        [
+            [(b"\x04", b"new"), (b"\x02", b"below the last")],
+            [(b"\x03", b"the highest key again")],
+            [(b"\x05", b"new"), (b"\x05", b"the same key twice")],
+        ],
+    )
+    def test_an_append_out_of_order_is_refused_and_writes_nothing(
+        self, kv: KV, rows: list[tuple[bytes, bytes]]
+    ) -> None:
+        kv.write(lambda txn: txn.put_many("events", [(b"\x01", b"a"), (b"\x03", b"c")]))
+
+        def work(txn: WriteTxn) -> None:
+            txn.put("views", b"other", b"table")
+            txn.put_many("events", rows, append=True)
+
+        with pytest.raises(ValueError, match="append"):
+            kv.write(work)
+        with kv.read() as txn:
+            assert list(txn.scan("events")) == [(b"\x01", b"a"), (b"\x03", b"c")]
+            assert list(txn.scan("views")) == []
+
     def test_clear_empties_one_database_only(self, kv: KV) -> None:
         def work(txn: WriteTxn) -> None:
             for key in EDGE_KEYS:
