@@ -220,3 +220,25 @@ def test_an_older_version_is_upcast_on_read(monkeypatch: pytest.MonkeyPatch) -> 
     assert msgpack.unpackb(ev.encode(dataclasses.replace(GOOD)))[0] == 2
     # An upcast event keeps no bytes of the old format: it is stored and sent as the new.
     assert msgpack.unpackb(ev.encode(ev.decode(v1_bytes)))[0] == 2
+
+
+def test_a_name_that_passed_as_one_thing_is_still_checked_as_another() -> None:
+    # Names that passed are remembered, one set per role: a good origin or stream is
+    # no good field name, and being remembered as one must not let it pass as another.
+    good = Event(Dot(EU, 1), STAMP, "user/homer", Op.SET, "name", "Homer")
+    ev.validate(good)
+    for event, complaint in [
+        (dataclasses.replace(good, field=EU), "bad field name"),
+        (dataclasses.replace(good, field="user/homer"), "bad field name"),
+        (dataclasses.replace(good, stream=EU), "bad stream"),
+        (dataclasses.replace(good, dot=Dot("name", 1)), "bad origin"),
+    ]:
+        for _ in range(2):  # a refused name is not remembered either
+            with pytest.raises(InvalidEvent, match=complaint):
+                ev.validate(event)
+
+
+def test_the_names_remembered_as_checked_are_bounded() -> None:
+    for n in range(ev.GOOD_NAMES_MAX + 10):
+        ev.validate(Event(Dot(EU, 1), STAMP, f"user/u{n}", Op.SET, "name", "x"))
+    assert 0 < len(ev._GOOD_STREAMS) <= ev.GOOD_NAMES_MAX
