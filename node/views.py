@@ -190,10 +190,14 @@ def apply(txn: WriteTxn, event: Event, pending: Pending | None = None) -> None:
         pending.flush(txn)
         return
     folding = pending.folding(txn, event.stream)
+    op = event.op
+    if op is Op.SET:  # most events: a field write changes no existence and no membership
+        folding.add(event)
+        return
     existed = folding.exists
     folding.add(event)
     group_id = event.entity_id
-    if event.op in (Op.ADD, Op.REMOVE):
+    if op is Op.ADD or op is Op.REMOVE:
         assert event.value is not None
         before = member_slice(txn, group_id, event.value)
         member = fold_member(before, event)
