@@ -8,6 +8,7 @@ version, or a payload of the wrong shape, raises ``CodecError``: never a crash.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from enum import IntEnum
 from typing import Any, TypeVar
@@ -35,6 +36,18 @@ class CodecError(ValueError):
     """Bytes that do not decode to a value of a known tag and version."""
 
 
+_PACKERS = threading.local()
+
+
+def pack(obj: object) -> bytes:
+    """``msgpack.packb(obj)`` with a Packer kept per thread: ``packb`` makes a Packer, and
+    its 256 KiB buffer, for every call (a third of what packing one event costs)."""
+    packer: msgpack.Packer | None = getattr(_PACKERS, "packer", None)
+    if packer is None:
+        packer = _PACKERS.packer = msgpack.Packer()
+    return packer.pack(obj)  # type: ignore[no-any-return]
+
+
 def _dot_payload(dot: Dot) -> list[Any]:
     return [dot.origin, dot.counter]
 
@@ -52,7 +65,7 @@ def _vv_payload(vv: VersionVector) -> list[Any]:
 
 
 def _element_key(element: Any) -> bytes:
-    return bytes(msgpack.packb(element))
+    return pack(element)
 
 
 def to_wire(value: object) -> list[Any]:
@@ -83,7 +96,7 @@ def to_wire(value: object) -> list[Any]:
 
 
 def encode(value: object) -> bytes:
-    return bytes(msgpack.packb(to_wire(value)))
+    return pack(to_wire(value))
 
 
 def _dot(payload: Any) -> Dot:

@@ -20,6 +20,7 @@ import msgpack
 
 from crdt import Dot
 from crdt.clock import STAMP_MAX
+from crdt.codec import pack
 
 FORMAT_VERSION = 1
 
@@ -159,16 +160,17 @@ def validate(event: Event) -> Event:
 
 
 def to_wire(event: Event) -> list[Any]:
+    dot, observed = event.dot, event.observed
     return [
         FORMAT_VERSION,
-        event.dot.origin,
-        event.dot.counter,
+        dot.origin,
+        dot.counter,
         event.hlc,
         event.stream,
         int(event.op),
         event.field,
         event.value,
-        [[d.origin, d.counter] for d in sorted(event.observed)],
+        [[d.origin, d.counter] for d in sorted(observed)] if observed else [],
         event.actor,
     ]
 
@@ -176,7 +178,7 @@ def to_wire(event: Event) -> list[Any]:
 def encode(event: Event) -> bytes:
     data = event.encoded
     if data is None:
-        data = bytes(msgpack.packb(to_wire(event)))
+        data = pack(to_wire(event))
         object.__setattr__(event, "encoded", data)
     return data
 

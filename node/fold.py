@@ -296,19 +296,17 @@ def encode_state(state: EntityState) -> bytes:
         for name, ((hlc, origin, counter), value) in sorted(state.fields.items())
     }
     creates = [[d.origin, d.counter, hlc] for d, hlc in sorted(state.create_stamps.items())]
-    return bytes(
-        msgpack.packb(
-            [
-                VIEW_FORMAT,
-                existence,
-                fields,
-                None if state.floor is None else list(state.floor),
-                creates,
-                state.etag,
-                state.events,
-                state.updated_hlc,
-            ]
-        )
+    return crdt_codec.pack(
+        [
+            VIEW_FORMAT,
+            existence,
+            fields,
+            None if state.floor is None else list(state.floor),
+            creates,
+            state.etag,
+            state.events,
+            state.updated_hlc,
+        ]
     )
 
 

@@ -162,7 +162,7 @@ def entity_digest(stream: str, state: EntityState) -> int:
     )
     if not winners and not state.exists:
         return 0
-    return _hash(stream.encode(), msgpack.packb([state.exists, winners]))
+    return _hash(stream.encode(), crdt_codec.pack([state.exists, winners]))
 
 
 def digest(txn: ReadTxn) -> int:
