@@ -24,7 +24,8 @@ from crdt import Add, Dot, ORSet, Remove, VersionVector, Write
 from crdt import codec as crdt_codec
 from node.events import NO_DOTS, Event, Op, Value
 
-VIEW_FORMAT = 1
+# 2: the existence set is embedded as its encoded bytes (1: as its wire form, still read).
+VIEW_FORMAT = 2
 ENTITY = ""  # the single element of an existence set
 
 
@@ -200,8 +201,8 @@ class Folding:
             grown = dict(sorted(grown.items()))
         creates = self.creates
         derived: dict[tuple[str, str], Any] = {}
-        if self.existence is base.existence and EXISTENCE_WIRE in base.derived:
-            derived[EXISTENCE_WIRE] = base.derived[EXISTENCE_WIRE]  # most events leave it be
+        if self.existence is base.existence and EXISTENCE_BYTES in base.derived:
+            derived[EXISTENCE_BYTES] = base.derived[EXISTENCE_BYTES]  # most events leave it be
         return EntityState(
             existence=self.existence,
             fields=fields if grown is None else grown,
@@ -282,15 +283,17 @@ def fold_all(events: Iterable[Event]) -> tuple[EntityState, ORSet[str]]:
     return fold_many(EntityState(), held), members
 
 
-# The wire form of a state's existence set, kept with the state (see ``derived``): a
-# state folded from one with the same set, or decoded, does not make it again.
-EXISTENCE_WIRE = ("existence_wire", "")
+# A state's existence set encoded (``crdt.codec``), kept with the state (see ``derived``):
+# a state folded from one with the same set, or decoded, does not encode it again. Bytes,
+# one object the garbage collector never walks, where the set's wire form was seven lists
+# in every state the map of decoded states keeps.
+EXISTENCE_BYTES = ("existence_bytes", "")
 
 
 def encode_state(state: EntityState) -> bytes:
-    existence = state.derived.get(EXISTENCE_WIRE)
+    existence = state.derived.get(EXISTENCE_BYTES)
     if existence is None:
-        existence = state.derived[EXISTENCE_WIRE] = crdt_codec.to_wire(state.existence)
+        existence = state.derived[EXISTENCE_BYTES] = crdt_codec.encode(state.existence)
     fields = {
         name: [value, hlc, origin, counter]
         for name, ((hlc, origin, counter), value) in sorted(state.fields.items())
@@ -391,11 +394,12 @@ def decode_state(data: bytes) -> EntityState:
 def _decode_state(data: bytes) -> EntityState:
     try:
         version, existence, fields, floor, creates, etag, events, updated = msgpack.unpackb(data)
-        if version != VIEW_FORMAT:
+        if version == 1:  # the set's wire form, as views stored it before
+            existence = crdt_codec.pack(existence)
+        elif version != VIEW_FORMAT:
             raise CorruptView(f"view format {version!r}")
+        exists = crdt_codec.decode_as(existence, ORSet)
         registers = {name: _winner(wire) for name, wire in fields.items()}
-        exists = crdt_codec.from_wire(existence)
-        assert isinstance(exists, ORSet)
         return EntityState(
             existence=exists,
             fields=registers,
@@ -404,7 +408,7 @@ def _decode_state(data: bytes) -> EntityState:
             etag=etag,
             events=events,
             updated_hlc=updated,
-            derived={EXISTENCE_WIRE: existence},  # as encode_state made it: read, not changed
+            derived={EXISTENCE_BYTES: existence},  # as encode_state made it: read, not changed
         )
     except (ValueError, TypeError, AssertionError) as exc:
         raise CorruptView(str(exc)) from exc

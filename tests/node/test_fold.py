@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 
+import msgpack
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -13,7 +15,10 @@ from crdt import ORSet
 from node import events as ev
 from node.events import Event, Op
 from node.fold import (
+    VIEW_FORMAT,
+    CorruptView,
     EntityState,
+    _decode_state,
     decode_state,
     dot_hash,
     encode_state,
@@ -72,11 +77,29 @@ def test_folding_in_batches_equals_folding_one_at_a_time(
         assert list(state.fields) == sorted(state.fields)
         assert list(state.create_stamps) == sorted(state.create_stamps)
         assert decode_state(encode_state(state)) == state
-        # Folded on a base stored and read back (which keeps its existence set's wire form),
+        # Folded on a base stored and read back (which keeps its existence set encoded),
         # a state encodes to the bytes of the same state with nothing kept.
         reread = decode_state(encode_state(fold_many(EntityState(), shuffled[:cut])))
         fresh = dataclasses.replace(expected, derived={})
         assert encode_state(fold_many(reread, shuffled[cut:])) == encode_state(fresh)
+
+
+@settings(max_examples=EXAMPLES)
+@given(histories)
+def test_a_view_stored_in_format_1_reads_as_the_same_state(history: list[Step]) -> None:
+    # Format 1 embedded the existence set's wire form where format 2 embeds its bytes:
+    # a data directory written before reads the same, and is stored anew in format 2.
+    for events in by_stream(replay(history).events).values():
+        state = fold_many(EntityState(), events)
+        wire = msgpack.unpackb(encode_state(state))
+        assert wire[0] == VIEW_FORMAT == 2
+        assert isinstance(wire[1], bytes)
+        old = msgpack.packb([1, msgpack.unpackb(wire[1]), *wire[2:]])
+        reread = _decode_state(old)
+        assert reread == state
+        assert encode_state(reread) == encode_state(dataclasses.replace(state, derived={}))
+        with pytest.raises(CorruptView, match="view format 3"):
+            _decode_state(msgpack.packb([3, *wire[1:]]))
 
 
 @settings(max_examples=EXAMPLES)
