@@ -340,12 +340,12 @@ def _winner(wire: Any) -> Winner:
 DECODED_VIEWS_MAX = 8_192
 
 
+K = TypeVar("K", bytes, str)
 V = TypeVar("V")
 
 
-class BytesKeyed(Generic[V]):
-    """A bounded map from bytes to what they stand for, the oldest put out first: for
-    values derived from a stored view's bytes alone, so an entry is never stale.
+class Bounded(Generic[K, V]):
+    """A bounded map, the oldest put out first.
 
     A read is one dict lookup, without a lock (atomic under the GIL): every GET makes
     one. Puts come from the writer thread and the event loop, so they take the lock.
@@ -353,16 +353,16 @@ class BytesKeyed(Generic[V]):
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._values: OrderedDict[bytes, V] = OrderedDict()
+        self._values: OrderedDict[K, V] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, data: bytes) -> V | None:
-        return self._values.get(data)
+    def get(self, key: K) -> V | None:
+        return self._values.get(key)
 
-    def put(self, data: bytes, value: V) -> None:
+    def put(self, key: K, value: V) -> None:
         with self._lock:
             values = self._values
-            values[data] = value
+            values[key] = value
             if len(values) > self.size:
                 values.popitem(last=False)  # O(1); a plain dict's oldest key is O(deleted)
 
@@ -371,7 +371,8 @@ class BytesKeyed(Generic[V]):
             self._values.clear()
 
 
-_DECODED = BytesKeyed[EntityState](DECODED_VIEWS_MAX)
+# By the view's bytes: a state is derived from them alone, so an entry is never stale.
+_DECODED = Bounded[bytes, EntityState](DECODED_VIEWS_MAX)
 
 
 def remember_state(data: bytes, state: EntityState) -> None:
