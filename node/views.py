@@ -117,11 +117,6 @@ def _index_entries(stream: str, state: EntityState) -> dict[tuple[str, bytes], s
     return entries
 
 
-def _index_keys(stream: str, state: EntityState) -> set[tuple[str, bytes]]:
-    """Every index key this entity's state implies."""
-    return set(_index_entries(stream, state))
-
-
 def _refresh_conflict(txn: WriteTxn, db: str, index_key: bytes, value: str) -> None:
     value_prefix = index_key[: index_key.rindex(b"\0") + 1]
     holders = sorted(k[len(value_prefix) :].decode() for k, _ in txn.scan(db, prefix=value_prefix))
