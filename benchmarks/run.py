@@ -3,8 +3,8 @@
 Discovers every module of this package that exposes ``run(quick: bool) -> list[Row]``,
 runs them one after the other, each in a fresh interpreter (``--child``), prints each
 one's rows as it finishes and the whole table at the end, and writes
-``benchmarks/results.json``. ``--readme`` also puts the
-table into the "Performance" section of README.md (between its bench markers).
+``benchmarks/results.json``. ``--readme`` also puts the table into the "Performance"
+section of README.md (between its bench markers).
 
 Missed targets are reported, not failed: the exit status is non-zero only when a
 benchmark could not run.

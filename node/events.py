@@ -98,8 +98,8 @@ NO_DOTS: frozenset[Dot] = frozenset()
 
 
 # Origins, streams and field names that passed their checks: they repeat from one event
-# to the next, and a set lookup costs a fraction of a match (a batch of ingested events
-# checks fewer patterns than events). Each set is emptied when full.
+# to the next, and a set lookup costs a fraction of a pattern match. One set per kind of
+# name, so passing as one kind never lets a name pass as another; each emptied when full.
 _GOOD_ORIGINS: set[str] = set()
 _GOOD_STREAMS: set[str] = set()
 _GOOD_FIELDS: set[str] = set()
