@@ -26,6 +26,7 @@ def test_summary_agrees_with_a_set_of_dots(
     assert (probe in va) == (probe in a)
     assert set(va.add(probe).dots()) == a | {probe}
     assert set(va.merge(vb).dots()) == a | b
+    assert va.add_all(b) == va.merge(vb)  # the same summary, not only the same dots
     assert set(va.meet(vb).dots()) == a & b
     assert va.covers(vb) == (b <= a)
     assert ranges_to_dots(va.missing_from(vb)) == a - b
@@ -58,3 +59,15 @@ def test_contiguous_dots_compact_into_one_counter() -> None:
     vv = vv.add(Dot("eu", 2))
     assert (vv.contiguous("eu"), vv.origins["eu"].cloud) == (3, frozenset())
     assert vv.missing_from(VersionVector()) == {"eu": ((1, 3),)}
+
+
+@given(dot_sets, st.sampled_from(["eu", "us", "ap"]), st.integers(1, 30), st.integers(0, 30))
+def test_adding_a_run_of_counters_is_merging_it(
+    a: frozenset[Dot], origin: str, first: int, length: int
+) -> None:
+    # A peer's batch in order: a run of one origin's counters, with or without a gap
+    # after what is already here; add_all takes a shortcut for a run that has no gap.
+    run = [Dot(origin, c) for c in range(first, first + length)]
+    va = VersionVector.of(a)
+    assert va.add_all(run) == va.merge(VersionVector.of(run))
+    assert set(va.add_all(run).dots()) == a | set(run)
