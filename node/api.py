@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from multidict import istr
 
 from node import commands
@@ -35,10 +35,10 @@ STARTED = web.AppKey("started", float)
 ACTOR_CHARS_MAX = 128
 PAGE_ITEMS_DEFAULT = 50
 OPEN_PATHS = ("/health",)
-# Header names as multidict's case-insensitive strings, made once: a plain str is folded
-# anew each time one is looked up or set, on every request.
+# Header names as multidict's case-insensitive strings, made once (as aiohttp's ``hdrs``
+# are): a plain str is folded anew each time one is looked up or set, on every request.
 TOKEN_HEADER = istr("X-Consistency-Token")
-ETAG_HEADER = istr("ETag")
+ACTOR_HEADER = istr("X-Actor")
 MAYBE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
 
 
@@ -65,7 +65,7 @@ def _settings(request: web.Request) -> Settings:
 
 def _authenticate(request: web.Request, token: str) -> None:
     if request.path not in OPEN_PATHS and not request.path.startswith("/replication/"):
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        scheme, _, given = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
         # The scheme is case-insensitive (RFC 7235). Bytes that are not UTF-8 arrive as
         # lone surrogates: encode them back, never raise.
         if scheme.lower() != "bearer" or not hmac.compare_digest(
@@ -211,7 +211,7 @@ async def _body(request: web.Request) -> Any:
 
 
 def _actor(request: web.Request) -> str:
-    actor = request.headers.get("X-Actor", "api")
+    actor = request.headers.get(ACTOR_HEADER, "api")
     if len(actor) > ACTOR_CHARS_MAX:
         fail(400, "bad_header", f"X-Actor is at most {ACTOR_CHARS_MAX} characters")
     try:  # bytes that are not UTF-8 arrive as lone surrogates, which cannot be stored
@@ -261,7 +261,7 @@ def _entity_response(
     return _json_bytes(
         _entity_body(kind, entity_id, state),
         status=status,
-        headers={ETAG_HEADER: _etag(state), **(headers or {})},
+        headers={hdrs.ETAG: _etag(state), **(headers or {})},
     )
 
 
@@ -362,12 +362,12 @@ def get_handler(kind: str, replica: Replica) -> Handler:
             if not state.exists:
                 fail(404, "not_found", f"no {kind} {entity_id!r} at that time")
             then = {**_entity_json(kind, entity_id, state), "as_of": request.query["at"]}
-            return _json(then, headers={ETAG_HEADER: etag_of(state.etag)})
+            return _json(then, headers={hdrs.ETAG: etag_of(state.etag)})
         etag, body = _rendered(replica, kind, entity_id)
-        if_none_match = request.headers.get("If-None-Match")
+        if_none_match = request.headers.get(hdrs.IF_NONE_MATCH)
         if if_none_match is not None and (etag in if_none_match or if_none_match.strip() == "*"):
-            return web.Response(status=304, headers={ETAG_HEADER: etag})
-        return _json_bytes(body, headers={ETAG_HEADER: etag})
+            return web.Response(status=304, headers={hdrs.ETAG: etag})
+        return _json_bytes(body, headers={hdrs.ETAG: etag})
 
     return handle
 
@@ -376,7 +376,7 @@ def patch_handler(kind: str, replica: Replica) -> Handler:
     async def handle(request: web.Request) -> web.Response:
         entity_id = _id(request)
         _, writes = parse_fields(kind, await _body(request), creating=False)
-        decide = commands.patch(kind, entity_id, writes, request.headers.get("If-Match"))
+        decide = commands.patch(kind, entity_id, writes, request.headers.get(hdrs.IF_MATCH))
         written = await replica.write(decide, actor=_actor(request))
         state = replica.entity(kind, entity_id)
         return _entity_response(kind, entity_id, state, headers=_write_token(replica, written))
@@ -387,7 +387,7 @@ def patch_handler(kind: str, replica: Replica) -> Handler:
 def delete_handler(kind: str, replica: Replica) -> Handler:
     async def handle(request: web.Request) -> web.Response:
         entity_id = _id(request)
-        decide = commands.delete(kind, entity_id, request.headers.get("If-Match"))
+        decide = commands.delete(kind, entity_id, request.headers.get(hdrs.IF_MATCH))
         written = await replica.write(decide, actor=_actor(request))
         return web.Response(status=204, headers=_write_token(replica, written))
 
