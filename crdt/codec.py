@@ -41,7 +41,9 @@ _PACKERS = threading.local()
 
 def pack(obj: object) -> bytes:
     """``msgpack.packb(obj)`` with a Packer kept per thread: ``packb`` makes a Packer, and
-    its 256 KiB buffer, for every call (a third of what packing one event costs)."""
+    its 256 KiB buffer, for every call (a third of what packing one event costs). For
+    small values (events, views, tokens): the kept Packer keeps the largest buffer it
+    grew, so a replication body (up to megabytes) is packed with ``packb``."""
     packer: msgpack.Packer | None = getattr(_PACKERS, "packer", None)
     if packer is None:
         packer = _PACKERS.packer = msgpack.Packer()

@@ -14,6 +14,7 @@ import binascii
 import msgpack
 
 from crdt import VersionVector
+from crdt.codec import pack
 
 TOKEN_VERSION = 1
 TOKEN_CHARS_MAX = 4_096
@@ -32,7 +33,7 @@ def token_of(summary: VersionVector) -> Token:
 
 def encode_token(token: Token) -> str:
     wire = [TOKEN_VERSION, sorted([origin, counter] for origin, counter in token.items())]
-    return base64.urlsafe_b64encode(msgpack.packb(wire)).rstrip(b"=").decode()
+    return base64.urlsafe_b64encode(pack(wire)).rstrip(b"=").decode()
 
 
 def decode_token(text: str) -> Token:

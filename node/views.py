@@ -123,7 +123,7 @@ def _refresh_conflict(txn: WriteTxn, db: str, index_key: bytes, value: str) -> N
     field = "email" if db == "idx_email" else "username"
     key = field.encode() + b"\0" + value_prefix[:-1]
     if len(holders) > 1:
-        txn.put("conflicts", key, msgpack.packb([value, holders]))
+        txn.put("conflicts", key, crdt_codec.pack([value, holders]))
     else:
         txn.delete("conflicts", key)
 
