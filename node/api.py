@@ -276,9 +276,10 @@ RENDERED_ENTITIES_MAX = 8_192
 _RENDERED = Bounded[str, tuple[bytes, str, bytes]](RENDERED_ENTITIES_MAX)
 
 
-def _rendered(replica: Replica, kind: str, entity_id: str) -> tuple[str, bytes]:
-    """The entity's ETag and JSON body, or a 404 if it does not exist."""
-    rendered = _rendered_view(kind, entity_id, replica.entity_view(stream_of(kind, entity_id)))
+def _rendered(kind: str, entity_id: str, raw: bytes | None) -> tuple[str, bytes]:
+    """The ETag and JSON body of the entity whose stored view is ``raw``, or a 404 if it
+    does not exist."""
+    rendered = _rendered_view(kind, entity_id, raw)
     if rendered is None:
         fail(404, "not_found", f"no {kind} {entity_id!r}")
     return rendered
@@ -355,19 +356,34 @@ def _new_id() -> str:
 
 
 def get_handler(kind: str, replica: Replica) -> Handler:
+    # The hottest route: what its requests call is bound here, once. In a serving
+    # process each Python call a request makes shows in its time (a GET by id made 14:
+    # 49-54 against 59-60 us of CPU a request under wrk, with 5,000 users).
+    prefix = stream_of(kind, "")
+    read_view = replica.kv.getter("views")  # by the stream's bytes, as views.stored_view
+    rendered = _RENDERED.get
+
     async def handle(request: web.Request) -> web.Response:
-        entity_id = _id(request)
+        entity_id = request.match_info["id"]
+        if not ENTITY_ID_RE.fullmatch(entity_id):  # _id, without its call
+            fail(404, "not_found", "no such id")
         if request.query_string and "at" in request.query:
             state, _ = replica.entity_at(kind, entity_id, _parse_at(request.query["at"]))
             if not state.exists:
                 fail(404, "not_found", f"no {kind} {entity_id!r} at that time")
             then = {**_entity_json(kind, entity_id, state), "as_of": request.query["at"]}
             return _json(then, headers={hdrs.ETAG: etag_of(state.etag)})
-        etag, body = _rendered(replica, kind, entity_id)
+        stream = prefix + entity_id
+        raw = read_view(stream.encode())
+        hit = rendered(stream)
+        if hit is not None and hit[0] == raw:  # as _rendered_view, without the call
+            etag, body = hit[1], hit[2]
+        else:
+            etag, body = _rendered(kind, entity_id, raw)
         if_none_match = request.headers.get(hdrs.IF_NONE_MATCH)
         if if_none_match is not None and (etag in if_none_match or if_none_match.strip() == "*"):
             return web.Response(status=304, headers={hdrs.ETAG: etag})
-        return _json_bytes(body, headers={hdrs.ETAG: etag})
+        return web.Response(body=body, content_type="application/json", headers={hdrs.ETAG: etag})
 
     return handle
 

@@ -113,6 +113,21 @@ class _Reading:
         self._txn.abort()  # a read-only transaction has nothing to commit
 
 
+def _getter(env: Any, handle: Any) -> Callable[[bytes], bytes | None]:
+    """A read of one key of one table, in a read transaction of its own."""
+    begin = env.begin
+
+    def get(key: bytes) -> bytes | None:
+        txn = begin(buffers=False)
+        try:
+            value: bytes | None = txn.get(key, db=handle)
+        finally:
+            txn.abort()
+        return value
+
+    return get
+
+
 class LmdbKV:
     def __init__(
         self,
@@ -144,6 +159,7 @@ class LmdbKV:
         self.env.reader_check()  # free slots of readers that died (kill -9) holding them
         with self.env.begin(write=True) as txn:
             self._dbs = {name: self.env.open_db(name.encode(), txn=txn) for name in DATABASES}
+        self._getters = {name: _getter(self.env, handle) for name, handle in self._dbs.items()}
 
     @property
     def map_bytes(self) -> int:
@@ -153,12 +169,10 @@ class LmdbKV:
         return _Reading(self.env, self._dbs)
 
     def get(self, db: str, key: bytes) -> bytes | None:
-        txn = self.env.begin(buffers=False)
-        try:
-            value: bytes | None = txn.get(key, db=self._dbs[db])
-        finally:
-            txn.abort()
-        return value
+        return self._getters[db](key)
+
+    def getter(self, db: str) -> Callable[[bytes], bytes | None]:
+        return self._getters[db]
 
     def write(self, work: Callable[[WriteTxn], T]) -> T:
         for _ in range(MAP_GROWTHS_PER_WRITE_MAX):

@@ -152,7 +152,7 @@ class Replica:
 
     def token_text(self) -> str:
         """``token()`` encoded, as every response carries it; computed once per commit."""
-        summary = self.summary
+        summary = self.writer.committed.summary  # self.summary, without its call
         cached = self._token_text
         if cached is None or cached[0] is not summary:
             cached = self._token_text = (summary, encode_token(token_of(summary)))
@@ -275,12 +275,8 @@ class Replica:
     def entity(self, kind: str, entity_id: str) -> EntityState:
         return views.stored_entity(self.kv.get, stream_of(kind, entity_id))
 
-    def entity_view(self, stream: str) -> bytes | None:
-        """An entity's stored view, undecoded: what whatever is derived from it is keyed by."""
-        return views.stored_view(self.kv.get, stream)
-
     def entity_views(self, kind: str, entity_ids: Iterable[str]) -> list[bytes | None]:
-        """Several entities' stored views, undecoded (as ``entity_view``), read in one
+        """Several entities' stored views, undecoded (as ``views.stored_view``), read in one
         transaction (one snapshot)."""
         with self.kv.read() as txn:
             get = txn.get
@@ -325,7 +321,7 @@ class Replica:
 
     def look_up_views(self, field: str, value: str) -> list[tuple[str, bytes | None]]:
         """The users holding ``value`` in a unique field and their stored views, undecoded
-        (as ``entity_view``), in one snapshot."""
+        (as ``views.stored_view``), in one snapshot."""
         with self.kv.read() as txn:
             get = txn.get
             return [

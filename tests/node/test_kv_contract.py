@@ -89,6 +89,16 @@ class KVContract:
         kv.write(lambda txn: txn.delete("views", b"homer"))
         assert kv.get("views", b"homer") is None
 
+    def test_a_getter_made_once_reads_the_last_commit_of_its_table(self, kv: KV) -> None:
+        views, members = kv.getter("views"), kv.getter("members")
+        assert views(b"homer") is None
+        kv.write(lambda txn: txn.put("views", b"homer", b"simpson"))
+        assert (views(b"homer"), members(b"homer")) == (b"simpson", None)
+        kv.write(lambda txn: txn.put("views", b"homer", b"j. simpson"))
+        assert views(b"homer") == b"j. simpson"
+        kv.write(lambda txn: txn.delete("views", b"homer"))
+        assert views(b"homer") is None
+
     def test_write_returns_what_its_function_returns_and_sees_its_own_puts(self, kv: KV) -> None:
         def work(txn: WriteTxn) -> bytes | None:
             txn.put("meta", b"k", b"v")
