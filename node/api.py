@@ -421,27 +421,31 @@ def history_handler(kind: str) -> Handler:
     return handle
 
 
-async def list_users(request: web.Request) -> web.Response:
-    replica = _replica(request)
-    params = request.query
-    for field in ("email", "username"):  # a unique field: one page, no cursor
-        value = params.get(field)
-        if value is not None:
-            if "limit" in params or "cursor" in params:  # ignored here, but refused if malformed
-                _limit(request)
-                _cursor(request)
-            return _users_page(_user_bodies(replica.look_up_views(field, value)), None)
-    limit, after = _limit(request), _cursor(request)
-    if "q" in params:
-        query = params["q"]
-        if len(query) > 200:
-            fail(400, "bad_query", "q is at most 200 characters")
-        ids = replica.search(query, after=after, limit=limit)
-    else:
-        ids = replica.entity_ids("user", after=after, limit=limit)
-    cursor = ids[-1] if len(ids) == limit else None
-    views = zip(ids, replica.entity_views("user", ids), strict=True)
-    return _users_page(_user_bodies(views), cursor)
+def list_users_handler(replica: Replica) -> Handler:
+    async def handle(request: web.Request) -> web.Response:
+        params = request.query
+        for field in ("email", "username"):  # a unique field: one page, no cursor
+            value = params.get(field)
+            if value is not None:
+                if (
+                    "limit" in params or "cursor" in params
+                ):  # ignored here, but refused if malformed
+                    _limit(request)
+                    _cursor(request)
+                return _users_page(_user_bodies(replica.look_up_views(field, value)), None)
+        limit, after = _limit(request), _cursor(request)
+        if "q" in params:
+            query = params["q"]
+            if len(query) > 200:
+                fail(400, "bad_query", "q is at most 200 characters")
+            ids = replica.search(query, after=after, limit=limit)
+        else:
+            ids = replica.entity_ids("user", after=after, limit=limit)
+        cursor = ids[-1] if len(ids) == limit else None
+        views = zip(ids, replica.entity_views("user", ids), strict=True)
+        return _users_page(_user_bodies(views), cursor)
+
+    return handle
 
 
 def _user_bodies(views: Iterable[tuple[str, bytes | None]]) -> list[bytes]:
@@ -458,7 +462,8 @@ def _users_page(bodies: list[bytes], cursor: str | None) -> web.Response:
     """``{"users": [...], "next_cursor": ...}``, joined from each user's rendered JSON."""
     users = b", ".join(bodies)
     tail = b"null" if cursor is None else json.dumps(cursor).encode()
-    return _json_bytes(b'{"users": [' + users + b'], "next_cursor": ' + tail + b"}")
+    body = b'{"users": [' + users + b'], "next_cursor": ' + tail + b"}"
+    return web.Response(body=body, content_type="application/json")
 
 
 async def user_groups(request: web.Request) -> web.Response:
@@ -591,7 +596,7 @@ def build_app(replica: Replica, settings: Settings) -> web.Application:
         base = f"/{kind}s"
         routes += [
             ("POST", base, create_handler(kind, replica)),
-            *([("GET", "/users", list_users)] if kind == "user" else []),  # one resource
+            *([("GET", "/users", list_users_handler(replica))] if kind == "user" else []),
             ("GET", base + "/{id}", get_handler(kind, replica)),
             ("PATCH", base + "/{id}", patch_handler(kind, replica)),
             ("DELETE", base + "/{id}", delete_handler(kind, replica)),

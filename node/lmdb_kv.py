@@ -33,6 +33,8 @@ class DataDirBusy(RuntimeError):
 
 
 class _LmdbTxn:
+    __slots__ = ("_dbs", "_txn")
+
     def __init__(self, txn: Any, dbs: dict[str, Any]) -> None:
         self._txn = txn
         self._dbs = dbs
@@ -96,18 +98,18 @@ class _LmdbTxn:
         self._txn.drop(self._dbs[db], delete=False)
 
 
-class _Reading:
-    """A read transaction as a context manager: a class, not a generator, because every
-    GET opens one."""
+class _Reading(_LmdbTxn):
+    """A read transaction, begun as a context manager is entered: a class, not a
+    generator, because every GET opens one, and itself the transaction it reads in."""
 
-    __slots__ = ("_dbs", "_env", "_txn")
+    __slots__ = ("_env",)
 
     def __init__(self, env: Any, dbs: dict[str, Any]) -> None:
         self._env, self._dbs = env, dbs
 
     def __enter__(self) -> ReadTxn:
         self._txn = self._env.begin(buffers=False)
-        return _LmdbTxn(self._txn, self._dbs)
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self._txn.abort()  # a read-only transaction has nothing to commit
