@@ -23,8 +23,10 @@ DATABASES = (
     "views",  # stream -> folded entity state
     "members",  # group \0 user -> the member's OR-set slice
     "user_groups",  # user \0 group -> b"": a user's groups
-    "idx_email",  # casefolded email \0 user -> b""
-    "idx_username",  # casefolded username \0 user -> b""
+    "unique_email",  # casefolded email -> the ids holding it, sorted, \0 between
+    "unique_username",  # casefolded username -> the ids holding it, sorted, \0 between
+    "idx_email",  # before: casefolded email \0 user -> b"" (converted at open, then empty)
+    "idx_username",  # before: casefolded username \0 user -> b"" (likewise)
     "idx_search",  # token \0 user -> b""
     "conflicts",  # field \0 value -> ids claiming it after a merge
     "meta",  # replica id, region, counters, summary, schema version
@@ -46,11 +48,6 @@ class ReadTxn(Protocol):
         self, db: str, *, prefix: bytes = b"", start: bytes | None = None, reverse: bool = False
     ) -> Iterator[tuple[bytes, bytes]]:
         """Keys with ``prefix`` in order (from ``start`` inclusive), or backwards from the end."""
-        ...
-
-    def keys(self, db: str, prefix: bytes) -> list[bytes]:
-        """Every key with ``prefix``, in order: ``scan``'s keys as a list, for a prefix that
-        holds few (a unique index's value), read without a generator in between."""
         ...
 
 
@@ -116,9 +113,6 @@ class _MemoryTxn:
             if not key.startswith(prefix):
                 return
             yield key, table[key]
-
-    def keys(self, db: str, prefix: bytes) -> list[bytes]:
-        return [key for key, _ in self.scan(db, prefix=prefix)]
 
     def put(self, db: str, key: bytes, value: bytes) -> None:
         self.dbs[db][bytes(key)] = bytes(value)

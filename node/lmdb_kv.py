@@ -63,21 +63,6 @@ class _LmdbTxn:
                     return
                 yield key, value
 
-    def keys(self, db: str, prefix: bytes) -> list[bytes]:
-        # Stepped by hand: in a serving process, scan's generator and py-lmdb's iterator
-        # cost a lookup by email more than the B-tree does (measured under wrk).
-        cursor = self._txn.cursor(db=self._dbs[db])
-        found: list[bytes] = []
-        placed = cursor.set_range(prefix)
-        while placed:
-            key: bytes = cursor.key()
-            if not key.startswith(prefix):
-                break
-            found.append(key)
-            placed = cursor.next()
-        cursor.close()
-        return found
-
     def put(self, db: str, key: bytes, value: bytes) -> None:
         self._txn.put(key, value, db=self._dbs[db])
 

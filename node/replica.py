@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -62,6 +63,9 @@ class At:
         return event.dot.counter <= self.token.get(event.dot.origin, 0)
 
 
+logger = logging.getLogger(__name__)
+
+
 @dataclass
 class Metrics:
     writes: int = 0
@@ -90,6 +94,10 @@ class Replica:
         )
         with kv.read() as txn:
             state = log.load_state(txn, self.identity)
+            legacy = views.has_legacy_indexes(txn)
+        if legacy:
+            moved = kv.write(views.convert_legacy_indexes)
+            logger.info("unique indexes converted to this version's form: %d holders", moved)
         self.clock = HybridLogicalClock(now_ms, max_drift_ms=max_drift_ms, last=state.hlc)
         self.metrics = Metrics()
         self._token_text: tuple[VersionVector, str] | None = None

@@ -4,7 +4,9 @@ Each entity's folded state lives under its stream; each group member's OR-set sl
 under its own key, so adding one member to a huge group costs one key. Indexes are a
 function of state: after each fold the keys the old state implied and the new one
 implies are compared and only the difference is written, so incremental views equal
-views rebuilt from scratch. Uniqueness conflicts (one email held by two users after
+views rebuilt from scratch. A unique field's index holds each value once, with the ids
+of its holders (sorted, ``\0`` between), so that a lookup is one get and the two holders
+a merge can leave are both found. Uniqueness conflicts (one email held by two users after
 regions merged) are kept in ``conflicts``, also derived from the indexes.
 """
 
@@ -13,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable, Iterator
-from itertools import chain
+from itertools import groupby
 from typing import Any, TypeVar
 
 import msgpack
@@ -37,7 +39,10 @@ from node.schema import UNIQUE_FIELDS, index_value
 
 T = TypeVar("T")
 TOKEN_RE = re.compile(r"[^\W_]+")
-INDEX_DBS = {"email": "idx_email", "username": "idx_username"}
+INDEX_DBS = {"email": "unique_email", "username": "unique_username"}
+FIELD_OF_INDEX = {db: field for field, db in INDEX_DBS.items()}
+# The unique indexes of data directories written before: one key per holder (value \0 id).
+LEGACY_INDEX_DBS = {"email": "idx_email", "username": "idx_username"}
 SEARCH_SCAN_KEYS_MAX = 20_000
 SEARCHED_FIELDS = ("name", "username", "email")
 INDEXED_FIELDS = tuple(dict.fromkeys((*SEARCHED_FIELDS, *UNIQUE_FIELDS)))
@@ -100,8 +105,9 @@ def search_part(token: str) -> bytes:
 
 
 def _index_entries(stream: str, state: EntityState) -> dict[tuple[str, bytes], str | None]:
-    """Every index key this entity's state implies, each unique-field key with the
-    (casefolded) value it holds, each search key with None."""
+    """Every index key this entity's state implies: each search key (token \0 id) with
+    None, and the key of each unique value it holds (among whose holders it is) with that
+    value, casefolded."""
     kind, _, entity_id = stream.partition("/")
     if kind != "user" or not state.exists:
         return {}
@@ -113,36 +119,70 @@ def _index_entries(stream: str, state: EntityState) -> dict[tuple[str, bytes], s
         value = state.value(field)
         if value:
             folded = index_value(field, value)
-            entries[(INDEX_DBS[field], index_part(folded) + suffix)] = folded
+            entries[(INDEX_DBS[field], index_part(folded))] = folded
     return entries
 
 
-def _refresh_conflict(txn: WriteTxn, db: str, index_key: bytes, value: str) -> None:
-    value_prefix = index_key[: index_key.rindex(b"\0") + 1]
-    holders = sorted(k[len(value_prefix) :].decode() for k, _ in txn.scan(db, prefix=value_prefix))
-    field = "email" if db == "idx_email" else "username"
-    key = field.encode() + b"\0" + value_prefix[:-1]
-    if len(holders) > 1:
-        txn.put("conflicts", key, crdt_codec.pack([value, holders]))
+def _holders(raw: bytes | None) -> list[str]:
+    """The ids a unique index holds under one value."""
+    return [] if raw is None else raw.decode().split("\0")
+
+
+def _move_holder(txn: WriteTxn, db: str, key: bytes, holder: str, *, holds: bool) -> list[str]:
+    """Add ``holder`` to the holders of a unique value, or take it away; return them."""
+    held = _holders(txn.get(db, key))
+    holders = sorted({*held, holder}) if holds else [h for h in held if h != holder]
+    if holders:
+        txn.put(db, key, "\0".join(holders).encode())
     else:
-        txn.delete("conflicts", key)
+        txn.delete(db, key)
+    return holders
+
+
+def _refresh_conflict(txn: WriteTxn, db: str, key: bytes, value: str, holders: list[str]) -> None:
+    conflict_key = FIELD_OF_INDEX[db].encode() + b"\0" + key
+    if len(holders) > 1:
+        txn.put("conflicts", conflict_key, crdt_codec.pack([value, holders]))
+    else:
+        txn.delete("conflicts", conflict_key)
 
 
 def find_conflicts(txn: WriteTxn) -> None:
     """Record every uniqueness conflict the unique indexes hold, in one pass over them
     (a rebuild, whose ``Pending`` skips the check key by key)."""
     for field, db in INDEX_DBS.items():
-        value_prefix, last_key, holders = b"", b"", 0
-        for index_key, _ in chain(txn.scan(db), [(b"", b"")]):  # a sentinel ends the last run
-            prefix = index_key[: index_key.rfind(b"\0") + 1]
-            if prefix != value_prefix or not index_key:
-                if holders > 1:
-                    holder = last_key[len(value_prefix) :].decode()
-                    value = entity(txn, stream_of("user", holder)).value(field)
-                    assert value is not None, "an index key's holder holds its value"
-                    _refresh_conflict(txn, db, last_key, index_value(field, value))
-                value_prefix, holders = prefix, 0
-            last_key, holders = index_key, holders + 1
+        for key, raw in txn.scan(db):
+            holders = _holders(raw)
+            if len(holders) > 1:
+                value = entity(txn, stream_of("user", holders[0])).value(field)
+                assert value is not None, "a unique value's holder holds it"
+                _refresh_conflict(txn, db, key, index_value(field, value), holders)
+
+
+def has_legacy_indexes(txn: ReadTxn) -> bool:
+    """Whether this data directory's unique indexes are in the form of an older version."""
+    return any(next(txn.scan(db), None) is not None for db in LEGACY_INDEX_DBS.values())
+
+
+def convert_legacy_indexes(txn: WriteTxn) -> int:
+    """Make the unique indexes anew from those of an older version (``LEGACY_INDEX_DBS``,
+    one key per holder), empty these, and return how many holders moved.
+
+    When they hold anything they are what this directory's views were last indexed in
+    (by an older version, maybe after a downgrade and ``rebuild-views``). Conflicts stay
+    as they are: both forms record the same ones, under the same keys.
+    """
+    moved = 0
+    for field, legacy in LEGACY_INDEX_DBS.items():
+        db = INDEX_DBS[field]
+        txn.clear(db)
+        # Keys come sorted: the holders of one value are next to each other.
+        for key, group in groupby(txn.scan(legacy), key=lambda item: item[0].rpartition(b"\0")[0]):
+            holders = sorted(legacy_key.rpartition(b"\0")[2].decode() for legacy_key, _ in group)
+            txn.put(db, key, "\0".join(holders).encode())
+            moved += len(holders)
+        txn.clear(legacy)
+    return moved
 
 
 def _hash(*parts: bytes) -> int:
@@ -322,10 +362,6 @@ class PendingReads:
         self._settle(db)
         return self.txn.scan(db, prefix=prefix, start=start, reverse=reverse)
 
-    def keys(self, db: str, prefix: bytes) -> list[bytes]:
-        self._settle(db)
-        return self.txn.keys(db, prefix)
-
     def _settle(self, db: str) -> None:
         if db in DEFERRED_DBS and self.pending.states:
             self.pending.flush(self.txn)
@@ -354,17 +390,20 @@ def _reindex(
     if _indexed(stream, old) == _indexed(stream, new):
         return
     before, after = _derived(_index_entries, stream, old), _derived(_index_entries, stream, new)
-    gone, came = before.keys() - after.keys(), after.keys() - before.keys()
-    for db, index_key in gone:
-        txn.delete(db, index_key)
-    for db, index_key in came:
-        txn.put(db, index_key, b"")
-    if not conflicts:
-        return
-    for db, index_key in gone | came:
-        value = before.get((db, index_key)) or after.get((db, index_key))
-        if value is not None:  # a unique field's key: who holds that value changed
-            _refresh_conflict(txn, db, index_key, value)
+    holder = stream.partition("/")[2]
+    for entries, others, holds in ((before, after, False), (after, before, True)):
+        for (db, key), value in entries.items():
+            if (db, key) in others:
+                continue
+            if value is None:  # a search key
+                if holds:
+                    txn.put(db, key, b"")
+                else:
+                    txn.delete(db, key)
+                continue
+            holders = _move_holder(txn, db, key, holder, holds=holds)
+            if conflicts:  # who holds that value changed
+                _refresh_conflict(txn, db, key, value, holders)
 
 
 def _refresh_membership(txn: WriteTxn, group_id: str, user_id: str, present: bool) -> None:
@@ -392,8 +431,7 @@ def groups_of(txn: ReadTxn, user_id: str) -> list[str]:
 
 def lookup(txn: ReadTxn, field: str, value: str) -> list[str]:
     """The ids of users holding ``value`` in a unique field (more than one: a conflict)."""
-    prefix = index_part(index_value(field, value)) + b"\0"
-    return [key[len(prefix) :].decode() for key in txn.keys(INDEX_DBS[field], prefix)]
+    return _holders(txn.get(INDEX_DBS[field], index_part(index_value(field, value))))
 
 
 def search(txn: ReadTxn, query: str, *, after: str, limit: int) -> list[str]:
@@ -455,5 +493,6 @@ def compact(
 
 def clear(txn: WriteTxn) -> None:
     txn.delete("meta", b"digest")
-    for db in ("views", "members", "user_groups", "conflicts", *INDEX_DBS.values(), "idx_search"):
+    tables = ("views", "members", "user_groups", "conflicts", "idx_search")
+    for db in (*tables, *INDEX_DBS.values(), *LEGACY_INDEX_DBS.values()):
         txn.clear(db)

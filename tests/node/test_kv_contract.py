@@ -164,32 +164,6 @@ class KVContract:
             got = scanned(txn, "idx_search", prefix, start, reverse)
         assert got == expected_scan(stored, prefix, start, reverse)
 
-    @pytest.mark.parametrize("prefix", [b"", b"a", b"a\x00", b"a\xff", b"a\xff\xff", b"\xff", b"c"])
-    def test_keys_are_the_keys_a_scan_of_the_prefix_finds(self, kv: KV, prefix: bytes) -> None:
-        with kv.read() as txn:
-            assert txn.keys("views", prefix) == []
-        stored = set(EDGE_KEYS)
-        put_all(kv, "views", stored)
-        with kv.read() as txn:
-            assert txn.keys("views", prefix) == expected_scan(stored, prefix, None, False)
-        # and in a write transaction, which sees what it has put
-        assert kv.write(lambda txn: txn.keys("views", prefix)) == expected_scan(
-            stored, prefix, None, False
-        )
-
-    @settings(
-        max_examples=100,
-        suppress_health_check=[
-            HealthCheck.function_scoped_fixture,
-            HealthCheck.differing_executors,
-        ],
-    )
-    @given(stored=st.sets(keys, max_size=12), prefix=prefixes)
-    def test_keys_agree_with_the_model(self, kv: KV, stored: set[bytes], prefix: bytes) -> None:
-        put_all(kv, "idx_email", stored)
-        with kv.read() as txn:
-            assert txn.keys("idx_email", prefix) == expected_scan(stored, prefix, None, False)
-
     def test_reverse_scan_finds_keys_with_long_runs_of_0xff_after_the_prefix(self, kv: KV) -> None:
         # Found writing this contract: MemoryKV stopped at prefix + 64 * 0xff, LMDB did not.
         stored = {b"a" + b"\xff" * 64 + b"\x01", b"a" + b"\xff" * 100, b"a", b"b"}

@@ -12,7 +12,7 @@ import pytest
 
 from crdt import Dot
 from crdt.clock import make_stamp
-from node import commands
+from node import commands, views
 from node.events import Event, Op
 from node.kv import KV, WriteTxn
 from node.lmdb_kv import LmdbKV
@@ -21,8 +21,9 @@ from node.replica import Replica
 from node.writer import Decide
 
 NOW_MS = 1_700_000_000_000
-VIEW_DBS = ("views", "members", "user_groups", "idx_email", "idx_username", "idx_search")
-ALL_DBS = (*VIEW_DBS, "conflicts", "events", "dots", "streams", "meta")
+VIEW_DBS = ("views", "members", "user_groups", "unique_email", "unique_username", "idx_search")
+LEGACY_DBS = tuple(views.LEGACY_INDEX_DBS.values())
+ALL_DBS = (*VIEW_DBS, *LEGACY_DBS, "conflicts", "events", "dots", "streams", "meta")
 
 
 async def populate(replica: Replica) -> None:
@@ -93,6 +94,45 @@ def test_lost_views_come_back_from_the_log(data_dir: Path) -> None:
 
     kv: KV = LmdbKV(data_dir)
     kv.write(lose)
+    kv.close()
+    assert rebuild_views(data_dir) == 0
+    assert dump(data_dir) == before
+
+
+def to_legacy_form(txn: WriteTxn) -> None:
+    """Leave the unique indexes as an older version wrote them (value \0 id -> b""), with
+    a stale entry of today's form, as a downgrade with ``rebuild-views`` would."""
+    for field, db in views.INDEX_DBS.items():
+        legacy = views.LEGACY_INDEX_DBS[field]
+        for key, raw in list(txn.scan(db)):
+            for holder in raw.decode().split("\0"):
+                txn.put(legacy, key + b"\0" + holder.encode(), b"")
+        txn.clear(db)
+    txn.put("unique_email", b"bart@x.us", b"bart")
+
+
+def test_unique_indexes_of_an_older_version_are_converted_at_open(data_dir: Path) -> None:
+    before = dump(data_dir)
+    kv: KV = LmdbKV(data_dir)
+    kv.write(to_legacy_form)
+    kv.close()
+    replica = Replica.open(data_dir, "eu", now_ms=lambda: NOW_MS)
+    try:
+        assert [u for u, _ in replica.look_up_views("email", "Homer@x.us")] == ["homer", "homer2"]
+        assert [u for u, _ in replica.look_up_views("username", "marge")] == ["marge"]
+        assert replica.look_up_views("email", "bart@x.us") == []
+        assert replica.conflicts() == [("email", "homer@x.us", ["homer", "homer2"])]
+    finally:
+        replica.close()
+    after = dump(data_dir)
+    for db in (*VIEW_DBS, *LEGACY_DBS, "conflicts"):
+        assert after[db] == before[db], db
+
+
+def test_a_rebuild_of_a_directory_of_an_older_version_empties_its_indexes(data_dir: Path) -> None:
+    before = dump(data_dir)
+    kv: KV = LmdbKV(data_dir)
+    kv.write(to_legacy_form)
     kv.close()
     assert rebuild_views(data_dir) == 0
     assert dump(data_dir) == before

@@ -40,8 +40,8 @@ VIEW_DBS = (
     "views",
     "members",
     "user_groups",
-    "idx_email",
-    "idx_username",
+    "unique_email",
+    "unique_username",
     "idx_search",
     "conflicts",
 )

@@ -38,7 +38,7 @@ NOW_MS = 1_700_000_000_000
 SYNC_ROUNDS_MAX = 8
 SETTLE_WAIT_S_MAX = 20.0
 # Databases that hold the query views; the log's own tables are compared by summary.
-INDEX_DBS = ("user_groups", "idx_email", "idx_username", "idx_search")
+INDEX_DBS = ("user_groups", "unique_email", "unique_username", "idx_search")
 
 
 @dataclass
@@ -326,7 +326,10 @@ class Cluster:
                     members.setdefault(group_id, {})[user_id] = sorted(str(d) for d in dots)
             for group_id, live in members.items():
                 assert sorted(live) == list(views.members(txn, group_id)), "members() disagrees"
-            indexes = {db: [k.decode() for k, _ in txn.scan(db)] for db in INDEX_DBS}
+            indexes = {  # keys, and the holders under a unique value's key
+                db: [(k + b" -> " + v if v else k).decode() for k, v in txn.scan(db)]
+                for db in INDEX_DBS
+            }
             conflicts = sorted(views.conflicts(txn))
         return {
             "entities": entities,
