@@ -427,9 +427,8 @@ def list_users_handler(replica: Replica) -> Handler:
         for field in ("email", "username"):  # a unique field: one page, no cursor
             value = params.get(field)
             if value is not None:
-                if (
-                    "limit" in params or "cursor" in params
-                ):  # ignored here, but refused if malformed
+                # limit and cursor are ignored here, but refused if malformed
+                if "limit" in params or "cursor" in params:
                     _limit(request)
                     _cursor(request)
                 return _users_page(_user_bodies(replica.look_up_views(field, value)), None)

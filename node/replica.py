@@ -331,9 +331,11 @@ class Replica:
         """The users holding ``value`` in a unique field and their stored views, undecoded
         (as ``views.stored_view``), in one snapshot."""
         with self.kv.read() as txn:
-            holders = views.lookup(txn, field, value)
-            # views.stored_view without its calls: the read behind every login by email
-            return [(user_id, txn.get("views", f"user/{user_id}".encode())) for user_id in holders]
+            get = txn.get
+            return [
+                (user_id, views.stored_view(get, stream_of("user", user_id)))
+                for user_id in views.lookup(txn, field, value)
+            ]
 
     def search(self, query: str, *, after: str, limit: int) -> list[str]:
         with self.kv.read() as txn:
