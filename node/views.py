@@ -391,6 +391,7 @@ def _reindex(
         return
     before, after = _derived(_index_entries, stream, old), _derived(_index_entries, stream, new)
     holder = stream.partition("/")[2]
+    # What the old state implied and the new one does not goes; then the reverse comes.
     for entries, others, holds in ((before, after, False), (after, before, True)):
         for (db, key), value in entries.items():
             if (db, key) in others:
