@@ -303,19 +303,32 @@ end
 """
 
 
-def _wrk(url: str, scenario: Scenario, duration_s: float) -> Load:
-    script = _LUA % {
+def wrk_script(scenario: Scenario) -> str:
+    """The Lua script that makes ``wrk`` send ``scenario``'s requests (and print a
+    ``WRKJSON`` line of its figures when done)."""
+    return _LUA % {
         "paths": ", ".join(json.dumps(p) for p in scenario.paths or ("/",)),
         "kind": scenario.kind,
         "prefix": scenario.prefix,
     }
+
+
+def wrk_command(url: str, script: Path, duration_s: float) -> list[str]:
+    """``wrk`` as the benchmarks run it: one thread, ``CONNECTIONS`` connections."""
+    args = ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{max(1, round(duration_s))}s"]
+    return [*args, "--timeout", "10s", "-s", str(script), url]
+
+
+def _wrk(url: str, scenario: Scenario, duration_s: float) -> Load:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        f.write(script)
+        f.write(wrk_script(scenario))
     try:
-        args = ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{max(1, round(duration_s))}s"]
-        args += ["--timeout", "10s", "-s", f.name, url]
         done = subprocess.run(
-            args, capture_output=True, text=True, preexec_fn=load_affinity(), timeout=120
+            wrk_command(url, Path(f.name), duration_s),
+            capture_output=True,
+            text=True,
+            preexec_fn=load_affinity(),
+            timeout=120,
         )
     finally:
         os.unlink(f.name)
