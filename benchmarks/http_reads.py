@@ -8,17 +8,15 @@ take turns, round after round; the best round of each counts.
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
-from benchmarks import bare_server
 from benchmarks.common import Row, row, scratch_dir
 from benchmarks.httpbench import (
     BareServer,
     Node,
     Scenario,
     compare,
-    fetch_all,
+    load_bare_alike,
     seed_users,
     user_fields,
 )
@@ -36,9 +34,7 @@ def run(quick: bool) -> list[Row]:
         by_id = Scenario("get", tuple(f"/users/{u}" for u in ids))
         by_email = Scenario("get", tuple(f"/users?email={user_fields(u)['email']}" for u in ids))
         with Node(base / "node") as node:
-            bodies = asyncio.run(fetch_all(node.url, list(by_id.paths)))
-            emails = (user_fields(u)["email"] for u in ids)
-            bare_server.load(base / "bare", zip(ids, emails, bodies, strict=True))
+            load_bare_alike(node.url, ids, base / "bare")  # the node renders what it serves
             with BareServer(base / "bare") as bare:
                 loads = compare(
                     {"node": node.url, "bare": bare.url},

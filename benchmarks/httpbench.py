@@ -27,6 +27,7 @@ from typing import IO, Any
 
 import aiohttp
 
+from benchmarks import bare_server
 from node import commands
 from node.process import NodeProcess
 from node.replica import Replica
@@ -217,6 +218,14 @@ def seed_users(data_dir: Path, count: int) -> list[str]:
 
     asyncio.run(create())
     return ids
+
+
+def load_bare_alike(node_url: str, ids: list[str], bare_dir: Path) -> None:
+    """Load the bare server's LMDB at ``bare_dir`` with the users ``ids``, each document
+    the JSON the node at ``node_url`` answers for it, and its email."""
+    bodies = asyncio.run(fetch_all(node_url, [f"/users/{u}" for u in ids]))
+    emails = (user_fields(u)["email"] for u in ids)
+    bare_server.load(bare_dir, zip(ids, emails, bodies, strict=True))
 
 
 async def fetch_all(

@@ -12,18 +12,16 @@ it from the other. Run one server at a time, or both with one of them loaded at 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import shlex
 import sys
 from pathlib import Path
 
-from benchmarks import bare_server
 from benchmarks.httpbench import (
     LOAD_CORE,
     SERVER_CORE,
     Node,
     Scenario,
-    fetch_all,
+    load_bare_alike,
     seed_users,
     user_fields,
     wrk_command,
@@ -50,11 +48,8 @@ def prepare(base: Path, users: int) -> dict[str, Path]:
     if base.exists() and any(base.iterdir()):
         raise SystemExit(f"{base} is not empty: give a new directory")
     ids = seed_users(base / "node", users)
-    paths = [f"/users/{u}" for u in ids]
-    with Node(base / "node") as node:  # the node renders the JSON the bare server returns
-        bodies = asyncio.run(fetch_all(node.url, paths))
-    emails = (user_fields(u)["email"] for u in ids)
-    bare_server.load(base / "bare", zip(ids, emails, bodies, strict=True))
+    with Node(base / "node") as node:
+        load_bare_alike(node.url, ids, base / "bare")
     scripts = {}
     for name, scenario in scenarios(ids).items():
         scripts[name] = base / f"{name}.lua"
