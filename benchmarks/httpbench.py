@@ -284,7 +284,7 @@ def run_load(url: str, scenario: Scenario, duration_s: float) -> Load:
 _LUA = r"""
 local paths = {%(paths)s}
 local kind = "%(kind)s"
-local prefix = "%(prefix)s"
+local prefix = "%(prefix)s"%(rerun)s
 local n = 0
 local headers = {["Content-Type"] = "application/json"}
 math.randomseed(6)
@@ -312,13 +312,16 @@ end
 """
 
 
-def wrk_script(scenario: Scenario) -> str:
+def wrk_script(scenario: Scenario, *, rerun: bool = False) -> str:
     """The Lua script that makes ``wrk`` send ``scenario``'s requests (and print a
-    ``WRKJSON`` line of its figures when done)."""
+    ``WRKJSON`` line of its figures when done). ``rerun``: a script kept to be run again
+    and again, whose created ids also carry the second ``wrk`` started, so that no run
+    creates an id an earlier one did."""
     return _LUA % {
         "paths": ", ".join(json.dumps(p) for p in scenario.paths or ("/",)),
         "kind": scenario.kind,
         "prefix": scenario.prefix,
+        "rerun": ' .. os.time() .. "-"' if rerun else "",
     }
 
 

@@ -53,7 +53,7 @@ def prepare(base: Path, users: int) -> dict[str, Path]:
     scripts = {}
     for name, scenario in scenarios(ids).items():
         scripts[name] = base / f"{name}.lua"
-        scripts[name].write_text(wrk_script(scenario))
+        scripts[name].write_text(wrk_script(scenario, rerun=True))
     return scripts
 
 

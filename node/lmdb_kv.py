@@ -144,9 +144,20 @@ class LmdbKV:
             readahead=False,
         )
         self.env.reader_check()  # free slots of readers that died (kill -9) holding them
-        with self.env.begin(write=True) as txn:
-            self._dbs = {name: self.env.open_db(name.encode(), txn=txn) for name in DATABASES}
+        self._dbs = self._open_dbs()
         self._getters = {name: _getter(self.env, handle) for name, handle in self._dbs.items()}
+
+    def _open_dbs(self) -> dict[str, Any]:
+        """Open (and create, in a directory of an older version) every table. Creating one
+        writes to a map that may be full: a file as large as the map asked for is opened
+        with a map of exactly its size."""
+        for _ in range(MAP_GROWTHS_PER_WRITE_MAX):
+            try:
+                with self.env.begin(write=True) as txn:
+                    return {name: self.env.open_db(name.encode(), txn=txn) for name in DATABASES}
+            except lmdb.MapFullError:
+                self.env.set_mapsize(self.map_bytes * 2)
+        raise lmdb.MapFullError(f"tables did not fit after {MAP_GROWTHS_PER_WRITE_MAX} doublings")
 
     @property
     def map_bytes(self) -> int:

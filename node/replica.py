@@ -96,8 +96,8 @@ class Replica:
             state = log.load_state(txn, self.identity)
             legacy = views.has_legacy_indexes(txn)
         if legacy:
-            moved = kv.write(views.convert_legacy_indexes)
-            logger.info("unique indexes converted to this version's form: %d holders", moved)
+            users = kv.write(views.convert_legacy_indexes)
+            logger.info("unique indexes made in this version's form: %d users", users)
         self.clock = HybridLogicalClock(now_ms, max_drift_ms=max_drift_ms, last=state.hlc)
         self.metrics = Metrics()
         self._token_text: tuple[VersionVector, str] | None = None

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable, Iterator
-from itertools import groupby
 from typing import Any, TypeVar
 
 import msgpack
@@ -160,29 +159,31 @@ def find_conflicts(txn: WriteTxn) -> None:
 
 
 def has_legacy_indexes(txn: ReadTxn) -> bool:
-    """Whether this data directory's unique indexes are in the form of an older version."""
+    """Whether an older version wrote this data directory's unique indexes (in its own
+    tables, one key per holder)."""
     return any(next(txn.scan(db), None) is not None for db in LEGACY_INDEX_DBS.values())
 
 
 def convert_legacy_indexes(txn: WriteTxn) -> int:
-    """Make the unique indexes anew from those of an older version (``LEGACY_INDEX_DBS``,
-    one key per holder), empty these, and return how many holders moved.
+    """Make the unique indexes and their conflicts anew from the stored user views, empty
+    the older version's tables (``LEGACY_INDEX_DBS``), and return the users indexed.
 
-    When they hold anything they are what this directory's views were last indexed in
-    (by an older version, maybe after a downgrade and ``rebuild-views``). Conflicts stay
-    as they are: both forms record the same ones, under the same keys.
+    From the views, not from the older tables: an index is a function of the views, and
+    the older tables may be partial (a directory moved back to an older version without
+    ``rebuild-views`` indexes only the users written since).
     """
-    moved = 0
-    for field, legacy in LEGACY_INDEX_DBS.items():
-        db = INDEX_DBS[field]
+    for db in (*INDEX_DBS.values(), *LEGACY_INDEX_DBS.values(), "conflicts"):
         txn.clear(db)
-        # Keys come sorted: the holders of one value are next to each other.
-        for key, group in groupby(txn.scan(legacy), key=lambda item: item[0].rpartition(b"\0")[0]):
-            holders = sorted(legacy_key.rpartition(b"\0")[2].decode() for legacy_key, _ in group)
-            txn.put(db, key, "\0".join(holders).encode())
-            moved += len(holders)
-        txn.clear(legacy)
-    return moved
+    users = 0
+    for key, raw in txn.scan("views", prefix=b"user/"):
+        stream = key.decode()
+        holder = stream.partition("/")[2]
+        for (db, index_key), value in _index_entries(stream, decode_state(raw)).items():
+            if value is not None:  # a unique value's key (the search index is kept)
+                _move_holder(txn, db, index_key, holder, holds=True)
+        users += 1
+    find_conflicts(txn)
+    return users
 
 
 def _hash(*parts: bytes) -> int:
@@ -432,7 +433,10 @@ def groups_of(txn: ReadTxn, user_id: str) -> list[str]:
 
 def lookup(txn: ReadTxn, field: str, value: str) -> list[str]:
     """The ids of users holding ``value`` in a unique field (more than one: a conflict)."""
-    return _holders(txn.get(INDEX_DBS[field], index_part(index_value(field, value))))
+    key = index_part(index_value(field, value))
+    if not key:  # an empty value is never indexed, and LMDB refuses an empty key
+        return []
+    return _holders(txn.get(INDEX_DBS[field], key))
 
 
 def search(txn: ReadTxn, query: str, *, after: str, limit: int) -> list[str]:

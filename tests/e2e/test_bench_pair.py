@@ -44,6 +44,7 @@ def test_both_servers_serve_the_same_users_to_the_scripts_paths(tmp_path: Path) 
     assert set(scripts) == {"get-id", "get-email", "patch", "post"}
     by_id, by_email = (_paths(Path(scripts[name])) for name in ("get-id", "get-email"))
     assert len(by_id) == len(by_email) == USERS
+    assert 'local prefix = "w" .. os.time()' in Path(scripts["post"]).read_text()  # reruns
 
     bodies: dict[str, list[bytes]] = {}
     for name, command in serve.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import lmdb
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -277,6 +278,26 @@ class TestLmdbKV(KVContract):
                 stored = list(txn.scan("events"))
             assert [k for k, _ in stored] == [n.to_bytes(8, "big") for n in range(300)]
             assert all(v == value for _, v in stored)
+        finally:
+            kv.close()
+
+    def test_a_file_that_fills_its_map_opens_and_gains_the_tables_it_lacks(
+        self, tmp_path: Path
+    ) -> None:
+        """A directory of an older version, without some of today's tables, whose file is
+        larger than the map asked for: LMDB maps exactly the file, and creating the tables
+        must grow it."""
+        env = lmdb.open(str(tmp_path), map_size=1 << 22, max_dbs=2)
+        views = env.open_db(b"views")
+        with env.begin(write=True) as txn:
+            for n in range(600):
+                txn.put(b"%06d" % n, b"v" * 4000, db=views)  # a page or more each
+        env.close()
+        kv = LmdbKV(tmp_path, map_bytes_initial=1 << 16)
+        try:
+            assert kv.get("views", b"000599") == b"v" * 4000
+            kv.write(lambda txn: txn.put("unique_email", b"homer@x.us", b"homer"))
+            assert kv.get("unique_email", b"homer@x.us") == b"homer"
         finally:
             kv.close()
 
