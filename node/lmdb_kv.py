@@ -9,6 +9,7 @@ and the write run again, so a full map never leaves anything half written.
 from __future__ import annotations
 
 import fcntl
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -85,31 +86,42 @@ class _LmdbTxn:
 
 class _Reading(_LmdbTxn):
     """A read transaction, begun as a context manager is entered: a class, not a
-    generator, because every GET opens one, and itself the transaction it reads in."""
+    generator, because every GET opens one, and itself the transaction it reads in. It
+    holds ``reading`` while open (see ``LmdbKV``)."""
 
-    __slots__ = ("_env",)
+    __slots__ = ("_env", "_reading")
 
-    def __init__(self, env: Any, dbs: dict[str, Any]) -> None:
-        self._env, self._dbs = env, dbs
+    def __init__(self, env: Any, dbs: dict[str, Any], reading: threading.RLock) -> None:
+        self._env, self._dbs, self._reading = env, dbs, reading
 
     def __enter__(self) -> ReadTxn:
-        self._txn = self._env.begin(buffers=False)
+        self._reading.acquire()
+        try:
+            self._txn = self._env.begin(buffers=False)
+        except BaseException:
+            self._reading.release()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._txn.abort()  # a read-only transaction has nothing to commit
+        try:
+            self._txn.abort()  # a read-only transaction has nothing to commit
+        finally:
+            self._reading.release()
 
 
-def _getter(env: Any, handle: Any) -> Callable[[bytes], bytes | None]:
-    """A read of one key of one table, in a read transaction of its own."""
+def _getter(env: Any, handle: Any, reading: threading.RLock) -> Callable[[bytes], bytes | None]:
+    """A read of one key of one table, in a read transaction of its own (holding
+    ``reading`` while it is open: see ``LmdbKV``)."""
     begin = env.begin
 
     def get(key: bytes) -> bytes | None:
-        txn = begin(buffers=False)
-        try:
-            value: bytes | None = txn.get(key, db=handle)
-        finally:
-            txn.abort()
+        with reading:
+            txn = begin(buffers=False)
+            try:
+                value: bytes | None = txn.get(key, db=handle)
+            finally:
+                txn.abort()
         return value
 
     return get
@@ -144,8 +156,14 @@ class LmdbKV:
             readahead=False,
         )
         self.env.reader_check()  # free slots of readers that died (kill -9) holding them
+        # Growing the map closes every transaction open in this process (LMDB allows it
+        # only with none open): each read holds this lock while its transaction is open,
+        # and a growth takes it. Reentrant: coroutines of one thread may nest reads.
+        self._reading = threading.RLock()
         self._dbs = self._open_dbs()
-        self._getters = {name: _getter(self.env, handle) for name, handle in self._dbs.items()}
+        self._getters = {
+            name: _getter(self.env, handle, self._reading) for name, handle in self._dbs.items()
+        }
 
     def _open_dbs(self) -> dict[str, Any]:
         """Open (and create, in a directory of an older version) every table. Creating one
@@ -156,15 +174,20 @@ class LmdbKV:
                 with self.env.begin(write=True) as txn:
                     return {name: self.env.open_db(name.encode(), txn=txn) for name in DATABASES}
             except lmdb.MapFullError:
-                self.env.set_mapsize(self.map_bytes * 2)
+                self._grow()
         raise lmdb.MapFullError(f"tables did not fit after {MAP_GROWTHS_PER_WRITE_MAX} doublings")
+
+    def _grow(self) -> None:
+        """Double the map, once no read transaction is open (the writer's is aborted)."""
+        with self._reading:
+            self.env.set_mapsize(self.map_bytes * 2)
 
     @property
     def map_bytes(self) -> int:
         return int(self.env.info()["map_size"])
 
     def read(self) -> AbstractContextManager[ReadTxn]:
-        return _Reading(self.env, self._dbs)
+        return _Reading(self.env, self._dbs, self._reading)
 
     def get(self, db: str, key: bytes) -> bytes | None:
         return self._getters[db](key)
@@ -181,7 +204,7 @@ class LmdbKV:
                 return result
             except lmdb.MapFullError:
                 txn.abort()
-                self.env.set_mapsize(self.map_bytes * 2)
+                self._grow()
             except BaseException:
                 txn.abort()
                 raise

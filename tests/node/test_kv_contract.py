@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -300,6 +302,46 @@ class TestLmdbKV(KVContract):
             assert kv.get("unique_email", b"homer@x.us") == b"homer"
         finally:
             kv.close()
+
+    def test_reads_on_another_thread_go_on_while_the_map_grows(self, tmp_path: Path) -> None:
+        """Growing the map closes every open transaction of the environment: a node's
+        reads (its event loop) must neither fail nor see a closed one while its writer
+        grows the map."""
+        kv = LmdbKV(tmp_path, map_bytes_initial=1 << 16, durable=False)
+        kv.write(lambda txn: txn.put("views", b"homer", b"simpson"))
+        get = kv.getter("views")
+        failures: list[BaseException] = []
+        reads = 0
+
+        def fill(txn: WriteTxn) -> None:
+            for _ in range(40):
+                txn.put("events", os.urandom(16), b"x" * 2_000)
+
+        def grow() -> None:
+            try:
+                while kv.map_bytes < 1 << 24:
+                    kv.write(fill)
+            except BaseException as e:  # the test fails on it below
+                failures.append(e)
+
+        writer = threading.Thread(target=grow)
+        writer.start()
+        try:
+            while writer.is_alive():
+                try:
+                    assert get(b"homer") == b"simpson"
+                    assert kv.get("views", b"homer") == b"simpson"
+                    with kv.read() as txn:
+                        assert txn.get("views", b"homer") == b"simpson"
+                        assert [k for k, _ in txn.scan("views")] == [b"homer"]
+                except BaseException as e:
+                    failures.append(e)
+                reads += 1
+        finally:
+            writer.join()
+            kv.close()
+        assert failures == []
+        assert reads > 100
 
     def test_data_survives_close_and_reopen(self, tmp_path: Path) -> None:
         kv = LmdbKV(tmp_path, map_bytes_initial=1 << 20)
