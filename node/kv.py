@@ -42,7 +42,9 @@ def key_after(prefix: bytes) -> bytes | None:
 
 
 class ReadTxn(Protocol):
-    def get(self, db: str, key: bytes) -> bytes | None: ...
+    def get(self, db: str, key: bytes) -> bytes | None:
+        """The value under ``key``, or None; None for the empty key, which no table holds."""
+        ...
 
     def scan(
         self, db: str, *, prefix: bytes = b"", start: bytes | None = None, reverse: bool = False

@@ -41,6 +41,8 @@ class _LmdbTxn:
         self._dbs = dbs
 
     def get(self, db: str, key: bytes) -> bytes | None:
+        if not key:  # LMDB refuses an empty key; no table holds one
+            return None
         value: bytes | None = self._txn.get(key, db=self._dbs[db])  # bytes: no buffers=True
         return value
 
@@ -116,6 +118,8 @@ def _getter(env: Any, handle: Any, reading: threading.RLock) -> Callable[[bytes]
     begin = env.begin
 
     def get(key: bytes) -> bytes | None:
+        if not key:  # as _LmdbTxn.get
+            return None
         with reading:
             txn = begin(buffers=False)
             try:

@@ -433,10 +433,7 @@ def groups_of(txn: ReadTxn, user_id: str) -> list[str]:
 
 def lookup(txn: ReadTxn, field: str, value: str) -> list[str]:
     """The ids of users holding ``value`` in a unique field (more than one: a conflict)."""
-    key = index_part(index_value(field, value))
-    if not key:  # an empty value is never indexed, and LMDB refuses an empty key
-        return []
-    return _holders(txn.get(INDEX_DBS[field], key))
+    return _holders(txn.get(INDEX_DBS[field], index_part(index_value(field, value))))
 
 
 def search(txn: ReadTxn, query: str, *, after: str, limit: int) -> list[str]:

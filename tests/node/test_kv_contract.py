@@ -92,6 +92,14 @@ class KVContract:
         kv.write(lambda txn: txn.delete("views", b"homer"))
         assert kv.get("views", b"homer") is None
 
+    def test_the_empty_key_is_in_no_table(self, kv: KV) -> None:
+        kv.write(lambda txn: txn.put("views", b"\0", b"not empty"))
+        with kv.read() as txn:
+            assert txn.get("views", b"") is None
+        assert kv.get("views", b"") is None
+        assert kv.getter("views")(b"") is None
+        assert kv.write(lambda txn: txn.get("views", b"")) is None
+
     def test_a_getter_made_once_reads_the_last_commit_of_its_table(self, kv: KV) -> None:
         views, members = kv.getter("views"), kv.getter("members")
         assert views(b"homer") is None
