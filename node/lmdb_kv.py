@@ -173,18 +173,29 @@ class LmdbKV:
         """Open (and create, in a directory of an older version) every table. Creating one
         writes to a map that may be full: a file as large as the map asked for is opened
         with a map of exactly its size."""
-        for _ in range(MAP_GROWTHS_PER_WRITE_MAX):
-            try:
-                with self.env.begin(write=True) as txn:
-                    return {name: self.env.open_db(name.encode(), txn=txn) for name in DATABASES}
-            except lmdb.MapFullError:
-                self._grow()
-        raise lmdb.MapFullError(f"tables did not fit after {MAP_GROWTHS_PER_WRITE_MAX} doublings")
+        return self._in_a_write_that_fits(
+            lambda txn: {name: self.env.open_db(name.encode(), txn=txn) for name in DATABASES}
+        )
 
-    def _grow(self) -> None:
-        """Double the map, once no read transaction is open (the writer's is aborted)."""
-        with self._reading:
-            self.env.set_mapsize(self.map_bytes * 2)
+    def _in_a_write_that_fits(self, work: Callable[[Any], T]) -> T:
+        """Run ``work`` in one py-lmdb write transaction and commit it; on a full map,
+        abort, double the map (once no read transaction is open) and run it again."""
+        for _ in range(MAP_GROWTHS_PER_WRITE_MAX):
+            txn = self.env.begin(write=True)
+            try:
+                result = work(txn)
+                txn.commit()
+                return result
+            except lmdb.MapFullError:
+                txn.abort()
+                with self._reading:
+                    self.env.set_mapsize(self.map_bytes * 2)
+            except BaseException:
+                txn.abort()
+                raise
+        raise lmdb.MapFullError(
+            f"write did not fit after {MAP_GROWTHS_PER_WRITE_MAX} map doublings"
+        )
 
     @property
     def map_bytes(self) -> int:
@@ -200,21 +211,7 @@ class LmdbKV:
         return self._getters[db]
 
     def write(self, work: Callable[[WriteTxn], T]) -> T:
-        for _ in range(MAP_GROWTHS_PER_WRITE_MAX):
-            txn = self.env.begin(write=True)
-            try:
-                result = work(_LmdbTxn(txn, self._dbs))
-                txn.commit()
-                return result
-            except lmdb.MapFullError:
-                txn.abort()
-                self._grow()
-            except BaseException:
-                txn.abort()
-                raise
-        raise lmdb.MapFullError(
-            f"write did not fit after {MAP_GROWTHS_PER_WRITE_MAX} map doublings"
-        )
+        return self._in_a_write_that_fits(lambda txn: work(_LmdbTxn(txn, self._dbs)))
 
     def close(self) -> None:
         self.env.close()
