@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     node.add_argument("--gossip-interval-ms", metavar="N", help="anti-entropy interval")
     node.add_argument(
+        "--peer-transport",
+        metavar="KIND",
+        help="stream (one WebSocket per peer, the default) or http (a POST per round trip)",
+    )
+    node.add_argument(
         "--tls-cert", metavar="FILE", help="certificate to serve and present to peers"
     )
     node.add_argument("--tls-key", metavar="FILE", help="its private key")

@@ -46,6 +46,9 @@ class Settings:
     log_level: str = "info"
     event_loop: str = EVENT_LOOP_DEFAULT  # "uvloop" or "asyncio" (see node/event_loop.py)
     gossip_interval_ms: int = 500
+    # How sync messages reach peers: "stream" (one signed WebSocket per peer; HTTP for a
+    # peer without one) or "http" (one signed POST per round trip).
+    peer_transport: str = "stream"
     sync_batch_bytes_max: int = 1_048_576
     sync_body_bytes_max: int = 8 * 1_048_576
     push_queue_events_max: int = 10_000
@@ -86,6 +89,7 @@ _REGION = re.compile(r"[a-z][a-z0-9-]{0,31}")
 _INT = re.compile(r"\s*-?\d+\s*")
 _BOOLS = {"true": True, "1": True, "false": False, "0": False}
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+PEER_TRANSPORTS = ("stream", "http")
 
 
 def load_settings(
@@ -287,6 +291,7 @@ _CONVERTERS: dict[str, Callable[[str, object, str], Any]] = {
     "lmdb_metasync": _bool,
     "log_level": _one_of(_LOG_LEVELS),
     "event_loop": _one_of(EVENT_LOOPS),
+    "peer_transport": _one_of(PEER_TRANSPORTS),
     **{name: _file for name in ("tls_cert", "tls_key", "tls_ca")},
     **{name: _int for name in _LIMITS},
 }

@@ -3,6 +3,7 @@ the replicator's background tasks, and its lines in ``/status`` and ``/metrics``
 
 from __future__ import annotations
 
+import json
 import ssl
 from collections.abc import Sequence
 from typing import Any
@@ -19,7 +20,8 @@ from node.writer import Overloaded
 from replication.auth import AuthError, sign_response, verify_request
 from replication.protocol import BadMessage
 from replication.replicator import Limits, Replicator
-from replication.transport import SYNC_PATH, HttpTransport
+from replication.stream import STREAM_PATH, StreamEndpoint, StreamTransport
+from replication.transport import SYNC_PATH, HttpTransport, Transport
 
 READ_CHUNK_BYTES = 64 * 1024
 
@@ -39,11 +41,27 @@ class ReplicationService:
         assert settings.cluster_secret is not None, "config refuses peers without a secret"
         self.replica, self.settings = replica, settings
         self.secret = settings.cluster_secret
-        transport = HttpTransport(
-            {p.name: p.url for p in settings.peers},
-            secret=self.secret,
-            sender=replica.identity.replica_id,
-            ssl_context=client_tls(settings),
+        urls = {p.name: p.url for p in settings.peers}
+        sender = replica.identity.replica_id
+        http = HttpTransport(
+            urls, secret=self.secret, sender=sender, ssl_context=client_tls(settings)
+        )
+        self.stream: StreamTransport | None = None
+        transport: Transport = http
+        if settings.peer_transport == "stream":
+            self.stream = StreamTransport(
+                urls,
+                secret=self.secret,
+                sender=sender,
+                http=http,
+                message_bytes_max=settings.sync_body_bytes_max,
+            )
+            transport = self.stream
+        self.endpoint = StreamEndpoint(
+            self.secret,
+            self.answer,
+            message_bytes_max=settings.sync_body_bytes_max,
+            auth_window_ms=settings.auth_window_ms,
         )
         limits = Limits(
             gossip_interval_ms=settings.gossip_interval_ms,
@@ -64,6 +82,9 @@ class ReplicationService:
         # Inside a node's app, through the guard of its routes (JSON errors, the token).
         guarded = app.get(GUARD)
         app.router.add_post(SYNC_PATH, self.handle if guarded is None else guarded(self.handle))
+        # Not guarded: the guard would stamp headers on an answer long sent; the endpoint
+        # answers its own errors as JSON, before the upgrade.
+        app.router.add_get(STREAM_PATH, self.endpoint.handle)
         app.on_response_prepare.append(_terse)
         self.replica.reporters.append(self.report)
         self.replica.metric_reporters.append(self.metrics)
@@ -74,12 +95,15 @@ class ReplicationService:
 
     async def stop(self) -> None:
         await self.replicator.stop()
+        await self.endpoint.close()
 
     def report(self) -> dict[str, Any]:
         status = self.replicator.status()
         urls = {p.name: p.url for p in self.settings.peers}
         for peer in status["peers"]:
             peer["url"] = urls[peer["name"]]
+            peer["transport"] = "http" if self.stream is None else self.stream.mode(peer["name"])
+        status["streams_refused"] = self.endpoint.refused
         return {"replication": status}
 
     def metrics(self) -> list[str]:
@@ -161,19 +185,31 @@ class ReplicationService:
             )
         except AuthError as e:
             return error_response(401, "unauthorized", f"replication request refused: {e}")
-        try:
-            answer = await self.replicator.handle(body)
-        except BadMessage as e:
-            return error_response(400, "bad_batch", f"batch refused whole, nothing written: {e}")
-        except Overloaded:
-            return error_response(
-                503, "overloaded", "the write queue is full", {"Retry-After": "1"}
+        status, answer = await self.answer(body)
+        if status != 200:
+            headers = {"Retry-After": "1"} if status == 503 else None
+            return web.Response(
+                status=status, body=answer, content_type="application/json", headers=headers
             )
         return web.Response(
             body=answer,
             content_type="application/msgpack",
             headers=sign_response(self.secret, 200, answer),
         )
+
+    async def answer(self, body: bytes) -> tuple[int, bytes]:
+        """A sync request's answer, over HTTP or a stream: 200 and msgpack, or an error's
+        status and JSON (a malformed batch, nothing of it written; a full write queue)."""
+        try:
+            return 200, await self.replicator.handle(body)
+        except BadMessage as e:
+            return _error(400, "bad_batch", f"batch refused whole, nothing written: {e}")
+        except Overloaded:
+            return _error(503, "overloaded", "the write queue is full")
+
+
+def _error(status: int, code: str, message: str) -> tuple[int, bytes]:
+    return status, json.dumps({"error": code, "message": message}).encode()
 
 
 async def _terse(request: web.Request, response: web.StreamResponse) -> None:

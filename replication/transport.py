@@ -71,7 +71,7 @@ class HttpTransport:
         self._timeout = aiohttp.ClientTimeout(total=timeout_ms / 1000)
         self.bytes_sent = 0
 
-    def _client(self) -> aiohttp.ClientSession:
+    def session(self) -> aiohttp.ClientSession:
         if self._session is None:
             connector = aiohttp.TCPConnector(ssl=self._ssl if self._ssl is not None else True)
             self._session = aiohttp.ClientSession(
@@ -88,7 +88,7 @@ class HttpTransport:
             **sign_request(self.secret, "POST", SYNC_PATH, body, self.sender),
         }
         try:
-            async with self._client().post(
+            async with self.session().post(
                 self.urls[peer] + SYNC_PATH, data=body, headers=headers
             ) as r:
                 response = await r.read()

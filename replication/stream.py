@@ -1,0 +1,413 @@
+"""Sync messages over one long-lived WebSocket per peer: the same bodies as HTTP, without
+an HTTP request line, headers and signature on every round trip.
+
+A round trip over HTTP carries ~340 bytes of request line and headers (the signature
+alone ~120) around bodies of a few dozen: an idle anti-entropy round or a pushed event
+cost several times what they carry. Over the stream a round trip costs 48 bytes of
+framing: a WebSocket frame header each way (6 bytes from the client, which masks; 2
+from the server) and these heads::
+
+    request: request id (4 bytes, big-endian) | MAC (16) | body
+    answer:  request id (4) | status (2)      | MAC (16) | body
+
+Opening a stream: the client's upgrade request (``GET /replication/stream``) is signed as
+any replication request (``X-Replica-Auth``), over a fresh nonce it sends in
+``X-Replica-Nonce``. The server answers the upgrade with a first message, its own fresh
+nonce and a MAC over both nonces, which proves to the client that it knows the cluster
+secret. Both sides then key every frame's MAC (HMAC-SHA256, first 128 bits) with a key
+derived from the secret, the sender and both nonces: a frame cannot be forged, nor
+replayed into another stream. Within a stream, request ids only grow (a replayed request
+is refused) and an answer settles only a request still waiting (a replayed one is
+ignored); the direction is part of what is signed, so a frame cannot be reflected. A
+frame that fails any of these closes the stream, having written nothing.
+
+A peer that has no stream endpoint (an older version, during a rolling upgrade) answers
+the upgrade 404 or 405: it is reached over HTTP for ``HTTP_FALLBACK_MS``, then asked
+again. A request waits at most ``timeout_ms`` for its answer; past that the stream is
+closed, as it may be dead, and the next request opens another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import hmac
+import logging
+import os
+import re
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from node.http_errors import error_response
+from replication.auth import AuthError, now_ms, sign_request, verify_request
+from replication.transport import REQUEST_TIMEOUT_MS, HttpTransport, TransportError
+
+logger = logging.getLogger(__name__)
+
+STREAM_PATH = "/replication/stream"
+NONCE = "X-Replica-Nonce"
+NONCE_BYTES = 16
+MAC_BYTES = 16
+_REQUEST_HEAD = struct.Struct(">I")  # request id
+_ANSWER_HEAD = struct.Struct(">IH")  # request id, status
+REQUEST_HEAD_BYTES = _REQUEST_HEAD.size + MAC_BYTES
+ANSWER_HEAD_BYTES = _ANSWER_HEAD.size + MAC_BYTES
+REQUEST_ID_MAX = 2**32 - 1  # a stream that used them all is closed; the next one starts at 1
+STREAM_REQUESTS_IN_FLIGHT_MAX = 8  # answered at once per stream; more wait, unread
+HTTP_FALLBACK_MS = 60_000  # a peer without the stream endpoint: HTTP this long, then ask again
+CLOSE_WAIT_MS = 1_000  # how long closing a stream waits for the peer's close frame
+
+Answer = Callable[[bytes], Awaitable[tuple[int, bytes]]]
+
+
+_NONCE_TEXT = re.compile(r"[A-Za-z0-9_-]{22}")
+
+
+def _nonce_text(nonce: bytes) -> str:
+    return base64.urlsafe_b64encode(nonce).rstrip(b"=").decode()
+
+
+def _nonce_of(text: str) -> bytes:
+    """The nonce a header carries; ValueError if it is not 16 bytes in base64url."""
+    if not _NONCE_TEXT.fullmatch(text):
+        raise ValueError(f"{NONCE} must be {NONCE_BYTES} bytes in base64url (22 characters)")
+    return base64.urlsafe_b64decode(text + "==")
+
+
+def _hello_mac(secret: str, sender: str, client_nonce: bytes, server_nonce: bytes) -> bytes:
+    message = b"hello\n" + sender.encode() + b"\n" + client_nonce + server_nonce
+    return hmac.new(secret.encode(), message, hashlib.sha256).digest()[:MAC_BYTES]
+
+
+class FrameMac:
+    """The MAC of a stream's frames, keyed for that stream alone."""
+
+    def __init__(self, secret: str, sender: str, client_nonce: bytes, server_nonce: bytes):
+        message = b"stream\n" + sender.encode() + b"\n" + client_nonce + server_nonce
+        key = hmac.new(secret.encode(), message, hashlib.sha256).digest()
+        self._keyed = hmac.new(key, digestmod=hashlib.sha256)  # copied per frame: no re-keying
+
+    def of(self, direction: bytes, head: bytes, body: bytes) -> bytes:
+        mac = self._keyed.copy()
+        mac.update(direction + head)
+        mac.update(body)
+        return mac.digest()[:MAC_BYTES]
+
+    def request(self, request_id: int, body: bytes) -> bytes:
+        head = _REQUEST_HEAD.pack(request_id)
+        return head + self.of(b"q", head, body) + body
+
+    def answer(self, request_id: int, status: int, body: bytes) -> bytes:
+        head = _ANSWER_HEAD.pack(request_id, status)
+        return head + self.of(b"a", head, body) + body
+
+    def read(self, direction: bytes, head: struct.Struct, frame: bytes) -> tuple[Any, bytes]:
+        """The unpacked head and the body of a frame; ValueError if it is short or forged."""
+        size = head.size
+        if len(frame) < size + MAC_BYTES:
+            raise ValueError(f"a frame of {len(frame)} bytes is shorter than its head")
+        body = frame[size + MAC_BYTES :]
+        expected = self.of(direction, frame[:size], body)
+        if not hmac.compare_digest(expected, frame[size : size + MAC_BYTES]):
+            raise ValueError("bad frame signature")
+        return head.unpack_from(frame), body
+
+
+# --------------------------------------------------------------------------- client
+
+
+class _Link:
+    """One open stream to a peer: requests go out as they come, answers are matched by id."""
+
+    def __init__(self, peer: str, ws: aiohttp.ClientWebSocketResponse, mac: FrameMac) -> None:
+        self.peer, self.ws, self.mac = peer, ws, mac
+        self.next_id = 1
+        self.waiting: dict[int, asyncio.Future[tuple[int, bytes]]] = {}
+        self.reader = asyncio.create_task(self._read())
+
+    @property
+    def usable(self) -> bool:
+        return not self.ws.closed and not self.reader.done() and self.next_id <= REQUEST_ID_MAX
+
+    async def request(self, body: bytes, timeout_s: float) -> tuple[int, bytes]:
+        request_id = self.next_id
+        self.next_id += 1
+        future = asyncio.get_running_loop().create_future()
+        self.waiting[request_id] = future
+        try:
+            await self.ws.send_bytes(self.mac.request(request_id, body))
+            return await asyncio.wait_for(future, timeout_s)
+        except TimeoutError:
+            await self.close()  # the stream may be dead: the next request opens another
+            raise TransportError(f"{self.peer}: no answer in {timeout_s * 1000:.0f} ms") from None
+        except (aiohttp.ClientError, ConnectionError, RuntimeError) as exc:
+            raise TransportError(f"{self.peer}: stream: {type(exc).__name__}: {exc}") from exc
+        finally:
+            self.waiting.pop(request_id, None)
+
+    async def _read(self) -> None:
+        why = "stream closed"
+        try:
+            async for message in self.ws:
+                if message.type is not WSMsgType.BINARY:
+                    why = f"stream: unexpected {message.type.name} message"
+                    break
+                try:
+                    (request_id, status), body = self.mac.read(b"a", _ANSWER_HEAD, message.data)
+                except ValueError as exc:
+                    why = f"stream: {exc}"
+                    break
+                future = self.waiting.get(request_id)
+                if future is not None and not future.done():
+                    future.set_result((status, body))
+                # else: the answer to a request that gave up waiting, or a replay: ignored
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            why = f"stream: {type(exc).__name__}: {exc}"
+        finally:
+            for future in self.waiting.values():
+                if not future.done():
+                    future.set_exception(TransportError(f"{self.peer}: {why}"))
+            if not self.ws.closed:
+                await self._close_ws(WSCloseCode.POLICY_VIOLATION)
+
+    async def _close_ws(self, code: int) -> None:
+        with contextlib.suppress(TimeoutError, aiohttp.ClientError, ConnectionError):
+            await asyncio.wait_for(self.ws.close(code=code), CLOSE_WAIT_MS / 1000)
+
+    async def close(self) -> None:
+        await self._close_ws(WSCloseCode.GOING_AWAY)
+        if not self.reader.done():
+            self.reader.cancel()
+        await asyncio.gather(self.reader, return_exceptions=True)
+
+
+class StreamTransport:
+    """Sync messages to each peer over one signed WebSocket, HTTP for peers without one.
+
+    The same ``send(peer, body) -> answer`` as ``HttpTransport``, whose session and
+    signing it shares; ``bytes_sent`` counts bodies, as there.
+    """
+
+    def __init__(
+        self,
+        urls: dict[str, str],
+        *,
+        secret: str,
+        sender: str,
+        http: HttpTransport,
+        timeout_ms: int = REQUEST_TIMEOUT_MS,
+        message_bytes_max: int,
+    ) -> None:
+        self.urls, self.secret, self.sender, self.http = urls, secret, sender, http
+        self.timeout_s = timeout_ms / 1000
+        self.message_bytes_max = message_bytes_max
+        self._links: dict[str, _Link] = {}
+        self._opening: dict[str, asyncio.Lock] = {}
+        self._http_until_ms: dict[str, int] = {}  # peers without a stream endpoint
+        self.bytes_sent = 0
+        self.streams_opened = 0
+
+    def mode(self, peer: str) -> str:
+        """How ``peer`` is reached now: "stream" or "http" (it has no stream endpoint)."""
+        return "http" if self._http_until_ms.get(peer, 0) > now_ms() else "stream"
+
+    async def send(self, peer: str, body: bytes) -> bytes:
+        if self.mode(peer) == "http":
+            answer = await self.http.send(peer, body)
+            self.bytes_sent += len(body) + len(answer)
+            return answer
+        link = await self._link(peer)
+        if link is None:  # it has no stream endpoint: HTTP from now on, for a while
+            return await self.send(peer, body)
+        status, answer = await link.request(body, self.timeout_s)
+        if status != 200:
+            raise TransportError(f"{peer} answered {status}: {answer[:200]!r}")
+        self.bytes_sent += len(body) + len(answer)
+        return answer
+
+    async def _link(self, peer: str) -> _Link | None:
+        link = self._links.get(peer)
+        if link is not None and link.usable:
+            return link
+        lock = self._opening.setdefault(peer, asyncio.Lock())
+        async with lock:  # one stream per peer, however many tasks want it at once
+            link = self._links.get(peer)
+            if link is not None and link.usable:
+                return link
+            if link is not None:
+                await link.close()
+                del self._links[peer]
+            opened = await self._open(peer)
+            if opened is not None:
+                self._links[peer] = opened
+            return opened
+
+    async def _open(self, peer: str) -> _Link | None:
+        client_nonce = os.urandom(NONCE_BYTES)
+        headers = {
+            NONCE: _nonce_text(client_nonce),
+            **sign_request(self.secret, "GET", STREAM_PATH, client_nonce, self.sender),
+        }
+        try:
+            ws = await self.http.session().ws_connect(
+                self.urls[peer] + STREAM_PATH,
+                headers=headers,
+                compress=0,
+                autoping=True,
+                max_msg_size=self.message_bytes_max + ANSWER_HEAD_BYTES,
+                timeout=aiohttp.ClientWSTimeout(ws_close=CLOSE_WAIT_MS / 1000),
+            )
+        except aiohttp.WSServerHandshakeError as exc:
+            if exc.status in (404, 405):
+                logger.warning(
+                    "%s has no %s (an older version?): HTTP for %d ms",
+                    peer,
+                    STREAM_PATH,
+                    HTTP_FALLBACK_MS,
+                )
+                self._http_until_ms[peer] = now_ms() + HTTP_FALLBACK_MS
+                return None
+            raise TransportError(f"{peer} refused the stream: {exc.status} {exc.message}") from exc
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise TransportError(f"{peer}: {type(exc).__name__}: {exc}") from exc
+        try:
+            hello = await ws.receive(self.timeout_s)
+            if hello.type is not WSMsgType.BINARY or len(hello.data) != NONCE_BYTES + MAC_BYTES:
+                raise TransportError(f"{peer}: the stream opened without its hello")
+            server_nonce, mac = hello.data[:NONCE_BYTES], hello.data[NONCE_BYTES:]
+            expected = _hello_mac(self.secret, self.sender, client_nonce, server_nonce)
+            if not hmac.compare_digest(expected, mac):
+                raise TransportError(f"{peer}: bad stream hello signature")
+        except BaseException as exc:
+            await ws.close(code=WSCloseCode.POLICY_VIOLATION)
+            if isinstance(exc, TimeoutError | aiohttp.ClientError | ConnectionError):
+                raise TransportError(f"{peer}: stream hello: {type(exc).__name__}") from exc
+            raise
+        self.streams_opened += 1
+        return _Link(peer, ws, FrameMac(self.secret, self.sender, client_nonce, server_nonce))
+
+    async def close(self) -> None:
+        links, self._links = list(self._links.values()), {}
+        await asyncio.gather(*(link.close() for link in links))
+        await self.http.close()
+
+
+# --------------------------------------------------------------------------- server
+
+
+class StreamEndpoint:
+    """The server side: ``GET /replication/stream`` upgrades to a stream of sync requests,
+    each answered by ``answer`` (status, body), at most ``STREAM_REQUESTS_IN_FLIGHT_MAX``
+    at once per stream."""
+
+    def __init__(
+        self,
+        secret: str,
+        answer: Answer,
+        *,
+        message_bytes_max: int,
+        auth_window_ms: int,
+        in_flight_max: int = STREAM_REQUESTS_IN_FLIGHT_MAX,
+    ) -> None:
+        self.secret, self.answer = secret, answer
+        self.message_bytes_max = message_bytes_max
+        self.auth_window_ms = auth_window_ms
+        self.in_flight_max = in_flight_max
+        self.open: set[web.WebSocketResponse] = set()
+        self.refused = 0  # streams closed for a bad frame
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        try:
+            client_nonce = _nonce_of(request.headers.get(NONCE, ""))
+        except ValueError as exc:
+            return error_response(400, "bad_header", str(exc))
+        try:
+            sender = verify_request(
+                self.secret,
+                request.method,
+                request.path,
+                client_nonce,
+                request.headers,
+                window_ms=self.auth_window_ms,
+            )
+        except AuthError as exc:
+            return error_response(401, "unauthorized", f"replication stream refused: {exc}")
+        ws = web.WebSocketResponse(
+            compress=False, autoping=True, max_msg_size=self.message_bytes_max + REQUEST_HEAD_BYTES
+        )
+        if not ws.can_prepare(request).ok:
+            return error_response(400, "not_websocket", "open the stream with a WebSocket upgrade")
+        await ws.prepare(request)
+        self.open.add(ws)
+        try:
+            server_nonce = os.urandom(NONCE_BYTES)
+            hello = _hello_mac(self.secret, sender, client_nonce, server_nonce)
+            await ws.send_bytes(server_nonce + hello)
+            await self._serve(ws, FrameMac(self.secret, sender, client_nonce, server_nonce))
+        except (ConnectionError, RuntimeError) as exc:  # the peer went away mid-answer
+            logger.debug("stream from %s ended: %s", sender, exc)
+        finally:
+            self.open.discard(ws)
+        return ws
+
+    async def _serve(self, ws: web.WebSocketResponse, mac: FrameMac) -> None:
+        gate = asyncio.Semaphore(self.in_flight_max)
+        answering: set[asyncio.Task[None]] = set()
+        last_id = 0
+        try:
+            async for message in ws:
+                if message.type is WSMsgType.ERROR:  # e.g. past max_msg_size: aiohttp closed it
+                    self.refused += 1
+                    logger.warning("replication stream closed: %s", message.data)
+                    break
+                if message.type is not WSMsgType.BINARY:
+                    await self._refuse(ws, WSCloseCode.UNSUPPORTED_DATA, "binary frames only")
+                    break
+                try:
+                    (request_id,), body = mac.read(b"q", _REQUEST_HEAD, message.data)
+                except ValueError as exc:
+                    await self._refuse(ws, WSCloseCode.POLICY_VIOLATION, str(exc))
+                    break
+                if request_id <= last_id:
+                    await self._refuse(ws, WSCloseCode.POLICY_VIOLATION, "request id reused")
+                    break
+                last_id = request_id
+                await gate.acquire()  # past the limit, the next frame waits unread
+                task = asyncio.create_task(self._answer(ws, mac, request_id, body))
+                answering.add(task)
+                task.add_done_callback(answering.discard)
+                task.add_done_callback(lambda _: gate.release())
+        finally:
+            if answering:  # a write they started finishes; their answers may find it closed
+                await asyncio.gather(*answering, return_exceptions=True)
+
+    async def _answer(
+        self, ws: web.WebSocketResponse, mac: FrameMac, request_id: int, body: bytes
+    ) -> None:
+        try:
+            status, answer = await self.answer(body)
+        except Exception:  # a bug, not the peer's doing: said as HTTP would say it
+            logger.exception("answering a stream request failed")
+            status, answer = 500, b'{"error": "internal", "message": "see the node\'s log"}'
+        # The peer may have gone away meanwhile; its next request asks again.
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            if not ws.closed:
+                await ws.send_bytes(mac.answer(request_id, status, answer))
+
+    async def _refuse(self, ws: web.WebSocketResponse, code: int, why: str) -> None:
+        self.refused += 1
+        logger.warning("replication stream closed: %s", why)
+        await ws.close(code=code, message=why.encode()[:120])
+
+    async def close(self) -> None:
+        """Close every open stream (the node is stopping): peers reconnect elsewhere or later."""
+        await asyncio.gather(
+            *(ws.close(code=WSCloseCode.GOING_AWAY) for ws in list(self.open)),
+            return_exceptions=True,
+        )

@@ -1,0 +1,545 @@
+"""Sync messages over the signed WebSocket stream (``replication/stream.py``), on real
+aiohttp servers on loopback: two real nodes sync over one long-lived stream; a stream
+that cannot be opened, or a frame that is forged, replayed, reflected, malformed or too
+big, writes nothing and never answers 500; a peer of an older version without the stream
+is reached over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp.test_utils import TestServer
+
+from crdt import Dot, VersionVector
+from node import commands
+from node import events as ev
+from node.config import Peer, Settings
+from node.events import Event, Op
+from node.replica import Replica, wall_clock_ms
+from replication import auth, protocol
+from replication.protocol import RawEvent, Sync, Tag
+from replication.replicator import Replicator
+from replication.service import ReplicationService
+from replication.stream import (
+    _ANSWER_HEAD,
+    MAC_BYTES,
+    NONCE,
+    NONCE_BYTES,
+    STREAM_PATH,
+    FrameMac,
+    StreamEndpoint,
+    StreamTransport,
+    _hello_mac,
+    _nonce_of,
+    _nonce_text,
+)
+from replication.transport import SYNC_PATH, HttpTransport, TransportError
+
+SECRET = "a-cluster-secret-for-tests"
+BODY_BYTES_MAX = 64 * 1024
+
+
+def stream_transport(
+    base: str, *, secret: str = SECRET, sender: str = "eu~abcd", timeout_ms: int = 10_000
+) -> StreamTransport:
+    urls = {"us": base}
+    http = HttpTransport(urls, secret=secret, sender=sender, timeout_ms=timeout_ms)
+    return StreamTransport(
+        urls,
+        secret=secret,
+        sender=sender,
+        http=http,
+        timeout_ms=timeout_ms,
+        message_bytes_max=BODY_BYTES_MAX,
+    )
+
+
+# --------------------------------------------------------------------------- two real nodes
+
+
+@dataclass
+class Pair:
+    eu: Replica
+    us: Replica
+    base: str  # us's URL
+    transport: StreamTransport  # eu's
+    replicator: Replicator  # eu's, reaching us over the stream
+    service: ReplicationService  # us's
+
+
+@asynccontextmanager
+async def pair(tmp_path: Path, *, secret: str = SECRET, stream: bool = True) -> AsyncIterator[Pair]:
+    """eu reaches us's real replication endpoints; ``stream=False``: us is of an older
+    version, which has ``/replication/sync`` and no stream."""
+    loop = asyncio.get_running_loop()
+    eu = Replica.open(tmp_path / "eu", "eu")
+    us = Replica.open(tmp_path / "us", "us")
+    server: TestServer | None = None
+    transport: StreamTransport | None = None
+    try:
+        eu.bind(loop)
+        us.bind(loop)
+        settings = Settings(
+            region="us",
+            data_dir=tmp_path / "us",
+            peers=(Peer("eu", "http://127.0.0.1:9"),),
+            cluster_secret=SECRET,
+            sync_body_bytes_max=BODY_BYTES_MAX,
+        )
+        service = ReplicationService(us, settings)
+        app = web.Application()
+        if stream:
+            service.install(app)
+        else:
+            app.router.add_post(SYNC_PATH, service.handle)
+        server = TestServer(app)
+        await server.start_server()
+        base = str(server.make_url("/")).rstrip("/")
+        transport = stream_transport(base, secret=secret, sender=eu.identity.replica_id)
+        replicator = Replicator(eu, transport, ["us"], now_ms=wall_clock_ms)
+        yield Pair(eu, us, base, transport, replicator, service)
+    finally:
+        if transport is not None:
+            await transport.close()
+        if server is not None:
+            await service.stop()
+            await server.close()
+        eu.close()
+        us.close()
+
+
+def run(tmp_path: Path, body: Callable[[Pair], Awaitable[None]], **options: object) -> None:
+    async def main() -> None:
+        async with pair(tmp_path, **options) as p:  # type: ignore[arg-type]
+            await body(p)
+
+    asyncio.run(main())
+
+
+def test_two_nodes_sync_over_one_stream(tmp_path: Path) -> None:
+    async def body(p: Pair) -> None:
+        fields = {"name": "Homer", "username": "homer", "email": "homer@x.us"}
+        await p.eu.write(commands.create("user", "homer", fields), actor="t")
+        await p.us.write(commands.create("group", "staff", {"name": "Staff"}), actor="t")
+        for _ in range(3):
+            assert await p.replicator.sync_with("us")
+        assert p.eu.summary == p.us.summary
+        assert p.us.entity("user", "homer").value("name") == "Homer"
+        assert p.eu.entity("group", "staff").exists
+        assert p.replicator.peers["us"].failures == 0
+        assert p.transport.mode("us") == "stream"
+        assert p.transport.streams_opened == 1  # every round on the same stream
+        assert len(p.service.endpoint.open) == 1
+
+    run(tmp_path, body)
+
+
+def test_a_node_with_the_wrong_secret_is_refused_and_backs_off(tmp_path: Path) -> None:
+    async def body(p: Pair) -> None:
+        await p.eu.write(commands.create("group", "staff", {"name": "Staff"}), actor="t")
+        assert not await p.replicator.sync_with("us")
+        peer = p.replicator.peers["us"]
+        assert peer.failures == 1
+        assert peer.last_error is not None
+        assert "401" in peer.last_error
+        assert p.transport.streams_opened == 0
+        assert p.transport.mode("us") == "stream"  # refused is not "has no stream"
+        assert p.us.state.seq == 0
+
+    run(tmp_path, body, secret="not-the-cluster-secret")
+
+
+def test_a_peer_without_the_stream_is_reached_over_http(tmp_path: Path) -> None:
+    async def body(p: Pair) -> None:
+        await p.eu.write(commands.create("group", "staff", {"name": "Staff"}), actor="t")
+        assert await p.replicator.sync_with("us")
+        assert p.us.entity("group", "staff").exists
+        assert p.transport.mode("us") == "http"
+        assert p.transport.streams_opened == 0
+        assert p.transport.bytes_sent > 0
+
+    run(tmp_path, body, stream=False)
+
+
+def test_status_names_each_peers_transport(tmp_path: Path) -> None:
+    async def body(p: Pair) -> None:
+        [peer] = p.service.report()["replication"]["peers"]
+        assert peer["transport"] == "stream"
+        assert p.service.report()["replication"]["streams_refused"] == 0
+
+    run(tmp_path, body)
+
+
+# --------------------------------------------------------------------------- raw frames
+
+
+def request_body(sender: str, *events: Event) -> bytes:
+    raws = tuple(RawEvent(e.dot, ev.encode(e)) for e in events)
+    return protocol.encode(Sync(Tag.SYNC_REQUEST, sender, VersionVector(), raws))
+
+
+def create(origin: str, counter: int, user_id: str) -> Event:
+    return Event(
+        Dot(origin, counter), (wall_clock_ms() << 16) + counter, f"user/{user_id}", Op.CREATE
+    )
+
+
+@dataclass
+class Opened:
+    ws: aiohttp.ClientWebSocketResponse
+    mac: FrameMac
+    sender: str
+
+
+@asynccontextmanager
+async def opened(base: str, sender: str) -> AsyncIterator[Opened]:
+    """A stream opened by hand, as a peer's transport opens it."""
+    nonce = os.urandom(NONCE_BYTES)
+    headers = {
+        NONCE: _nonce_text(nonce),
+        **auth.sign_request(SECRET, "GET", STREAM_PATH, nonce, sender),
+    }
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(base + STREAM_PATH, headers=headers) as ws,
+    ):
+        hello = await ws.receive_bytes(timeout=5)
+        server_nonce = hello[:NONCE_BYTES]
+        assert hello[NONCE_BYTES:] == _hello_mac(SECRET, sender, nonce, server_nonce)
+        yield Opened(ws, FrameMac(SECRET, sender, nonce, server_nonce), sender)
+
+
+async def answer_of(o: Opened) -> tuple[int, int, bytes]:
+    (request_id, status), body = o.mac.read(b"a", _ANSWER_HEAD, await o.ws.receive_bytes(timeout=5))
+    return request_id, status, body
+
+
+async def closed_with(o: Opened) -> int | None:
+    message = await o.ws.receive(timeout=5)
+    assert message.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING)
+    return o.ws.close_code
+
+
+def frames(tmp_path: Path, body: Callable[[Pair, Opened], Awaitable[None]]) -> None:
+    async def test(p: Pair) -> None:
+        async with opened(p.base, p.eu.identity.replica_id) as o:
+            await body(p, o)
+
+    run(tmp_path, test)
+
+
+def test_a_signed_frame_is_answered_and_the_stream_stays_open(tmp_path: Path) -> None:
+    async def body(p: Pair, o: Opened) -> None:
+        me = o.sender
+        await o.ws.send_bytes(o.mac.request(1, request_body(me, create(me, 1, "homer"))))
+        request_id, status, answer = await answer_of(o)
+        assert (request_id, status) == (1, 200)
+        assert protocol.decode(answer, expect=Tag.SYNC_RESPONSE).tag is Tag.SYNC_RESPONSE
+        await o.ws.send_bytes(o.mac.request(7, request_body(me, create(me, 2, "marge"))))
+        assert (await answer_of(o))[:2] == (7, 200)
+        assert p.us.state.seq == 2
+
+    frames(tmp_path, body)
+
+
+def test_a_malformed_batch_is_answered_400_and_writes_nothing(tmp_path: Path) -> None:
+    async def body(p: Pair, o: Opened) -> None:
+        me = o.sender
+        bad = Event(Dot(me, 2), wall_clock_ms() << 16, "user/not an id", Op.CREATE)
+        await o.ws.send_bytes(o.mac.request(1, request_body(me, create(me, 1, "homer"), bad)))
+        request_id, status, answer = await answer_of(o)
+        assert (request_id, status) == (1, 400)
+        assert b"bad_batch" in answer
+        await o.ws.send_bytes(o.mac.request(2, b"\xc1 not msgpack"))
+        assert (await answer_of(o))[:2] == (2, 400)
+        assert p.us.state.seq == 0
+        await o.ws.send_bytes(o.mac.request(3, request_body(me, create(me, 1, "homer"))))
+        assert (await answer_of(o))[:2] == (3, 200)  # the stream is still good
+        assert p.us.state.seq == 1
+
+    frames(tmp_path, body)
+
+
+def forged(o: Opened, frame: bytes) -> bytes:
+    return frame[:4] + bytes(MAC_BYTES) + frame[4 + MAC_BYTES :]
+
+
+BAD_FRAMES: dict[str, Callable[[Opened, bytes], bytes]] = {
+    "forged signature": forged,
+    "body changed after signing": lambda o, frame: frame + b"x",
+    "shorter than its head": lambda o, frame: frame[:10],
+    "signed for the other direction": lambda o, frame: (
+        frame[:4] + o.mac.of(b"a", frame[:4], frame[4 + MAC_BYTES :]) + frame[4 + MAC_BYTES :]
+    ),
+    "signed with another stream's key": lambda o, frame: FrameMac(
+        SECRET, o.sender, os.urandom(NONCE_BYTES), os.urandom(NONCE_BYTES)
+    ).request(1, frame[4 + MAC_BYTES :]),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_FRAMES))
+def test_a_bad_frame_closes_the_stream_and_writes_nothing(tmp_path: Path, kind: str) -> None:
+    async def body(p: Pair, o: Opened) -> None:
+        me = o.sender
+        frame = o.mac.request(1, request_body(me, create(me, 1, "homer")))
+        await o.ws.send_bytes(BAD_FRAMES[kind](o, frame))
+        assert await closed_with(o) == WSCloseCode.POLICY_VIOLATION
+        assert p.us.state.seq == 0
+        assert p.service.endpoint.refused == 1
+
+    frames(tmp_path, body)
+
+
+def test_a_replayed_request_closes_the_stream_and_is_not_applied_again(tmp_path: Path) -> None:
+    async def body(p: Pair, o: Opened) -> None:
+        me = o.sender
+        first = o.mac.request(5, request_body(me, create(me, 1, "homer")))
+        await o.ws.send_bytes(first)
+        assert (await answer_of(o))[:2] == (5, 200)
+        await o.ws.send_bytes(first)
+        assert await closed_with(o) == WSCloseCode.POLICY_VIOLATION
+        smaller = o.mac.request(4, request_body(me, create(me, 2, "marge")))
+        with pytest.raises((ConnectionError, RuntimeError)):
+            await o.ws.send_bytes(smaller)  # closed: nothing more is read
+        assert p.us.state.seq == 1
+
+    frames(tmp_path, body)
+
+
+def test_a_text_frame_closes_the_stream(tmp_path: Path) -> None:
+    async def body(p: Pair, o: Opened) -> None:
+        await o.ws.send_str("hello")
+        assert await closed_with(o) == WSCloseCode.UNSUPPORTED_DATA
+        assert p.us.state.seq == 0
+
+    frames(tmp_path, body)
+
+
+def test_a_frame_past_the_body_limit_closes_the_stream_and_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    async def body(p: Pair, o: Opened) -> None:
+        me = o.sender
+        events = [create(me, i, f"user{i}") for i in range(1, 2_000)]
+        data = request_body(me, *events)
+        assert len(data) > BODY_BYTES_MAX
+        await o.ws.send_bytes(o.mac.request(1, data))
+        assert await closed_with(o) == WSCloseCode.MESSAGE_TOO_BIG
+        assert p.us.state.seq == 0
+
+    frames(tmp_path, body)
+
+
+def test_opening_a_stream_needs_a_signature_over_a_nonce(tmp_path: Path) -> None:
+    async def body(p: Pair) -> None:
+        me = p.eu.identity.replica_id
+        nonce = os.urandom(NONCE_BYTES)
+        good = {
+            NONCE: _nonce_text(nonce),
+            **auth.sign_request(SECRET, "GET", STREAM_PATH, nonce, me),
+        }
+        other_nonce = {**good, NONCE: _nonce_text(os.urandom(NONCE_BYTES))}
+        cases = {
+            "no nonce": ({k: v for k, v in good.items() if k != NONCE}, 400),
+            "a nonce of the wrong size": ({**good, NONCE: "abc"}, 400),
+            "a nonce that is not base64url": ({**good, NONCE: "!" * 22}, 400),
+            "unsigned": ({NONCE: good[NONCE]}, 401),
+            "signed over another nonce": (other_nonce, 401),
+        }
+        async with aiohttp.ClientSession() as session:
+            for name, (headers, status) in cases.items():
+                with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                    await session.ws_connect(p.base + STREAM_PATH, headers=headers)
+                assert refused.value.status == status, name
+            async with session.get(p.base + STREAM_PATH, headers=good) as r:  # no upgrade
+                assert r.status == 400
+                assert (await r.json())["error"] == "not_websocket"
+        assert p.service.endpoint.open == set()
+
+    run(tmp_path, body)
+
+
+# --------------------------------------------------------------------------- the transport
+
+
+@asynccontextmanager
+async def endpoint(
+    answer: Callable[[bytes], Awaitable[tuple[int, bytes]]],
+) -> AsyncIterator[tuple[str, StreamEndpoint]]:
+    served = StreamEndpoint(SECRET, answer, message_bytes_max=BODY_BYTES_MAX, auth_window_ms=30_000)
+    app = web.Application()
+    app.router.add_get(STREAM_PATH, served.handle)
+    async with TestServer(app) as server:
+        try:
+            yield str(server.make_url("/")).rstrip("/"), served
+        finally:
+            await served.close()
+
+
+def test_concurrent_requests_share_one_stream_and_get_their_own_answers() -> None:
+    async def echo(body: bytes) -> tuple[int, bytes]:
+        await asyncio.sleep((body[-1] % 7) / 1000)  # answered out of order
+        return 200, b"echo " + body
+
+    async def main() -> None:
+        async with endpoint(echo) as (base, _):
+            transport = stream_transport(base)
+            try:
+                bodies = [b"request %d" % i for i in range(40)]
+                answers = await asyncio.gather(*(transport.send("us", b) for b in bodies))
+                assert answers == [b"echo " + b for b in bodies]
+                assert transport.streams_opened == 1
+            finally:
+                await transport.close()
+
+    asyncio.run(main())
+
+
+def test_an_error_status_is_a_transport_error() -> None:
+    async def refuse(body: bytes) -> tuple[int, bytes]:
+        return 503, b'{"error": "overloaded"}'
+
+    async def main() -> None:
+        async with endpoint(refuse) as (base, _):
+            transport = stream_transport(base)
+            try:
+                with pytest.raises(TransportError, match="503"):
+                    await transport.send("us", b"x")
+            finally:
+                await transport.close()
+
+    asyncio.run(main())
+
+
+def test_a_request_left_unanswered_times_out_and_the_next_opens_a_new_stream() -> None:
+    async def slow_once(body: bytes) -> tuple[int, bytes]:
+        if body == b"slow":
+            await asyncio.sleep(5)
+        return 200, body
+
+    async def main() -> None:
+        async with endpoint(slow_once) as (base, _):
+            transport = stream_transport(base, timeout_ms=300)
+            try:
+                with pytest.raises(TransportError, match="no answer in 300 ms"):
+                    await transport.send("us", b"slow")
+                assert await transport.send("us", b"fast") == b"fast"
+                assert transport.streams_opened == 2
+            finally:
+                await transport.close()
+
+    asyncio.run(main())
+
+
+def test_a_stream_outlives_the_request_timeout_between_requests() -> None:
+    """The session's timeout bounds a request, not the stream's life."""
+
+    async def echo(body: bytes) -> tuple[int, bytes]:
+        return 200, body
+
+    async def main() -> None:
+        async with endpoint(echo) as (base, _):
+            transport = stream_transport(base, timeout_ms=200)
+            try:
+                assert await transport.send("us", b"one") == b"one"
+                await asyncio.sleep(0.6)
+                assert await transport.send("us", b"two") == b"two"
+                assert transport.streams_opened == 1
+            finally:
+                await transport.close()
+
+    asyncio.run(main())
+
+
+def test_a_stream_the_server_closes_fails_its_waiting_request_and_the_next_reopens() -> None:
+    async def main() -> None:
+        started = asyncio.Event()
+
+        async def hang(body: bytes) -> tuple[int, bytes]:
+            if body == b"hang":
+                started.set()
+                await asyncio.sleep(5)
+            return 200, body
+
+        async with endpoint(hang) as (base, served):
+            transport = stream_transport(base)
+            try:
+                waiting = asyncio.ensure_future(transport.send("us", b"hang"))
+                await started.wait()
+                await served.close()  # the node stops
+                with pytest.raises(TransportError):
+                    await waiting
+                assert await transport.send("us", b"again") == b"again"
+                assert transport.streams_opened == 2
+            finally:
+                await transport.close()
+
+    asyncio.run(main())
+
+
+async def fake_server(hello: Callable[[bytes, bytes], bytes], answer: bytes | None) -> TestServer:
+    """A server that is not a peer: it opens a stream with ``hello(client_nonce,
+    server_nonce)`` and answers each frame with ``answer``."""
+
+    async def handle(request: web.Request) -> web.WebSocketResponse:
+        client_nonce = request.headers[NONCE].encode()
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        server_nonce = os.urandom(NONCE_BYTES)
+        await ws.send_bytes(server_nonce + hello(client_nonce, server_nonce))
+        async for _ in ws:
+            if answer is not None:
+                await ws.send_bytes(answer)
+        return ws
+
+    app = web.Application()
+    app.router.add_get(STREAM_PATH, handle)
+    server = TestServer(app)
+    await server.start_server()
+    return server
+
+
+def test_a_server_that_does_not_know_the_secret_is_not_trusted() -> None:
+    async def main() -> None:
+        server = await fake_server(lambda c, s: bytes(MAC_BYTES), None)
+        transport = stream_transport(str(server.make_url("/")).rstrip("/"))
+        try:
+            with pytest.raises(TransportError, match="bad stream hello signature"):
+                await transport.send("us", b"x")
+            assert transport.streams_opened == 0
+        finally:
+            await transport.close()
+            await server.close()
+
+    asyncio.run(main())
+
+
+def test_a_forged_answer_fails_the_request() -> None:
+    async def main() -> None:
+        # A server that knows the secret opens the stream; an answer it did not sign
+        # (in flight, say) fails the request.
+        forged_answer = _ANSWER_HEAD.pack(1, 200) + bytes(MAC_BYTES) + b"forged"
+        sender = "eu~abcd"
+
+        def hello(client_nonce_text: bytes, server_nonce: bytes) -> bytes:
+            nonce = _nonce_of(client_nonce_text.decode())
+            return _hello_mac(SECRET, sender, nonce, server_nonce)
+
+        server = await fake_server(hello, forged_answer)
+        transport = stream_transport(str(server.make_url("/")).rstrip("/"), sender=sender)
+        try:
+            with pytest.raises(TransportError, match="bad frame signature"):
+                await transport.send("us", b"x")
+        finally:
+            await transport.close()
+            await server.close()
+
+    asyncio.run(main())
