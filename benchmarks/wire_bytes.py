@@ -238,8 +238,11 @@ class Relay:
             writer.close()
 
 
-async def _http(root: Path, pushes: int) -> dict[str, float]:
-    """eu -> us over real HTTP: an idle round and single-event pushes, TCP payload counted."""
+async def _tcp(root: Path, pushes: int, kind: str) -> dict[str, float]:
+    """eu -> us over real sockets, ``kind`` "stream" (the default transport) or "http"
+    (the fallback): an idle round, single-event pushes and 10-event pushes, TCP payload
+    counted by a relay. A stream's opening (its upgrade request, answer and hello) is
+    counted apart, as it is paid once per connection, not per round."""
     from aiohttp import web
     from aiohttp.test_utils import TestServer
 
@@ -250,18 +253,20 @@ async def _http(root: Path, pushes: int) -> dict[str, float]:
     from replication.protocol import RawEvent
     from replication.replicator import Replicator
     from replication.service import ReplicationService
-    from replication.transport import HttpTransport
+    from replication.stream import ANSWER_HEAD_BYTES, REQUEST_HEAD_BYTES, StreamTransport
+    from replication.transport import HttpTransport, Transport
 
-    eu = Replica.open(root / "h-eu", "eu")
-    us = Replica.open(root / "h-us", "us")
-    server = relay = transport = None
+    eu = Replica.open(root / f"{kind}-eu", "eu")
+    us = Replica.open(root / f"{kind}-us", "us")
+    server = relay = None
+    transport: Transport | None = None
     try:
         loop = asyncio.get_running_loop()
         eu.bind(loop)
         us.bind(loop)
         settings = Settings(
             region="us",
-            data_dir=root / "h-us",
+            data_dir=root / f"{kind}-us",
             peers=(Peer("eu", "http://127.0.0.1:9"),),
             cluster_secret=SECRET,
         )
@@ -272,13 +277,23 @@ async def _http(root: Path, pushes: int) -> dict[str, float]:
         await server.start_server()
         relay = Relay(int(server.port or 0))
         port = await relay.start()
-        transport = HttpTransport(
-            {"us": f"http://127.0.0.1:{port}"}, secret=SECRET, sender=eu.identity.replica_id
-        )
+        urls = {"us": f"http://127.0.0.1:{port}"}
+        sender = eu.identity.replica_id
+        http = HttpTransport(urls, secret=SECRET, sender=sender)
+        transport = http
+        if kind == "stream":
+            transport = StreamTransport(
+                urls,
+                secret=SECRET,
+                sender=sender,
+                http=http,
+                message_bytes_max=settings.sync_body_bytes_max,
+            )
         sizes: list[int] = []
+        sizes10: list[int] = []
 
         class Bodies:
-            up = down = 0
+            up = down = framing = 0  # framing: what a stream adds to each round's bodies
 
         send = transport.send
 
@@ -286,6 +301,8 @@ async def _http(root: Path, pushes: int) -> dict[str, float]:
             answer = await send(peer, body)
             Bodies.up += len(body)
             Bodies.down += len(answer)
+            Bodies.framing += _ws_frame(REQUEST_HEAD_BYTES + len(body), masked=True) - len(body)
+            Bodies.framing += _ws_frame(ANSWER_HEAD_BYTES + len(answer), masked=False) - len(answer)
             return answer
 
         transport.send = counted  # type: ignore[method-assign]
@@ -294,9 +311,9 @@ async def _http(root: Path, pushes: int) -> dict[str, float]:
         await _writes(us, 20, 0, create=True)
         for _ in range(2):  # both sides know each other's summary; the connection is open
             if not await replicator.sync_with("us"):
-                raise RuntimeError("HTTP sync failed")
+                raise RuntimeError(f"{kind} sync failed")
         if eu.summary != us.summary:
-            raise AssertionError("HTTP pair did not converge")
+            raise AssertionError(f"{kind} pair did not converge")
 
         def mark() -> tuple[int, int, int, int]:
             assert relay is not None
@@ -312,24 +329,45 @@ async def _http(root: Path, pushes: int) -> dict[str, float]:
             replicator.enqueue([RawEvent(event.dot, data)])
             await replicator.push("us")
         m2 = mark()
+        for i in range(pushes // 10):
+            written = await _writes(eu, 10, pushes + 10 * i, users=20)
+            raws = [RawEvent(e.dot, ev.encode(e)) for e in written]
+            sizes10.extend(len(r.data) for r in raws)
+            replicator.enqueue(raws)
+            await replicator.push("us")
+        m3 = mark()
         if eu.summary != us.summary:
-            raise AssertionError("HTTP pushes did not arrive")
-        signed = auth.sign_request(SECRET, "POST", "/replication/sync", b"", eu.identity.replica_id)
+            raise AssertionError(f"{kind} pushes did not arrive")
+        one_stream = ("stream", 1)
+        if isinstance(transport, StreamTransport) and (
+            (transport.mode("us"), transport.streams_opened) != one_stream
+        ):
+            raise AssertionError("the rounds did not all go over one stream")
+        signed = auth.sign_request(SECRET, "POST", "/replication/sync", b"", sender)
         signed_bytes = sum(len(k) + 2 + len(v) + 2 for k, v in signed.items())
         resp_signed = auth.sign_response(SECRET, 200, b"")
         resp_signed_bytes = sum(len(k) + 2 + len(v) + 2 for k, v in resp_signed.items())
-        idle_tcp = (m1[0] - m0[0]) + (m1[1] - m0[1])
-        idle_bodies = (m1[2] - m0[2]) + (m1[3] - m0[3])
-        push_tcp = (m2[0] - m1[0]) + (m2[1] - m1[1])
-        push_bodies = (m2[2] - m1[2]) + (m2[3] - m1[3])
+
+        def tcp(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+            return (b[0] - a[0]) + (b[1] - a[1])
+
+        def bodies(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+            return (b[2] - a[2]) + (b[3] - a[3])
+
+        # All the payload, less every round's bodies and frames: what opening the stream cost.
+        opening = m3[0] + m3[1] - (m3[2] + m3[3]) - Bodies.framing
         return {
             "origins": len(eu.summary.origins),
-            "idle_tcp": idle_tcp,
-            "idle_headers": idle_tcp - idle_bodies,
-            "push_tcp_per_event": push_tcp / pushes,
-            "push_bodies_per_event": push_bodies / pushes,
+            "idle_tcp": tcp(m0, m1),
+            "idle_headers": tcp(m0, m1) - bodies(m0, m1),
+            "push_tcp_per_event": tcp(m1, m2) / pushes,
+            "push_bodies_per_event": bodies(m1, m2) / pushes,
             "event_bytes": sum(sizes) / len(sizes),
+            "push10_tcp_per_event": tcp(m2, m3) / len(sizes10),
+            "push10_bodies_per_event": bodies(m2, m3) / len(sizes10),
+            "event10_bytes": sum(sizes10) / len(sizes10),
             "signed_headers": signed_bytes + resp_signed_bytes,
+            "opening": opening,
         }
     finally:
         if transport is not None:
@@ -337,9 +375,16 @@ async def _http(root: Path, pushes: int) -> dict[str, float]:
         if relay is not None:
             await relay.stop()
         if server is not None:
+            await service.stop()
             await server.close()
         eu.close()
         us.close()
+
+
+def _ws_frame(payload: int, *, masked: bool) -> int:
+    """A WebSocket frame's size for ``payload`` bytes (RFC 6455 5.2): a client masks."""
+    length = 0 if payload < 126 else 2 if payload < 65_536 else 8
+    return payload + 2 + length + (4 if masked else 0)
 
 
 # --------------------------------------------------------------------------- protocol
@@ -437,20 +482,20 @@ async def _protocol(root: Path, pushes: int, bulk: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- run
 
 
-async def _main(quick: bool) -> tuple[dict[str, Any], dict[str, float]]:
+async def _main(quick: bool) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
     pushes = 50 if quick else 200
     bulk = 2_000 if quick else 12_000
     root = Path(tempfile.mkdtemp(prefix="bench-wire-"))
     try:
         proto = await _protocol(root, pushes, bulk)
-        http = await _http(root, pushes)
+        tcp = {kind: await _tcp(root, pushes, kind) for kind in ("stream", "http")}
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    return proto, http
+    return proto, tcp
 
 
 def run(quick: bool) -> list[Row]:
-    proto, http = asyncio.run(_main(quick))
+    proto, tcp = asyncio.run(_main(quick))
     push, push10, bulk = proto["push"], proto["push10"], proto["bulk"]
     rows = [
         row(NAME, f"eager push, 1 event/push, 3 origins, {push['rounds'] / push['deliveries']:g} "
@@ -470,14 +515,30 @@ def run(quick: bool) -> list[Row]:
                 f"(request {req} + response {resp}) vs 200 + 16/origin",
                 req + resp, "bytes", idle_budget(origins), at_most=1.0)
         )  # fmt: skip
+    stream, http = tcp["stream"], tcp["http"]
     rows += [
-        row(NAME, f"HTTP eager push, 1 event/round, {http['origins']} origins: TCP payload "
-            f"per event (bodies {http['push_bodies_per_event']:.0f} + HTTP)",
-            http["push_tcp_per_event"], "bytes", http["event_bytes"], at_most=1.5),
+        row(NAME, f"stream (the default transport) eager push, 1 event/round, "
+            f"{stream['origins']} origins: TCP payload per event (bodies "
+            f"{stream['push_bodies_per_event']:.0f} + framing)",
+            stream["push_tcp_per_event"], "bytes", stream["event_bytes"], at_most=1.5),
+        row(NAME, f"stream eager push, 10 events/round (load): TCP payload per event (bodies "
+            f"{stream['push10_bodies_per_event']:.0f} + framing)",
+            stream["push10_tcp_per_event"], "bytes", stream["event10_bytes"], at_most=1.5),
+        row(NAME, f"stream idle round, {stream['origins']} origins: TCP payload (framing "
+            f"{stream['idle_headers']:.0f}) vs 200 + 16/origin",
+            stream["idle_tcp"], "bytes", idle_budget(int(stream["origins"])), at_most=1.0),
+        row(NAME, "stream opening, once per connection: upgrade request, answer and hello",
+            stream["opening"], "bytes"),
+        row(NAME, f"HTTP (the fallback, for peers without the stream) eager push, 1 event/round: "
+            f"TCP payload per event (bodies {http['push_bodies_per_event']:.0f} + HTTP)",
+            http["push_tcp_per_event"], "bytes", http["event_bytes"]),
+        row(NAME, f"HTTP eager push, 10 events/round: TCP payload per event (bodies "
+            f"{http['push10_bodies_per_event']:.0f} + HTTP)",
+            http["push10_tcp_per_event"], "bytes", http["event10_bytes"]),
         row(NAME, f"HTTP idle round, {http['origins']} origins: TCP payload "
             f"(HTTP lines+headers {http['idle_headers']:.0f}, of which X-Replica-Auth "
             f"{http['signed_headers']:.0f}) vs 200 + 16/origin",
-            http["idle_tcp"], "bytes", idle_budget(int(http["origins"])), at_most=1.0),
+            http["idle_tcp"], "bytes", idle_budget(int(http["origins"]))),
     ]  # fmt: skip
     return rows
 
