@@ -62,6 +62,9 @@ REQUEST_ID_MAX = 2**32 - 1  # a stream that used them all is closed; the next on
 STREAM_REQUESTS_IN_FLIGHT_MAX = 8  # answered at once per stream; more wait, unread
 HTTP_FALLBACK_MS = 60_000  # a peer without the stream endpoint: HTTP this long, then ask again
 CLOSE_WAIT_MS = 1_000  # how long closing a stream waits for the peer's close frame
+# The server pings a stream this often and closes it if no pong comes within half of it:
+# a peer that vanished (a half-open connection) does not hold its stream for hours.
+STREAM_HEARTBEAT_MS = 30_000
 
 Answer = Callable[[bytes], Awaitable[tuple[int, bytes]]]
 
@@ -314,8 +317,10 @@ class StreamEndpoint:
         message_bytes_max: int,
         auth_window_ms: int,
         in_flight_max: int = STREAM_REQUESTS_IN_FLIGHT_MAX,
+        heartbeat_ms: int = STREAM_HEARTBEAT_MS,
     ) -> None:
         self.secret, self.answer = secret, answer
+        self.heartbeat_ms = heartbeat_ms
         self.message_bytes_max = message_bytes_max
         self.auth_window_ms = auth_window_ms
         self.in_flight_max = in_flight_max
@@ -339,7 +344,11 @@ class StreamEndpoint:
         except AuthError as exc:
             return error_response(401, "unauthorized", f"replication stream refused: {exc}")
         ws = web.WebSocketResponse(
-            compress=False, autoping=True, max_msg_size=self.message_bytes_max + REQUEST_HEAD_BYTES
+            timeout=CLOSE_WAIT_MS / 1000,
+            heartbeat=self.heartbeat_ms / 1000,
+            compress=False,
+            autoping=True,
+            max_msg_size=self.message_bytes_max + REQUEST_HEAD_BYTES,
         )
         if not ws.can_prepare(request).ok:
             return error_response(400, "not_websocket", "open the stream with a WebSocket upgrade")

@@ -372,9 +372,15 @@ def test_opening_a_stream_needs_a_signature_over_a_nonce(tmp_path: Path) -> None
 
 @asynccontextmanager
 async def endpoint(
-    answer: Callable[[bytes], Awaitable[tuple[int, bytes]]],
+    answer: Callable[[bytes], Awaitable[tuple[int, bytes]]], *, heartbeat_ms: int = 30_000
 ) -> AsyncIterator[tuple[str, StreamEndpoint]]:
-    served = StreamEndpoint(SECRET, answer, message_bytes_max=BODY_BYTES_MAX, auth_window_ms=30_000)
+    served = StreamEndpoint(
+        SECRET,
+        answer,
+        message_bytes_max=BODY_BYTES_MAX,
+        auth_window_ms=30_000,
+        heartbeat_ms=heartbeat_ms,
+    )
     app = web.Application()
     app.router.add_get(STREAM_PATH, served.handle)
     async with TestServer(app) as server:
@@ -541,5 +547,34 @@ def test_a_forged_answer_fails_the_request() -> None:
         finally:
             await transport.close()
             await server.close()
+
+    asyncio.run(main())
+
+
+def test_a_peer_that_vanished_does_not_hold_its_stream() -> None:
+    """A half-open connection: the peer neither sends nor answers pings. The server's
+    heartbeat closes the stream and forgets it."""
+
+    async def echo(body: bytes) -> tuple[int, bytes]:
+        return 200, body
+
+    async def main() -> None:
+        async with endpoint(echo, heartbeat_ms=200) as (base, served):
+            nonce = os.urandom(NONCE_BYTES)
+            headers = {
+                NONCE: _nonce_text(nonce),
+                **auth.sign_request(SECRET, "GET", STREAM_PATH, nonce, "eu~abcd"),
+            }
+            async with (
+                aiohttp.ClientSession() as session,
+                session.ws_connect(base + STREAM_PATH, headers=headers, autoping=False) as ws,
+            ):
+                await ws.receive_bytes(timeout=5)  # the hello
+                assert len(served.open) == 1
+                for _ in range(50):  # pings come and go unanswered
+                    await asyncio.sleep(0.05)
+                    if not served.open:
+                        break
+                assert served.open == set()
 
     asyncio.run(main())
