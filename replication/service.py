@@ -189,7 +189,10 @@ class ReplicationService:
         if status != 200:
             headers = {"Retry-After": "1"} if status == 503 else None
             return web.Response(
-                status=status, body=answer, content_type="application/json", headers=headers
+                status=status,
+                text=answer.decode(),
+                content_type="application/json",
+                headers=headers,
             )
         return web.Response(
             body=answer,

@@ -38,6 +38,7 @@ import logging
 import os
 import re
 import struct
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -61,6 +62,11 @@ ANSWER_HEAD_BYTES = _ANSWER_HEAD.size + MAC_BYTES
 REQUEST_ID_MAX = 2**32 - 1  # a stream that used them all is closed; the next one starts at 1
 STREAM_REQUESTS_IN_FLIGHT_MAX = 8  # answered at once per stream; more wait, unread
 HTTP_FALLBACK_MS = 60_000  # a peer without the stream endpoint: HTTP this long, then ask again
+# Answers to an upgrade that mean "no stream here" rather than "refused": an older version
+# (404, 405), or a proxy on the way that does not pass the upgrade (400, 426, 501).
+NO_STREAM_STATUSES = frozenset({400, 404, 405, 426, 501})
+SEND_WAIT_MS = REQUEST_TIMEOUT_MS  # an answer not written by then: the stream is dropped
+OPENINGS_REMEMBERED_MAX = 10_000  # client nonces refused again while their signature is fresh
 CLOSE_WAIT_MS = 1_000  # how long closing a stream waits for the peer's close frame
 # The server pings a stream this often and closes it if no pong comes within half of it:
 # a peer that vanished (a half-open connection) does not hold its stream for hours.
@@ -139,15 +145,26 @@ class _Link:
         return not self.ws.closed and not self.reader.done() and self.next_id <= REQUEST_ID_MAX
 
     async def request(self, body: bytes, timeout_s: float) -> tuple[int, bytes]:
+        """Send one request and wait for its answer, both within ``timeout_s``.
+
+        A request whose answer is late fails alone: the others sharing the stream go on
+        (a stream that went silent is the heartbeat's to close). One that could not even
+        be written closes the stream, as the peer takes nothing: the next opens another."""
         request_id = self.next_id
         self.next_id += 1
-        future = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
         self.waiting[request_id] = future
+        sent = False
         try:
-            await self.ws.send_bytes(self.mac.request(request_id, body))
-            return await asyncio.wait_for(future, timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await self.ws.send_bytes(self.mac.request(request_id, body))
+                sent = True
+                return await future
         except TimeoutError:
-            await self.close()  # the stream may be dead: the next request opens another
+            self.waiting.pop(request_id, None)
+            future.cancel()
+            if not sent:
+                await self.close()
             raise TransportError(f"{self.peer}: no answer in {timeout_s * 1000:.0f} ms") from None
         except (aiohttp.ClientError, ConnectionError, RuntimeError) as exc:
             raise TransportError(f"{self.peer}: stream: {type(exc).__name__}: {exc}") from exc
@@ -177,17 +194,20 @@ class _Link:
                 if not future.done():
                     future.set_exception(TransportError(f"{self.peer}: {why}"))
             if not self.ws.closed:
-                await self._close_ws(WSCloseCode.POLICY_VIOLATION)
-
-    async def _close_ws(self, code: int) -> None:
-        with contextlib.suppress(TimeoutError, aiohttp.ClientError, ConnectionError):
-            await asyncio.wait_for(self.ws.close(code=code), CLOSE_WAIT_MS / 1000)
+                await _close_client(self.ws, WSCloseCode.POLICY_VIOLATION)
 
     async def close(self) -> None:
-        await self._close_ws(WSCloseCode.GOING_AWAY)
+        await _close_client(self.ws, WSCloseCode.GOING_AWAY)
         if not self.reader.done():
             self.reader.cancel()
         await asyncio.gather(self.reader, return_exceptions=True)
+
+
+async def _close_client(ws: aiohttp.ClientWebSocketResponse, code: int) -> None:
+    """Close within ``CLOSE_WAIT_MS``: past it (a peer that reads nothing), aiohttp drops
+    the connection as the close is cancelled."""
+    with contextlib.suppress(TimeoutError, aiohttp.ClientError, ConnectionError, RuntimeError):
+        await asyncio.wait_for(ws.close(code=code), CLOSE_WAIT_MS / 1000)
 
 
 class StreamTransport:
@@ -215,6 +235,7 @@ class StreamTransport:
         self._http_until_ms: dict[str, int] = {}  # peers without a stream endpoint
         self.bytes_sent = 0
         self.streams_opened = 0
+        self.closed = False
 
     def mode(self, peer: str) -> str:
         """How ``peer`` is reached now: "stream" or "http" (it has no stream endpoint)."""
@@ -225,6 +246,10 @@ class StreamTransport:
             answer = await self.http.send(peer, body)
             self.bytes_sent += len(body) + len(answer)
             return answer
+        if len(body) > self.message_bytes_max:  # as HTTP's 413: this request alone fails
+            raise TransportError(
+                f"{peer}: a body of {len(body)} bytes is over {self.message_bytes_max}"
+            )
         link = await self._link(peer)
         if link is None:  # it has no stream endpoint: HTTP from now on, for a while
             return await self.send(peer, body)
@@ -240,6 +265,8 @@ class StreamTransport:
             return link
         lock = self._opening.setdefault(peer, asyncio.Lock())
         async with lock:  # one stream per peer, however many tasks want it at once
+            if self.closed:
+                raise TransportError(f"{peer}: the transport is closed")
             link = self._links.get(peer)
             if link is not None and link.usable:
                 return link
@@ -263,21 +290,26 @@ class StreamTransport:
                 headers=headers,
                 compress=0,
                 autoping=True,
+                # Pinged after this long without a word from the peer, and closed if no
+                # pong follows within half of it: a stream that went silent is dropped.
+                heartbeat=self.timeout_s / 2,
                 max_msg_size=self.message_bytes_max + ANSWER_HEAD_BYTES,
                 timeout=aiohttp.ClientWSTimeout(ws_close=CLOSE_WAIT_MS / 1000),
             )
         except aiohttp.WSServerHandshakeError as exc:
-            if exc.status in (404, 405):
+            if exc.status in NO_STREAM_STATUSES:
                 logger.warning(
-                    "%s has no %s (an older version?): HTTP for %d ms",
+                    "%s cannot open %s (%d: an older version, or a proxy that does not pass"
+                    " the upgrade): HTTP for %d ms",
                     peer,
                     STREAM_PATH,
+                    exc.status,
                     HTTP_FALLBACK_MS,
                 )
                 self._http_until_ms[peer] = now_ms() + HTTP_FALLBACK_MS
                 return None
             raise TransportError(f"{peer} refused the stream: {exc.status} {exc.message}") from exc
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        except (aiohttp.ClientError, TimeoutError, OSError, RuntimeError) as exc:
             raise TransportError(f"{peer}: {type(exc).__name__}: {exc}") from exc
         try:
             hello = await ws.receive(self.timeout_s)
@@ -296,6 +328,7 @@ class StreamTransport:
         return _Link(peer, ws, FrameMac(self.secret, self.sender, client_nonce, server_nonce))
 
     async def close(self) -> None:
+        self.closed = True
         links, self._links = list(self._links.values()), {}
         await asyncio.gather(*(link.close() for link in links))
         await self.http.close()
@@ -307,7 +340,13 @@ class StreamTransport:
 class StreamEndpoint:
     """The server side: ``GET /replication/stream`` upgrades to a stream of sync requests,
     each answered by ``answer`` (status, body), at most ``STREAM_REQUESTS_IN_FLIGHT_MAX``
-    at once per stream."""
+    at once per stream.
+
+    Each sender has one stream: a new one (it reconnected) closes the one before. An
+    opening's nonce is refused again while its signature is fresh, so a captured upgrade
+    request opens nothing. No write to a peer waits longer than ``SEND_WAIT_MS``, nor a
+    close longer than ``CLOSE_WAIT_MS``: past them the connection is dropped, so a peer
+    that stops reading can hold no task, and no shutdown, for long."""
 
     def __init__(
         self,
@@ -318,16 +357,40 @@ class StreamEndpoint:
         auth_window_ms: int,
         in_flight_max: int = STREAM_REQUESTS_IN_FLIGHT_MAX,
         heartbeat_ms: int = STREAM_HEARTBEAT_MS,
+        send_wait_ms: int = SEND_WAIT_MS,
     ) -> None:
         self.secret, self.answer = secret, answer
         self.heartbeat_ms = heartbeat_ms
         self.message_bytes_max = message_bytes_max
         self.auth_window_ms = auth_window_ms
         self.in_flight_max = in_flight_max
-        self.open: set[web.WebSocketResponse] = set()
+        self.send_wait_s = send_wait_ms / 1000
+        self.open: dict[web.WebSocketResponse, web.Request] = {}
+        self._of_sender: dict[str, web.WebSocketResponse] = {}
+        self._openings: OrderedDict[bytes, int] = OrderedDict()  # client nonce -> when, ms
+        self._closing: set[asyncio.Task[None]] = set()
+        self.closed = False
         self.refused = 0  # streams closed for a bad frame
 
+    def _fresh_opening(self, nonce: bytes) -> bool:
+        """Remember ``nonce``; False if it opened a stream before (a replay). A signature's
+        timestamp is good for ``auth_window_ms`` either side of now, so a nonce is kept
+        twice that long: any replay after it is forgotten is refused as stale."""
+        now = now_ms()
+        openings = self._openings
+        while openings and (
+            len(openings) >= OPENINGS_REMEMBERED_MAX
+            or next(iter(openings.values())) < now - 2 * self.auth_window_ms
+        ):
+            openings.popitem(last=False)
+        if nonce in openings:
+            return False
+        openings[nonce] = now
+        return True
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        if self.closed:
+            return error_response(503, "stopping", "this node is stopping", {"Retry-After": "1"})
         try:
             client_nonce = _nonce_of(request.headers.get(NONCE, ""))
         except ValueError as exc:
@@ -352,20 +415,30 @@ class StreamEndpoint:
         )
         if not ws.can_prepare(request).ok:
             return error_response(400, "not_websocket", "open the stream with a WebSocket upgrade")
+        if not self._fresh_opening(client_nonce):
+            return error_response(401, "unauthorized", "replication stream refused: replayed")
         await ws.prepare(request)
-        self.open.add(ws)
+        self.open[ws] = request
+        before = self._of_sender.get(sender)
+        self._of_sender[sender] = ws
+        if before is not None:  # the sender reconnected: its older stream is done with
+            self._close_later(before, WSCloseCode.GOING_AWAY)
         try:
             server_nonce = os.urandom(NONCE_BYTES)
             hello = _hello_mac(self.secret, sender, client_nonce, server_nonce)
-            await ws.send_bytes(server_nonce + hello)
-            await self._serve(ws, FrameMac(self.secret, sender, client_nonce, server_nonce))
+            if await self._send(ws, request, server_nonce + hello):
+                await self._serve(
+                    ws, request, FrameMac(self.secret, sender, client_nonce, server_nonce)
+                )
         except (ConnectionError, RuntimeError) as exc:  # the peer went away mid-answer
             logger.debug("stream from %s ended: %s", sender, exc)
         finally:
-            self.open.discard(ws)
+            self.open.pop(ws, None)
+            if self._of_sender.get(sender) is ws:
+                del self._of_sender[sender]
         return ws
 
-    async def _serve(self, ws: web.WebSocketResponse, mac: FrameMac) -> None:
+    async def _serve(self, ws: web.WebSocketResponse, request: web.Request, mac: FrameMac) -> None:
         gate = asyncio.Semaphore(self.in_flight_max)
         answering: set[asyncio.Task[None]] = set()
         last_id = 0
@@ -376,19 +449,19 @@ class StreamEndpoint:
                     logger.warning("replication stream closed: %s", message.data)
                     break
                 if message.type is not WSMsgType.BINARY:
-                    await self._refuse(ws, WSCloseCode.UNSUPPORTED_DATA, "binary frames only")
+                    await self._refuse(ws, request, WSCloseCode.UNSUPPORTED_DATA, "binary only")
                     break
                 try:
                     (request_id,), body = mac.read(b"q", _REQUEST_HEAD, message.data)
                 except ValueError as exc:
-                    await self._refuse(ws, WSCloseCode.POLICY_VIOLATION, str(exc))
+                    await self._refuse(ws, request, WSCloseCode.POLICY_VIOLATION, str(exc))
                     break
                 if request_id <= last_id:
-                    await self._refuse(ws, WSCloseCode.POLICY_VIOLATION, "request id reused")
+                    await self._refuse(ws, request, WSCloseCode.POLICY_VIOLATION, "id reused")
                     break
                 last_id = request_id
                 await gate.acquire()  # past the limit, the next frame waits unread
-                task = asyncio.create_task(self._answer(ws, mac, request_id, body))
+                task = asyncio.create_task(self._answer(ws, request, mac, request_id, body))
                 answering.add(task)
                 task.add_done_callback(answering.discard)
                 task.add_done_callback(lambda _: gate.release())
@@ -397,26 +470,79 @@ class StreamEndpoint:
                 await asyncio.gather(*answering, return_exceptions=True)
 
     async def _answer(
-        self, ws: web.WebSocketResponse, mac: FrameMac, request_id: int, body: bytes
+        self,
+        ws: web.WebSocketResponse,
+        request: web.Request,
+        mac: FrameMac,
+        request_id: int,
+        body: bytes,
     ) -> None:
         try:
             status, answer = await self.answer(body)
         except Exception:  # a bug, not the peer's doing: said as HTTP would say it
             logger.exception("answering a stream request failed")
             status, answer = 500, b'{"error": "internal", "message": "see the node\'s log"}'
-        # The peer may have gone away meanwhile; its next request asks again.
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            if not ws.closed:
-                await ws.send_bytes(mac.answer(request_id, status, answer))
+        if not ws.closed:  # else the peer went away meanwhile; its next request asks again
+            await self._send(ws, request, mac.answer(request_id, status, answer))
 
-    async def _refuse(self, ws: web.WebSocketResponse, code: int, why: str) -> None:
+    async def _send(self, ws: web.WebSocketResponse, request: web.Request, data: bytes) -> bool:
+        """Write ``data`` within ``send_wait_s``; False (and the connection dropped) if the
+        peer would not take it."""
+        try:
+            async with asyncio.timeout(self.send_wait_s):
+                await ws.send_bytes(data)
+            return True
+        except TimeoutError:
+            logger.warning(
+                "replication stream dropped: the peer took no answer for %gs", self.send_wait_s
+            )
+            _abort(request)
+        except (ConnectionError, RuntimeError):
+            pass  # it went away
+        return False
+
+    async def _refuse(
+        self, ws: web.WebSocketResponse, request: web.Request, code: int, why: str
+    ) -> None:
         self.refused += 1
         logger.warning("replication stream closed: %s", why)
-        await ws.close(code=code, message=why.encode()[:120])
+        await _close_server(ws, request, code, why)
+
+    def _close_later(self, ws: web.WebSocketResponse, code: int) -> None:
+        request = self.open.get(ws)
+        if request is None:
+            return
+        task = asyncio.create_task(_close_server(ws, request, code, "replaced"))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
-        """Close every open stream (the node is stopping): peers reconnect elsewhere or later."""
+        """Close every open stream and refuse new ones (the node is stopping): peers
+        reconnect once it is back. Bounded by ``CLOSE_WAIT_MS``."""
+        self.closed = True
         await asyncio.gather(
-            *(ws.close(code=WSCloseCode.GOING_AWAY) for ws in list(self.open)),
+            *(
+                _close_server(ws, r, WSCloseCode.GOING_AWAY, "stopping")
+                for ws, r in list(self.open.items())
+            ),
+            *self._closing,
             return_exceptions=True,
         )
+
+
+async def _close_server(
+    ws: web.WebSocketResponse, request: web.Request, code: int, why: str
+) -> None:
+    try:
+        async with asyncio.timeout(CLOSE_WAIT_MS / 1000):
+            await ws.close(code=code, message=why.encode()[:120])
+    except TimeoutError:
+        _abort(request)  # the peer reads nothing: its buffer would never drain
+    except (ConnectionError, RuntimeError):
+        pass
+
+
+def _abort(request: web.Request) -> None:
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
