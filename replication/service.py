@@ -150,6 +150,12 @@ class ReplicationService:
                 "Malformed sync batches refused.",
                 status["batches_refused"],
             ),
+            (
+                "replica_streams_refused_total",
+                "counter",
+                "Peer streams closed for a bad frame (forged, replayed, too big, not binary).",
+                self.endpoint.refused,
+            ),
         ):
             lines += [
                 f"# HELP {name} {help_text}",

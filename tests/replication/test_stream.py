@@ -28,6 +28,7 @@ from node import commands
 from node import events as ev
 from node.config import Peer, Settings
 from node.events import Event, Op
+from node.metrics import render_metrics
 from node.replica import Replica, wall_clock_ms
 from replication import auth, protocol
 from replication.protocol import RawEvent, Sync, Tag
@@ -312,6 +313,7 @@ def test_a_bad_frame_closes_the_stream_and_writes_nothing(tmp_path: Path, kind: 
         assert await closed_with(o) == WSCloseCode.POLICY_VIOLATION
         assert p.us.state.seq == 0
         assert p.service.endpoint.refused == 1
+        assert 'replica_streams_refused_total{region="us"} 1' in render_metrics(p.us)
 
     frames(tmp_path, body)
 
