@@ -18,7 +18,6 @@ from yarl import URL
 from crdt import Dot, VersionVector
 from node import commands
 from node import events as ev
-from node.config import Peer, Settings
 from node.events import Event, Op
 from node.metrics import render_metrics
 from node.replica import Replica, wall_clock_ms
@@ -27,8 +26,12 @@ from replication.protocol import RawEvent, Sync, Tag
 from replication.replicator import Replicator
 from replication.service import ReplicationService
 from replication.transport import SYNC_PATH, HttpTransport
-
-SECRET = "a-cluster-secret-for-tests"
+from tests.replication.served import (
+    SECRET,
+    assert_a_wrong_secret_is_refused,
+    assert_two_nodes_sync,
+    served_pair,
+)
 
 
 @dataclass
@@ -46,37 +49,13 @@ class Pair:
 
 @asynccontextmanager
 async def pair(tmp_path: Path, *, secret: str = SECRET) -> AsyncIterator[Pair]:
-    loop = asyncio.get_running_loop()
-    eu = Replica.open(tmp_path / "eu", "eu")
-    us = Replica.open(tmp_path / "us", "us")
-    server: TestServer | None = None
-    transport: HttpTransport | None = None
-    try:
-        eu.bind(loop)
-        us.bind(loop)
-        settings = Settings(
-            region="us",
-            data_dir=tmp_path / "us",
-            peers=(Peer("eu", "http://127.0.0.1:9"),),
-            cluster_secret=SECRET,
-        )
-        service = ReplicationService(us, settings)
-        app = web.Application()
-        service.install(app)
-        server = TestServer(app)
-        await server.start_server()
-        url = str(server.make_url(SYNC_PATH))
-        base = url.removesuffix(SYNC_PATH)
+    async with served_pair(tmp_path) as (eu, us, service, base):
         transport = HttpTransport({"us": base}, secret=secret, sender=eu.identity.replica_id)
-        replicator = Replicator(eu, transport, ["us"], now_ms=wall_clock_ms)
-        yield Pair(eu, us, url, replicator, service)
-    finally:
-        if transport is not None:
+        try:
+            replicator = Replicator(eu, transport, ["us"], now_ms=wall_clock_ms)
+            yield Pair(eu, us, base + SYNC_PATH, replicator, service)
+        finally:
             await transport.close()
-        if server is not None:
-            await server.close()
-        eu.close()
-        us.close()
 
 
 def run(tmp_path: Path, body: Callable[[Pair], Awaitable[None]], **options: str) -> None:
@@ -89,29 +68,15 @@ def run(tmp_path: Path, body: Callable[[Pair], Awaitable[None]], **options: str)
 
 def test_two_nodes_sync_over_signed_http(tmp_path: Path) -> None:
     async def body(p: Pair) -> None:
-        fields = {"name": "Homer", "username": "homer", "email": "homer@x.us"}
-        await p.eu.write(commands.create("user", "homer", fields), actor="t")
-        await p.us.write(commands.create("group", "staff", {"name": "Staff"}), actor="t")
-        assert await p.replicator.sync_with("us")
-        assert p.eu.summary == p.us.summary
-        assert p.us.entity("user", "homer").value("name") == "Homer"
-        assert p.eu.entity("group", "staff").exists
-        peer = p.replicator.peers["us"]
-        assert peer.replica_id == p.us.identity.replica_id
-        assert peer.failures == 0
+        await assert_two_nodes_sync(p.eu, p.us, p.replicator)
+        assert p.replicator.peers["us"].replica_id == p.us.identity.replica_id
 
     run(tmp_path, body)
 
 
 def test_a_node_with_the_wrong_secret_is_refused_and_backs_off(tmp_path: Path) -> None:
     async def body(p: Pair) -> None:
-        await p.eu.write(commands.create("group", "staff", {"name": "Staff"}), actor="t")
-        assert not await p.replicator.sync_with("us")
-        peer = p.replicator.peers["us"]
-        assert peer.failures == 1
-        assert peer.last_error is not None
-        assert "401" in peer.last_error
-        assert p.us.state.seq == 0
+        await assert_a_wrong_secret_is_refused(p.eu, p.us, p.replicator)
 
     run(tmp_path, body, secret="not-the-cluster-secret")
 

@@ -26,7 +26,6 @@ from aiohttp.test_utils import TestServer
 from crdt import Dot, VersionVector
 from node import commands
 from node import events as ev
-from node.config import Peer, Settings
 from node.events import Event, Op
 from node.metrics import render_metrics
 from node.replica import Replica, wall_clock_ms
@@ -48,10 +47,25 @@ from replication.stream import (
     _nonce_text,
 )
 from replication.transport import SYNC_PATH, HttpTransport, TransportError
+from tests.replication.served import (
+    SECRET,
+    assert_a_wrong_secret_is_refused,
+    assert_two_nodes_sync,
+    served_pair,
+)
 
-SECRET = "a-cluster-secret-for-tests"
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455's, for an opening by hand
 BODY_BYTES_MAX = 64 * 1024
+
+
+def opening(sender: str = "eu~abcd") -> tuple[bytes, dict[str, str]]:
+    """A fresh client nonce and the signed headers that open a stream with it."""
+    nonce = os.urandom(NONCE_BYTES)
+    headers = {
+        NONCE: _nonce_text(nonce),
+        **auth.sign_request(SECRET, "GET", STREAM_PATH, nonce, sender),
+    }
+    return nonce, headers
 
 
 def stream_transport(
@@ -87,48 +101,31 @@ async def pair(
     tmp_path: Path, *, secret: str = SECRET, stream: bool = True, no_stream_status: int = 404
 ) -> AsyncIterator[Pair]:
     """eu reaches us's real replication endpoints; ``stream=False``: us is of an older
-    version, which has ``/replication/sync`` and no stream."""
-    loop = asyncio.get_running_loop()
-    eu = Replica.open(tmp_path / "eu", "eu")
-    us = Replica.open(tmp_path / "us", "us")
-    server: TestServer | None = None
-    transport: StreamTransport | None = None
-    try:
-        eu.bind(loop)
-        us.bind(loop)
-        settings = Settings(
-            region="us",
-            data_dir=tmp_path / "us",
-            peers=(Peer("eu", "http://127.0.0.1:9"),),
-            cluster_secret=SECRET,
-            sync_body_bytes_max=BODY_BYTES_MAX,
-        )
-        service = ReplicationService(us, settings)
-        app = web.Application()
-        if stream:
-            service.install(app)
-        else:
-            app.router.add_post(SYNC_PATH, service.handle)
-            if no_stream_status != 404:
+    version, which has ``/replication/sync`` and no stream (or a proxy in front of it
+    answers the upgrade ``no_stream_status``)."""
 
-                async def no_stream(request: web.Request) -> web.Response:
-                    return web.Response(status=no_stream_status)
+    def older(app: web.Application, service: ReplicationService) -> None:
+        app.router.add_post(SYNC_PATH, service.handle)
+        if no_stream_status != 404:
 
-                app.router.add_get(STREAM_PATH, no_stream)
-        server = TestServer(app)
-        await server.start_server()
-        base = str(server.make_url("/")).rstrip("/")
+            async def no_stream(request: web.Request) -> web.Response:
+                return web.Response(status=no_stream_status)
+
+            app.router.add_get(STREAM_PATH, no_stream)
+
+    install = {} if stream else {"install": older}
+    async with served_pair(tmp_path, sync_body_bytes_max=BODY_BYTES_MAX, **install) as (
+        eu,
+        us,
+        service,
+        base,
+    ):
         transport = stream_transport(base, secret=secret, sender=eu.identity.replica_id)
-        replicator = Replicator(eu, transport, ["us"], now_ms=wall_clock_ms)
-        yield Pair(eu, us, base, transport, replicator, service)
-    finally:
-        if transport is not None:
+        try:
+            replicator = Replicator(eu, transport, ["us"], now_ms=wall_clock_ms)
+            yield Pair(eu, us, base, transport, replicator, service)
+        finally:
             await transport.close()
-        if server is not None:
-            await service.stop()
-            await server.close()
-        eu.close()
-        us.close()
 
 
 def run(tmp_path: Path, body: Callable[[Pair], Awaitable[None]], **options: object) -> None:
@@ -141,15 +138,7 @@ def run(tmp_path: Path, body: Callable[[Pair], Awaitable[None]], **options: obje
 
 def test_two_nodes_sync_over_one_stream(tmp_path: Path) -> None:
     async def body(p: Pair) -> None:
-        fields = {"name": "Homer", "username": "homer", "email": "homer@x.us"}
-        await p.eu.write(commands.create("user", "homer", fields), actor="t")
-        await p.us.write(commands.create("group", "staff", {"name": "Staff"}), actor="t")
-        for _ in range(3):
-            assert await p.replicator.sync_with("us")
-        assert p.eu.summary == p.us.summary
-        assert p.us.entity("user", "homer").value("name") == "Homer"
-        assert p.eu.entity("group", "staff").exists
-        assert p.replicator.peers["us"].failures == 0
+        await assert_two_nodes_sync(p.eu, p.us, p.replicator, rounds=3)
         assert p.transport.mode("us") == "stream"
         assert p.transport.streams_opened == 1  # every round on the same stream
         assert len(p.service.endpoint.open) == 1
@@ -159,15 +148,9 @@ def test_two_nodes_sync_over_one_stream(tmp_path: Path) -> None:
 
 def test_a_node_with_the_wrong_secret_is_refused_and_backs_off(tmp_path: Path) -> None:
     async def body(p: Pair) -> None:
-        await p.eu.write(commands.create("group", "staff", {"name": "Staff"}), actor="t")
-        assert not await p.replicator.sync_with("us")
-        peer = p.replicator.peers["us"]
-        assert peer.failures == 1
-        assert peer.last_error is not None
-        assert "401" in peer.last_error
+        await assert_a_wrong_secret_is_refused(p.eu, p.us, p.replicator)
         assert p.transport.streams_opened == 0
         assert p.transport.mode("us") == "stream"  # refused is not "has no stream"
-        assert p.us.state.seq == 0
 
     run(tmp_path, body, secret="not-the-cluster-secret")
 
@@ -221,11 +204,7 @@ class Opened:
 @asynccontextmanager
 async def opened(base: str, sender: str) -> AsyncIterator[Opened]:
     """A stream opened by hand, as a peer's transport opens it."""
-    nonce = os.urandom(NONCE_BYTES)
-    headers = {
-        NONCE: _nonce_text(nonce),
-        **auth.sign_request(SECRET, "GET", STREAM_PATH, nonce, sender),
-    }
+    nonce, headers = opening(sender)
     async with (
         aiohttp.ClientSession() as session,
         session.ws_connect(base + STREAM_PATH, headers=headers) as ws,
@@ -361,11 +340,7 @@ def test_a_frame_past_the_body_limit_closes_the_stream_and_writes_nothing(
 def test_opening_a_stream_needs_a_signature_over_a_nonce(tmp_path: Path) -> None:
     async def body(p: Pair) -> None:
         me = p.eu.identity.replica_id
-        nonce = os.urandom(NONCE_BYTES)
-        good = {
-            NONCE: _nonce_text(nonce),
-            **auth.sign_request(SECRET, "GET", STREAM_PATH, nonce, me),
-        }
+        _, good = opening(me)
         other_nonce = {**good, NONCE: _nonce_text(os.urandom(NONCE_BYTES))}
         cases = {
             "no nonce": ({k: v for k, v in good.items() if k != NONCE}, 400),
@@ -541,11 +516,7 @@ def test_a_replayed_opening_is_refused_and_a_reconnect_replaces_the_older_stream
 
     async def main() -> None:
         async with endpoint(echo) as (base, served), aiohttp.ClientSession() as session:
-            nonce = os.urandom(NONCE_BYTES)
-            captured = {
-                NONCE: _nonce_text(nonce),
-                **auth.sign_request(SECRET, "GET", STREAM_PATH, nonce, "eu~abcd"),
-            }
+            _, captured = opening()
             async with session.ws_connect(base + STREAM_PATH, headers=captured) as first:
                 await first.receive_bytes(timeout=5)
                 with pytest.raises(aiohttp.WSServerHandshakeError) as replayed:
@@ -676,11 +647,7 @@ def test_a_peer_that_reads_nothing_cannot_hold_the_server() -> None:
         app = web.Application()
         app.router.add_get(STREAM_PATH, served.handle)
         async with TestServer(app) as server:
-            nonce = os.urandom(NONCE_BYTES)
-            headers = {
-                NONCE: _nonce_text(nonce),
-                **auth.sign_request(SECRET, "GET", STREAM_PATH, nonce, "eu~abcd"),
-            }
+            nonce, headers = opening()
             sock = socket.socket()
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             sock.setblocking(False)
@@ -786,11 +753,7 @@ def test_a_peer_that_vanished_does_not_hold_its_stream() -> None:
 
     async def main() -> None:
         async with endpoint(echo, heartbeat_ms=200) as (base, served):
-            nonce = os.urandom(NONCE_BYTES)
-            headers = {
-                NONCE: _nonce_text(nonce),
-                **auth.sign_request(SECRET, "GET", STREAM_PATH, nonce, "eu~abcd"),
-            }
+            _, headers = opening()
             async with (
                 aiohttp.ClientSession() as session,
                 session.ws_connect(base + STREAM_PATH, headers=headers, autoping=False) as ws,
