@@ -290,9 +290,9 @@ class StreamTransport:
                 headers=headers,
                 compress=0,
                 autoping=True,
-                # Pinged after this long without a word from the peer, and closed if no
-                # pong follows within half of it: a stream that went silent is dropped.
-                heartbeat=self.timeout_s / 2,
+                # Pinged after a request timeout without a word from the peer, and closed
+                # if no pong follows within half of it: a stream gone silent is dropped.
+                heartbeat=self.timeout_s,
                 max_msg_size=self.message_bytes_max + ANSWER_HEAD_BYTES,
                 timeout=aiohttp.ClientWSTimeout(ws_close=CLOSE_WAIT_MS / 1000),
             )

@@ -450,10 +450,10 @@ def test_a_stream_outlives_the_request_timeout_between_requests() -> None:
 
     async def main() -> None:
         async with endpoint(echo) as (base, _):
-            transport = stream_transport(base, timeout_ms=200)
+            transport = stream_transport(base, timeout_ms=500)
             try:
                 assert await transport.send("us", b"one") == b"one"
-                await asyncio.sleep(0.6)
+                await asyncio.sleep(1.2)  # past the timeout, and a heartbeat answered
                 assert await transport.send("us", b"two") == b"two"
                 assert transport.streams_opened == 1
             finally:
@@ -622,7 +622,7 @@ def test_a_stream_gone_silent_is_dropped_by_its_heartbeat() -> None:
                 with pytest.raises(TransportError):  # written whole; never answered
                     await transport.send("us", b"small")
                 link = transport._links["us"]
-                for _ in range(40):  # pinged at 200 ms of silence, no pong within 100 ms
+                for _ in range(40):  # pinged at 400 ms of silence, no pong within 200 ms
                     if not link.usable:
                         break
                     await asyncio.sleep(0.05)
