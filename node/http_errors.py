@@ -38,12 +38,19 @@ def fail(status: int, code: str, message: str, **extra: Any) -> NoReturn:
     raise ApiError(status, code, message, **extra)
 
 
+def error_body(code: str, message: str, **extra: Any) -> str:
+    """An error's JSON: ``{"error": code, "message": ...}`` (and any detail)."""
+    return json.dumps({"error": code, "message": message, **extra})
+
+
 def error_response(
     status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra: Any
 ) -> web.Response:
-    body = {"error": code, "message": message, **extra}
     return web.Response(
-        status=status, text=json.dumps(body), content_type="application/json", headers=headers
+        status=status,
+        text=error_body(code, message, **extra),
+        content_type="application/json",
+        headers=headers,
     )
 
 

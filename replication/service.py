@@ -3,7 +3,6 @@ the replicator's background tasks, and its lines in ``/status`` and ``/metrics``
 
 from __future__ import annotations
 
-import json
 import ssl
 from collections.abc import Sequence
 from typing import Any
@@ -12,7 +11,7 @@ from aiohttp import web
 
 from node.api import GUARD
 from node.config import Settings
-from node.http_errors import error_response
+from node.http_errors import error_body, error_response
 from node.replica import Replica, wall_clock_ms
 from node.server import Extension
 from node.server import run_node as run_plain_node
@@ -218,7 +217,7 @@ class ReplicationService:
 
 
 def _error(status: int, code: str, message: str) -> tuple[int, bytes]:
-    return status, json.dumps({"error": code, "message": message}).encode()
+    return status, error_body(code, message).encode()
 
 
 async def _terse(request: web.Request, response: web.StreamResponse) -> None:

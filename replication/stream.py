@@ -22,9 +22,11 @@ ignored); the direction is part of what is signed, so a frame cannot be reflecte
 frame that fails any of these closes the stream, having written nothing.
 
 A peer that has no stream endpoint (an older version, during a rolling upgrade) answers
-the upgrade 404 or 405: it is reached over HTTP for ``HTTP_FALLBACK_MS``, then asked
-again. A request waits at most ``timeout_ms`` for its answer; past that the stream is
-closed, as it may be dead, and the next request opens another.
+the upgrade 404 or 405 (and a proxy that does not pass the upgrade on, 400, 426 or 501):
+it is reached over HTTP for ``HTTP_FALLBACK_MS``, then asked again. A request, its write
+included, waits at most ``timeout_ms`` for its answer and then fails alone; a stream that
+cannot be written to, or that stays silent through a heartbeat, is closed, and the next
+request opens another.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from typing import Any
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from node.http_errors import error_response
+from node.http_errors import error_body, error_response
 from replication.auth import AuthError, now_ms, sign_request, verify_request
 from replication.transport import REQUEST_TIMEOUT_MS, HttpTransport, TransportError
 
@@ -320,7 +322,7 @@ class StreamTransport:
             if not hmac.compare_digest(expected, mac):
                 raise TransportError(f"{peer}: bad stream hello signature")
         except BaseException as exc:
-            await ws.close(code=WSCloseCode.POLICY_VIOLATION)
+            await _close_client(ws, WSCloseCode.POLICY_VIOLATION)
             if isinstance(exc, TimeoutError | aiohttp.ClientError | ConnectionError):
                 raise TransportError(f"{peer}: stream hello: {type(exc).__name__}") from exc
             raise
@@ -481,7 +483,7 @@ class StreamEndpoint:
             status, answer = await self.answer(body)
         except Exception:  # a bug, not the peer's doing: said as HTTP would say it
             logger.exception("answering a stream request failed")
-            status, answer = 500, b'{"error": "internal", "message": "see the node\'s log"}'
+            status, answer = 500, error_body("internal", "see the node's log").encode()
         if not ws.closed:  # else the peer went away meanwhile; its next request asks again
             await self._send(ws, request, mac.answer(request_id, status, answer))
 
