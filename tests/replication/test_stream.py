@@ -365,6 +365,10 @@ def test_opening_a_stream_needs_a_signature_over_a_nonce(tmp_path: Path) -> None
 # --------------------------------------------------------------------------- the transport
 
 
+async def echo(body: bytes) -> tuple[int, bytes]:
+    return 200, body
+
+
 @asynccontextmanager
 async def endpoint(
     answer: Callable[[bytes], Awaitable[tuple[int, bytes]]], *, heartbeat_ms: int = 30_000
@@ -385,21 +389,30 @@ async def endpoint(
             await served.close()
 
 
+@asynccontextmanager
+async def linked(
+    answer: Callable[[bytes], Awaitable[tuple[int, bytes]]], *, timeout_ms: int = 10_000
+) -> AsyncIterator[tuple[StreamTransport, StreamEndpoint]]:
+    """A transport reaching an endpoint that answers with ``answer``."""
+    async with endpoint(answer) as (base, served):
+        transport = stream_transport(base, timeout_ms=timeout_ms)
+        try:
+            yield transport, served
+        finally:
+            await transport.close()
+
+
 def test_concurrent_requests_share_one_stream_and_get_their_own_answers() -> None:
-    async def echo(body: bytes) -> tuple[int, bytes]:
-        await asyncio.sleep((body[-1] % 7) / 1000)  # answered out of order
+    async def out_of_order(body: bytes) -> tuple[int, bytes]:
+        await asyncio.sleep((body[-1] % 7) / 1000)
         return 200, b"echo " + body
 
     async def main() -> None:
-        async with endpoint(echo) as (base, _):
-            transport = stream_transport(base)
-            try:
-                bodies = [b"request %d" % i for i in range(40)]
-                answers = await asyncio.gather(*(transport.send("us", b) for b in bodies))
-                assert answers == [b"echo " + b for b in bodies]
-                assert transport.streams_opened == 1
-            finally:
-                await transport.close()
+        async with linked(out_of_order) as (transport, _):
+            bodies = [b"request %d" % i for i in range(40)]
+            answers = await asyncio.gather(*(transport.send("us", b) for b in bodies))
+            assert answers == [b"echo " + b for b in bodies]
+            assert transport.streams_opened == 1
 
     asyncio.run(main())
 
@@ -409,13 +422,9 @@ def test_an_error_status_is_a_transport_error() -> None:
         return 503, b'{"error": "overloaded"}'
 
     async def main() -> None:
-        async with endpoint(refuse) as (base, _):
-            transport = stream_transport(base)
-            try:
-                with pytest.raises(TransportError, match="503"):
-                    await transport.send("us", b"x")
-            finally:
-                await transport.close()
+        async with linked(refuse) as (transport, _):
+            with pytest.raises(TransportError, match="503"):
+                await transport.send("us", b"x")
 
     asyncio.run(main())
 
@@ -427,17 +436,13 @@ def test_a_request_left_unanswered_times_out_and_the_stream_carries_the_next() -
         return 200, body
 
     async def main() -> None:
-        async with endpoint(slow_once) as (base, _):
-            transport = stream_transport(base, timeout_ms=300)
-            try:
-                with pytest.raises(TransportError, match="no answer in 300 ms"):
-                    await transport.send("us", b"slow")
-                assert await transport.send("us", b"fast") == b"fast"
-                await asyncio.sleep(0.5)  # the late answer comes, and is ignored
-                assert await transport.send("us", b"again") == b"again"
-                assert transport.streams_opened == 1
-            finally:
-                await transport.close()
+        async with linked(slow_once, timeout_ms=300) as (transport, _):
+            with pytest.raises(TransportError, match="no answer in 300 ms"):
+                await transport.send("us", b"slow")
+            assert await transport.send("us", b"fast") == b"fast"
+            await asyncio.sleep(0.5)  # the late answer comes, and is ignored
+            assert await transport.send("us", b"again") == b"again"
+            assert transport.streams_opened == 1
 
     asyncio.run(main())
 
@@ -445,19 +450,12 @@ def test_a_request_left_unanswered_times_out_and_the_stream_carries_the_next() -
 def test_a_stream_outlives_the_request_timeout_between_requests() -> None:
     """The session's timeout bounds a request, not the stream's life."""
 
-    async def echo(body: bytes) -> tuple[int, bytes]:
-        return 200, body
-
     async def main() -> None:
-        async with endpoint(echo) as (base, _):
-            transport = stream_transport(base, timeout_ms=500)
-            try:
-                assert await transport.send("us", b"one") == b"one"
-                await asyncio.sleep(1.2)  # past the timeout, and a heartbeat answered
-                assert await transport.send("us", b"two") == b"two"
-                assert transport.streams_opened == 1
-            finally:
-                await transport.close()
+        async with linked(echo, timeout_ms=500) as (transport, _):
+            assert await transport.send("us", b"one") == b"one"
+            await asyncio.sleep(1.2)  # past the timeout, and a heartbeat answered
+            assert await transport.send("us", b"two") == b"two"
+            assert transport.streams_opened == 1
 
     asyncio.run(main())
 
@@ -472,48 +470,34 @@ def test_a_stream_the_server_drops_fails_its_waiting_request_and_the_next_reopen
                 await asyncio.sleep(1)
             return 200, body
 
-        async with endpoint(hang) as (base, served):
-            transport = stream_transport(base)
-            try:
-                waiting = asyncio.ensure_future(transport.send("us", b"hang"))
-                await started.wait()
-                for request in served.open.values():  # the connection breaks
-                    assert request.transport is not None
-                    request.transport.abort()
-                with pytest.raises(TransportError):
-                    await waiting
-                assert await transport.send("us", b"again") == b"again"
-                assert transport.streams_opened == 2
-            finally:
-                await transport.close()
+        async with linked(hang) as (transport, served):
+            waiting = asyncio.ensure_future(transport.send("us", b"hang"))
+            await started.wait()
+            for request in served.open.values():  # the connection breaks
+                assert request.transport is not None
+                request.transport.abort()
+            with pytest.raises(TransportError):
+                await waiting
+            assert await transport.send("us", b"again") == b"again"
+            assert transport.streams_opened == 2
 
     asyncio.run(main())
 
 
 def test_a_stopping_node_closes_its_streams_and_opens_no_new_one() -> None:
-    async def echo(body: bytes) -> tuple[int, bytes]:
-        return 200, body
-
     async def main() -> None:
-        async with endpoint(echo) as (base, served):
-            transport = stream_transport(base)
-            try:
-                assert await transport.send("us", b"one") == b"one"
-                await asyncio.wait_for(served.close(), 2)
-                with pytest.raises(TransportError, match="503"):
-                    await transport.send("us", b"two")
-                assert not served.open
-                assert transport.mode("us") == "stream"  # a node stopping still has streams
-            finally:
-                await transport.close()
+        async with linked(echo) as (transport, served):
+            assert await transport.send("us", b"one") == b"one"
+            await asyncio.wait_for(served.close(), 2)
+            with pytest.raises(TransportError, match="503"):
+                await transport.send("us", b"two")
+            assert not served.open
+            assert transport.mode("us") == "stream"  # a node stopping still has streams
 
     asyncio.run(main())
 
 
 def test_a_replayed_opening_is_refused_and_a_reconnect_replaces_the_older_stream() -> None:
-    async def echo(body: bytes) -> tuple[int, bytes]:
-        return 200, body
-
     async def main() -> None:
         async with endpoint(echo) as (base, served), aiohttp.ClientSession() as session:
             _, captured = opening()
@@ -747,9 +731,6 @@ def test_a_forged_answer_fails_the_request() -> None:
 def test_a_peer_that_vanished_does_not_hold_its_stream() -> None:
     """A half-open connection: the peer neither sends nor answers pings. The server's
     heartbeat closes the stream and forgets it."""
-
-    async def echo(body: bytes) -> tuple[int, bytes]:
-        return 200, body
 
     async def main() -> None:
         async with endpoint(echo, heartbeat_ms=200) as (base, served):
