@@ -44,10 +44,11 @@ def decode_token(text: str) -> Token:
         version, pairs = msgpack.unpackb(raw)
         if version != TOKEN_VERSION:
             raise BadToken(f"unknown token version {version!r}")
-        token = {str(origin): int(counter) for origin, counter in pairs}
+        token = dict(pairs)
     except (binascii.Error, ValueError, TypeError, msgpack.ExtraData) as exc:
         raise BadToken("not a consistency token") from exc
-    if any(not isinstance(o, str) or c < 0 for o, c in token.items()):
+    # Exactly strings and counters: not a float (an infinite one has no int), nor a bool.
+    if any(type(o) is not str or type(c) is not int or c < 0 for o, c in token.items()):
         raise BadToken("not a consistency token")
     return token
 

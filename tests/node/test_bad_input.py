@@ -10,6 +10,7 @@ also run against a real ``replica node`` process by ``tests/e2e``.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgpack
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import event, given, settings
@@ -145,6 +147,12 @@ def _user(**fields: Any) -> bytes:
 USER_OK = _user()
 TOO_LONG_ID = "a" * 65
 TOO_LARGE = b'{"name": "' + b"a" * BODY_BYTES_MAX + b'"}'
+
+
+def _token_of(wire: object) -> str:
+    """A consistency token's text for any msgpack value (tokens are base64 msgpack)."""
+    return base64.urlsafe_b64encode(msgpack.packb(wire)).rstrip(b"=").decode()
+
 
 BAD_INPUTS: list[Bad] = [
     # -- bodies that are not JSON, or not a JSON object --------------------------------
@@ -411,6 +419,23 @@ BAD_INPUTS: list[Bad] = [
         headers=(("X-Consistency-Token", "garbage!!"),),
     ),
     Bad("token-empty", "GET", "/status", 400, "bad_token", headers=(("X-Consistency-Token", ""),)),
+    # Well-formed msgpack of the token's shape, holding what no counter or origin is.
+    *(
+        Bad(
+            f"token-{what}",
+            "GET",
+            path,
+            400,
+            "bad_token",
+            headers=(("X-Consistency-Token", _token_of([1, [[origin, counter]]])),),
+        )
+        for what, origin, counter, path in (
+            ("infinite-counter", "eu~0000aaaa", float("inf"), "/health"),
+            ("float-counter", "eu~0000aaaa", 3.0, "/users/homer"),
+            ("bool-counter", "eu~0000aaaa", True, "/status"),
+            ("int-origin", 7, 3, "/users?q=homer"),
+        )
+    ),
     Bad(
         "token-too-long",
         "GET",
