@@ -37,6 +37,19 @@ from replication.transport import Transport, TransportError
 logger = logging.getLogger(__name__)
 
 
+# In ``meta`` while a node bootstraps: set before the first event of the history it pulls
+# is ingested, deleted once it has caught up with a peer.
+BOOTSTRAP_KEY = b"bootstrapping"
+
+
+def _mark(txn: WriteTxn, _: LogState) -> None:
+    txn.put("meta", BOOTSTRAP_KEY, b"")
+
+
+def _unmark(txn: WriteTxn, _: LogState) -> None:
+    txn.delete("meta", BOOTSTRAP_KEY)
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     gossip_interval_ms: int = 500
@@ -96,6 +109,9 @@ class Replicator:
             name: deque() for name in peers
         }
         self._bootstrapping = asyncio.Lock()
+        # The bootstrap's durable mark (see ``start``): being written, and whether it is set.
+        self._marking: asyncio.Future[None] | None = None
+        self._marked = False
 
     # -- serving a peer ----------------------------------------------------------
 
@@ -109,6 +125,7 @@ class Replicator:
             raise BadMessage("a node does not sync with itself")
         try:
             batch = protocol.read_batch(request, known=self.replica.summary)
+            self._check_own(batch)
         except BadMessage:
             self.batches_refused += 1
             raise
@@ -123,7 +140,13 @@ class Replicator:
         # Not what the peer holds as far as we know by now (the request may have waited
         # while our pushes to the peer landed), nor what our requests to it carry now.
         holds = theirs if peer is None or peer.summary is None else peer.summary
-        pairs, more = self._missing(self._on_the_way(holds, peer, answers=False), sender)
+        # Of its own events, what the request itself shows: a node whose last commits
+        # were undone (an OS crash without metasync, a restored backup) gets back those
+        # that reached us, and moves its counter past them instead of reusing their dots.
+        own_seen = theirs.origins.get(sender, OriginSeen())
+        pairs, more = self._missing(
+            self._on_the_way(holds, peer, answers=False), sender, own_seen=own_seen
+        )
         if peer is not None:
             # Not learned() here: the answer may be lost; the peer's next request says.
             peer.events_sent += len(pairs)
@@ -191,13 +214,24 @@ class Replicator:
         return self.replica.summary.add_all(kept) if kept else self.replica.summary
 
     def _missing(
-        self, theirs: VersionVector, peer_id: str | None, *, own_only: bool = False
+        self,
+        theirs: VersionVector,
+        peer_id: str | None,
+        *,
+        own_only: bool = False,
+        own_seen: OriginSeen | None = None,
     ) -> tuple[list[tuple[Dot, bytes]], bool]:
+        """The events (a page of them) that a peer summarised by ``theirs`` lacks.
+
+        Of the peer's own events: those ``own_seen`` (what its request just showed it
+        holds of them) lacks; without it, none. A replica holds its own events unless
+        its last commits were undone, and what we know of it may be older than its
+        latest writes, which would all be sent back.
+        """
         if peer_id is not None:
-            # A replica never lacks its own events (a lost disk comes back as a new
-            # incarnation), whatever a stale summary of it says: never send them back.
-            own = self.replica.summary.highest(peer_id)
-            theirs = theirs.merge(VersionVector({peer_id: OriginSeen(own)}))
+            if own_seen is None:
+                own_seen = OriginSeen(self.replica.summary.highest(peer_id))
+            theirs = VersionVector({**theirs.origins, peer_id: own_seen})
         return self.replica.read_missing(
             theirs,
             bytes_max=self.limits.batch_bytes_max,
@@ -205,10 +239,30 @@ class Replicator:
             only=self.replica.identity.replica_id if own_only else None,
         )
 
+    def _check_own(self, batch: protocol.Batch) -> None:
+        """Refuse a batch carrying events of this node's own origin that do not follow on
+        from its counter, one after another.
+
+        Our events come back only if our last commits were undone (see ``handle``), and
+        then from our counter on, in order. From a faulty peer, one at the top of the
+        counters would leave none for our next write, and one further on a gap in our
+        counters, which the tokens of our writes would wait on forever.
+        """
+        own = self.replica.identity.replica_id
+        mine = sorted(event.dot.counter for event in batch.events if event.dot.origin == own)
+        first = self.replica.state.counter + 1  # events we hold were left out of the batch
+        if mine and mine != list(range(first, first + len(mine))):
+            raise BadMessage(
+                f"events of this node's own origin {own} that do not follow on from its "
+                f"counter {first - 1}: {mine[0]}..{mine[-1]}"
+            )
+
     async def _ingest(self, batch: protocol.Batch) -> int:
         quarantined = [(raw.dot, raw.data) for raw in batch.quarantined]
         if not batch.events and not quarantined:
             return 0
+        if self._marking is not None:
+            await self._marking  # the bootstrap's mark goes first (see ``start``)
         # read_batch decoded, and so validated, every event
         new = await self.replica.ingest(batch.events, quarantined=quarantined, validated=True)
         return len(new)
@@ -257,6 +311,7 @@ class Replicator:
             raise BadMessage("an answer to a whole summary must name its sender")
         unread = sent.receiver is not None and response.replica_id is not None
         batch = protocol.read_batch(response, known=self.replica.summary)
+        self._check_own(batch)
         received = await self._ingest(batch)
         # Events newly kept aside are progress too: the next request advertises them.
         kept = any(raw.dot not in sent.summary for raw in batch.quarantined)
@@ -278,7 +333,7 @@ class Replicator:
         they_lack = bool(self.replica.summary.missing_from(theirs))
         if not response.more and not they_lack:
             if self.replica.not_ready is not None:
-                self._ready(f"caught up with {name}")
+                await self._caught_up(name)
             return False
         # What is left and made no progress, the peer cannot take (e.g. it quarantines it).
         return received > 0 or kept or before != peer.summary
@@ -373,14 +428,29 @@ class Replicator:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.replica.listeners.append(self.on_commit)
-        if self.peers and self.replica.state.seq == 0:
+        marked = self.replica.kv.get("meta", BOOTSTRAP_KEY) is not None
+        if self.peers and (self.replica.state.seq == 0 or marked):
             self.replica.not_ready = "bootstrapping from peers"
+            # Marked durably before any of the history is ingested, and unmarked once all
+            # of it is: a node stopped part-way (kill -9) holds some of the history, and
+            # would otherwise serve it as the whole when it starts again.
+            self._marked = True
+            if not marked:
+                self._marking = asyncio.ensure_future(self.replica.writer.maintain(_mark))
             self._loop.call_later(
                 self.limits.bootstrap_wait_ms_max / 1000, self._ready, "bootstrap wait ran out"
             )
         self._tasks = [asyncio.create_task(self._gossip(name)) for name in self.peers]
         self._tasks += [asyncio.create_task(self._pusher(name)) for name in self.peers]
         self._tasks.append(asyncio.create_task(self._compactor()))
+
+    async def _caught_up(self, name: str) -> None:
+        if self._marked:
+            if self._marking is not None:
+                await self._marking
+            await self.replica.writer.maintain(_unmark)
+            self._marked = False
+        self._ready(f"caught up with {name}")
 
     def _ready(self, why: str) -> None:
         if self.replica.not_ready is not None:

@@ -4,6 +4,7 @@ with hand-built requests, and how anti-entropy repairs what delivery left out.""
 from __future__ import annotations
 
 import random
+import shutil
 from pathlib import Path
 
 import msgpack
@@ -33,6 +34,9 @@ async def history_at_eu(c: Cluster, users: int) -> list[Event]:
     eu = c.replica("eu")
     with eu.kv.read() as txn:
         return list(log.origin_events(txn, eu.identity.replica_id, 1, eu.state.counter))
+
+
+STAMP = (1_767_225_600_000 << 16) | 1
 
 
 def request(sender: str, events: list[Event], *, summary: VersionVector | None = None) -> bytes:
@@ -154,5 +158,64 @@ def test_a_malformed_answer_fails_the_sync_and_writes_nothing(tmp_path: Path) ->
         assert peer.last_error is not None
         assert "actor" in peer.last_error
         assert c.replica("us").state.seq == 0
+
+    run(tmp_path, ("eu", "us"), body)
+
+
+@pytest.mark.parametrize("ahead", [5, ev.COUNTER_MAX], ids=["a-gap", "the-top-counter"])
+def test_this_nodes_own_events_not_following_on_from_its_counter_are_refused_whole(
+    tmp_path: Path, ahead: int
+) -> None:
+    """Only a node whose last commits were undone gets its own events back, and those
+    follow on from its counter. One at the top of the counters would leave none for its
+    next write; one beyond a gap, a gap that the tokens of its writes wait on forever."""
+
+    async def body(c: Cluster) -> None:
+        await c.write("us", commands.create("user", "bart", person("bart")))
+        us = c.replica("us")
+        us_id, counter, seq = us.identity.replica_id, us.state.counter, us.state.seq
+        eu_id = c.replica("eu").identity.replica_id
+        theirs = Event(Dot(eu_id, 1), STAMP, "user/homer", Op.CREATE)
+        forged = Event(Dot(us_id, min(counter + ahead, ev.COUNTER_MAX)), STAMP, "user/x", Op.CREATE)
+        with pytest.raises(BadMessage, match="own origin"):
+            await c.replicator("us").handle(request(eu_id, [theirs, forged]))
+        assert (us.state.seq, us.state.counter) == (seq, counter)  # nothing of it written
+        assert c.replicator("us").batches_refused == 1
+        written = await c.write("us", commands.patch("user", "bart", {"name": "Bart"}, None))
+        assert [e.dot for e in written] == [Dot(us_id, counter + 1)]
+
+    run(tmp_path, ("eu", "us"), body)
+
+
+def test_a_node_whose_last_commit_was_undone_gets_it_back_and_reuses_no_dot(
+    tmp_path: Path,
+) -> None:
+    """An OS crash without metasync, or a backup restored, undoes a node's last commits
+    after a peer got them. The peer hands them back when the node's request shows it
+    lacks them; the node's next write takes the next dot, and the regions converge."""
+
+    async def body(c: Cluster) -> None:
+        await c.write("eu", commands.create("user", "homer", person("homer")))
+        assert await c.sync("eu", "us")
+        await c.shut("eu")
+        shutil.copytree(c.root / "eu", tmp_path / "eu-backup")
+        c.open("eu")
+        (undone,) = await c.write("eu", commands.patch("user", "homer", {"name": "W1"}, None))
+        assert await c.sync("eu", "us")  # us holds the commit that is undone next
+        await c.shut("eu")
+        shutil.rmtree(c.root / "eu")
+        shutil.copytree(tmp_path / "eu-backup", c.root / "eu")
+        eu = c.open("eu").replica
+        assert eu.state.counter == undone.dot.counter - 1
+        assert undone.dot not in eu.summary
+
+        assert await c.sync("eu", "us")
+        assert undone.dot in eu.summary
+        assert eu.state.counter == undone.dot.counter
+        (later,) = await c.write("eu", commands.patch("user", "homer", {"name": "W2"}, None))
+        assert later.dot.counter == undone.dot.counter + 1
+        await c.sync_all_until_quiet()
+        views = c.assert_converged()
+        assert views["entities"]["user/homer"]["fields"]["name"] == "W2"
 
     run(tmp_path, ("eu", "us"), body)

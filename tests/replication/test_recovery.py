@@ -135,6 +135,45 @@ def test_a_new_node_bootstraps_from_the_cluster_before_serving(tmp_path: Path) -
     run(tmp_path, ("ap", "eu", "us"), body, limits=limits)
 
 
+def test_a_node_stopped_part_way_through_its_bootstrap_bootstraps_again_when_it_starts(
+    tmp_path: Path,
+) -> None:
+    """A node killed while it pulls the history holds part of it: started again, it
+    must not serve that part as the whole (a lookup would miss users, a create would
+    take an id that is taken), so it waits again until it has caught up; once it has,
+    it serves at once whenever it starts."""
+    limits = Limits(
+        batch_events_max=100,
+        gossip_interval_ms=HOUR_MS,
+        compaction_interval_ms=HOUR_MS,
+        bootstrap_wait_ms_max=HOUR_MS,
+    )
+
+    async def body(c: Cluster) -> None:
+        acked = dots(await c.write("eu", bulk_users("eu", 300)))
+        await c.restart("ap", wipe=True)
+        c.isolate("ap")
+        c.start("ap")  # its first round finds no peer; it backs off in virtual time
+        await c.settle()
+        c.heal()
+        assert await c.replicator("ap").sync_with("eu", rounds_max=1)  # one page of 100
+        ap = c.replica("ap")
+        assert 0 < ap.state.seq < len(acked)
+        await c.restart("ap")  # as after kill -9: every commit so far is on disk
+
+        c.start("ap")
+        assert c.replica("ap").not_ready == "bootstrapping from peers"
+        await c.settle()
+        assert c.replica("ap").not_ready is None
+        assert all(d in c.replica("ap").summary for d in acked)
+        await c.restart("ap")
+        c.start("ap")
+        assert c.replica("ap").not_ready is None  # caught up: nothing to wait for
+        c.assert_converged()
+
+    run(tmp_path, ("ap", "eu"), body, limits=limits)
+
+
 def test_a_node_that_reaches_no_peer_serves_after_the_bootstrap_wait(tmp_path: Path) -> None:
     limits = Limits(bootstrap_wait_ms_max=300, gossip_interval_ms=HOUR_MS)
 
