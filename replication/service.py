@@ -163,22 +163,25 @@ class ReplicationService:
             ]
         return lines
 
-    async def _body(self, request: web.Request) -> bytes:
-        """The body, refused past ``sync_body_bytes_max`` without reading it all."""
+    async def _body(self, request: web.Request) -> bytes | None:
+        """The body, or None past ``sync_body_bytes_max`` (not read further)."""
         limit = self.settings.sync_body_bytes_max
-        declared = request.content_length or 0
-        if declared > limit:
-            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=declared)
+        if (request.content_length or 0) > limit:
+            return None
         chunks, size = [], 0
         async for chunk in request.content.iter_chunked(READ_CHUNK_BYTES):
             size += len(chunk)
             if size > limit:
-                raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
+                return None
             chunks.append(chunk)
         return b"".join(chunks)
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await self._body(request)
+        if body is None:
+            limit = self.settings.sync_body_bytes_max
+            message = f"a replication request's body exceeds {limit} bytes"
+            return error_response(413, "body_too_large", message)
         try:
             verify_request(
                 self.secret,

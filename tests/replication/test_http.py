@@ -228,3 +228,29 @@ def test_a_sync_round_trip_carries_no_header_a_peer_does_not_need(tmp_path: Path
             assert {"Server", "Date"} <= set(r.headers)
 
     run(tmp_path, body)
+
+
+def test_a_body_over_the_sync_limit_gets_413_naming_that_limit(tmp_path: Path) -> None:
+    """Declared or streamed (chunked), a body past ``sync_body_bytes_max`` is refused
+    before it is read whole, with the replication limit in the message (it quoted the
+    client API's ``body_bytes_max``)."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(4):
+            yield b"x" * 512
+
+    async def main() -> None:
+        async with served_pair(tmp_path, sync_body_bytes_max=1_000) as (_, us, _, base):
+            for body in (b"x" * 1_001, chunks()):
+                async with (
+                    aiohttp.ClientSession() as session,
+                    session.post(base + SYNC_PATH, data=body) as r,
+                ):
+                    assert r.status == 413
+                    assert r.content_type == "application/json"
+                    answer = await r.json()
+                assert answer["error"] == "body_too_large"
+                assert "1000 bytes" in answer["message"]
+            assert us.state.seq == 0
+
+    asyncio.run(main())
