@@ -21,12 +21,13 @@ import msgpack
 from crdt import Dot
 from crdt.clock import STAMP_MAX
 from crdt.codec import pack
+from node.schema import ENTITY_ID_RE as ENTITY_ID_RE
+from node.schema import SET_FIELDS, FieldError, check_value, settable
+from node.schema import Value as Value
 
 FORMAT_VERSION = 1
 
 ORIGIN_RE = re.compile(r"[a-z][a-z0-9-]{0,31}~[0-9a-z]{4,16}")
-ENTITY_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
-FIELD_RE = re.compile(r"[a-z_]{1,32}(\.[a-z][a-z0-9_]{0,63})?")
 COUNTER_MAX = (1 << 63) - 1
 OBSERVED_DOTS_MAX = 10_000
 VALUE_CHARS_MAX = 4_096
@@ -53,9 +54,6 @@ class UnknownFormatVersion(InvalidEvent):
     def __init__(self, version: object) -> None:
         super().__init__(f"unknown event format version {version!r}")
         self.version = version
-
-
-Value = str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,19 +95,23 @@ _UNOBSERVING_OPS = frozenset((Op.CREATE, Op.ADD))
 NO_DOTS: frozenset[Dot] = frozenset()
 
 
-# Origins, streams and field names that passed their checks: they repeat from one event
-# to the next, and a set lookup costs a fraction of a pattern match. One set per kind of
-# name, so passing as one kind never lets a name pass as another; each emptied when full.
+# Origins, streams (with their kind) and each kind's register names that passed their
+# checks: they repeat from one event to the next, and a lookup costs a fraction of a
+# pattern match. One table per kind of name, so passing as one kind never lets a name
+# pass as another; each emptied when full.
 _GOOD_ORIGINS: set[str] = set()
-_GOOD_STREAMS: set[str] = set()
-_GOOD_FIELDS: set[str] = set()
+_GOOD_STREAMS: dict[str, str] = {}  # stream -> its kind
+_GOOD_FIELDS: dict[str, set[str]] = {kind: set() for kind in ENTITY_KINDS}
 GOOD_NAMES_MAX = 16_384
 
 
-def _passed(good: set[str], text: str) -> None:
+def _passed(good: set[str] | dict[str, str], text: str, kind: str = "") -> None:
     if len(good) >= GOOD_NAMES_MAX:
         good.clear()
-    good.add(text)
+    if isinstance(good, dict):
+        good[text] = kind
+    else:
+        good.add(text)
 
 
 def validate(event: Event) -> Event:
@@ -123,28 +125,41 @@ def validate(event: Event) -> Event:
     if not 1 <= dot.counter <= COUNTER_MAX:
         raise InvalidEvent(f"counter out of range: {dot.counter}")
     hlc = event.hlc
-    if not isinstance(hlc, int) or not 0 < hlc <= STAMP_MAX:
+    if type(hlc) is not int or not 0 < hlc <= STAMP_MAX:  # not a bool either
         raise InvalidEvent(f"clock stamp out of range: {hlc!r}")
     stream = event.stream
-    if stream not in _GOOD_STREAMS:
+    kind = _GOOD_STREAMS.get(stream)
+    if kind is None:
         kind, _, entity_id = stream.partition("/")
         if kind not in ENTITY_KINDS or not ENTITY_ID_RE.fullmatch(entity_id):
             raise InvalidEvent(f"bad stream {stream!r}")
-        _passed(_GOOD_STREAMS, stream)
+        _passed(_GOOD_STREAMS, stream, kind)
     op, field, value = event.op, event.field, event.value
     if not isinstance(op, Op):
         raise InvalidEvent(f"unknown op {op!r}")
     wants_field = op in _FIELD_OPS
     if wants_field != (field is not None):
         raise InvalidEvent(f"{op.name.lower()} {'needs' if wants_field else 'takes no'} field")
-    if field is not None and field not in _GOOD_FIELDS:
-        if not FIELD_RE.fullmatch(field):
-            raise InvalidEvent(f"bad field name {field!r}")
-        _passed(_GOOD_FIELDS, field)
     if value is not None and (not isinstance(value, str) or len(value) > VALUE_CHARS_MAX):
         raise InvalidEvent("value must be a string of at most 4096 characters, or null")
-    if op in _ELEMENT_OPS and (value is None or not ENTITY_ID_RE.fullmatch(value)):
-        raise InvalidEvent(f"{op.name.lower()} needs an element id")
+    # The schema, as a client's write meets it: a peer's events are checked like client
+    # input, so no peer can give a group an email, or make a user a set of members.
+    if op is Op.SET:
+        assert field is not None
+        good = _GOOD_FIELDS[kind]
+        if field not in good:
+            if not settable(kind, field):
+                raise InvalidEvent(f"bad field name {field!r}: a {kind} has no such field")
+            _passed(good, field)
+        try:
+            check_value(field, value)
+        except FieldError as exc:
+            raise InvalidEvent(f"bad value of {field}: {exc.message}") from None
+    elif op in _ELEMENT_OPS:
+        if field != SET_FIELDS.get(kind):
+            raise InvalidEvent(f"bad field name {field!r}: a {kind} has no such set")
+        if value is None or not ENTITY_ID_RE.fullmatch(value):
+            raise InvalidEvent(f"{op.name.lower()} needs an element id")
     if value is not None and op in _VALUELESS_OPS:
         raise InvalidEvent(f"{op.name.lower()} takes no value")
     observed = event.observed
@@ -206,6 +221,8 @@ def from_wire(wire: Any, *, dot: Dot | None = None) -> Event:
         version = wire[0]
     try:
         _, origin, counter, hlc, stream, op, field, value, observed, actor = wire
+        if type(op) is not int:  # a bool or a float would find an op among the ints
+            raise KeyError(op)
         if type(observed) is not list:
             raise TypeError("observed dots must be an array")
         dots = frozenset([Dot(o, c) for o, c in observed]) if observed else NO_DOTS

@@ -14,8 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from node.events import ENTITY_ID_RE, Value
+Value = str | None
 
+ENTITY_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 USERNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{1,63}")
 EMAIL_RE = re.compile(r"[^@\s]{1,64}@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+")
 API_KEY_RE = re.compile(r"[A-Za-z0-9_-]{8,128}")
@@ -42,6 +43,15 @@ class FieldError(Exception):
     field: str | None = None
 
 
+def settable(kind: str, field: str) -> bool:
+    """Whether ``field`` is one of ``kind``'s registers, which a set event writes."""
+    if kind == "user":
+        if field.startswith("profile."):
+            return PROFILE_KEY_RE.fullmatch(field.removeprefix("profile.")) is not None
+        return field in USER_FIELDS
+    return kind == "group" and field in GROUP_FIELDS
+
+
 def check_id(entity_id: object, *, what: str = "id") -> str:
     if not isinstance(entity_id, str):
         raise FieldError(400, "wrong_type", f"{what} must be a string", what)
@@ -53,11 +63,13 @@ def check_id(entity_id: object, *, what: str = "id") -> str:
 def _text(field: str, value: object, *, chars_max: int) -> str:
     if not isinstance(value, str):
         raise FieldError(400, "wrong_type", f"{field} must be a string", field)
-    if not value.strip() or len(value) > chars_max:
+    if not value or value.isspace() or len(value) > chars_max:  # blank: as if empty
         raise FieldError(
             422, "invalid_value", f"{field} must be 1 to {chars_max} characters", field
         )
-    if CONTROL_RE.search(value):
+    # Printable ASCII holds no control character: most values pass without the pattern
+    # (every event a peer sends is checked too).
+    if not (value.isascii() and value.isprintable()) and CONTROL_RE.search(value):
         raise FieldError(
             422, "invalid_value", f"{field} must not contain control characters", field
         )

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from crdt import Dot
 from node import events as ev
 from node.events import Event, InvalidEvent, Op, UnknownFormatVersion
+from node.schema import API_KEY_RE, CONTROL_RE, USERNAME_RE
 
 GOLDEN = Path(__file__).parent.parent / "golden" / "event_v1.json"
 STAMP = (1_700_000_000_000 << 16) | 7
@@ -56,15 +57,31 @@ ids = st.from_regex(ev.ENTITY_ID_RE, fullmatch=True)
 dots = st.builds(Dot, origins, st.integers(1, ev.COUNTER_MAX))
 
 
+# Text a client may write (no control characters, not only blanks), and each register's
+# values as its schema takes them.
+texts = st.text(st.characters(min_codepoint=0x20, exclude_characters="\x7f"), max_size=50)
+names = texts.filter(str.strip).filter(lambda t: not CONTROL_RE.search(t))
+REGISTERS: dict[str, st.SearchStrategy[str | None]] = {
+    "name": names,
+    "username": st.from_regex(USERNAME_RE, fullmatch=True),
+    "email": st.from_regex(r"[a-z0-9.]{1,20}@[a-z0-9-]{1,10}\.example", fullmatch=True),
+    "api_key": st.from_regex(API_KEY_RE, fullmatch=True),
+    "profile.city": st.none() | names,
+}
+SETTABLE = {"user": sorted(REGISTERS), "group": ["name"]}
+
+
 @st.composite
 def valid_events(draw: st.DrawFn) -> Event:
-    op = draw(st.sampled_from(Op))
+    """Events as a client's writes make them: each kind's ops, registers and values."""
+    kind = draw(st.sampled_from(ev.ENTITY_KINDS))
+    op = draw(st.sampled_from([o for o in Op if kind == "group" or o not in (Op.ADD, Op.REMOVE)]))
     field: str | None = None
     value: str | None = None
     observed: frozenset[Dot] = frozenset()
     if op is Op.SET:
-        field = draw(st.sampled_from(["name", "email", "profile.city"]))
-        value = draw(st.none() | st.text(max_size=50))
+        field = draw(st.sampled_from(SETTABLE[kind]))
+        value = draw(REGISTERS[field])
         observed = draw(st.frozensets(dots, max_size=1))
     elif op in (Op.ADD, Op.REMOVE):
         field, value = "members", draw(ids)
@@ -73,7 +90,7 @@ def valid_events(draw: st.DrawFn) -> Event:
     return Event(
         dot=draw(dots),
         hlc=draw(st.integers(1, (1 << 64) - 1)),
-        stream=f"{draw(st.sampled_from(ev.ENTITY_KINDS))}/{draw(ids)}",
+        stream=f"{kind}/{draw(ids)}",
         op=op,
         field=field,
         value=value,
@@ -118,6 +135,9 @@ def test_a_decoded_event_is_stored_as_the_bytes_it_came_in() -> None:
     assert ev.decode(ev.encode(renamed)).value == "Max Power"
 
 
+GROUP_ADD = Event(Dot(EU, 1), STAMP, "group/staff", Op.ADD, "members", "homer")
+
+
 def wire_of(event: Event, **changes: Any) -> bytes:
     """Encode without validating, so broken events can reach the decoder."""
     wire = ev.to_wire(event)
@@ -143,8 +163,22 @@ BAD_WIRES: list[tuple[str, bytes, str]] = [
     ("bad field name", wire_of(GOOD, field="Name!"), "bad field name"),
     ("value too long", wire_of(GOOD, value="x" * (ev.VALUE_CHARS_MAX + 1)), "at most 4096"),
     ("value not a string", wire_of(GOOD, value=3), "value must be a string"),
-    ("add without element", wire_of(GOOD, op=4, field="members", value=None), "element id"),
-    ("add of a bad element", wire_of(GOOD, op=4, field="members", value="a/b"), "element id"),
+    ("add without element", wire_of(GROUP_ADD, value=None), "element id"),
+    ("add of a bad element", wire_of(GROUP_ADD, value="a/b"), "element id"),
+    # The schema, as client input meets it (a peer's events are checked like it).
+    ("a user's member", wire_of(GROUP_ADD, stream="user/homer"), "a user has no such set"),
+    ("a group's other set", wire_of(GROUP_ADD, field="owners"), "a group has no such set"),
+    ("a group's email", wire_of(GOOD, stream="group/staff", field="email"), "no such field"),
+    ("a group's members set", wire_of(GOOD, stream="group/x", field="members"), "no such field"),
+    ("an unknown field", wire_of(GOOD, field="zzz"), "a user has no such field"),
+    ("a bad profile key", wire_of(GOOD, field="profile.City"), "no such field"),
+    ("a name unset", wire_of(GOOD, value=None), "bad value of name"),
+    ("a blank name", wire_of(GOOD, value="  "), "bad value of name"),
+    ("control characters", wire_of(GOOD, field="email", value="\x00 a@b.example"), "control"),
+    ("not an email", wire_of(GOOD, field="email", value="no email"), "not an email"),
+    ("op true", wire_of(GOOD, op=True), "unknown op"),
+    ("op a float", wire_of(GOOD, op=3.0), "unknown op"),
+    ("stamp true", wire_of(GOOD, hlc=True), "clock stamp"),
     ("create with value", wire_of(GOOD, op=1, field=None, value="x"), "takes no value"),
     ("observed not an array", wire_of(GOOD, observed=None), "observed dots must be an array"),
     ("observed an empty string", wire_of(GOOD, observed=""), "observed dots must be an array"),

@@ -147,7 +147,7 @@ def test_a_malformed_answer_fails_the_sync_and_writes_nothing(tmp_path: Path) ->
 
         async def lying_peer(body: bytes) -> bytes:
             good = Event(Dot(eu_id, 100), 1 << 40, "user/x", Op.CREATE)
-            bad = Event(Dot(eu_id, 101), 1 << 40, "user/x", Op.SET, "name", None, actor="x" * 200)
+            bad = Event(Dot(eu_id, 101), 1 << 40, "user/x", Op.SET, "name", "X", actor="x" * 200)
             raws = tuple(RawEvent(e.dot, ev.encode(e)) for e in (good, bad))
             return protocol.encode(Sync(Tag.SYNC_RESPONSE, eu_id, VersionVector(), raws))
 

@@ -92,11 +92,14 @@ summaries = st.builds(
 )
 
 
+names = st.from_regex(r"[A-Za-z][A-Za-z .'-]{0,19}", fullmatch=True)  # as a client writes them
+
+
 @st.composite
 def syncs(draw: st.DrawFn) -> Sync:
     dots = draw(st.lists(st.builds(Dot, origins, st.integers(1, 1_000)), unique=True))
     events = tuple(
-        raw(Event(d, STAMP + n, f"user/{draw(ids)}", Op.SET, "name", draw(st.text(max_size=20))))
+        raw(Event(d, STAMP + n, f"user/{draw(ids)}", Op.SET, "name", draw(names)))
         for n, d in enumerate(dots)
     )
     summary, base = draw(summaries), draw(st.none() | summaries)
