@@ -3,9 +3,10 @@
 An entity's existence is an add-wins OR-set of its ``create`` dots (a ``delete``
 removes the creates it observed, so a concurrent create wins); each scalar field is
 an LWW register; a group's members are OR-set slices kept per member elsewhere. A
-delete also clears every field write ordered before it (a floor on the registers),
-so an id created again after a delete does not show what its previous life wrote. The
-same functions build live views, rebuilt views and any entity as of a past time.
+create or a delete also clears every field write ordered before it (a floor on the
+registers), so an id created again after a delete does not show what its previous
+life wrote, not even a write that raced the delete and is ordered after it. The same
+functions build live views, rebuilt views and any entity as of a past time.
 No clock and no randomness is read here: time enters only through event stamps.
 """
 
@@ -26,6 +27,10 @@ from node.events import NO_DOTS, Event, Op, Value
 
 # 2: the existence set is embedded as its encoded bytes (1: as its wire form, still read).
 VIEW_FORMAT = 2
+# The rules the views are folded by, stored with them (``meta`` ``fold_rules``): views
+# folded by other rules are folded again when the node opens. 1: a delete raised the
+# floor; 2: a create raises it too.
+FOLD_RULES = 2
 ENTITY = ""  # the single element of an existence set
 
 
@@ -62,8 +67,8 @@ Winner = tuple[Key, Value]
 class EntityState:
     existence: ORSet[str] = field(default_factory=ORSet)
     fields: Mapping[str, Winner] = field(default_factory=dict)  # each field's LWW register
-    # Every field write ordered at or below the greatest delete is cleared: a re-created
-    # id starts from scratch instead of showing what was written before its deletion.
+    # Every field write ordered at or below the greatest create or delete is cleared: a
+    # re-created id starts from scratch instead of showing what its previous life had.
     floor: Key | None = None
     create_stamps: Mapping[Dot, int] = field(default_factory=dict)  # create dot -> its stamp
     etag: int = 0  # XOR of the hashes of every applied dot: same events, same tag
@@ -161,6 +166,9 @@ class Folding:
             if self.creates is None:
                 self.creates = dict(self.base.create_stamps)
             self.creates[dot] = hlc
+            key = (hlc, origin, counter)  # a new life starts from scratch (see the floor)
+            if self.floor is None or key > self.floor:
+                self.floor = key
         elif op == _DELETE:
             self.existence = self.existence.apply(Remove(ENTITY, observed))
             key = (hlc, origin, counter)

@@ -39,6 +39,7 @@ def replay_views(txn: WriteTxn) -> int:
                 pending.flush(txn)
         pending.flush(txn)
         views.find_conflicts(txn)
+    views.mark_fold_rules(txn)
     return count
 
 

@@ -26,6 +26,7 @@ from node.fold import EntityState, decode_state, fold_all
 from node.kv import KV
 from node.lmdb_kv import MAP_BYTES_INITIAL, LmdbKV
 from node.log import Identity, LogState
+from node.rebuild import replay_views
 from node.tokens import Token, covers, encode_token, token_of
 from node.writer import Committed, Decide, Writer, call_soon
 
@@ -95,7 +96,19 @@ class Replica:
         with kv.read() as txn:
             state = log.load_state(txn, self.identity)
             legacy = views.has_legacy_indexes(txn)
-        if legacy:
+            folded = views.folded_by_these_rules(txn)
+        if not folded and state.seq:
+            # Views of an older version (say, before a create raised the floor) differ
+            # from what this one folds: fold them again, or replicas would disagree.
+            started = time.perf_counter()
+            count = kv.write(replay_views)  # which also empties older unique indexes
+            elapsed_s = time.perf_counter() - started
+            logger.info(
+                "views folded again by this version's rules: %d events in %.2f s", count, elapsed_s
+            )
+        elif not folded:
+            kv.write(views.mark_fold_rules)
+        elif legacy:
             users = kv.write(views.convert_legacy_indexes)
             logger.info("unique indexes made in this version's form: %d users", users)
         self.clock = HybridLogicalClock(now_ms, max_drift_ms=max_drift_ms, last=state.hlc)
@@ -372,8 +385,8 @@ def history(events: Iterable[tuple[int, Event]]) -> list[dict[str, Any]]:
     listed = list(events)
     by_dot = {e.dot: e for _, e in listed}
     winners: dict[str, Event] = {}
-    deletes = [e for _, e in listed if e.op is Op.DELETE]
-    floor = max(deletes, key=lambda d: (d.hlc, d.dot), default=None)
+    lives = [e for _, e in listed if e.op in (Op.CREATE, Op.DELETE)]  # each raises a floor
+    floor = max(lives, key=lambda d: (d.hlc, d.dot), default=None)
 
     def cleared(e: Event) -> bool:
         return floor is not None and (e.hlc, e.dot) <= (floor.hlc, floor.dot)
@@ -414,7 +427,7 @@ def history(events: Iterable[tuple[int, Event]]) -> list[dict[str, Any]]:
         if e.op is Op.SET and e.field is not None and cleared(e):
             assert floor is not None
             item["won"] = False
-            item["why"] = f"cleared by the delete {floor.dot}"
+            item["why"] = f"cleared by the {floor.op.name.lower()} {floor.dot}"
         elif e.op is Op.SET and e.field is not None:
             winner = winners[e.field]
             item["won"] = winner.dot == e.dot

@@ -23,6 +23,7 @@ from crdt import ORSet, VersionVector
 from crdt import codec as crdt_codec
 from node.events import Event, Op, stream_of
 from node.fold import (
+    FOLD_RULES,
     EntityState,
     Folding,
     decode_state,
@@ -156,6 +157,19 @@ def find_conflicts(txn: WriteTxn) -> None:
                 value = entity(txn, stream_of("user", holders[0])).value(field)
                 assert value is not None, "a unique value's holder holds it"
                 _refresh_conflict(txn, db, key, index_value(field, value), holders)
+
+
+FOLD_RULES_KEY = b"fold_rules"  # in meta: the rules (``FOLD_RULES``) the views were folded by
+
+
+def folded_by_these_rules(txn: ReadTxn) -> bool:
+    """Whether the views were folded by this version's rules (``fold.FOLD_RULES``)."""
+    return txn.get("meta", FOLD_RULES_KEY) == str(FOLD_RULES).encode()
+
+
+def mark_fold_rules(txn: WriteTxn) -> None:
+    """Record that the views are folded by this version's rules."""
+    txn.put("meta", FOLD_RULES_KEY, str(FOLD_RULES).encode())
 
 
 def has_legacy_indexes(txn: ReadTxn) -> bool:

@@ -153,6 +153,35 @@ def test_a_rebuild_of_a_directory_of_an_older_version_empties_its_indexes(data_d
     assert dump(data_dir) == before
 
 
+def test_views_folded_by_other_rules_are_folded_again_at_open(
+    data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Views an older version folded (say, before a create raised the floor) differ from
+    what this version folds; left as they are, replicas would disagree. The node folds
+    them again when it opens, and only then."""
+    before = dump(data_dir)
+    homer = next(v for k, v in before["views"] if k == b"user/homer")
+    stale = next(v for k, v in before["views"] if k == b"user/marge")
+
+    def as_an_older_version_left_it(txn: WriteTxn) -> None:
+        txn.put("views", b"user/homer", stale)  # not what these rules fold
+        txn.delete("meta", views.FOLD_RULES_KEY)
+
+    kv: KV = LmdbKV(data_dir)
+    kv.write(as_an_older_version_left_it)
+    kv.close()
+    with caplog.at_level("INFO", logger="node.replica"):
+        Replica.open(data_dir, "eu", now_ms=lambda: NOW_MS).close()
+    assert dump(data_dir) == before
+    assert "views folded again by this version's rules" in caplog.text
+
+    kv = LmdbKV(data_dir)
+    kv.write(lambda txn: txn.put("views", b"user/homer", stale))
+    kv.close()
+    Replica.open(data_dir, "eu", now_ms=lambda: NOW_MS).close()  # folded by these rules
+    assert dict(dump(data_dir)["views"])[b"user/homer"] == stale != homer
+
+
 def test_an_empty_directory_is_refused_and_left_empty(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -11,6 +11,7 @@ import pytest
 from crdt import Dot
 from node import commands
 from node.events import Event, Op
+from node.replica import history as history_of
 from tests.replication.cluster import Cluster, person, raw_add, run
 
 REGIONS = ("ap", "eu", "us")
@@ -219,6 +220,40 @@ def test_a_deleted_user_is_not_resurrected_by_a_concurrent_update(tmp_path: Path
             assert replica.lookup("username", "alice") == []
             assert replica.entity_ids("user", after="", limit=10) == []
             assert replica.search("alice", after="", limit=10) == []
+
+    run(tmp_path, ("eu", "us"), body)
+
+
+def test_a_user_created_again_shows_nothing_of_a_write_that_raced_the_delete(
+    tmp_path: Path,
+) -> None:
+    """Found by review: a profile written in us while eu deleted the user is ordered
+    after the delete, so the delete does not clear it; the user created again under
+    that id showed it, a previous person's data. A create clears every write ordered
+    before it, as a delete does: a new life starts from scratch everywhere."""
+
+    async def body(c: Cluster) -> None:
+        await c.write("eu", commands.create("user", "zed", person("zed")))
+        await c.sync_all_until_quiet()
+        c.cut("eu", "us")
+        await c.write("eu", commands.delete("user", "zed", None))
+        c.advance(1_000)  # the update is stamped later than the delete
+        raced = {"profile.phone": "555-0100", "profile.city": "Springfield"}
+        await c.write("us", commands.patch("user", "zed", raced, None))
+        c.heal()
+        await c.sync_all_until_quiet()
+        assert not c.replica("eu").entity("user", "zed").exists
+        c.advance(1_000)
+        await c.write("eu", commands.create("user", "zed", {**person("zed"), "name": "New Zed"}))
+        await c.sync_all_until_quiet()
+        c.assert_converged()
+        for region in ("eu", "us"):
+            values = c.replica(region).entity("user", "zed").values()
+            assert values == {**person("zed"), "name": "New Zed"}, region
+            history = c.replica(region).stream("user", "zed")
+            cleared = [e for e in history_of(history) if e.get("field") == "profile.phone"]
+            assert [e["won"] for e in cleared] == [False]
+            assert cleared[0]["why"].startswith("cleared by the create ")
 
     run(tmp_path, ("eu", "us"), body)
 

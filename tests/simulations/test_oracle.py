@@ -113,16 +113,30 @@ def test_equal_stamps_are_ordered_by_origin_then_counter() -> None:
 def test_a_delete_clears_every_write_up_to_its_own_key() -> None:
     first = user(EU, 1, 10, "homer", name="Homer", email="homer@x.us", profile__city="Springfield")
     delete = ev(EU, 10, 100, "user/homer", Op.DELETE, observed=[first[0].dot])
-    again = ev(US, 1, 200, "user/homer", Op.CREATE)  # the id is created again, from scratch
-    assert oracle_snapshot([*first, delete, again])["users"] == {"homer": {"profile": {}}}
+    # A create the delete did not observe (concurrent with it) keeps the user: add-wins.
+    concurrent = ev(US, 1, 95, "user/homer", Op.CREATE)
     # concurrent with the delete: a write above its key survives, one below is cleared
     above = ev(AP, 1, 150, "user/homer", Op.SET, "name", "above")
     below = ev(AP, 2, 90, "user/homer", Op.SET, "email", "below@x.us")
     # the same stamp as the delete: the key decides (origin "us~" > "eu~" survives)
     tie = ev(US, 2, 100, "user/homer", Op.SET, "username", "tie")
     tie_lost = ev(AP, 3, 100, "user/homer", Op.SET, "profile.city", "Shelbyville")
-    homer = oracle_snapshot([*first, delete, again, above, below, tie, tie_lost])["users"]["homer"]
+    events = [*first, delete, concurrent, above, below, tie, tie_lost]
+    homer = oracle_snapshot(events)["users"]["homer"]
     assert homer == {"name": "above", "username": "tie", "profile": {}}
+
+
+def test_a_create_clears_every_write_up_to_its_own_key_a_new_life_starts_from_scratch() -> None:
+    first = user(EU, 1, 10, "homer", name="Homer", email="homer@x.us", profile__city="Springfield")
+    delete = ev(EU, 10, 100, "user/homer", Op.DELETE, observed=[first[0].dot])
+    # Concurrent with the delete and ordered after it: it outlives the delete, not the
+    # next create of the id, which is someone else.
+    raced = ev(AP, 1, 150, "user/homer", Op.SET, "profile.phone", "555-0100")
+    again = ev(US, 1, 200, "user/homer", Op.CREATE)
+    assert oracle_snapshot([*first, delete, raced, again])["users"] == {"homer": {"profile": {}}}
+    named = ev(US, 2, 201, "user/homer", Op.SET, "name", "New Homer")
+    users = oracle_snapshot([*first, delete, raced, again, named])["users"]
+    assert users == {"homer": {"name": "New Homer", "profile": {}}}
 
 
 def test_a_profile_key_set_to_none_is_unset() -> None:
