@@ -7,7 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
 
-from aiohttp import web
+from aiohttp import web, web_protocol
 
 from node.schema import FieldError
 from node.writer import Overloaded, Rejected
@@ -82,3 +82,40 @@ def as_json_error(request: web.Request, exc: Exception) -> web.StreamResponse:
         return error_response(exc.status, code, message, headers)
     logger.error("unexpected error on %s %s", request.method, request.path, exc_info=exc)
     return error_response(500, "internal", "internal error")
+
+
+UNPARSABLE_MESSAGE_CHARS_MAX = 200
+
+
+def _unparsable_as_json(
+    handler: web_protocol.RequestHandler,
+    request: web.BaseRequest,
+    status: int = 500,
+    exc: BaseException | None = None,
+    message: str | None = None,
+) -> web.StreamResponse:
+    """``RequestHandler.handle_error`` for what aiohttp's parser refuses (a header with a
+    NUL byte, a URL past its line limit, a malformed chunk or length), which no route
+    or guard sees: the JSON error every other refusal gets, logged on one line. Errors
+    of the server itself (5xx) are left to aiohttp."""
+    if status >= 500:
+        return _AIOHTTP_HANDLE_ERROR(handler, request, status, exc, message)
+    reason = " ".join(str(message or exc or "").split())[:UNPARSABLE_MESSAGE_CHARS_MAX]
+    logger.info("refused a request that cannot be parsed (%d): %s", status, reason)
+    if request.writer.output_size > 0:  # as aiohttp's: nothing more can be sent
+        raise ConnectionError("a response was sent already")
+    code = _CODES.get(status, "bad_request")
+    response = error_response(status, code, f"the request cannot be parsed: {reason}")
+    response.force_close()
+    return response
+
+
+_AIOHTTP_HANDLE_ERROR = web_protocol.RequestHandler.handle_error
+
+
+def answer_unparsable_requests_as_json() -> None:
+    """Make aiohttp answer a request its parser refuses as ``_unparsable_as_json`` does.
+
+    aiohttp has no setting for it, and creates its request handlers itself: its method
+    is replaced, once, in the serving process (``node.server.serve``)."""
+    web_protocol.RequestHandler.handle_error = _unparsable_as_json  # type: ignore[method-assign,assignment]

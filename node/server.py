@@ -24,6 +24,7 @@ from aiohttp import web
 from node.api import build_app
 from node.config import Settings
 from node.event_loop import run_on, running_loop_name
+from node.http_errors import answer_unparsable_requests_as_json
 from node.lmdb_kv import DataDirBusy
 from node.log import WrongRegion
 from node.metrics import GC_PAUSES
@@ -67,6 +68,13 @@ def server_tls(settings: Settings) -> ssl.SSLContext | None:
 # events/s with (10_000, 10, 10), 16.5k with these. Full collections still run, every
 # 20M allocations or so (and only when a quarter of the heap is new since the last).
 GC_THRESHOLDS = (100_000, 20, 10)
+
+
+# A body a handler leaves unread (refused before reading: too large, unauthenticated, not
+# the encoding it claims) is not drained for the next request on the connection; the
+# connection closes after the answer. aiohttp drains up to 10 s by default, holding a
+# slow sender's connection, and logs a traceback when the rest cannot be decoded.
+UNREAD_BODY_DRAIN_S = 0.0
 
 
 def tune_gc() -> None:
@@ -128,9 +136,12 @@ async def serve(replica: Replica, settings: Settings, extensions: Sequence[Exten
     loop = asyncio.get_running_loop()
     replica.bind(loop)
     app = build_app(replica, settings)
+    answer_unparsable_requests_as_json()
     for extension in extensions:
         extension.install(app)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    runner = web.AppRunner(
+        app, handle_signals=False, access_log=None, lingering_time=UNREAD_BODY_DRAIN_S
+    )
     await runner.setup()
     tune_gc()
     site = web.TCPSite(

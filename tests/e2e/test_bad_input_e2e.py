@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import aiohttp
 
@@ -55,3 +56,56 @@ def test_bad_input_against_a_real_node(nodes: Nodes) -> None:
     assert node.call("GET", "/status").json()["seq"] == seeded
     unexpected = [line for line in node.stderr().splitlines() if "unexpected error" in line]
     assert not unexpected, unexpected  # what the node logs with every 500
+    assert "Traceback" not in node.stderr()  # e.g. a body not the gzip it claims, drained
+
+
+# Requests aiohttp's own parser refuses, before any route or guard sees them.
+UNPARSABLE = {
+    "url-too-long": b"GET /users/" + b"a" * 9_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    "nul-in-header": b"GET /users/x HTTP/1.1\r\nHost: x\r\nX-Actor: a\x00b\r\n\r\n",
+    "length-not-a-number": b"POST /users HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n{}",
+    "length-and-chunked": (
+        b"POST /users HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Length: 5\r\n\r\n0\r\n\r\n"
+    ),
+    "bad-chunk-size": (
+        b"POST /users HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"zz\r\nab\r\n0\r\n\r\n"
+    ),
+    "asterisk-target": b"GET * HTTP/1.1\r\nHost: x\r\n\r\n",
+}
+
+
+async def _raw(host: str, port: int, request: bytes) -> tuple[int, str, bytes]:
+    """One request as raw bytes; (status, content type, body) of the answer."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    content_type = {k.lower(): v for k, v in headers.items()}.get("content-type", "")
+    return int(lines[0].split(" ")[1]), content_type, body
+
+
+def test_a_request_the_http_parser_refuses_gets_a_json_400_and_no_traceback(
+    nodes: Nodes,
+) -> None:
+    node = nodes.start("eu", None)
+
+    async def scenario() -> dict[str, tuple[int, str, bytes]]:
+        return {
+            name: await _raw(node.host, node.port, request) for name, request in UNPARSABLE.items()
+        }
+
+    for name, (status, content_type, body) in asyncio.run(scenario()).items():
+        assert status == 400, name
+        assert content_type.startswith("application/json"), (name, content_type)
+        assert json.loads(body)["error"] == "bad_request", name
+    assert node.alive()
+    assert node.call("GET", "/health").json() == {"status": "ok"}
+    assert "Traceback" not in node.stderr()
