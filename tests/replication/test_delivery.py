@@ -219,3 +219,27 @@ def test_a_node_whose_last_commit_was_undone_gets_it_back_and_reuses_no_dot(
         assert views["entities"]["user/homer"]["fields"]["name"] == "W2"
 
     run(tmp_path, ("eu", "us"), body)
+
+
+def test_a_request_older_than_its_senders_pushes_does_not_get_them_back(tmp_path: Path) -> None:
+    """A requester gets back its own events it lacks (its last commits undone), by what
+    its request shows. A request over a base may be older than pushes of its sender
+    that landed while it waited, which it holds: answering with those would echo a busy
+    writer's events back to it. Its check no longer matches once a push moved what we
+    heard of the sender, so it is answered whole, with nothing."""
+
+    async def body(c: Cluster) -> None:
+        await c.write("eu", commands.create("user", "homer", person("homer")))
+        await c.sync_all_until_quiet()
+        eu_id = c.replica("eu").identity.replica_id
+        stale = c.replicator("eu").request_for("us")  # over a base: a check
+        assert stale.receiver is not None
+        pushed = await c.write("eu", commands.patch("user", "homer", {"name": "Pushed"}, None))
+        assert await c.sync("eu", "us")  # the push lands before the stale request
+        assert all(e.dot in c.replica("us").summary for e in pushed)
+        answer = protocol.decode(
+            await c.replicator("us").handle(protocol.encode(stale)), expect=Tag.SYNC_RESPONSE
+        )
+        assert [raw.dot for raw in answer.events if raw.dot.origin == eu_id] == []
+
+    run(tmp_path, ("eu", "us"), body)
