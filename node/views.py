@@ -159,17 +159,21 @@ def find_conflicts(txn: WriteTxn) -> None:
                 _refresh_conflict(txn, db, key, index_value(field, value), holders)
 
 
-FOLD_RULES_KEY = b"fold_rules"  # in meta: the rules (``FOLD_RULES``) the views were folded by
+# The rules (``fold.FOLD_RULES``) the views were folded by, kept among them: in the search
+# index, under a key no token takes (a token is word characters), because an older
+# version's rebuild empties that table, where it leaves ``meta`` be. Views it folded
+# then carry no mark, and are folded again when this version opens them.
+FOLD_RULES_DB, FOLD_RULES_KEY = "idx_search", b"\0fold_rules"
 
 
 def folded_by_these_rules(txn: ReadTxn) -> bool:
     """Whether the views were folded by this version's rules (``fold.FOLD_RULES``)."""
-    return txn.get("meta", FOLD_RULES_KEY) == str(FOLD_RULES).encode()
+    return txn.get(FOLD_RULES_DB, FOLD_RULES_KEY) == str(FOLD_RULES).encode()
 
 
 def mark_fold_rules(txn: WriteTxn) -> None:
     """Record that the views are folded by this version's rules."""
-    txn.put("meta", FOLD_RULES_KEY, str(FOLD_RULES).encode())
+    txn.put(FOLD_RULES_DB, FOLD_RULES_KEY, str(FOLD_RULES).encode())
 
 
 def has_legacy_indexes(txn: ReadTxn) -> bool:

@@ -65,6 +65,9 @@ class Limits:
     # Events we answered a peer with are not pushed to it again for this long: it is
     # likely still ingesting them. If it lost them, its next request asks again.
     answered_hold_ms: int = 2_000
+    # How far beyond our counter our own events may come back (our last commits were
+    # undone, see ``Replicator.handle``): a batch with one further is refused whole.
+    own_events_ahead_max: int = 1_000_000
 
 
 def _raw(pairs: Sequence[tuple[Dot, bytes]]) -> tuple[RawEvent, ...]:
@@ -240,22 +243,23 @@ class Replicator:
         )
 
     def _check_own(self, batch: protocol.Batch) -> None:
-        """Refuse a batch carrying events of this node's own origin that do not follow on
-        from its counter, one after another.
+        """Refuse a batch carrying events of this node's own origin far beyond its counter.
 
-        Our events come back only if our last commits were undone (see ``handle``), and
-        then from our counter on, in order. From a faulty peer, one at the top of the
-        counters would leave none for our next write, and one further on a gap in our
-        counters, which the tokens of our writes would wait on forever.
+        Our events come back only if our last commits were undone (see ``handle``): never
+        more than ``own_events_ahead_max`` beyond our counter. From a faulty peer, one at
+        the top of the counters would leave none for our next write. Closer ones are
+        taken, a gap among them too (an event of the undone commits that no peer holds),
+        and our counter moves past them all: no later write of ours reuses their dots.
         """
         own = self.replica.identity.replica_id
-        mine = sorted(event.dot.counter for event in batch.events if event.dot.origin == own)
-        first = self.replica.state.counter + 1  # events we hold were left out of the batch
-        if mine and mine != list(range(first, first + len(mine))):
-            raise BadMessage(
-                f"events of this node's own origin {own} that do not follow on from its "
-                f"counter {first - 1}: {mine[0]}..{mine[-1]}"
-            )
+        ceiling = self.replica.state.counter + self.limits.own_events_ahead_max
+        for event in batch.events:
+            dot = event.dot
+            if dot.counter > ceiling and dot.origin == own:
+                raise BadMessage(
+                    f"event {dot} is this node's own, more than "
+                    f"{self.limits.own_events_ahead_max:,} beyond its counter"
+                )
 
     async def _ingest(self, batch: protocol.Batch) -> int:
         quarantined = [(raw.dot, raw.data) for raw in batch.quarantined]
@@ -310,8 +314,12 @@ class Replicator:
         else:
             raise BadMessage("an answer to a whole summary must name its sender")
         unread = sent.receiver is not None and response.replica_id is not None
-        batch = protocol.read_batch(response, known=self.replica.summary)
-        self._check_own(batch)
+        try:
+            batch = protocol.read_batch(response, known=self.replica.summary)
+            self._check_own(batch)
+        except BadMessage:
+            self.batches_refused += 1
+            raise
         received = await self._ingest(batch)
         # Events newly kept aside are progress too: the next request advertises them.
         kept = any(raw.dot not in sent.summary for raw in batch.quarantined)
@@ -332,8 +340,8 @@ class Replicator:
             return True  # it sent nothing it holds: ask again, whole
         they_lack = bool(self.replica.summary.missing_from(theirs))
         if not response.more and not they_lack:
-            if self.replica.not_ready is not None:
-                await self._caught_up(name)
+            if self._marked or self.replica.not_ready is not None:
+                await self._caught_up(name)  # serving already if the wait ran out
             return False
         # What is left and made no progress, the peer cannot take (e.g. it quarantines it).
         return received > 0 or kept or before != peer.summary

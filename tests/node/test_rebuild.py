@@ -165,7 +165,7 @@ def test_views_folded_by_other_rules_are_folded_again_at_open(
 
     def as_an_older_version_left_it(txn: WriteTxn) -> None:
         txn.put("views", b"user/homer", stale)  # not what these rules fold
-        txn.delete("meta", views.FOLD_RULES_KEY)
+        txn.delete(views.FOLD_RULES_DB, views.FOLD_RULES_KEY)  # its rebuild empties the table
 
     kv: KV = LmdbKV(data_dir)
     kv.write(as_an_older_version_left_it)

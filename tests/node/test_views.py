@@ -242,6 +242,7 @@ def fold_events(events: Iterable[Event]) -> MemoryKV:
     kv, state = MemoryKV(), LogState()
 
     def work(txn: WriteTxn) -> None:
+        views.mark_fold_rules(txn)  # as a node does on a new data directory
         for event in events:
             if log.append(txn, state, event) is not None:
                 views.apply(txn, event)

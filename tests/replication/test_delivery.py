@@ -16,6 +16,7 @@ from node import events as ev
 from node.events import Event, Op
 from replication import protocol
 from replication.protocol import BadMessage, RawEvent, Sync, Tag
+from replication.replicator import Limits
 from tests.replication.cluster import Cluster, person, raw_add, run
 
 
@@ -162,13 +163,18 @@ def test_a_malformed_answer_fails_the_sync_and_writes_nothing(tmp_path: Path) ->
     run(tmp_path, ("eu", "us"), body)
 
 
-@pytest.mark.parametrize("ahead", [5, ev.COUNTER_MAX], ids=["a-gap", "the-top-counter"])
-def test_this_nodes_own_events_not_following_on_from_its_counter_are_refused_whole(
+AHEAD_MAX = 100  # own_events_ahead_max in these tests
+
+
+@pytest.mark.parametrize(
+    "ahead", [AHEAD_MAX + 1, ev.COUNTER_MAX], ids=["past-the-limit", "the-top-counter"]
+)
+def test_this_nodes_own_events_far_beyond_its_counter_are_refused_whole(
     tmp_path: Path, ahead: int
 ) -> None:
-    """Only a node whose last commits were undone gets its own events back, and those
-    follow on from its counter. One at the top of the counters would leave none for its
-    next write; one beyond a gap, a gap that the tokens of its writes wait on forever."""
+    """Only a node whose last commits were undone gets its own events back, and never
+    far beyond its counter. From a faulty peer, one at the top of the counters left no
+    counter for the next write: every write after it failed."""
 
     async def body(c: Cluster) -> None:
         await c.write("us", commands.create("user", "bart", person("bart")))
@@ -176,15 +182,40 @@ def test_this_nodes_own_events_not_following_on_from_its_counter_are_refused_who
         us_id, counter, seq = us.identity.replica_id, us.state.counter, us.state.seq
         eu_id = c.replica("eu").identity.replica_id
         theirs = Event(Dot(eu_id, 1), STAMP, "user/homer", Op.CREATE)
-        forged = Event(Dot(us_id, min(counter + ahead, ev.COUNTER_MAX)), STAMP, "user/x", Op.CREATE)
-        with pytest.raises(BadMessage, match="own origin"):
-            await c.replicator("us").handle(request(eu_id, [theirs, forged]))
+        far = Dot(us_id, min(counter + ahead, ev.COUNTER_MAX))
+        with pytest.raises(BadMessage, match="own, more than 100 beyond its counter"):
+            await c.replicator("us").handle(
+                request(eu_id, [theirs, Event(far, STAMP, "user/x", Op.CREATE)])
+            )
         assert (us.state.seq, us.state.counter) == (seq, counter)  # nothing of it written
         assert c.replicator("us").batches_refused == 1
         written = await c.write("us", commands.patch("user", "bart", {"name": "Bart"}, None))
         assert [e.dot for e in written] == [Dot(us_id, counter + 1)]
 
-    run(tmp_path, ("eu", "us"), body)
+    run(tmp_path, ("eu", "us"), body, limits=Limits(own_events_ahead_max=AHEAD_MAX))
+
+
+def test_own_events_back_with_a_gap_move_the_counter_past_them_all(tmp_path: Path) -> None:
+    """Undone commits that reached a peer only in part (one of their events lost on the
+    way) come back with a gap: taken all the same, for the next write must reuse none of
+    their dots; refusing them stalled every sync with that peer and, once the node's own
+    writes had moved its counter on, left the regions apart for good."""
+
+    async def body(c: Cluster) -> None:
+        await c.write("us", commands.create("user", "bart", person("bart")))
+        us = c.replica("us")
+        us_id, counter = us.identity.replica_id, us.state.counter
+        eu_id = c.replica("eu").identity.replica_id
+        back = [
+            Event(Dot(us_id, counter + n), STAMP, "user/bart", Op.SET, "name", f"B{n}")
+            for n in (1, 2, 4)  # counter + 3 reached no peer
+        ]
+        await c.replicator("us").handle(request(eu_id, back))
+        assert us.state.counter == counter + 4
+        written = await c.write("us", commands.patch("user", "bart", {"name": "Bart"}, None))
+        assert [e.dot for e in written] == [Dot(us_id, counter + 5)]
+
+    run(tmp_path, ("eu", "us"), body, limits=Limits(own_events_ahead_max=AHEAD_MAX))
 
 
 def test_a_node_whose_last_commit_was_undone_gets_it_back_and_reuses_no_dot(

@@ -174,6 +174,30 @@ def test_a_node_stopped_part_way_through_its_bootstrap_bootstraps_again_when_it_
     run(tmp_path, ("ap", "eu"), body, limits=limits)
 
 
+def test_a_bootstrap_whose_wait_ran_out_is_over_once_the_node_catches_up(tmp_path: Path) -> None:
+    """A node that found no peer serves once the bootstrap wait runs out, holding less
+    than the whole history; once a sync catches it up, the bootstrap is over for good:
+    started again (while its peers are away, say), it serves at once."""
+    limits = Limits(bootstrap_wait_ms_max=300, gossip_interval_ms=HOUR_MS)
+
+    async def body(c: Cluster) -> None:
+        await c.write("us", bulk_users("us", 20))
+        c.isolate("eu")
+        c.start("eu")
+        await c.settle()
+        await asyncio.sleep(0.6)
+        assert c.replica("eu").not_ready is None  # the wait ran out: serving
+        c.heal()
+        assert await c.sync("eu", "us")
+        c.assert_converged()
+        await c.restart("eu")
+        c.isolate("eu")
+        c.start("eu")
+        assert c.replica("eu").not_ready is None
+
+    run(tmp_path, ("eu", "us"), body, limits=limits)
+
+
 def test_a_node_that_reaches_no_peer_serves_after_the_bootstrap_wait(tmp_path: Path) -> None:
     limits = Limits(bootstrap_wait_ms_max=300, gossip_interval_ms=HOUR_MS)
 
