@@ -72,7 +72,14 @@ def create(kind: str, entity_id: str, writes: Mapping[str, Value]) -> Decide:
         if state.exists:
             raise Rejected(409, "exists", f"{kind} {entity_id!r} already exists")
         _check_unique(txn, kind, entity_id, writes)
-        return [Draft(stream, Op.CREATE), *_sets(stream, state, writes)]
+        drafts = [Draft(stream, Op.CREATE), *_sets(stream, state, writes)]
+        # A new life starts with no memberships: any an earlier life of this id kept (an
+        # add that raced its delete, which add-wins kept) go, as far as this replica sees.
+        if kind == "user":
+            drafts += [_remove_member(txn, g, entity_id) for g in views.groups_of(txn, entity_id)]
+        else:
+            drafts += [_remove_member(txn, entity_id, u) for u in views.members(txn, entity_id)]
+        return drafts
 
     return decide
 

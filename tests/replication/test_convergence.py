@@ -258,6 +258,36 @@ def test_a_user_created_again_shows_nothing_of_a_write_that_raced_the_delete(
     run(tmp_path, ("eu", "us"), body)
 
 
+def test_a_user_created_again_is_in_no_group_that_an_add_racing_the_delete_kept(
+    tmp_path: Path,
+) -> None:
+    """Found by review: an add of a user to a group while another region deleted the
+    user outlives the delete (add wins), and the user created again under that id was
+    a member from the start. A create removes the memberships an earlier life of its id
+    kept, as far as its replica sees them, as a delete does."""
+
+    async def body(c: Cluster) -> None:
+        await c.write("eu", commands.create("user", "yan", person("yan")))
+        await c.write("eu", commands.create("group", "band", {"name": "Band"}))
+        await c.sync_all_until_quiet()
+        c.cut("eu", "us")
+        await c.write("eu", commands.delete("user", "yan", None))
+        await c.write("us", commands.add_member("band", "yan"))
+        c.heal()
+        await c.sync_all_until_quiet()
+        assert not c.replica("eu").entity("user", "yan").exists
+        await c.write("eu", commands.create("user", "yan", person("yan")))
+        await c.sync_all_until_quiet()
+        c.assert_converged()
+        for region in ("eu", "us"):
+            replica = c.replica(region)
+            assert replica.entity("user", "yan").exists
+            assert replica.groups_of("yan") == [], region
+            assert replica.members("band", after="", limit=10) == [], region
+
+    run(tmp_path, ("eu", "us"), body)
+
+
 def test_a_create_concurrent_with_a_delete_of_the_same_id_wins(tmp_path: Path) -> None:
     async def body(c: Cluster) -> None:
         c.cut("eu", "us")
