@@ -126,13 +126,7 @@ class Replicator:
         own = self.replica.identity.replica_id
         if sender == own:
             raise BadMessage("a node does not sync with itself")
-        try:
-            batch = protocol.read_batch(request, known=self.replica.summary)
-            self._check_own(batch)
-        except BadMessage:
-            self.batches_refused += 1
-            raise
-        await self._ingest(batch)
+        await self._ingest(self._batch_of(request))
         theirs = self._rebuilt(sender, request)
         peer = self.peers.get(sender.partition("~")[0])
         if peer is not None:
@@ -242,6 +236,17 @@ class Replicator:
             only=self.replica.identity.replica_id if own_only else None,
         )
 
+    def _batch_of(self, message: protocol.Received) -> protocol.Batch:
+        """The events of a request or answer we lack, each validated, or ``BadMessage``
+        (counted) refusing the batch whole."""
+        try:
+            batch = protocol.read_batch(message, known=self.replica.summary)
+            self._check_own(batch)
+        except BadMessage:
+            self.batches_refused += 1
+            raise
+        return batch
+
     def _check_own(self, batch: protocol.Batch) -> None:
         """Refuse a batch carrying events of this node's own origin far beyond its counter.
 
@@ -314,12 +319,7 @@ class Replicator:
         else:
             raise BadMessage("an answer to a whole summary must name its sender")
         unread = sent.receiver is not None and response.replica_id is not None
-        try:
-            batch = protocol.read_batch(response, known=self.replica.summary)
-            self._check_own(batch)
-        except BadMessage:
-            self.batches_refused += 1
-            raise
+        batch = self._batch_of(response)
         received = await self._ingest(batch)
         # Events newly kept aside are progress too: the next request advertises them.
         kept = any(raw.dot not in sent.summary for raw in batch.quarantined)
