@@ -107,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
         "rebuild-views", help="rebuild the derived views from the event log (node stopped)"
     )
     rebuild.add_argument("--data", dest="data_dir", type=Path, metavar="DIR", required=True)
+
+    renew = commands.add_parser(
+        "new-incarnation",
+        help="give a data directory restored from a backup a new replica id (node stopped)",
+    )
+    renew.add_argument("--data", dest="data_dir", type=Path, metavar="DIR", required=True)
     return parser
 
 
@@ -123,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         return _cluster(args)
     if command == "rebuild-views":
         return _load_rebuilder()(args["data_dir"])
+    if command == "new-incarnation":
+        renew: Callable[[Path], int] = importlib.import_module("node.rebuild").renew_incarnation
+        return renew(args["data_dir"])
     parser.print_help(sys.stderr)
     return 2
 

@@ -14,6 +14,7 @@ import secrets
 import struct
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -74,6 +75,51 @@ def open_identity(txn: WriteTxn, region: str, *, incarnation: str | None = None)
     replica_id = txn.get("meta", b"replica_id")
     assert replica_id is not None
     return Identity(region, replica_id.decode())
+
+
+def new_incarnation(txn: WriteTxn, identity: Identity) -> Identity:
+    """Serve as a new incarnation of the same region from now on: a new replica id, its
+    counter from 1. The old id stays an origin like any other, its events kept."""
+    replica_id = f"{identity.region}~{secrets.token_hex(4)}"
+    txn.put("meta", b"replica_id", replica_id.encode())
+    txn.put("meta", b"counter", u64(0))
+    return Identity(identity.region, replica_id)
+
+
+# Linux's id of the running boot. Without metasync an OS crash may undo the last commit
+# (LMDB syncs the data, not the page that points at it), and peers may hold the events
+# it had: a node that reused their dots would never converge with them.
+BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
+UNSYNCED_BOOT_KEY = b"unsynced_boot"  # in meta: the boot a node without metasync ran on
+
+
+def current_boot() -> bytes | None:
+    """This boot's id, or None where the system does not tell it."""
+    try:
+        return BOOT_ID_PATH.read_bytes().strip() or None
+    except OSError:
+        return None
+
+
+def renew_after_reboot(
+    txn: WriteTxn, identity: Identity, *, metasync: bool, boot: bytes | None
+) -> Identity:
+    """The identity to serve as: a new incarnation if the last run went without metasync
+    on another boot (its last commit may be undone), else ``identity``; and the boot this
+    run goes without metasync on, recorded for the next.
+
+    A new incarnation takes no dot of the old one, which becomes one more origin here:
+    its events that peers hold, those of an undone commit too, come back as any other's.
+    """
+    last = txn.get("meta", UNSYNCED_BOOT_KEY)
+    renewed = identity
+    if last is not None and boot is not None and last != boot:
+        renewed = new_incarnation(txn, identity)
+    if metasync or boot is None:
+        txn.delete("meta", UNSYNCED_BOOT_KEY)
+    else:
+        txn.put("meta", UNSYNCED_BOOT_KEY, boot)
+    return renewed
 
 
 @dataclass

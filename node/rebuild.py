@@ -7,7 +7,10 @@ stored (the log validated them when it appended them), and each entity is folded
 (``fold_stored``, the writer's fold over many events at once) and stored once, its
 member slices too; uniqueness conflicts are found in one pass at the end. The views are
 those the writer built incrementally, byte for byte. A directory that is not a
-replica's (no ``meta`` region) is refused, and nothing is created in it."""
+replica's (no ``meta`` region) is refused, and nothing is created in it.
+
+Also here, for the node stopped too: a new incarnation for a data directory restored
+from a backup (``renew_incarnation``)."""
 
 from __future__ import annotations
 
@@ -78,4 +81,28 @@ def rebuild_views(data_dir: Path) -> int:
         kv.close()
     elapsed_s = time.perf_counter() - started
     print(f"rebuilt views of {replica_id} from {count} events in {elapsed_s:.2f} s")
+    return 0
+
+
+def renew_incarnation(data_dir: Path) -> int:
+    """Give the replica in ``data_dir`` a new incarnation: for a directory restored from a
+    backup, whose later commits its peers may hold under dots it would take again (and
+    then never converge with them). Its events stay; those it lost come back from its
+    peers as another origin's. 0 when done, 2 if it is not a replica's, 1 if a running
+    node holds it."""
+    replica_id = _replica_id(data_dir)
+    if replica_id is None:
+        print(f"{data_dir} is not a replica data directory (no meta region)", file=sys.stderr)
+        return 2
+    try:
+        kv = LmdbKV(data_dir)
+    except DataDirBusy as busy:
+        print(f"{busy}: stop the node before giving it a new incarnation", file=sys.stderr)
+        return 1
+    try:
+        old = log.Identity(replica_id.partition("~")[0], replica_id)
+        new = kv.write(lambda txn: log.new_incarnation(txn, old))
+    finally:
+        kv.close()
+    print(f"{old.replica_id} is now {new.replica_id}: its writes take new dots from here on")
     return 0

@@ -88,11 +88,30 @@ class Replica:
         queue_requests_max: int = 10_000,
         incarnation: str | None = None,
         threaded_writer: bool = True,
+        metasync: bool = True,
+        boot: bytes | None = None,
     ) -> None:
+        """``metasync`` and ``boot`` (``log.current_boot``): how this run commits, on which
+        boot; a node whose last run went without metasync on another boot comes back as a
+        new incarnation (``log.renew_after_reboot``). No ``boot``: no such check."""
         self.kv = kv
-        self.identity: Identity = kv.write(
+        opened: Identity = kv.write(
             lambda txn: log.open_identity(txn, region, incarnation=incarnation)
         )
+        if boot is not None:
+            self.identity = kv.write(
+                lambda txn: log.renew_after_reboot(txn, opened, metasync=metasync, boot=boot)
+            )
+            if self.identity != opened:
+                logger.warning(
+                    "the machine restarted since this node last ran without metasync, which "
+                    "may have undone its last commit: serving as a new incarnation, %s (was "
+                    "%s), so that no dot is used twice",
+                    self.identity.replica_id,
+                    opened.replica_id,
+                )
+        else:
+            self.identity = opened
         with kv.read() as txn:
             state = log.load_state(txn, self.identity)
             legacy = views.has_legacy_indexes(txn)
@@ -147,7 +166,8 @@ class Replica:
         kv = LmdbKV(
             data_dir, map_bytes_initial=map_bytes_initial, metasync=metasync, durable=durable
         )
-        return cls(kv, region, **options)
+        boot = log.current_boot() if durable else None
+        return cls(kv, region, metasync=metasync, boot=boot, **options)
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Attach to the event loop whose waiters commits must wake."""

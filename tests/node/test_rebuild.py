@@ -17,7 +17,7 @@ from node import commands, views
 from node.events import Event, Op
 from node.kv import KV, WriteTxn
 from node.lmdb_kv import LmdbKV
-from node.rebuild import rebuild_views
+from node.rebuild import rebuild_views, renew_incarnation
 from node.replica import Replica
 from node.writer import Decide
 
@@ -215,3 +215,39 @@ def test_a_directory_a_running_node_holds_is_refused(
         finally:
             node.communicate("", timeout=30)
     assert "stop the node" in capsys.readouterr().err
+
+
+def test_a_restored_directory_gets_a_new_incarnation_from_the_cli(data_dir: Path) -> None:
+    """A data directory restored from a backup lacks its later commits, which peers may
+    hold: `replica new-incarnation` gives it a new replica id, so that none of its next
+    writes takes their dots. Its events stay; the old id is one more origin."""
+    before = Replica.open(data_dir, "eu", now_ms=lambda: NOW_MS)
+    old_id, old_summary, seq = before.identity.replica_id, before.summary, before.state.seq
+    before.close()
+    replica = Path(sys.executable).with_name("replica")
+    done = subprocess.run(
+        [str(replica), "new-incarnation", "--data", str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    after = Replica.open(data_dir, "eu", now_ms=lambda: NOW_MS)
+    try:
+        new_id = after.identity.replica_id
+        assert f"{old_id} is now {new_id}" in done.stdout
+        assert new_id.startswith("eu~")
+        assert new_id != old_id
+        assert (after.summary, after.state.seq) == (old_summary, seq)
+        assert after.entity("user", "homer").value("name") == "Homer J. Simpson"
+        written = asyncio.run(_patch(after))
+        assert [e.dot for e in written] == [Dot(new_id, 1)]
+    finally:
+        after.close()
+    assert renew_incarnation(data_dir / "missing") == 2
+
+
+async def _patch(replica: Replica) -> list[Event]:
+    replica.bind(asyncio.get_running_loop())
+    return await replica.write(commands.patch("user", "homer", {"name": "H"}, None), actor="t")

@@ -5,11 +5,16 @@ from an existing cluster, and a node whose data directory was lost."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 from pathlib import Path
+from typing import Any, cast
+
+import pytest
 
 from crdt import Dot, VersionVector
-from node import commands
+from node import commands, log
 from node.events import Event, Op, stream_of
+from node.replica import Replica
 from node.writer import Decide, Draft
 from replication import protocol
 from replication.protocol import Sync, Tag
@@ -272,3 +277,65 @@ def test_status_of_a_wiped_peer_counts_what_it_lacks(tmp_path: Path) -> None:
         assert c.replicator("us").stable() == VersionVector()
 
     run(tmp_path, ("eu", "us"), body, limits=Limits(batch_events_max=10))
+
+
+def test_after_an_os_restart_a_node_without_metasync_comes_back_as_a_new_incarnation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without metasync an OS crash may undo a node's last commit after a peer got it;
+    a node that then wrote under those dots would never converge with that peer (it
+    did, writing before its first sync). Started on another boot than its last run
+    without metasync, it serves as a new incarnation: writes at once take new dots,
+    and the undone events come back from the peer as any other origin's."""
+    boot = [b"boot-1"]
+    monkeypatch.setattr(log, "current_boot", lambda: boot[0])
+    opened = Replica.open.__func__  # type: ignore[attr-defined]
+
+    def without_metasync(cls: type[Replica], *args: Any, **options: Any) -> Replica:
+        return cast(Replica, opened(cls, *args, metasync=False, **options))
+
+    monkeypatch.setattr(Replica, "open", classmethod(without_metasync))
+
+    async def body(c: Cluster) -> None:
+        await c.write("eu", commands.create("user", "homer", person("homer")))
+        await c.sync_all_until_quiet()
+        old_id = c.replica("eu").identity.replica_id
+        await c.shut("eu")
+        shutil.copytree(c.root / "eu", tmp_path / "before-the-crash")
+        c.open("eu")
+        (undone,) = await c.write("eu", commands.patch("user", "homer", {"name": "W1"}, None))
+        assert await c.sync("eu", "us")  # us holds the commit the crash undoes
+        await c.shut("eu")
+        shutil.rmtree(c.root / "eu")
+        shutil.copytree(tmp_path / "before-the-crash", c.root / "eu")
+        boot[0] = b"boot-2"  # the machine restarted
+        eu = c.open("eu").replica
+        assert eu.identity.replica_id != old_id
+        assert eu.identity.region == "eu"
+        assert undone.dot not in eu.summary
+        (later,) = await c.write("eu", commands.patch("user", "homer", {"name": "W2"}, None))
+        assert later.dot == Dot(eu.identity.replica_id, 1)  # before any sync
+        await c.sync_all_until_quiet()
+        views = c.assert_converged()
+        assert undone.dot in eu.summary
+        assert views["entities"]["user/homer"]["fields"]["name"] == "W2"
+        await c.restart("eu")  # the same boot: the same incarnation
+        assert c.replica("eu").identity == eu.identity
+
+    run(tmp_path, ("eu", "us"), body)
+
+
+def test_a_node_with_metasync_keeps_its_incarnation_across_os_restarts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    boot = [b"boot-1"]
+    monkeypatch.setattr(log, "current_boot", lambda: boot[0])
+
+    async def body(c: Cluster) -> None:
+        await c.write("eu", commands.create("user", "homer", person("homer")))
+        before = c.replica("eu").identity
+        boot[0] = b"boot-2"
+        await c.restart("eu")
+        assert c.replica("eu").identity == before
+
+    run(tmp_path, ("eu", "us"), body)
