@@ -344,9 +344,13 @@ class Replica:
         return found
 
     def members(self, group_id: str, *, after: str, limit: int) -> list[str]:
+        """The group's members that exist: a user deleted while another region added it
+        keeps that add (add wins), and is not listed while it does not exist."""
         with self.kv.read() as txn:
             found = []
             for user_id in views.members(txn, group_id, after=after):
+                if not views.entity(txn, stream_of("user", user_id)).exists:
+                    continue
                 found.append(user_id)
                 if len(found) >= limit:
                     break

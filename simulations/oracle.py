@@ -9,7 +9,8 @@ there cannot hide by being repeated here. It is slow on purpose; it is obviously
 - A field's value is that of its greatest write by (hlc, origin, counter), among the
   writes greater than the stream's greatest create or delete; with none such, the field
   is absent.
-- A user is a member of a group iff some add of that user no remove of that user observed.
+- A user is a member of a group iff it exists and some add of that user no remove of that
+  user observed.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def oracle_snapshot(events: Iterable[Event]) -> Snapshot:
     streams = by_stream(events)
     users = {u: render("user", values(evs)) for u, evs in live(streams, "user").items()}
     live_groups = live(streams, "group")
-    group_members = {g: members(evs) for g, evs in live_groups.items()}
+    group_members = {g: members(evs) & users.keys() for g, evs in live_groups.items()}
     groups = {g: render("group", values(evs), group_members[g]) for g, evs in live_groups.items()}
     user_groups = {u: [g for g in groups if u in group_members[g]] for u in users}
     holders: dict[tuple[str, str], set[str]] = {}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from crdt import Dot
-from node import commands
+from node import commands, views
 from node.events import Event, Op
 from node.replica import history as history_of
 from tests.replication.cluster import Cluster, person, raw_add, run
@@ -276,6 +276,11 @@ def test_a_user_created_again_is_in_no_group_that_an_add_racing_the_delete_kept(
         c.heal()
         await c.sync_all_until_quiet()
         assert not c.replica("eu").entity("user", "yan").exists
+        for region in ("eu", "us"):  # the add outlived the delete; no one lists it
+            replica = c.replica(region)
+            with replica.kv.read() as txn:
+                assert list(views.members(txn, "band")) == ["yan"], region
+            assert replica.members("band", after="", limit=10) == [], region
         await c.write("eu", commands.create("user", "yan", person("yan")))
         await c.sync_all_until_quiet()
         c.assert_converged()

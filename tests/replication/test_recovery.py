@@ -313,6 +313,7 @@ def test_after_an_os_restart_a_node_without_metasync_comes_back_as_a_new_incarna
         assert eu.identity.replica_id != old_id
         assert eu.identity.region == "eu"
         assert undone.dot not in eu.summary
+        c.advance(1_000)  # the reboot took a while: W2 is stamped after W1
         (later,) = await c.write("eu", commands.patch("user", "homer", {"name": "W2"}, None))
         assert later.dot == Dot(eu.identity.replica_id, 1)  # before any sync
         await c.sync_all_until_quiet()
