@@ -88,6 +88,10 @@ class KV(Protocol):
         """Run ``work`` in one write transaction and commit it durably, or abort on error."""
         ...
 
+    def sync(self) -> None:
+        """Make every commit durable, whatever the commit settings skipped."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -159,6 +163,9 @@ class MemoryKV:
         result = work(_MemoryTxn(draft))
         self._dbs = draft
         return result
+
+    def sync(self) -> None:
+        pass  # nothing here outlives the process
 
     def close(self) -> None:
         pass

@@ -213,6 +213,11 @@ class LmdbKV:
     def write(self, work: Callable[[WriteTxn], T]) -> T:
         return self._in_a_write_that_fits(lambda txn: work(_LmdbTxn(txn, self._dbs)))
 
+    def sync(self) -> None:
+        """Make every commit durable, the last one's meta page too (without metasync, an
+        OS crash may otherwise undo it)."""
+        self.env.sync(True)
+
     def close(self) -> None:
         self.env.close()
         self._lock.close()

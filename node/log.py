@@ -77,6 +77,12 @@ def open_identity(txn: WriteTxn, region: str, *, incarnation: str | None = None)
     return Identity(region, replica_id.decode())
 
 
+def clear_unsynced_boot(txn: WriteTxn) -> None:
+    """This run's commits are all durable (a clean stop synced them): nothing of it can
+    be undone, and the next run needs no new incarnation."""
+    txn.delete("meta", UNSYNCED_BOOT_KEY)
+
+
 def new_incarnation(txn: WriteTxn, identity: Identity) -> Identity:
     """Serve as a new incarnation of the same region from now on: a new replica id, its
     counter from 1. The old id stays an origin like any other, its events kept."""

@@ -50,7 +50,10 @@ def _replica_id(data_dir: Path) -> str | None:
     """The replica id stored in ``data_dir``, looked up read-only; None if not a replica's."""
     if not (data_dir / "data.mdb").is_file():
         return None
-    env = lmdb.open(str(data_dir), readonly=True, max_dbs=len(DATABASES))
+    try:
+        env = lmdb.open(str(data_dir), readonly=True, max_dbs=len(DATABASES))
+    except lmdb.Error:  # not an LMDB file at all
+        return None
     try:
         meta = env.open_db(b"meta", create=False)
         with env.begin() as txn:

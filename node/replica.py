@@ -95,6 +95,8 @@ class Replica:
         boot; a node whose last run went without metasync on another boot comes back as a
         new incarnation (``log.renew_after_reboot``). No ``boot``: no such check."""
         self.kv = kv
+        # Without metasync on a known boot: a clean close syncs, and clears the mark.
+        self._unsynced = boot is not None and not metasync
         opened: Identity = kv.write(
             lambda txn: log.open_identity(txn, region, incarnation=incarnation)
         )
@@ -176,6 +178,11 @@ class Replica:
 
     def close(self) -> None:
         self.writer.stop()
+        if self._unsynced:
+            # Stopped cleanly, nothing is left to undo: the next boot starts no new
+            # incarnation (each one is an origin kept for good, in every token).
+            self.kv.write(log.clear_unsynced_boot)
+            self.kv.sync()
         self.kv.close()
 
     # -- state -----------------------------------------------------------------

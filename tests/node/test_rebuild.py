@@ -251,3 +251,12 @@ def test_a_restored_directory_gets_a_new_incarnation_from_the_cli(data_dir: Path
 async def _patch(replica: Replica) -> list[Event]:
     replica.bind(asyncio.get_running_loop())
     return await replica.write(commands.patch("user", "homer", {"name": "H"}, None), actor="t")
+
+
+def test_a_data_file_that_is_not_lmdb_is_refused_as_no_replica(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "data.mdb").write_bytes(b"not an LMDB file" * 512)
+    assert rebuild_views(tmp_path) == 2  # it raised lmdb.InvalidError: a traceback, exit 1
+    assert renew_incarnation(tmp_path) == 2
+    assert capsys.readouterr().err.count("not a replica data directory") == 2

@@ -10,8 +10,10 @@ import pytest
 
 from crdt import Dot
 from node import commands, views
+from node import events as ev
 from node.events import Event, Op
 from node.replica import history as history_of
+from replication.protocol import RawEvent
 from tests.replication.cluster import Cluster, person, raw_add, run
 
 REGIONS = ("ap", "eu", "us")
@@ -291,6 +293,33 @@ def test_a_user_created_again_is_in_no_group_that_an_add_racing_the_delete_kept(
             assert replica.members("band", after="", limit=10) == [], region
 
     run(tmp_path, ("eu", "us"), body)
+
+
+def test_a_create_ahead_of_the_ids_other_create_removes_no_membership(tmp_path: Path) -> None:
+    """Found by review: a region can hold an add of a user whose create has not reached
+    it yet (a peer pushes its own events first). A create of that id there, say a
+    client's retry, must not take that add for an earlier life's and remove it: only a
+    replica that saw the id deleted removes what the deleted life kept."""
+
+    async def body(c: Cluster) -> None:
+        band = await c.write("us", commands.create("group", "band", {"name": "Band"}))
+        await c.write("eu", commands.create("user", "yan", person("yan")))
+        assert await c.sync("eu", "us")
+        add = await c.write("us", commands.add_member("band", "yan"))
+        # us pushes its own events to ap: the group and the add, not eu's create of yan
+        c.replicator("us").enqueue([RawEvent(e.dot, ev.encode(e)) for e in band + add])
+        await c.replicator("us").push("ap")
+        ap = c.replica("ap")
+        assert not ap.entity("user", "yan").exists
+        assert ap.groups_of("yan") == ["band"]
+        created = await c.write("ap", commands.create("user", "yan", person("yan")))
+        assert [e.op for e in created if e.stream != "user/yan"] == []
+        await c.sync_all_until_quiet()
+        c.assert_converged()
+        for region in c.regions:
+            assert c.replica(region).groups_of("yan") == ["band"], region
+
+    run(tmp_path, ("ap", "eu", "us"), body)
 
 
 def test_a_create_concurrent_with_a_delete_of_the_same_id_wins(tmp_path: Path) -> None:

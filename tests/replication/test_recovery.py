@@ -14,6 +14,7 @@ import pytest
 from crdt import Dot, VersionVector
 from node import commands, log
 from node.events import Event, Op, stream_of
+from node.lmdb_kv import LmdbKV
 from node.replica import Replica
 from node.writer import Decide, Draft
 from replication import protocol
@@ -302,6 +303,7 @@ def test_after_an_os_restart_a_node_without_metasync_comes_back_as_a_new_incarna
         old_id = c.replica("eu").identity.replica_id
         await c.shut("eu")
         shutil.copytree(c.root / "eu", tmp_path / "before-the-crash")
+        _as_if_it_died_running(tmp_path / "before-the-crash", b"boot-1")
         c.open("eu")
         (undone,) = await c.write("eu", commands.patch("user", "homer", {"name": "W1"}, None))
         assert await c.sync("eu", "us")  # us holds the commit the crash undoes
@@ -322,8 +324,19 @@ def test_after_an_os_restart_a_node_without_metasync_comes_back_as_a_new_incarna
         assert views["entities"]["user/homer"]["fields"]["name"] == "W2"
         await c.restart("eu")  # the same boot: the same incarnation
         assert c.replica("eu").identity == eu.identity
+        boot[0] = b"boot-3"  # after a clean stop (all synced), another boot changes nothing
+        await c.restart("eu")
+        assert c.replica("eu").identity == eu.identity
 
     run(tmp_path, ("eu", "us"), body)
+
+
+def _as_if_it_died_running(data_dir: Path, boot: bytes) -> None:
+    """What a node without metasync leaves on disk when it does not stop cleanly: the
+    mark of the boot it ran on (a clean stop syncs, then clears it)."""
+    kv = LmdbKV(data_dir)
+    kv.write(lambda txn: txn.put("meta", log.UNSYNCED_BOOT_KEY, boot))
+    kv.close()
 
 
 def test_a_node_with_metasync_keeps_its_incarnation_across_os_restarts(
