@@ -72,17 +72,10 @@ def create(kind: str, entity_id: str, writes: Mapping[str, Value]) -> Decide:
         if state.exists:
             raise Rejected(409, "exists", f"{kind} {entity_id!r} already exists")
         _check_unique(txn, kind, entity_id, writes)
-        drafts = [Draft(stream, Op.CREATE), *_sets(stream, state, writes)]
-        if not state.create_stamps:
-            return drafts  # no earlier life here (memberships seen are a live one's, ahead)
-        # A new life starts with no memberships: any an earlier, deleted life of this id
-        # kept (an add that raced its delete, which add-wins kept) go, as far as this
-        # replica sees them.
-        if kind == "user":
-            drafts += [_remove_member(txn, g, entity_id) for g in views.groups_of(txn, entity_id)]
-        else:
-            drafts += [_remove_member(txn, entity_id, u) for u in views.members(txn, entity_id)]
-        return drafts
+        # Memberships this replica holds for the id stay: whether an add was made for an
+        # earlier, deleted life (racing its delete) or for a live one whose create has not
+        # arrived here yet, nothing here tells apart. Add wins (see the README's table).
+        return [Draft(stream, Op.CREATE), *_sets(stream, state, writes)]
 
     return decide
 

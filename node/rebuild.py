@@ -22,7 +22,7 @@ import lmdb
 
 from node import log, views
 from node.kv import DATABASES, WriteTxn
-from node.lmdb_kv import DataDirBusy, LmdbKV
+from node.lmdb_kv import DataDirBusy, DataFileShort, LmdbKV, check_whole
 from node.writer import gc_paused
 
 # Entities folded before their views are stored: bounds the memory a rebuild holds.
@@ -55,6 +55,7 @@ def _replica_id(data_dir: Path) -> str | None:
     except lmdb.Error:  # not an LMDB file at all
         return None
     try:
+        check_whole(env, data_dir)  # raises DataFileShort: the callers say so
         meta = env.open_db(b"meta", create=False)
         with env.begin() as txn:
             region, replica_id = txn.get(b"region", db=meta), txn.get(b"replica_id", db=meta)
@@ -65,12 +66,23 @@ def _replica_id(data_dir: Path) -> str | None:
     return None if region is None or replica_id is None else bytes(replica_id).decode()
 
 
+def _replica_id_or_why_not(data_dir: Path) -> str | None:
+    """The replica id stored in ``data_dir``; else None, having said why on stderr."""
+    try:
+        replica_id = _replica_id(data_dir)
+    except DataFileShort as short:
+        print(f"replica: error: {short}", file=sys.stderr)
+        return None
+    if replica_id is None:
+        print(f"{data_dir} is not a replica data directory (no meta region)", file=sys.stderr)
+    return replica_id
+
+
 def rebuild_views(data_dir: Path) -> int:
     """Rebuild the views of the replica in ``data_dir``: 0 when done, 2 if it is not one,
     1 if a running node holds it."""
-    replica_id = _replica_id(data_dir)
+    replica_id = _replica_id_or_why_not(data_dir)
     if replica_id is None:
-        print(f"{data_dir} is not a replica data directory (no meta region)", file=sys.stderr)
         return 2
     started = time.perf_counter()
     try:
@@ -93,9 +105,8 @@ def renew_incarnation(data_dir: Path) -> int:
     then never converge with them). Its events stay; those it lost come back from its
     peers as another origin's. 0 when done, 2 if it is not a replica's, 1 if a running
     node holds it."""
-    replica_id = _replica_id(data_dir)
+    replica_id = _replica_id_or_why_not(data_dir)
     if replica_id is None:
-        print(f"{data_dir} is not a replica data directory (no meta region)", file=sys.stderr)
         return 2
     try:
         kv = LmdbKV(data_dir)

@@ -97,6 +97,7 @@ class Replica:
         self.kv = kv
         # Without metasync on a known boot: a clean close syncs, and clears the mark.
         self._unsynced = boot is not None and not metasync
+        self._closed = False
         opened: Identity = kv.write(
             lambda txn: log.open_identity(txn, region, incarnation=incarnation)
         )
@@ -177,13 +178,18 @@ class Replica:
         self._changed = asyncio.Event()
 
     def close(self) -> None:
-        self.writer.stop()
-        if self._unsynced:
-            # Stopped cleanly, nothing is left to undo: the next boot starts no new
-            # incarnation (each one is an origin kept for good, in every token).
-            self.kv.write(log.clear_unsynced_boot)
-            self.kv.sync()
-        self.kv.close()
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.writer.stop()
+            if self._unsynced:
+                # Stopped cleanly, nothing is left to undo: the next boot starts no new
+                # incarnation (each one is an origin kept for good, in every token).
+                self.kv.write(log.clear_unsynced_boot)
+                self.kv.sync()
+        finally:
+            self.kv.close()
 
     # -- state -----------------------------------------------------------------
 
