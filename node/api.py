@@ -477,10 +477,8 @@ async def group_members(request: web.Request) -> web.Response:
     replica = _replica(request)
     _existing(replica, "group", group_id)
     limit = _limit(request)
-    ids = replica.members(group_id, after=_cursor(request), limit=limit)
-    return _json(
-        {"group": group_id, "members": ids, "next_cursor": ids[-1] if len(ids) == limit else None}
-    )
+    ids, cursor = replica.members_page(group_id, after=_cursor(request), limit=limit)
+    return _json({"group": group_id, "members": ids, "next_cursor": cursor})
 
 
 async def put_member(request: web.Request) -> web.Response:

@@ -76,6 +76,10 @@ class Metrics:
     stamps_drifted: int = 0
 
 
+# The member slices a page of a group's members steps over at most (see ``members_page``).
+MEMBERS_SCAN_MAX = 10_000
+
+
 class Replica:
     def __init__(
         self,
@@ -357,17 +361,30 @@ class Replica:
         return found
 
     def members(self, group_id: str, *, after: str, limit: int) -> list[str]:
-        """The group's members that exist: a user deleted while another region added it
-        keeps that add (add wins), and is not listed while it does not exist."""
+        """The group's members that exist, from ``after`` on: see ``members_page``."""
+        return self.members_page(group_id, after=after, limit=limit)[0]
+
+    def members_page(
+        self, group_id: str, *, after: str, limit: int
+    ) -> tuple[list[str], str | None]:
+        """Up to ``limit`` of the group's members that exist, in id order after ``after``,
+        and the cursor the next page starts from (None: no more).
+
+        A user deleted while another region added it keeps that add (add wins) and is
+        not listed while it does not exist. A page steps over at most
+        ``MEMBERS_SCAN_MAX`` of the group's slices, so one page never holds the node for
+        long however many such users there are: it may come back short, with a cursor.
+        """
+        found: list[str] = []
         with self.kv.read() as txn:
-            found = []
-            for user_id in views.members(txn, group_id, after=after):
-                if not views.entity(txn, stream_of("user", user_id)).exists:
-                    continue
-                found.append(user_id)
-                if len(found) >= limit:
-                    break
-            return found
+            for n, user_id in enumerate(views.members(txn, group_id, after=after), 1):
+                if views.entity(txn, stream_of("user", user_id)).exists:
+                    found.append(user_id)
+                    if len(found) >= limit:
+                        return found, user_id
+                if n >= MEMBERS_SCAN_MAX:
+                    return found, user_id
+        return found, None
 
     def groups_of(self, user_id: str) -> list[str]:
         with self.kv.read() as txn:

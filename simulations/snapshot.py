@@ -96,7 +96,9 @@ class ReplicaReads(Protocol):
 
     def entity(self, kind: str, entity_id: str) -> EntityView: ...
 
-    def members(self, group_id: str, *, after: str, limit: int) -> list[str]: ...
+    def members_page(
+        self, group_id: str, *, after: str, limit: int
+    ) -> tuple[list[str], str | None]: ...
 
     def groups_of(self, user_id: str) -> list[str]: ...
 
@@ -105,10 +107,11 @@ class ReplicaReads(Protocol):
 
 def _all_members(replica: ReplicaReads, group_id: str) -> list[str]:
     found: list[str] = []
+    cursor: str | None = ""
     for _ in range(MEMBER_PAGES_MAX):
-        page = replica.members(group_id, after=found[-1] if found else "", limit=MEMBER_PAGE_ITEMS)
+        page, cursor = replica.members_page(group_id, after=cursor or "", limit=MEMBER_PAGE_ITEMS)
         found += page
-        if len(page) < MEMBER_PAGE_ITEMS:
+        if cursor is None:
             return found
     raise RuntimeError(f"group {group_id!r} has more than {MEMBER_PAGES_MAX} pages of members")
 
