@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import lmdb
 
@@ -24,6 +26,8 @@ from node import log, views
 from node.kv import DATABASES, WriteTxn
 from node.lmdb_kv import DataDirBusy, DataFileShort, LmdbKV, check_whole
 from node.writer import gc_paused
+
+T = TypeVar("T")
 
 # Entities folded before their views are stored: bounds the memory a rebuild holds.
 REPLAY_PENDING_MAX = 1_000
@@ -78,22 +82,41 @@ def _replica_id_or_why_not(data_dir: Path) -> str | None:
     return replica_id
 
 
-def rebuild_views(data_dir: Path) -> int:
-    """Rebuild the views of the replica in ``data_dir``: 0 when done, 2 if it is not one,
-    1 if a running node holds it."""
+class _Refused(Exception):
+    """An offline tool cannot work on a directory (it said why): its exit code."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def _write_stopped(data_dir: Path, doing: str, work: Callable[[WriteTxn, str], T]) -> tuple[str, T]:
+    """``work(txn, replica_id)`` in one write transaction on the replica in ``data_dir``,
+    whose node is stopped; raises ``_Refused`` (2: no replica's, 1: a node holds it)."""
     replica_id = _replica_id_or_why_not(data_dir)
     if replica_id is None:
-        return 2
-    started = time.perf_counter()
+        raise _Refused(2)
     try:
         kv = LmdbKV(data_dir)
     except DataDirBusy as busy:
-        print(f"{busy}: stop the node before rebuilding its views", file=sys.stderr)
-        return 1
+        print(f"{busy}: stop the node before {doing}", file=sys.stderr)
+        raise _Refused(1) from None
     try:
-        count = kv.write(replay_views)
+        return replica_id, kv.write(lambda txn: work(txn, replica_id))
     finally:
         kv.close()
+
+
+def rebuild_views(data_dir: Path) -> int:
+    """Rebuild the views of the replica in ``data_dir``: 0 when done, 2 if it is not one,
+    1 if a running node holds it."""
+    started = time.perf_counter()
+    try:
+        replica_id, count = _write_stopped(
+            data_dir, "rebuilding its views", lambda txn, _: replay_views(txn)
+        )
+    except _Refused as refused:
+        return refused.code
     elapsed_s = time.perf_counter() - started
     print(f"rebuilt views of {replica_id} from {count} events in {elapsed_s:.2f} s")
     return 0
@@ -105,18 +128,13 @@ def renew_incarnation(data_dir: Path) -> int:
     then never converge with them). Its events stay; those it lost come back from its
     peers as another origin's. 0 when done, 2 if it is not a replica's, 1 if a running
     node holds it."""
-    replica_id = _replica_id_or_why_not(data_dir)
-    if replica_id is None:
-        return 2
+
+    def renew(txn: WriteTxn, replica_id: str) -> log.Identity:
+        return log.new_incarnation(txn, log.Identity(replica_id.partition("~")[0], replica_id))
+
     try:
-        kv = LmdbKV(data_dir)
-    except DataDirBusy as busy:
-        print(f"{busy}: stop the node before giving it a new incarnation", file=sys.stderr)
-        return 1
-    try:
-        old = log.Identity(replica_id.partition("~")[0], replica_id)
-        new = kv.write(lambda txn: log.new_incarnation(txn, old))
-    finally:
-        kv.close()
-    print(f"{old.replica_id} is now {new.replica_id}: its writes take new dots from here on")
+        old, new = _write_stopped(data_dir, "giving it a new incarnation", renew)
+    except _Refused as refused:
+        return refused.code
+    print(f"{old} is now {new.replica_id}: its writes take new dots from here on")
     return 0
