@@ -33,22 +33,6 @@ class DataDirBusy(RuntimeError):
     """Another process already serves this data directory."""
 
 
-class DataFileShort(RuntimeError):
-    """The data file is shorter than LMDB's own record of it says (cut short: a partial
-    copy, a full disk): reading past its end would kill the process (SIGBUS)."""
-
-
-def check_whole(env: Any, path: Path) -> None:
-    """Raise ``DataFileShort`` if ``env``'s data file at ``path`` lacks pages it holds."""
-    needed = (int(env.info()["last_pgno"]) + 1) * int(env.stat()["psize"])
-    size = (path / "data.mdb").stat().st_size
-    if size < needed:
-        raise DataFileShort(
-            f"{path}/data.mdb holds {size} bytes of the {needed} its pages need: it was cut "
-            "short (a partial copy?); restore it whole, or start from an empty directory"
-        )
-
-
 class _LmdbTxn:
     __slots__ = ("_dbs", "_txn")
 
@@ -175,12 +159,6 @@ class LmdbKV:
             metasync=metasync and durable,
             readahead=False,
         )
-        try:
-            check_whole(self.env, path)
-        except DataFileShort:
-            self.env.close()
-            self._lock.close()
-            raise
         self.env.reader_check()  # free slots of readers that died (kill -9) holding them
         # Growing the map closes every transaction open in this process (LMDB allows it
         # only with none open): each read holds this lock while its transaction is open,

@@ -24,7 +24,7 @@ import lmdb
 
 from node import log, views
 from node.kv import DATABASES, WriteTxn
-from node.lmdb_kv import DataDirBusy, DataFileShort, LmdbKV, check_whole
+from node.lmdb_kv import DataDirBusy, LmdbKV
 from node.writer import gc_paused
 
 T = TypeVar("T")
@@ -59,7 +59,6 @@ def _replica_id(data_dir: Path) -> str | None:
     except lmdb.Error:  # not an LMDB file at all
         return None
     try:
-        check_whole(env, data_dir)  # raises DataFileShort: the callers say so
         meta = env.open_db(b"meta", create=False)
         with env.begin() as txn:
             region, replica_id = txn.get(b"region", db=meta), txn.get(b"replica_id", db=meta)
@@ -72,11 +71,7 @@ def _replica_id(data_dir: Path) -> str | None:
 
 def _replica_id_or_why_not(data_dir: Path) -> str | None:
     """The replica id stored in ``data_dir``; else None, having said why on stderr."""
-    try:
-        replica_id = _replica_id(data_dir)
-    except DataFileShort as short:
-        print(f"replica: error: {short}", file=sys.stderr)
-        return None
+    replica_id = _replica_id(data_dir)
     if replica_id is None:
         print(f"{data_dir} is not a replica data directory (no meta region)", file=sys.stderr)
     return replica_id

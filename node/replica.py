@@ -372,13 +372,14 @@ class Replica:
 
         A user deleted while another region added it keeps that add (add wins) and is
         not listed while it does not exist. A page steps over at most
-        ``MEMBERS_SCAN_MAX`` of the group's slices, so one page never holds the node for
-        long however many such users there are: it may come back short, with a cursor.
+        ``MEMBERS_SCAN_MAX`` of the group's slices, those of such users and of removed
+        members (kept until compacted) alike, so one page never holds the node for long
+        however many there are: it may come back short, with a cursor.
         """
         found: list[str] = []
         with self.kv.read() as txn:
-            for n, user_id in enumerate(views.members(txn, group_id, after=after), 1):
-                if views.entity(txn, stream_of("user", user_id)).exists:
+            for n, (user_id, live) in enumerate(views.member_slices(txn, group_id, after=after), 1):
+                if live and views.entity(txn, stream_of("user", user_id)).exists:
                     found.append(user_id)
                     if len(found) >= limit:
                         return found, user_id

@@ -437,11 +437,18 @@ def _refresh_membership(txn: WriteTxn, group_id: str, user_id: str, present: boo
 def members(
     txn: ReadTxn, group_id: str, *, after: str = "", live_only: bool = True
 ) -> Iterator[str]:
+    for user_id, live in member_slices(txn, group_id, after=after):
+        if live or not live_only:
+            yield user_id
+
+
+def member_slices(txn: ReadTxn, group_id: str, *, after: str = "") -> Iterator[tuple[str, bool]]:
+    """Every member slice the group keeps, in id order after ``after``: its user and
+    whether an add of it is live (a removed one's slice stays until compacted)."""
     prefix = group_id.encode() + b"\0"
     start = prefix + after.encode() + b"\0" if after else None
     for key, raw in txn.scan("members", prefix=prefix, start=start):
-        if not live_only or crdt_codec.decode_as(raw, ORSet).entries:
-            yield key[len(prefix) :].decode()
+        yield key[len(prefix) :].decode(), bool(crdt_codec.decode_as(raw, ORSet).entries)
 
 
 def groups_of(txn: ReadTxn, user_id: str) -> list[str]:
