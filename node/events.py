@@ -98,20 +98,18 @@ NO_DOTS: frozenset[Dot] = frozenset()
 # Origins, streams (with their kind) and each kind's register names that passed their
 # checks: they repeat from one event to the next, and a lookup costs a fraction of a
 # pattern match. One table per kind of name, so passing as one kind never lets a name
-# pass as another; each emptied when full.
-_GOOD_ORIGINS: set[str] = set()
-_GOOD_STREAMS: dict[str, str] = {}  # stream -> its kind
-_GOOD_FIELDS: dict[str, set[str]] = {kind: set() for kind in ENTITY_KINDS}
+# pass as another; each emptied when full. Each maps a name to what its check found
+# (a stream's kind; nothing more of the others).
+_GOOD_ORIGINS: dict[str, str] = {}
+_GOOD_STREAMS: dict[str, str] = {}
+_GOOD_FIELDS: dict[str, dict[str, str]] = {kind: {} for kind in ENTITY_KINDS}
 GOOD_NAMES_MAX = 16_384
 
 
-def _passed(good: set[str] | dict[str, str], text: str, kind: str = "") -> None:
+def _passed(good: dict[str, str], text: str, found: str = "") -> None:
     if len(good) >= GOOD_NAMES_MAX:
         good.clear()
-    if isinstance(good, dict):
-        good[text] = kind
-    else:
-        good.add(text)
+    good[text] = found
 
 
 def validate(event: Event) -> Event:

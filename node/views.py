@@ -261,7 +261,7 @@ def apply(txn: WriteTxn, event: Event, pending: Pending | None = None) -> None:
         present = folding.exists and event.value in member
         _refresh_membership(txn, group_id, event.value, present)
     elif event.kind == "group" and existed != folding.exists:
-        for user_id in members(txn, group_id, live_only=True):
+        for user_id in members(txn, group_id):
             _refresh_membership(txn, group_id, user_id, folding.exists)
 
 
@@ -434,11 +434,10 @@ def _refresh_membership(txn: WriteTxn, group_id: str, user_id: str, present: boo
         txn.delete("user_groups", key)
 
 
-def members(
-    txn: ReadTxn, group_id: str, *, after: str = "", live_only: bool = True
-) -> Iterator[str]:
+def members(txn: ReadTxn, group_id: str, *, after: str = "") -> Iterator[str]:
+    """The group's members, in id order after ``after``: users an add of which is live."""
     for user_id, live in member_slices(txn, group_id, after=after):
-        if live or not live_only:
+        if live:
             yield user_id
 
 
