@@ -10,9 +10,20 @@ import tempfile
 from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
+from typing import Protocol
 
 from node.config import ConfigError, Settings, load_settings
 from node.event_loop import EVENT_LOOP_DEFAULT, run_on
+
+
+def _positive(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return number
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
         "rebuild-views", help="rebuild the derived views from the event log (node stopped)"
     )
     rebuild.add_argument("--data", dest="data_dir", type=Path, metavar="DIR", required=True)
+    rebuild.add_argument(
+        "--workers",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="processes that fold a long log (default: one per core; 1: fold in this one)",
+    )
 
     renew = commands.add_parser(
         "new-incarnation",
@@ -128,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "cluster":
         return _cluster(args)
     if command == "rebuild-views":
-        return _load_rebuilder()(args["data_dir"])
+        return _load_rebuilder()(args["data_dir"], workers=args["workers"])
     if command == "new-incarnation":
         renew: Callable[[Path], int] = importlib.import_module("node.rebuild").renew_incarnation
         return renew(args["data_dir"])
@@ -173,6 +191,10 @@ def _load_runner() -> Callable[[Settings], int]:
     return run_node
 
 
-def _load_rebuilder() -> Callable[[Path], int]:
-    rebuild_views: Callable[[Path], int] = importlib.import_module("node.rebuild").rebuild_views
+class Rebuilder(Protocol):
+    def __call__(self, data_dir: Path, *, workers: int | None) -> int: ...
+
+
+def _load_rebuilder() -> Rebuilder:
+    rebuild_views: Rebuilder = importlib.import_module("node.rebuild").rebuild_views
     return rebuild_views

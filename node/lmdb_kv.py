@@ -11,7 +11,7 @@ from __future__ import annotations
 import fcntl
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -143,6 +143,7 @@ class LmdbKV:
         """``durable=False`` skips fsync entirely: for simulations, whose crashes are
         simulated in-process and lose no page cache, never for a node that serves."""
         path.mkdir(parents=True, exist_ok=True)
+        self.path = path
         # One process per data directory: two writers would each trust their own counters.
         self._lock = (path / "replica.lock").open("a")
         try:
@@ -221,3 +222,24 @@ class LmdbKV:
     def close(self) -> None:
         self.env.close()
         self._lock.close()
+
+
+@contextmanager
+def snapshot(path: Path) -> Iterator[ReadTxn]:
+    """A read transaction on the data directory ``path``, in an environment of its own,
+    read-only and without the directory's lock: for a worker of the process that holds
+    it (a rebuild's). It reads what was committed when it began, not that process's
+    write in progress."""
+    env = lmdb.open(
+        str(path),
+        readonly=True,
+        max_dbs=len(DATABASES),
+        max_readers=READERS_MAX,
+        readahead=False,
+    )
+    try:
+        with env.begin(buffers=False) as txn:
+            dbs = {name: env.open_db(name.encode(), txn=txn, create=False) for name in DATABASES}
+            yield _LmdbTxn(txn, dbs)
+    finally:
+        env.close()

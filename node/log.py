@@ -250,23 +250,34 @@ def event_bytes_after(txn: ReadTxn, seq: int, *, limit: int) -> Iterator[tuple[i
         yield from_u64(key), data
 
 
-def stored_streams(txn: ReadTxn) -> Iterator[tuple[str, list[list[Any]]]]:
+def stored_streams(
+    txn: ReadTxn, *, part: int = 0, parts: int = 1, block_streams: int = 1
+) -> Iterator[tuple[int, str, list[list[Any]]]]:
     """Every entity's events in local order, entity by entity, decoded as stored (not
-    validated again, nor made ``Event``s; an event of an older format is upcast)."""
-    stream, wires = b"", list[list[Any]]()
+    validated again, nor made ``Event``s; an event of an older format is upcast), each
+    entity with the number of its block (of ``block_streams`` entities, in stream order).
+
+    With ``parts``, the entities of one part of the blocks alone, of those numbered
+    ``part`` modulo ``parts``: the others' events are not read."""
+    stream, wires, streams, mine = b"", list[list[Any]](), -1, False
+    block = 0
     for key, _ in txn.scan("streams"):  # stream \0 seq
         name = key[:-9]
         if name != stream:
-            if wires:
-                yield stream.decode(), wires
-            stream, wires = name, []
+            if mine:
+                yield block, stream.decode(), wires
+            stream, wires, streams = name, [], streams + 1
+            block = streams // block_streams
+            mine = block % parts == part
+        if not mine:
+            continue
         data = txn.get("events", key[-8:])
         if data is None:
             raise KeyError(from_u64(key[-8:]))
         wire = msgpack.unpackb(data)
         wires.append(wire if wire[0] == ev.FORMAT_VERSION else ev.to_wire(ev.decode(data)))
-    if wires:
-        yield stream.decode(), wires
+    if mine:
+        yield block, stream.decode(), wires
 
 
 def stream_events(txn: ReadTxn, stream: str) -> Iterator[tuple[int, Event]]:

@@ -23,10 +23,10 @@ from node import log, views
 from node.events import Event, InvalidEvent, Op, stream_of
 from node.events import decode as decode_event
 from node.fold import EntityState, decode_state, fold_all
-from node.kv import KV
+from node.kv import KV, WriteTxn
 from node.lmdb_kv import MAP_BYTES_INITIAL, LmdbKV
 from node.log import Identity, LogState
-from node.rebuild import replay_views
+from node.rebuild import replay_views, replay_workers
 from node.tokens import Token, covers, encode_token, token_of
 from node.writer import Committed, Decide, Writer, call_soon
 
@@ -127,7 +127,12 @@ class Replica:
             # Views of an older version (say, before a create raised the floor) differ
             # from what this one folds: fold them again, or replicas would disagree.
             started = time.perf_counter()
-            count = kv.write(replay_views)  # which also empties older unique indexes
+            data_dir = kv.path if isinstance(kv, LmdbKV) else None  # for its worker processes
+
+            def refold(txn: WriteTxn) -> int:  # which also empties older unique indexes
+                return replay_views(txn, data_dir=data_dir, workers=replay_workers())
+
+            count = kv.write(refold)
             elapsed_s = time.perf_counter() - started
             logger.info(
                 "views folded again by this version's rules: %d events in %.2f s", count, elapsed_s

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import msgpack
@@ -265,20 +265,71 @@ def apply(txn: WriteTxn, event: Event, pending: Pending | None = None) -> None:
             _refresh_membership(txn, group_id, user_id, folding.exists)
 
 
-def replay(txn: WriteTxn, stream: str, wires: list[list[Any]], pending: Pending) -> None:
-    """Fold every event of one entity, as the log holds them, into views cleared before
-    (the rebuild): its state is stored at the flush, each member slice at once and once."""
+# One entity of a rebuild, folded and ready to store (``replayed``, ``store_replayed``):
+# plain bytes, ints, lists and tuples, which a worker process hands over at little cost.
+# (stream, view, hash, search keys, unique (table, key)s, member slices (key, slice),
+# memberships (user_groups keys), events folded)
+Replayed = tuple[
+    bytes,
+    bytes,
+    int,
+    list[bytes],
+    list[tuple[str, bytes]],
+    list[tuple[bytes, bytes]],
+    list[bytes],
+    int,
+]
+
+
+def replayed(stream: str, wires: list[list[Any]]) -> Replayed:
+    """Every event of one entity, as the log holds them, folded into what views cleared
+    before store of it (the rebuild): its view, its index keys, its member slices and the
+    memberships they make, and what it adds to the digest (XORed together)."""
     state = fold_stored(EntityState(), wires)
-    pending.replace(stream, state)
+    change = entity_digest(stream, state)
+    search_keys: list[bytes] = []
+    unique: list[tuple[str, bytes]] = []
+    for (db, key), value in _index_entries(stream, state).items():
+        if value is None:
+            search_keys.append(key)
+        else:
+            unique.append((db, key))
+    slices: list[tuple[bytes, bytes]] = []
+    memberships: list[bytes] = []
     kind, _, group_id = stream.partition("/")
-    if kind != "group":
-        return
-    for user_id, member in fold_stored_members(wires).items():
-        key = member_key(group_id, user_id)
-        txn.put("members", key, crdt_codec.encode(member))
-        if user_id in member:
-            pending.digest_change ^= _hash(b"member", key)
-            _refresh_membership(txn, group_id, user_id, state.exists)
+    if kind == "group":
+        for user_id, member in fold_stored_members(wires).items():
+            key = member_key(group_id, user_id)
+            slices.append((key, crdt_codec.encode(member)))
+            if user_id in member:
+                change ^= _hash(b"member", key)
+                if state.exists:
+                    memberships.append(user_id.encode() + b"\0" + group_id.encode())
+    view = encode_state(state)
+    return stream.encode(), view, change, search_keys, unique, slices, memberships, len(wires)
+
+
+def store_replayed(txn: WriteTxn, entities: Iterable[Replayed]) -> int:
+    """Store rebuilt entities (``replayed``) in views cleared before, and the digest they
+    make; return the events they folded. Uniqueness conflicts are left to
+    ``find_conflicts``, once, over the finished indexes."""
+    change = events = 0
+    for stream, view, hashed, search_keys, unique, slices, memberships, folded in entities:
+        txn.put("views", stream, view)
+        for key in search_keys:
+            txn.put("idx_search", key, b"")
+        if unique:
+            holder = stream.partition(b"/")[2].decode()
+            for db, key in unique:
+                _move_holder(txn, db, key, holder, holds=True)
+        for key, member in slices:
+            txn.put("members", key, member)
+        for key in memberships:
+            txn.put("user_groups", key, b"")
+        change ^= hashed
+        events += folded
+    _update_digest(txn, change)
+    return events
 
 
 class Pending:
@@ -292,15 +343,11 @@ class Pending:
     entity fold into one ``Folding``, made a state only when read or flushed.
     """
 
-    def __init__(self, *, rebuild: bool = False) -> None:
+    def __init__(self) -> None:
         # stream -> its latest state, or a Folding of the events since it
         self.states: dict[str, EntityState | Folding] = {}
         self.stored: dict[str, EntityState] = {}  # stream -> its state as stored
         self.digest_change = 0
-        # A rebuild stores each entity once, so it neither keeps the stored states decoded
-        # for whoever reads them next (nothing will) nor looks for uniqueness conflicts
-        # key by key: ``find_conflicts`` does it once, over the finished indexes.
-        self.rebuild = rebuild
 
     def __len__(self) -> int:
         return len(self.states)
@@ -323,11 +370,6 @@ class Pending:
         folding = self.states[stream] = Folding(held)
         return folding
 
-    def replace(self, stream: str, state: EntityState) -> None:
-        """Store ``state`` at the flush where nothing of ``stream`` is stored (a rebuild)."""
-        self.stored[stream] = EntityState()  # its own: states keep what is derived of them
-        self.states[stream] = state
-
     def flush(self, txn: WriteTxn) -> None:
         """Store every pending state, its index changes and the digest change."""
         change = self.digest_change
@@ -338,12 +380,11 @@ class Pending:
                 continue
             data = encode_state(new)
             txn.put("views", stream.encode(), data)
-            if not self.rebuild:
-                remember_state(data, new)
+            remember_state(data, new)
             if new.existence is not old.existence or new.fields is not old.fields:
                 change ^= _derived(entity_digest, stream, old)
                 change ^= _derived(entity_digest, stream, new)
-            _reindex(txn, stream, old, new, conflicts=not self.rebuild)
+            _reindex(txn, stream, old, new)
         _update_digest(txn, change)
         self.states.clear()
         self.stored.clear()
@@ -403,9 +444,7 @@ def _indexed(stream: str, state: EntityState) -> tuple[object, ...]:
     return tuple(state.value(field) for field in INDEXED_FIELDS)
 
 
-def _reindex(
-    txn: WriteTxn, stream: str, old: EntityState, new: EntityState, *, conflicts: bool
-) -> None:
+def _reindex(txn: WriteTxn, stream: str, old: EntityState, new: EntityState) -> None:
     if _indexed(stream, old) == _indexed(stream, new):
         return
     before, after = _derived(_index_entries, stream, old), _derived(_index_entries, stream, new)
@@ -422,8 +461,7 @@ def _reindex(
                     txn.delete(db, key)
                 continue
             holders = _move_holder(txn, db, key, holder, holds=holds)
-            if conflicts:  # who holds that value changed
-                _refresh_conflict(txn, db, key, value, holders)
+            _refresh_conflict(txn, db, key, value, holders)  # who holds that value changed
 
 
 def _refresh_membership(txn: WriteTxn, group_id: str, user_id: str, present: bool) -> None:

@@ -341,12 +341,16 @@ def test_cli_returns_the_runners_exit_code(tmp_path: Path, monkeypatch: pytest.M
 def test_cli_rebuild_views_calls_the_rebuilder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    received: list[Path] = []
+    received: list[tuple[Path, int | None]] = []
 
-    def fake_rebuild_views(data_dir: Path) -> int:
-        received.append(data_dir)
+    def fake_rebuild_views(data_dir: Path, *, workers: int | None) -> int:
+        received.append((data_dir, workers))
         return 0
 
     monkeypatch.setattr(cli, "_load_rebuilder", lambda: fake_rebuild_views)
     assert cli.main(["rebuild-views", "--data", str(tmp_path)]) == 0
-    assert received == [tmp_path]
+    assert cli.main(["rebuild-views", "--data", str(tmp_path), "--workers", "1"]) == 0
+    assert received == [(tmp_path, None), (tmp_path, 1)]
+    with pytest.raises(SystemExit) as refused:
+        cli.main(["rebuild-views", "--data", str(tmp_path), "--workers", "0"])
+    assert refused.value.code == 2

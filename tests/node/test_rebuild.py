@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import re
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 
 from crdt import Dot
 from crdt.clock import make_stamp
-from node import commands, views
+from node import commands, log, rebuild, views
 from node.events import Event, Op
 from node.kv import KV, WriteTxn
 from node.lmdb_kv import LmdbKV
@@ -87,7 +88,12 @@ def test_rebuilt_views_are_byte_identical(
 
 def test_lost_views_come_back_from_the_log(data_dir: Path) -> None:
     before = dump(data_dir)
+    lose_views(data_dir)
+    assert rebuild_views(data_dir) == 0
+    assert dump(data_dir) == before
 
+
+def lose_views(data_dir: Path) -> None:
     def lose(txn: WriteTxn) -> None:
         for db in (*VIEW_DBS, "conflicts"):
             txn.clear(db)
@@ -96,8 +102,59 @@ def test_lost_views_come_back_from_the_log(data_dir: Path) -> None:
     kv: KV = LmdbKV(data_dir)
     kv.write(lose)
     kv.close()
-    assert rebuild_views(data_dir) == 0
+
+
+@pytest.mark.parametrize(("workers", "block_streams"), [(2, 1), (2, 2), (3, 256), (4, 2)])
+def test_views_folded_by_worker_processes_are_byte_identical(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch, workers: int, block_streams: int
+) -> None:
+    """Workers each fold every n-th block of entities from what was committed, and the
+    rebuild stores the blocks in order: the views are those one process folds, whether
+    a worker has many blocks, one, or none (4 workers, 3 blocks)."""
+    before = dump(data_dir)
+    lose_views(data_dir)
+    monkeypatch.setattr(rebuild, "REPLAY_WORKERS_EVENTS_MIN", 1)  # this log is short
+    monkeypatch.setattr(rebuild, "REPLAY_BLOCK_STREAMS", block_streams)
+    assert rebuild_views(data_dir, workers=workers) == 0
     assert dump(data_dir) == before
+    assert multiprocessing.active_children() == []
+
+
+def test_a_failed_worker_leaves_the_views_as_they_were(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    kv: KV = LmdbKV(data_dir)
+    kv.write(lambda txn: txn.put("events", log.u64(5), b"\xc1 not msgpack"))
+    kv.close()
+    before = dump(data_dir)
+    monkeypatch.setattr(rebuild, "REPLAY_WORKERS_EVENTS_MIN", 1)
+    monkeypatch.setattr(rebuild, "REPLAY_BLOCK_STREAMS", 1)
+    assert rebuild_views(data_dir, workers=2) == 1
+    assert dump(data_dir) == before
+    err = capsys.readouterr().err
+    assert "views left as they were: a rebuild worker failed" in err
+    assert multiprocessing.active_children() == []
+
+
+@pytest.mark.parametrize("block_streams", [1, 2, 5])
+def test_the_parts_of_the_stored_streams_are_the_whole_in_blocks(
+    data_dir: Path, block_streams: int
+) -> None:
+    kv = LmdbKV(data_dir)
+    try:
+        with kv.read() as txn:
+            whole = list(log.stored_streams(txn, block_streams=block_streams))
+            assert [n for n, _, _ in whole] == [i // block_streams for i in range(len(whole))]
+            for parts in (2, 3, 7):
+                shares = [
+                    list(log.stored_streams(txn, part=p, parts=parts, block_streams=block_streams))
+                    for p in range(parts)
+                ]
+                for part, share in enumerate(shares):
+                    assert all(n % parts == part for n, _, _ in share)
+                assert sorted(e for share in shares for e in share) == whole
+    finally:
+        kv.close()
 
 
 def to_legacy_form(txn: WriteTxn) -> None:
