@@ -189,6 +189,9 @@ class LmdbKV:
                 return result
             except lmdb.MapFullError:
                 txn.abort()
+                # Free the reader slots of processes gone since (a rebuild's worker
+                # killed), whose old snapshots would keep freed pages from reuse.
+                self.env.reader_check()
                 with self._reading:
                     self.env.set_mapsize(self.map_bytes * 2)
             except BaseException:

@@ -14,32 +14,30 @@ from a backup (``renew_incarnation``)."""
 
 from __future__ import annotations
 
-import gc
-import multiprocessing
+import logging
 import os
 import sys
 import time
-import traceback
-from collections.abc import Callable, Generator
-from contextlib import closing
-from multiprocessing.connection import Connection
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import lmdb
 
 from node import log, views
 from node.kv import DATABASES, WriteTxn
-from node.lmdb_kv import DataDirBusy, LmdbKV, snapshot
+from node.lmdb_kv import DataDirBusy, LmdbKV
+from node.replay_workers import FoldingWorkers, ReplayFailed, WorkersUnavailable
 from node.writer import gc_paused
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 # A rebuild of a log this long folds in worker processes (``replay_views``); a shorter
 # one in the rebuilding process, where a worker's start (~0.2 s) would cost more than
 # it saves.
 REPLAY_WORKERS_EVENTS_MIN = 100_000
-REPLAY_WORKERS_MAX = 4
+REPLAY_WORKERS_MAX = 8  # each reads the whole streams index: more than cores only costs
 # A worker folds this many entities, then hands them over at once.
 REPLAY_BLOCK_STREAMS = 256
 
@@ -48,17 +46,26 @@ def replay_views(txn: WriteTxn, *, data_dir: Path | None = None, workers: int = 
     """Clear the views and fold every event of the log into them; return the count.
 
     With ``data_dir`` (where ``txn``'s environment lives) and ``workers`` > 1, a log of at
-    least ``REPLAY_WORKERS_EVENTS_MIN`` events is folded by that many worker processes,
-    each reading it from what was last committed (the views being cleared here are
-    not) and folding every ``workers``-th block of entities; this process stores the
-    blocks in order. Folding is nine tenths of a rebuild, storing the rest, so on two
-    cores two workers take about half the time. The views are the same either way.
+    least ``REPLAY_WORKERS_EVENTS_MIN`` events is folded by that many worker processes
+    (``node.replay_workers``, at most ``REPLAY_WORKERS_MAX``), each reading what was last
+    committed (not the views being cleared here) and folding every ``workers``-th block
+    of entities; this process stores the blocks in order. Folding is nine tenths of a
+    rebuild, storing the rest: on two cores, two workers take about two thirds of the
+    time. The views are the same either way. Workers that cannot start: folded here.
+    ``ReplayFailed`` if a worker fails (nothing is stored: the caller's write aborts).
     """
     views.clear(txn)
     with gc_paused():
-        if data_dir is not None and workers > 1 and _log_length(txn) >= REPLAY_WORKERS_EVENTS_MIN:
-            with closing(_folded_by_workers(data_dir, workers)) as folded_by_workers:
-                count = views.store_replayed(txn, folded_by_workers)
+        parts = min(workers, REPLAY_WORKERS_MAX)
+        folding = None
+        if data_dir is not None and parts > 1 and _log_length(txn) >= REPLAY_WORKERS_EVENTS_MIN:
+            try:
+                folding = FoldingWorkers(data_dir, parts, REPLAY_BLOCK_STREAMS)
+            except WorkersUnavailable as exc:
+                logger.warning("folding the log in this process: %s", exc)
+        if folding is not None:
+            with folding:
+                count = views.store_replayed(txn, folding.folded())
         else:
             folded = (views.replayed(s, wires) for _, s, wires in log.stored_streams(txn))
             count = views.store_replayed(txn, folded)
@@ -75,88 +82,6 @@ def replay_workers() -> int:
 def _log_length(txn: WriteTxn) -> int:
     last = next(txn.scan("events", reverse=True), None)
     return 0 if last is None else log.from_u64(last[0])
-
-
-class ReplayFailed(RuntimeError):
-    """A rebuild's worker process failed: nothing of the rebuild is committed."""
-
-
-def _folded_by_workers(data_dir: Path, workers: int) -> Generator[views.Replayed, None, None]:
-    """Every entity of the log folded (``views.replayed``), in stream order, by
-    ``workers`` processes: block ``n`` of ``REPLAY_BLOCK_STREAMS`` entities comes from
-    worker ``n % workers``."""
-    context = multiprocessing.get_context("spawn")  # safe in a process with threads
-    pipes = [context.Pipe(duplex=False) for _ in range(workers)]
-    processes = [
-        context.Process(
-            target=_fold_part,
-            args=(str(data_dir), part, workers, REPLAY_BLOCK_STREAMS, sender),
-            name=f"replay-{part}",
-            daemon=True,
-        )
-        for part, (_, sender) in enumerate(pipes)
-    ]
-    try:
-        for process in processes:
-            process.start()
-        for _, sender in pipes:
-            sender.close()  # the worker's end: a worker that dies leaves its pipe at EOF
-        receivers = [receiver for receiver, _ in pipes]
-        block = 0
-        while True:
-            message = _received(receivers[block % workers])
-            if message is None:  # no block `block`: none after it either
-                break
-            number, folded = message
-            if number != block:
-                raise ReplayFailed(f"a rebuild worker sent block {number}, not {block}")
-            yield from folded
-            block += 1
-        for part, receiver in enumerate(receivers):
-            if part != block % workers and _received(receiver) is not None:
-                raise ReplayFailed("a rebuild worker sent a block past the last one")
-    finally:
-        for process in processes:
-            if process.is_alive():
-                process.terminate()
-            process.join()
-
-
-def _received(receiver: Connection) -> tuple[int, list[views.Replayed]] | None:
-    try:
-        message: tuple[str, Any] = receiver.recv()
-    except EOFError:
-        raise ReplayFailed("a rebuild worker ended without finishing its part") from None
-    kind, body = message
-    if kind == "failed":
-        raise ReplayFailed(f"a rebuild worker failed: {body}")
-    return None if kind == "done" else body
-
-
-def _fold_part(
-    data_dir: str, part: int, parts: int, block_streams: int, sender: Connection
-) -> None:
-    """A worker process: fold this part's blocks of entities (see ``_folded_by_workers``)
-    and send each, then ("done", None); ("failed", why) if it cannot."""
-    try:
-        gc.disable()  # as gc_paused: a fold makes nothing cyclic
-        with snapshot(Path(data_dir)) as txn:
-            block, folded = -1, list[views.Replayed]()
-            for number, stream, wires in log.stored_streams(
-                txn, part=part, parts=parts, block_streams=block_streams
-            ):
-                if number != block and folded:
-                    sender.send(("block", (block, folded)))
-                    folded = []
-                block = number
-                folded.append(views.replayed(stream, wires))
-            if folded:
-                sender.send(("block", (block, folded)))
-        sender.send(("done", None))
-    except Exception:
-        sender.send(("failed", traceback.format_exc(limit=5)))
-    finally:
-        sender.close()
 
 
 def _replica_id(data_dir: Path) -> str | None:
@@ -217,6 +142,9 @@ def rebuild_views(data_dir: Path, *, workers: int | None = None) -> int:
     it or a worker failed (nothing changed then)."""
     started = time.perf_counter()
     jobs = replay_workers() if workers is None else workers
+    if jobs > REPLAY_WORKERS_MAX:
+        print(f"--workers is at most {REPLAY_WORKERS_MAX}", file=sys.stderr)
+        return 2
 
     def rebuild(txn: WriteTxn, _: str) -> int:
         return replay_views(txn, data_dir=data_dir, workers=jobs)

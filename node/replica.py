@@ -27,6 +27,7 @@ from node.kv import KV, WriteTxn
 from node.lmdb_kv import MAP_BYTES_INITIAL, LmdbKV
 from node.log import Identity, LogState
 from node.rebuild import replay_views, replay_workers
+from node.replay_workers import ReplayFailed
 from node.tokens import Token, covers, encode_token, token_of
 from node.writer import Committed, Decide, Writer, call_soon
 
@@ -132,7 +133,11 @@ class Replica:
             def refold(txn: WriteTxn) -> int:  # which also empties older unique indexes
                 return replay_views(txn, data_dir=data_dir, workers=replay_workers())
 
-            count = kv.write(refold)
+            try:
+                count = kv.write(refold)
+            except ReplayFailed as exc:
+                logger.warning("%s: folding the views again in this process", exc)
+                count = kv.write(replay_views)
             elapsed_s = time.perf_counter() - started
             logger.info(
                 "views folded again by this version's rules: %d events in %.2f s", count, elapsed_s

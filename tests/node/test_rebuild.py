@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
+import os
 import re
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,8 @@ from node import commands, log, rebuild, views
 from node.events import Event, Op
 from node.kv import KV, WriteTxn
 from node.lmdb_kv import LmdbKV
-from node.rebuild import rebuild_views, renew_incarnation
+from node.rebuild import rebuild_views, renew_incarnation, replay_views
+from node.replay_workers import FoldingWorkers, ReplayFailed
 from node.replica import Replica
 from node.writer import Decide
 
@@ -117,7 +118,7 @@ def test_views_folded_by_worker_processes_are_byte_identical(
     monkeypatch.setattr(rebuild, "REPLAY_BLOCK_STREAMS", block_streams)
     assert rebuild_views(data_dir, workers=workers) == 0
     assert dump(data_dir) == before
-    assert multiprocessing.active_children() == []
+    assert child_processes() == []
 
 
 def test_a_failed_worker_leaves_the_views_as_they_were(
@@ -133,7 +134,134 @@ def test_a_failed_worker_leaves_the_views_as_they_were(
     assert dump(data_dir) == before
     err = capsys.readouterr().err
     assert "views left as they were: a rebuild worker failed" in err
-    assert multiprocessing.active_children() == []
+    assert child_processes() == []
+
+
+def child_processes() -> list[int]:
+    """The pids of this process's children (Linux's /proc): workers left behind."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue  # gone meanwhile
+            if int(stat.rpartition(")")[2].split()[1]) == os.getpid():
+                children.append(int(entry.name))
+    return children
+
+
+def stale_readers(kv: LmdbKV) -> list[str]:
+    """Rows of LMDB's reader table held by processes that are gone."""
+    rows = kv.env.readers().splitlines()[1:]  # under a header: pid thread txnid
+    return [
+        row for row in rows if row.split() and not Path(f"/proc/{int(row.split()[0])}").exists()
+    ]
+
+
+def test_a_rebuild_run_again_in_a_grown_map_leaves_no_reader_behind(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A full map aborts the write, closing the workers, and runs it again: a worker
+    killed in the middle of its read would leave its slot in the reader table, holding
+    an old snapshot, so that no page freed since is used again until the node restarts."""
+    before = dump(data_dir)
+    lose_views(data_dir)
+    tight = tmp_path_factory.mktemp("tight")  # a copy without free pages: a rebuild grows it
+    kv = LmdbKV(data_dir)
+    kv.env.copy(str(tight), compact=True)
+    kv.close()
+    monkeypatch.setattr(rebuild, "REPLAY_WORKERS_EVENTS_MIN", 1)
+    monkeypatch.setattr(rebuild, "REPLAY_BLOCK_STREAMS", 1)
+    kv = LmdbKV(tight, map_bytes_initial=4096)  # the file's own size
+    try:
+        grown_from = kv.map_bytes
+        assert kv.write(lambda txn: replay_views(txn, data_dir=tight, workers=2)) > 0
+        assert kv.map_bytes > grown_from
+        assert stale_readers(kv) == []
+    finally:
+        kv.close()
+    assert dump(tight) == before
+    assert child_processes() == []
+
+
+def test_workers_that_cannot_start_leave_the_fold_to_the_rebuilding_process(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    before = dump(data_dir)
+    lose_views(data_dir)
+    monkeypatch.setattr(rebuild, "REPLAY_WORKERS_EVENTS_MIN", 1)
+    monkeypatch.setattr(sys, "executable", "")  # as in a process embedding Python
+    with caplog.at_level("WARNING", logger="node.rebuild"):
+        assert rebuild_views(data_dir, workers=2) == 0
+    assert dump(data_dir) == before
+    assert "folding the log in this process: cannot start a worker process" in caplog.text
+
+
+def test_a_node_whose_workers_fail_folds_its_views_again_itself(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Opening views folded by other rules, a node whose workers fail (killed, say)
+    still comes up, with the views it folds itself."""
+    before = dump(data_dir)
+    lose_views(data_dir)
+    kv: KV = LmdbKV(data_dir)
+    kv.write(lambda txn: txn.delete(views.FOLD_RULES_DB, views.FOLD_RULES_KEY))
+    kv.close()
+
+    def killed(self: FoldingWorkers) -> Iterator[views.Replayed]:
+        raise ReplayFailed("a rebuild worker ended without finishing its part")
+        yield  # a generator, as the one it stands for
+
+    monkeypatch.setattr(rebuild, "REPLAY_WORKERS_EVENTS_MIN", 1)
+    monkeypatch.setattr(rebuild, "replay_workers", lambda: 2)
+    monkeypatch.setattr(FoldingWorkers, "folded", killed)
+    with caplog.at_level("WARNING", logger="node.replica"):
+        Replica.open(data_dir, "eu", now_ms=lambda: NOW_MS).close()
+    assert "folding the views again in this process" in caplog.text
+    assert dump(data_dir) == before
+    assert child_processes() == []
+
+
+def test_a_script_that_opens_a_replica_does_not_run_again_in_the_workers(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """Workers are started by their module's name: the caller's own program, guarded
+    by ``if __name__ == "__main__"`` or not, runs once."""
+    lose_views(data_dir)
+    kv: KV = LmdbKV(data_dir)
+    kv.write(lambda txn: txn.delete(views.FOLD_RULES_DB, views.FOLD_RULES_KEY))
+    kv.close()
+    script = tmp_path / "tool.py"
+    script.write_text(
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from node import rebuild\n"
+        "from node.replica import Replica\n"
+        "print('top level ran', flush=True)\n"
+        "rebuild.REPLAY_WORKERS_EVENTS_MIN = 1\n"
+        "rebuild.REPLAY_BLOCK_STREAMS = 1\n"
+        "rebuild.replay_workers = lambda: 2\n"
+        "Replica.open(Path(sys.argv[1]), 'eu').close()\n"
+        "print('opened', flush=True)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(script), str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "top level ran\nopened\n"
+    assert "in this process" not in done.stderr  # the workers folded
+
+
+def test_more_workers_than_the_limit_are_refused(
+    data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert rebuild_views(data_dir, workers=rebuild.REPLAY_WORKERS_MAX + 1) == 2
+    assert f"--workers is at most {rebuild.REPLAY_WORKERS_MAX}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("block_streams", [1, 2, 5])
