@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import resource
 import subprocess
 import sys
 import time
@@ -100,6 +101,8 @@ def child(mode: str, data_dir: Path) -> dict[str, Any]:
             "rss_anon_mb": _status_mb("RssAnon"),
             "rss_file_mb": _status_mb("RssFile"),
             "peak_mb": _status_mb("VmHWM"),
+            # the largest worker's peak (0 without workers): Linux counts it in kB
+            "worker_peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
         }
     finally:
         kv.close()
@@ -189,6 +192,12 @@ def run(quick: bool) -> list[Row]:
         row("memory", "  of which anonymous (heap)", served["rss_anon_mb"], "MB"),
         row("memory", "rebuild process: RSS after it", rebuilt["rss_mb"], "MB"),
         row("memory", "  of which anonymous (heap)", rebuilt["rss_anon_mb"], "MB"),
+        row(
+            "memory",
+            "  its largest worker process: peak RSS (LMDB's pages of the log included)",
+            rebuilt["worker_peak_mb"],
+            "MB",
+        ),
     ]
 
 
