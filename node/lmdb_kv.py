@@ -189,17 +189,22 @@ class LmdbKV:
                 return result
             except lmdb.MapFullError:
                 txn.abort()
-                # Free the reader slots of processes gone since (a rebuild's worker
-                # killed), whose old snapshots would keep freed pages from reuse.
-                self.env.reader_check()
+                self._free_dead_readers()
                 with self._reading:
                     self.env.set_mapsize(self.map_bytes * 2)
             except BaseException:
                 txn.abort()
+                self._free_dead_readers()
                 raise
         raise lmdb.MapFullError(
             f"write did not fit after {MAP_GROWTHS_PER_WRITE_MAX} map doublings"
         )
+
+    def _free_dead_readers(self) -> None:
+        """Free the reader slots of processes gone since (a rebuild's worker killed while
+        its write failed): their old snapshots would keep every page freed after them
+        from reuse, and the data file would grow with each write until a restart."""
+        self.env.reader_check()
 
     @property
     def map_bytes(self) -> int:

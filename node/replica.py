@@ -127,6 +127,7 @@ class Replica:
         if not folded and state.seq:
             # Views of an older version (say, before a create raised the floor) differ
             # from what this one folds: fold them again, or replicas would disagree.
+            logger.info("views folded by other rules: folding the log's events again")
             started = time.perf_counter()
             data_dir = kv.path if isinstance(kv, LmdbKV) else None  # for its worker processes
 
