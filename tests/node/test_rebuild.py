@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -153,6 +154,24 @@ def child_processes() -> list[int]:
     return children
 
 
+@contextmanager
+def holding(data_dir: Path, code: str) -> Iterator[subprocess.Popen[str]]:
+    """A process running ``code`` on ``data_dir``, once it has printed "ready"; it ends
+    when its standard input does."""
+    with subprocess.Popen(
+        [sys.executable, "-c", code, str(data_dir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as holder:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "ready\n"
+        try:
+            yield holder
+        finally:
+            holder.communicate("", timeout=30)
+
+
 def stale_readers(kv: LmdbKV) -> list[str]:
     """Rows of LMDB's reader table held by processes that are gone."""
     rows = kv.env.readers().splitlines()[1:]  # under a header: pid thread txnid
@@ -237,18 +256,11 @@ def test_a_failed_write_frees_the_reader_slots_of_dead_processes(data_dir: Path)
     reader = (
         "import sys; from pathlib import Path; from node.lmdb_kv import snapshot\n"
         "with snapshot(Path(sys.argv[1])):\n"
-        "    print('reading', flush=True); sys.stdin.read()\n"
+        "    print('ready', flush=True); sys.stdin.read()\n"
     )
     kv = LmdbKV(data_dir)
     try:
-        with subprocess.Popen(
-            [sys.executable, "-c", reader, str(data_dir)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        ) as holder:
-            assert holder.stdout is not None
-            assert holder.stdout.readline() == "reading\n"
+        with holding(data_dir, reader) as holder:
             holder.kill()
         assert len(stale_readers(kv)) == 1
 
@@ -429,20 +441,10 @@ def test_an_lmdb_environment_without_a_region_is_refused(tmp_path: Path) -> None
 def test_a_directory_a_running_node_holds_is_refused(
     data_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    holder = "import sys; from pathlib import Path; from node.lmdb_kv import LmdbKV\n"
-    holder += "kv = LmdbKV(Path(sys.argv[1])); print('open', flush=True); sys.stdin.read()"
-    with subprocess.Popen(
-        [sys.executable, "-c", holder, str(data_dir)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    ) as node:
-        assert node.stdout is not None
-        assert node.stdout.readline() == "open\n"
-        try:
-            assert rebuild_views(data_dir) == 1
-        finally:
-            node.communicate("", timeout=30)
+    node = "import sys; from pathlib import Path; from node.lmdb_kv import LmdbKV\n"
+    node += "kv = LmdbKV(Path(sys.argv[1])); print('ready', flush=True); sys.stdin.read()"
+    with holding(data_dir, node):
+        assert rebuild_views(data_dir) == 1
     assert "stop the node" in capsys.readouterr().err
 
 
