@@ -266,39 +266,49 @@ def _entity_response(
 
 
 # An existing entity's ETag and JSON, by its stream, with the stored view's bytes they
-# were rendered from: a hit is an entry whose bytes equal the view read now, so it is
-# never stale. A GET by id of a hot entity reads one tuple, not the state, its existence
-# set and what is kept with it: in a serving process, where much of what a request
-# touches is out of the CPU's caches, that was about a fifth of a GET's time (18.8-19.7k
-# against 23.9k req/s under wrk). Keyed by the stream, whose hash costs a fraction of
-# the view's (1.2k of a GET's 220k instructions), the view's bytes only compared.
+# were rendered from and the writer's generation (``Writer.generation``) read before
+# those bytes were. An entry is current while the generation is that one (no commit
+# since: a GET by id answers from it without reading LMDB at all), or if its bytes equal
+# the view read now (then it takes the generation read before that read). A GET by id of
+# a hot entity reads one tuple, not the state, its existence set and what is kept with
+# it: in a serving process, where much of what a request touches is out of the CPU's
+# caches, that was about a fifth of a GET's time (18.8-19.7k against 23.9k req/s under
+# wrk), and the read transaction and the comparison of the view's bytes another tenth.
+# Keyed by the stream, whose hash costs a fraction of the view's. Generations are unique
+# in the process, so an entry of one replica is never current for another.
 RENDERED_ENTITIES_MAX = 8_192
-_RENDERED = Bounded[str, tuple[bytes, str, bytes]](RENDERED_ENTITIES_MAX)
+Rendered = tuple[bytes, str, bytes, int]  # view bytes, ETag, JSON body, generation
+_RENDERED = Bounded[str, Rendered](RENDERED_ENTITIES_MAX)
 
 
-def _rendered(kind: str, entity_id: str, raw: bytes | None) -> tuple[str, bytes]:
+def _rendered(kind: str, entity_id: str, raw: bytes | None, generation: int) -> tuple[str, bytes]:
     """The ETag and JSON body of the entity whose stored view is ``raw``, or a 404 if it
     does not exist."""
-    rendered = _rendered_view(kind, entity_id, raw)
+    rendered = _rendered_view(kind, entity_id, raw, generation)
     if rendered is None:
         fail(404, "not_found", f"no {kind} {entity_id!r}")
     return rendered
 
 
-def _rendered_view(kind: str, entity_id: str, raw: bytes | None) -> tuple[str, bytes] | None:
+def _rendered_view(
+    kind: str, entity_id: str, raw: bytes | None, generation: int
+) -> tuple[str, bytes] | None:
     """The ETag and JSON body of the entity whose stored view is ``raw``, None if it does
-    not exist; decoded and rendered only when the view is not in ``_RENDERED``."""
+    not exist; decoded and rendered only when the view is not in ``_RENDERED``.
+    ``generation``: the writer's, read before ``raw`` was."""
     if raw is None:
         return None  # never stored: no such entity
     stream = stream_of(kind, entity_id)
     hit = _RENDERED.get(stream)
     if hit is not None and hit[0] == raw:
+        if hit[3] != generation:
+            _RENDERED.put(stream, (raw, hit[1], hit[2], generation))
         return hit[1], hit[2]
     state = decode_state(raw)
     if not state.exists:
         return None
     etag, body = _etag(state), _entity_body(kind, entity_id, state)
-    _RENDERED.put(stream, (raw, etag, body))
+    _RENDERED.put(stream, (raw, etag, body, generation))
     return etag, body
 
 
@@ -362,6 +372,7 @@ def get_handler(kind: str, replica: Replica) -> Handler:
     prefix = stream_of(kind, "")
     read_view = replica.kv.getter("views")  # by the stream's bytes, as views.stored_view
     rendered = _RENDERED.get
+    writer = replica.writer
 
     async def handle(request: web.Request) -> web.Response:
         entity_id = request.match_info["id"]
@@ -374,12 +385,13 @@ def get_handler(kind: str, replica: Replica) -> Handler:
             then = {**_entity_json(kind, entity_id, state), "as_of": request.query["at"]}
             return _json(then, headers={hdrs.ETAG: etag_of(state.etag)})
         stream = prefix + entity_id
-        raw = read_view(stream.encode())
+        generation = writer.generation  # before anything is read
         hit = rendered(stream)
-        if hit is not None and hit[0] == raw:  # as _rendered_view, without the call
+        if hit is not None and hit[3] == generation:  # no commit since it was checked
             etag, body = hit[1], hit[2]
         else:
-            etag, body = _rendered(kind, entity_id, raw)
+            raw = read_view(stream.encode())
+            etag, body = _rendered(kind, entity_id, raw, generation)
         if_none_match = request.headers.get(hdrs.IF_NONE_MATCH)
         if if_none_match is not None and (etag in if_none_match or if_none_match.strip() == "*"):
             return web.Response(status=304, headers={hdrs.ETAG: etag})
@@ -424,6 +436,7 @@ def history_handler(kind: str) -> Handler:
 def list_users_handler(replica: Replica) -> Handler:
     async def handle(request: web.Request) -> web.Response:
         params = request.query
+        generation = replica.writer.generation  # before anything is read
         for field in ("email", "username"):  # a unique field: one page, no cursor
             value = params.get(field)
             if value is not None:
@@ -431,7 +444,8 @@ def list_users_handler(replica: Replica) -> Handler:
                 if "limit" in params or "cursor" in params:
                     _limit(request)
                     _cursor(request)
-                return _users_page(_user_bodies(replica.look_up_views(field, value)), None)
+                holders = replica.look_up_views(field, value)
+                return _users_page(_user_bodies(holders, generation), None)
         limit, after = _limit(request), _cursor(request)
         if "q" in params:
             query = params["q"]
@@ -442,16 +456,17 @@ def list_users_handler(replica: Replica) -> Handler:
             ids = replica.entity_ids("user", after=after, limit=limit)
         cursor = ids[-1] if len(ids) == limit else None
         views = zip(ids, replica.entity_views("user", ids), strict=True)
-        return _users_page(_user_bodies(views), cursor)
+        return _users_page(_user_bodies(views, generation), cursor)
 
     return handle
 
 
-def _user_bodies(views: Iterable[tuple[str, bytes | None]]) -> list[bytes]:
-    """The JSON of each user that exists, from its id and stored view."""
+def _user_bodies(views: Iterable[tuple[str, bytes | None]], generation: int) -> list[bytes]:
+    """The JSON of each user that exists, from its id and stored view (read after the
+    writer's ``generation`` was)."""
     bodies = []
     for user_id, raw in views:
-        rendered = _rendered_view("user", user_id, raw)
+        rendered = _rendered_view("user", user_id, raw, generation)
         if rendered is not None:
             bodies.append(rendered[1])
     return bodies

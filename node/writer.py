@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import gc
+import itertools
 import logging
 import queue
 import threading
@@ -86,6 +87,7 @@ class _Request:
 
 
 _STOP = object()
+_GENERATIONS = itertools.count(1)  # shared by every writer of the process
 
 
 class Writer:
@@ -115,6 +117,10 @@ class Writer:
         self.queue_requests_max = queue_requests_max
         self._thread = threading.Thread(target=self._run, name="writer", daemon=True)
         self.commits = 0
+        # Which commit the views are at: a number no other commit of any writer in this
+        # process takes. Read before a read of the views, it tells a cache of what was read
+        # (``api._RENDERED``) that no commit has changed them since, if it is still this.
+        self.generation = next(_GENERATIONS)
         self.requests = 0
         self.threaded = threaded
         if threaded:
@@ -206,6 +212,9 @@ class Writer:
             logger.exception("write failed")
             _settle([(batch[0], exc)])
             return
+        # A new generation before anything of the commit is published (its state, its
+        # answers): whoever saw the old one began reading before the commit was durable.
+        self.generation = next(_GENERATIONS)
         self.committed = committed.state
         self.commits += 1
         self.requests += len(batch)

@@ -20,7 +20,7 @@ from node.events import Event, Op
 from node.kv import MemoryKV
 from node.replica import Replica
 from node.tokens import decode_token, encode_token
-from tests.node.api_client import Api, run
+from tests.node.api_client import Api, api, run
 
 REMOTE = "us~abcd"
 
@@ -160,6 +160,82 @@ def test_patch_changes_fields_and_etag_and_sets_and_unsets_profile_keys() -> Non
         assert now == patched
 
     run(body)
+
+
+def test_a_get_by_id_answers_every_commit_that_changed_the_user(tmp_path: Path) -> None:
+    """A GET by id answers from rendered JSON without reading the view while no commit
+    happened since: a write, a peer's event, a delete and a create again all show."""
+
+    async def body(a: Api) -> None:
+        ann = await a.create_user("ann")
+        path = f"/users/{ann['id']}"
+        _, seen = await a.call("GET", path, status=200)
+        _, seen = await a.call("GET", path, status=200)  # from what the first rendered
+        assert seen == ann
+        await a.call("PATCH", path, json={"name": "Ann B"}, status=200)
+        _, seen = await a.call("GET", path, status=200)
+        assert seen["name"] == "Ann B"
+        later = make_stamp(int(time.time() * 1000) + 60_000, 0)  # after every local write
+        stream = f"user/{ann['id']}"
+        await a.replica.ingest([Event(Dot(REMOTE, 1), later, stream, Op.SET, "name", "Ann Afar")])
+        _, seen = await a.call("GET", path, status=200)
+        assert seen["name"] == "Ann Afar"
+        await a.call("DELETE", path, status=204)
+        await a.call("GET", path, status=404)
+        again = await a.create_user("ann", id=ann["id"], name="Ann Again")
+        _, seen = await a.call("GET", path, status=200)
+        assert seen == again
+
+    run(body, tmp_path)
+
+
+def test_replicas_in_one_process_answer_their_own_users() -> None:
+    """Rendered JSON is kept by stream for every replica of the process, and each commit
+    of any of them takes a generation none other takes: one replica's entry is never
+    current for another's GET."""
+
+    async def main() -> None:
+        async with api() as eu, api() as us:
+            await eu.create_user("ann", id="ann", name="Ann Of Europe")
+            await us.create_user("ann", id="ann", name="Ann Of America")
+            for _ in range(3):
+                for node, name in ((eu, "Ann Of Europe"), (us, "Ann Of America")):
+                    _, seen = await node.call("GET", "/users/ann", status=200)
+                    assert seen["name"] == name
+                    _, found = await node.call("GET", "/users?username=ann", status=200)
+                    assert [u["name"] for u in found["users"]] == [name]
+
+    asyncio.run(main())
+
+
+def test_a_get_after_a_write_is_answered_never_shows_an_older_write(tmp_path: Path) -> None:
+    """Readers keep rendering a user while its writes commit on the writer's thread,
+    at any point of each commit; once a write is answered, every GET shows it or a
+    later one (what a reader rendered from a view that commit changed is never
+    taken as current)."""
+
+    async def body(a: Api) -> None:
+        await a.create_user("ann", id="ann")
+        done = asyncio.Event()
+
+        async def reader() -> None:
+            while not done.is_set():
+                await a.call("GET", "/users/ann", status=200)
+                await a.call("GET", "/users?email=ann@example.com", status=200)
+
+        readers = [asyncio.create_task(reader()) for _ in range(4)]
+        try:
+            for n in range(150):
+                await a.call("PATCH", "/users/ann", json={"name": f"Name {n:04d}"}, status=200)
+                _, seen = await a.call("GET", "/users/ann", status=200)
+                assert seen["name"] >= f"Name {n:04d}"
+                _, found = await a.call("GET", "/users?email=ann@example.com", status=200)
+                assert found["users"][0]["name"] >= f"Name {n:04d}"
+        finally:
+            done.set()
+            await asyncio.gather(*readers)
+
+    run(body, tmp_path)
 
 
 def test_if_match_makes_a_write_conditional_and_a_stale_one_writes_nothing() -> None:
