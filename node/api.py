@@ -444,8 +444,7 @@ def list_users_handler(replica: Replica) -> Handler:
                 if "limit" in params or "cursor" in params:
                     _limit(request)
                     _cursor(request)
-                holders = replica.look_up_views(field, value)
-                return _users_page(_user_bodies(holders, generation), None)
+                return _looked_up(replica, field, value, generation)
         limit, after = _limit(request), _cursor(request)
         if "q" in params:
             query = params["q"]
@@ -461,6 +460,28 @@ def list_users_handler(replica: Replica) -> Handler:
     return handle
 
 
+# A lookup by a unique field's page, by the field and the value asked for, with the
+# writer's generation read before it was read: while no commit has happened since, the
+# same lookup answers it without reading LMDB (an email's holders, then their views).
+# Only values an email or a username can be; a node taking writes starts a generation
+# with every commit, and reads the index and the views again.
+LOOKUPS_MAX = 4_096
+LOOKUP_VALUE_CHARS_MAX = 254
+_LOOKUPS = Bounded[str, tuple[int, bytes]](LOOKUPS_MAX)  # by "field\0value"
+
+
+def _looked_up(replica: Replica, field: str, value: str, generation: int) -> web.Response:
+    """The page of users holding ``value`` in the unique ``field``."""
+    key = field + "\0" + value
+    hit = _LOOKUPS.get(key)
+    if hit is not None and hit[0] == generation:
+        return web.Response(body=hit[1], content_type="application/json")
+    page = _page_body(_user_bodies(replica.look_up_views(field, value), generation), None)
+    if len(value) <= LOOKUP_VALUE_CHARS_MAX:
+        _LOOKUPS.put(key, (generation, page))
+    return web.Response(body=page, content_type="application/json")
+
+
 def _user_bodies(views: Iterable[tuple[str, bytes | None]], generation: int) -> list[bytes]:
     """The JSON of each user that exists, from its id and stored view (read after the
     writer's ``generation`` was)."""
@@ -473,11 +494,14 @@ def _user_bodies(views: Iterable[tuple[str, bytes | None]], generation: int) -> 
 
 
 def _users_page(bodies: list[bytes], cursor: str | None) -> web.Response:
+    return web.Response(body=_page_body(bodies, cursor), content_type="application/json")
+
+
+def _page_body(bodies: list[bytes], cursor: str | None) -> bytes:
     """``{"users": [...], "next_cursor": ...}``, joined from each user's rendered JSON."""
     users = b", ".join(bodies)
     tail = b"null" if cursor is None else json.dumps(cursor).encode()
-    body = b'{"users": [' + users + b'], "next_cursor": ' + tail + b"}"
-    return web.Response(body=body, content_type="application/json")
+    return b'{"users": [' + users + b'], "next_cursor": ' + tail + b"}"
 
 
 async def user_groups(request: web.Request) -> web.Response:

@@ -435,6 +435,25 @@ def test_lookup_by_email_answers_the_latest_write_then_nothing_after_a_delete() 
     run(body)
 
 
+def test_a_lookup_answered_before_follows_an_email_moved_and_a_peer_claiming_it() -> None:
+    """A lookup is answered again from its page while no commit happened since: an email
+    that moves to another value, and a peer's user claiming it, both show."""
+
+    async def body(a: Api) -> None:
+        ann = await a.create_user("ann")
+        for _ in range(2):
+            assert await users_found(a, "?email=ann@example.com") == [ann]
+        _, moved = await a.call("PATCH", "/users/" + ann["id"], json={"email": "ann@b.org"})
+        assert await users_found(a, "?email=ann@example.com") == []
+        assert await users_found(a, "?email=ann@b.org") == [moved]
+        claim = remote_events("user/ann2", {"name": "Ann Two", "email": "ANN@b.org"})
+        await a.replica.ingest(claim)
+        found = await users_found(a, "?email=ann@b.org")
+        assert sorted(u["id"] for u in found) == sorted([ann["id"], "ann2"])
+
+    run(body)
+
+
 def test_lists_and_searches_answer_the_latest_write_then_omit_a_deleted_user() -> None:
     """Pages render from rendered JSON kept by view bytes too: never a stale one."""
 
