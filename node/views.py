@@ -282,9 +282,9 @@ Replayed = tuple[
 
 
 def replayed(stream: str, wires: list[list[Any]]) -> Replayed:
-    """Every event of one entity, as the log holds them, folded into what views cleared
-    before store of it (the rebuild): its view, its index keys, its member slices and the
-    memberships they make, and what it adds to the digest (XORed together)."""
+    """Every event of one entity, as the log holds them, folded into what the views
+    (cleared before: the rebuild) store of it: its view, its index keys, its member
+    slices and the memberships they make, and what it adds to the digest (XORed)."""
     state = fold_stored(EntityState(), wires)
     change = entity_digest(stream, state)
     search_keys: list[bytes] = []
