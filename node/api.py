@@ -26,7 +26,7 @@ from node.http_errors import BODY_BYTES_MAX, Handler, as_json_error, fail
 from node.metrics import render_metrics
 from node.openapi import OPENAPI
 from node.replica import At, Replica, history, iso_of
-from node.schema import parse_fields, render
+from node.schema import index_value, parse_fields, render
 from node.tokens import BadToken, decode_token, encode_token, etag_of
 
 REPLICA = web.AppKey("replica", Replica)
@@ -387,7 +387,7 @@ def get_handler(kind: str, replica: Replica) -> Handler:
         stream = prefix + entity_id
         generation = writer.generation  # before anything is read
         hit = rendered(stream)
-        if hit is not None and hit[3] == generation:  # no commit since it was checked
+        if generation and hit is not None and hit[3] == generation:  # no commit since
             etag, body = hit[1], hit[2]
         else:
             raw = read_view(stream.encode())
@@ -463,21 +463,23 @@ def list_users_handler(replica: Replica) -> Handler:
 # A lookup by a unique field's page, by the field and the value asked for, with the
 # writer's generation read before it was read: while no commit has happened since, the
 # same lookup answers it without reading LMDB (an email's holders, then their views).
-# Only values an email or a username can be; a node taking writes starts a generation
-# with every commit, and reads the index and the views again.
+# Only values an email or a username can be, and pages of at most a few users (a page of
+# users with large profiles is read each time): at most 4,096 x 8 KiB kept. A node taking
+# writes starts a generation with every commit, and reads the index and the views again.
 LOOKUPS_MAX = 4_096
 LOOKUP_VALUE_CHARS_MAX = 254
+LOOKUP_PAGE_BYTES_MAX = 8_192
 _LOOKUPS = Bounded[str, tuple[int, bytes]](LOOKUPS_MAX)  # by "field\0value"
 
 
 def _looked_up(replica: Replica, field: str, value: str, generation: int) -> web.Response:
     """The page of users holding ``value`` in the unique ``field``."""
-    key = field + "\0" + value
+    key = field + "\0" + index_value(field, value)  # as the index: case does not matter
     hit = _LOOKUPS.get(key)
-    if hit is not None and hit[0] == generation:
+    if generation and hit is not None and hit[0] == generation:
         return web.Response(body=hit[1], content_type="application/json")
     page = _page_body(_user_bodies(replica.look_up_views(field, value), generation), None)
-    if len(value) <= LOOKUP_VALUE_CHARS_MAX:
+    if len(value) <= LOOKUP_VALUE_CHARS_MAX and len(page) <= LOOKUP_PAGE_BYTES_MAX:
         _LOOKUPS.put(key, (generation, page))
     return web.Response(body=page, content_type="application/json")
 

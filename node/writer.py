@@ -118,8 +118,9 @@ class Writer:
         self._thread = threading.Thread(target=self._run, name="writer", daemon=True)
         self.commits = 0
         # Which commit the views are at: a number no other commit of any writer in this
-        # process takes. Read before a read of the views, it tells a cache of what was read
-        # (``api._RENDERED``) that no commit has changed them since, if it is still this.
+        # process takes, 0 while a commit is under way. Read before a read of the views,
+        # it tells a cache of what was read (``api._RENDERED``) that no commit has changed
+        # them since, if it is still this and not 0.
         self.generation = next(_GENERATIONS)
         self.requests = 0
         self.threaded = threaded
@@ -200,10 +201,16 @@ class Writer:
 
     def _commit(self, batch: list[_Request]) -> None:
         bulk = any(request.incoming for request in batch)
+        # No generation while the commit is under way: its changes show in LMDB as it
+        # commits, before this thread runs again, and a read then must not take what it
+        # kept as current. A new one once it is over (failed too), before anything of it
+        # is published (its state, its answers).
+        self.generation = 0
         try:
             with gc_paused() if bulk else nullcontext():
                 outcomes, committed = self.kv.write(lambda txn: self._apply(txn, batch))
         except Exception as exc:
+            self.generation = next(_GENERATIONS)
             if len(batch) > 1:
                 logger.warning("batch of %d failed (%s); retrying one by one", len(batch), exc)
                 for request in batch:
@@ -212,8 +219,6 @@ class Writer:
             logger.exception("write failed")
             _settle([(batch[0], exc)])
             return
-        # A new generation before anything of the commit is published (its state, its
-        # answers): whoever saw the old one began reading before the commit was durable.
         self.generation = next(_GENERATIONS)
         self.committed = committed.state
         self.commits += 1

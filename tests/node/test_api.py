@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from crdt import Dot
 from crdt.clock import make_stamp, physical_ms
+from node import api as api_module
 from node import replica as replica_module
 from node.api import GUARD, build_app
 from node.config import Settings
@@ -238,6 +240,41 @@ def test_a_get_after_a_write_is_answered_never_shows_an_older_write(tmp_path: Pa
     run(body, tmp_path)
 
 
+def test_reads_during_a_commit_show_what_the_change_feed_shows(tmp_path: Path) -> None:
+    """A commit shows in LMDB (the change feed, lists, the view) before the writer's
+    thread runs again; until it has, what reads kept is not taken as current: a GET by
+    id, a lookup and a conditional GET never show less than the feed did before them."""
+
+    async def body(a: Api) -> None:
+        await a.create_user("ann", id="ann")
+        etag = (await a.call("GET", "/users/ann", status=200))[0].headers["ETag"]
+        await a.call("GET", "/users?email=ann@example.com", status=200)  # both kept
+        committed, release = threading.Event(), threading.Event()
+        write = a.replica.writer.kv.write
+
+        def write_then_hold(work: Any) -> Any:
+            result = write(work)
+            committed.set()
+            release.wait(30)  # the writer's thread, held between its commit and the rest
+            return result
+
+        a.replica.writer.kv.write = write_then_hold  # type: ignore[method-assign]
+        patching = asyncio.create_task(a.call("PATCH", "/users/ann", json={"name": "Ann New"}))
+        try:
+            assert await asyncio.to_thread(committed.wait, 30)
+            _, feed = await a.call("GET", "/changes?since=0", status=200)
+            assert feed["changes"][-1]["value"] == "Ann New"
+            _, seen = await a.call("GET", "/users/ann", status=200)
+            assert seen["name"] == "Ann New"
+            assert (await users_found(a, "?email=ann@example.com"))[0]["name"] == "Ann New"
+            await a.call("GET", "/users/ann", headers={"If-None-Match": etag}, status=200)
+        finally:
+            release.set()
+            await patching
+
+    run(body, tmp_path)
+
+
 def test_if_match_makes_a_write_conditional_and_a_stale_one_writes_nothing() -> None:
     async def body(a: Api) -> None:
         user = await a.create_user("ann")
@@ -450,6 +487,26 @@ def test_a_lookup_answered_before_follows_an_email_moved_and_a_peer_claiming_it(
         await a.replica.ingest(claim)
         found = await users_found(a, "?email=ann@b.org")
         assert sorted(u["id"] for u in found) == sorted([ann["id"], "ann2"])
+
+    run(body)
+
+
+def test_lookups_keep_one_page_a_value_whatever_its_case_and_no_large_page() -> None:
+    """What lookups keep is bounded: one page for an email in any case (each variant kept
+    its own copy: 4,096 of a large user held the node at 4.5 GB), none larger than
+    LOOKUP_PAGE_BYTES_MAX."""
+
+    async def body(a: Api) -> None:
+        await a.create_user("casey")
+        profile = {f"k{n}": "x" * 900 for n in range(20)}  # a page of about 19 KB
+        await a.create_user("bigbob", profile=profile)
+        kept = set(api_module._LOOKUPS._values)
+        for variant in ("casey@example.com", "CASEY@example.com", "Casey@Example.Com"):
+            assert len(await users_found(a, f"?email={variant}")) == 1
+        for variant in ("bigbob@example.com", "BIGBOB@example.com"):
+            assert len(await users_found(a, f"?email={variant}")) == 1
+        added = set(api_module._LOOKUPS._values) - kept
+        assert added == {"email\0casey@example.com"}
 
     run(body)
 
