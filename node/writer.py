@@ -211,15 +211,19 @@ class Writer:
                 outcomes, committed = self.kv.write(lambda txn: self._apply(txn, batch))
         except Exception as exc:
             self.generation = next(_GENERATIONS)
-            if len(batch) > 1:
-                logger.warning("batch of %d failed (%s); retrying one by one", len(batch), exc)
-                for request in batch:
-                    self._commit([request])
+            if len(batch) == 1:
+                logger.exception("write failed")
+                _settle([(batch[0], exc)])
                 return
-            logger.exception("write failed")
-            _settle([(batch[0], exc)])
+            logger.warning("batch of %d failed (%s); retrying one by one", len(batch), exc)
+            failed = True
+        else:
+            self.generation = next(_GENERATIONS)
+            failed = False
+        if failed:  # out of the handler: a retry that fails too logs its own error alone
+            for request in batch:
+                self._commit([request])
             return
-        self.generation = next(_GENERATIONS)
         self.committed = committed.state
         self.commits += 1
         self.requests += len(batch)
