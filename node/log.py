@@ -141,14 +141,20 @@ class LogState:
         return LogState(self.seq, self.counter, self.hlc, self.summary)
 
 
-def load_state(txn: ReadTxn, identity: Identity) -> LogState:
-    def number(key: bytes) -> int:
-        raw = txn.get("meta", key)
-        return 0 if raw is None else from_u64(raw)
+def _number(txn: ReadTxn, key: bytes) -> int:
+    raw = txn.get("meta", key)
+    return 0 if raw is None else from_u64(raw)
 
+
+def last_seq(txn: ReadTxn) -> int:
+    """The last local sequence number used: how many events the log holds."""
+    return _number(txn, b"seq")
+
+
+def load_state(txn: ReadTxn, identity: Identity) -> LogState:
     raw = txn.get("meta", b"summary")
     summary = VersionVector() if raw is None else crdt_codec.decode_as(raw, VersionVector)
-    state = LogState(number(b"seq"), number(b"counter"), number(b"hlc"), summary)
+    state = LogState(last_seq(txn), _number(txn, b"counter"), _number(txn, b"hlc"), summary)
     assert state.counter == summary.highest(identity.replica_id), "own counter behind its dots"
     return state
 

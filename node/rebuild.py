@@ -58,7 +58,7 @@ def replay_views(txn: WriteTxn, *, data_dir: Path | None = None, workers: int = 
     with gc_paused():
         parts = min(workers, REPLAY_WORKERS_MAX)
         folding = None
-        if data_dir is not None and parts > 1 and _log_length(txn) >= REPLAY_WORKERS_EVENTS_MIN:
+        if data_dir is not None and parts > 1 and log.last_seq(txn) >= REPLAY_WORKERS_EVENTS_MIN:
             try:
                 folding = FoldingWorkers(data_dir, parts, REPLAY_BLOCK_STREAMS)
             except WorkersUnavailable as exc:
@@ -77,11 +77,6 @@ def replay_views(txn: WriteTxn, *, data_dir: Path | None = None, workers: int = 
 def replay_workers() -> int:
     """Worker processes a rebuild folds in by default: one per core this process may use."""
     return max(1, min(REPLAY_WORKERS_MAX, len(os.sched_getaffinity(0))))
-
-
-def _log_length(txn: WriteTxn) -> int:
-    last = next(txn.scan("events", reverse=True), None)
-    return 0 if last is None else log.from_u64(last[0])
 
 
 def _replica_id(data_dir: Path) -> str | None:
