@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import shutil
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -142,13 +143,23 @@ async def _writes(
         decide = (
             commands.create("user", uid, {"name": f"user {i}"})
             if create
-            else commands.patch("user", uid, {"name": f"name-{i:08d}"}, None)
+            else commands.patch("user", uid, {"name": _fresh_name(i)}, None)
         )
         async with gate:
             made.extend(await replica.write(decide, actor="bench"))
 
     await asyncio.gather(*(one(i) for i in range(start, start + count)))
     return made
+
+
+def _fresh_name(i: int) -> str:
+    """13 characters, 8 of them drawn at random (seeded): a value a compressed stream has
+    not seen before, as a real rename is, where a counter would repeat all but a digit."""
+    rng = random.Random(i)
+    return "name-" + "".join(rng.choice(_ALPHABET) for _ in range(8))
+
+
+_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 
 
 def _bodies(links: dict[str, Counted]) -> tuple[int, int, int]:
@@ -239,10 +250,11 @@ class Relay:
 
 
 async def _tcp(root: Path, pushes: int, kind: str) -> dict[str, float]:
-    """eu -> us over real sockets, ``kind`` "stream" (the default transport) or "http"
-    (the fallback): an idle round, single-event pushes and 10-event pushes, TCP payload
-    counted by a relay. A stream's opening (its upgrade request, answer and hello) is
-    counted apart, as it is paid once per connection, not per round."""
+    """eu -> us over real sockets, ``kind`` "stream" (the default transport, compressed as
+    on a link without TLS), "plain stream" (``peer_compression = "off"``, as over TLS) or
+    "http" (the fallback): an idle round, single-event pushes and 10-event pushes, TCP
+    payload counted by a relay. A stream's opening (its upgrade request, answer and
+    hello) is counted apart, as it is paid once per connection, not per round."""
     from aiohttp import web
     from aiohttp.test_utils import TestServer
 
@@ -253,7 +265,7 @@ async def _tcp(root: Path, pushes: int, kind: str) -> dict[str, float]:
     from replication.protocol import RawEvent
     from replication.replicator import Replicator
     from replication.service import ReplicationService
-    from replication.stream import ANSWER_HEAD_BYTES, REQUEST_HEAD_BYTES, StreamTransport
+    from replication.stream import StreamTransport
     from replication.transport import HttpTransport, Transport
 
     eu = Replica.open(root / f"{kind}-eu", "eu")
@@ -264,11 +276,13 @@ async def _tcp(root: Path, pushes: int, kind: str) -> dict[str, float]:
         loop = asyncio.get_running_loop()
         eu.bind(loop)
         us.bind(loop)
+        compression = "off" if kind == "plain stream" else "auto"
         settings = Settings(
             region="us",
             data_dir=root / f"{kind}-us",
             peers=(Peer("eu", "http://127.0.0.1:9"),),
             cluster_secret=SECRET,
+            peer_compression=compression,
         )
         service = ReplicationService(us, settings)
         app = web.Application()
@@ -281,19 +295,24 @@ async def _tcp(root: Path, pushes: int, kind: str) -> dict[str, float]:
         sender = eu.identity.replica_id
         http = HttpTransport(urls, secret=SECRET, sender=sender)
         transport = http
-        if kind == "stream":
-            transport = StreamTransport(
+        opening = 0
+        if kind != "http":
+            stream = StreamTransport(
                 urls,
                 secret=SECRET,
                 sender=sender,
                 http=http,
                 message_bytes_max=settings.sync_body_bytes_max,
+                compression=compression,
             )
+            await stream._link("us")  # opened before any round: its bytes counted apart
+            opening = relay.up + relay.down
+            transport = stream
         sizes: list[int] = []
         sizes10: list[int] = []
 
         class Bodies:
-            up = down = framing = 0  # framing: what a stream adds to each round's bodies
+            up = down = 0
 
         send = transport.send
 
@@ -301,8 +320,6 @@ async def _tcp(root: Path, pushes: int, kind: str) -> dict[str, float]:
             answer = await send(peer, body)
             Bodies.up += len(body)
             Bodies.down += len(answer)
-            Bodies.framing += _ws_frame(REQUEST_HEAD_BYTES + len(body), masked=True) - len(body)
-            Bodies.framing += _ws_frame(ANSWER_HEAD_BYTES + len(answer), masked=False) - len(answer)
             return answer
 
         transport.send = counted  # type: ignore[method-assign]
@@ -354,9 +371,8 @@ async def _tcp(root: Path, pushes: int, kind: str) -> dict[str, float]:
         def bodies(a: tuple[int, ...], b: tuple[int, ...]) -> int:
             return (b[2] - a[2]) + (b[3] - a[3])
 
-        # All the payload, less every round's bodies and frames: what opening the stream cost.
-        opening = m3[0] + m3[1] - (m3[2] + m3[3]) - Bodies.framing
         return {
+            "compressed": isinstance(transport, StreamTransport) and transport.compressed("us"),
             "origins": len(eu.summary.origins),
             "idle_tcp": tcp(m0, m1),
             "idle_headers": tcp(m0, m1) - bodies(m0, m1),
@@ -379,12 +395,6 @@ async def _tcp(root: Path, pushes: int, kind: str) -> dict[str, float]:
             await server.close()
         eu.close()
         us.close()
-
-
-def _ws_frame(payload: int, *, masked: bool) -> int:
-    """A WebSocket frame's size for ``payload`` bytes (RFC 6455 5.2): a client masks."""
-    length = 0 if payload < 126 else 2 if payload < 65_536 else 8
-    return payload + 2 + length + (4 if masked else 0)
 
 
 # --------------------------------------------------------------------------- protocol
@@ -488,7 +498,7 @@ async def _main(quick: bool) -> tuple[dict[str, Any], dict[str, dict[str, float]
     root = Path(tempfile.mkdtemp(prefix="bench-wire-"))
     try:
         proto = await _protocol(root, pushes, bulk)
-        tcp = {kind: await _tcp(root, pushes, kind) for kind in ("stream", "http")}
+        tcp = {kind: await _tcp(root, pushes, kind) for kind in ("stream", "plain stream", "http")}
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return proto, tcp
@@ -515,20 +525,29 @@ def run(quick: bool) -> list[Row]:
                 f"(request {req} + response {resp}) vs 200 + 16/origin",
                 req + resp, "bytes", idle_budget(origins), at_most=1.0)
         )  # fmt: skip
-    stream, http = tcp["stream"], tcp["http"]
+    stream, plain, http = tcp["stream"], tcp["plain stream"], tcp["http"]
+    if not stream["compressed"] or plain["compressed"]:
+        raise AssertionError("the streams were not compressed as set")
     rows += [
-        row(NAME, f"stream (the default transport) eager push, 1 event/round, "
+        row(NAME, f"stream (the default transport, compressed) eager push, 1 event/round, "
             f"{stream['origins']} origins: TCP payload per event (bodies "
-            f"{stream['push_bodies_per_event']:.0f} + framing)",
+            f"{stream['push_bodies_per_event']:.0f}, framed)",
             stream["push_tcp_per_event"], "bytes", stream["event_bytes"], at_most=1.5),
         row(NAME, f"stream eager push, 10 events/round (load): TCP payload per event (bodies "
-            f"{stream['push10_bodies_per_event']:.0f} + framing)",
+            f"{stream['push10_bodies_per_event']:.0f}, framed)",
             stream["push10_tcp_per_event"], "bytes", stream["event10_bytes"], at_most=1.5),
-        row(NAME, f"stream idle round, {stream['origins']} origins: TCP payload (framing "
-            f"{stream['idle_headers']:.0f}) vs 200 + 16/origin",
+        row(NAME, f"stream idle round, {stream['origins']} origins: TCP payload (bodies "
+            f"{stream['idle_tcp'] - stream['idle_headers']:.0f}, framed) vs 200 + 16/origin",
             stream["idle_tcp"], "bytes", idle_budget(int(stream["origins"])), at_most=1.0),
         row(NAME, "stream opening, once per connection: upgrade request, answer and hello",
             stream["opening"], "bytes"),
+        row(NAME, "stream not compressed (peer_compression = off; auto over TLS) eager push, "
+            "1 event/round: TCP payload per event",
+            plain["push_tcp_per_event"], "bytes", plain["event_bytes"]),
+        row(NAME, "stream not compressed, eager push, 10 events/round: TCP payload per event",
+            plain["push10_tcp_per_event"], "bytes", plain["event10_bytes"]),
+        row(NAME, "stream not compressed, idle round: TCP payload vs 200 + 16/origin",
+            plain["idle_tcp"], "bytes", idle_budget(int(plain["origins"]))),
         row(NAME, f"HTTP (the fallback, for peers without the stream) eager push, 1 event/round: "
             f"TCP payload per event (bodies {http['push_bodies_per_event']:.0f} + HTTP)",
             http["push_tcp_per_event"], "bytes", http["event_bytes"]),

@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="stream (one WebSocket per peer, the default) or http (a POST per round trip)",
     )
     node.add_argument(
+        "--peer-compression",
+        metavar="WHEN",
+        help="compress peer streams: auto (links without TLS, the default), on or off",
+    )
+    node.add_argument(
         "--tls-cert", metavar="FILE", help="certificate to serve and present to peers"
     )
     node.add_argument("--tls-key", metavar="FILE", help="its private key")

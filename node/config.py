@@ -49,6 +49,10 @@ class Settings:
     # How sync messages reach peers: "stream" (one signed WebSocket per peer; HTTP for a
     # peer without one) or "http" (one signed POST per round trip).
     peer_transport: str = "stream"
+    # Whether a peer stream is compressed (permessage-deflate, each stream its own window):
+    # "auto" on links without TLS only, where compression reveals nothing a reader of the
+    # traffic does not see anyway; "on" over TLS too; "off" never. See README, Replication.
+    peer_compression: str = "auto"
     sync_batch_bytes_max: int = 1_048_576
     sync_body_bytes_max: int = 8 * 1_048_576
     push_queue_events_max: int = 10_000
@@ -90,6 +94,7 @@ _INT = re.compile(r"\s*-?\d+\s*")
 _BOOLS = {"true": True, "1": True, "false": False, "0": False}
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 PEER_TRANSPORTS = ("stream", "http")
+PEER_COMPRESSIONS = ("auto", "on", "off")
 
 
 def load_settings(
@@ -292,6 +297,7 @@ _CONVERTERS: dict[str, Callable[[str, object, str], Any]] = {
     "log_level": _one_of(_LOG_LEVELS),
     "event_loop": _one_of(EVENT_LOOPS),
     "peer_transport": _one_of(PEER_TRANSPORTS),
+    "peer_compression": _one_of(PEER_COMPRESSIONS),
     **{name: _file for name in ("tls_cert", "tls_key", "tls_ca")},
     **{name: _int for name in _LIMITS},
 }

@@ -54,6 +54,7 @@ class ReplicationService:
                 sender=sender,
                 http=http,
                 message_bytes_max=settings.sync_body_bytes_max,
+                compression=settings.peer_compression,
             )
             transport = self.stream
         self.endpoint = StreamEndpoint(
@@ -61,6 +62,7 @@ class ReplicationService:
             self.answer,
             message_bytes_max=settings.sync_body_bytes_max,
             auth_window_ms=settings.auth_window_ms,
+            compression=settings.peer_compression,
         )
         limits = Limits(
             gossip_interval_ms=settings.gossip_interval_ms,
@@ -102,6 +104,7 @@ class ReplicationService:
         for peer in status["peers"]:
             peer["url"] = urls[peer["name"]]
             peer["transport"] = "http" if self.stream is None else self.stream.mode(peer["name"])
+            peer["compressed"] = self.stream is not None and self.stream.compressed(peer["name"])
         status["streams_refused"] = self.endpoint.refused
         return {"replication": status}
 

@@ -21,6 +21,15 @@ is refused) and an answer settles only a request still waiting (a replayed one i
 ignored); the direction is part of what is signed, so a frame cannot be reflected. A
 frame that fails any of these closes the stream, having written nothing.
 
+Compression: a stream is compressed (permessage-deflate, RFC 7692, each direction keeping
+its window across messages, at zlib's fastest level) where both ends allow it: by
+default on links without TLS only. Over TLS, a compressed frame's length tells someone
+who watches the encrypted traffic, and can have the node write values of their choosing
+next to others' (through the API), whether their guess of a secret (an ``api_key``) is
+right, as in CRIME and BREACH; where there is no TLS the traffic is there to read
+anyway. A frame's MAC is over its bytes before compression, and a frame that inflates
+past the message limit closes the stream, as a long one does.
+
 A peer that has no stream endpoint (an older version, during a rolling upgrade) answers
 the upgrade 404 or 405 (and a proxy that does not pass the upgrade on, 400, 426 or 501):
 it is reached over HTTP for ``HTTP_FALLBACK_MS``, then asked again. A request, its write
@@ -74,7 +83,18 @@ CLOSE_WAIT_MS = 1_000  # how long closing a stream waits for the peer's close fr
 # a peer that vanished (a half-open connection) does not hold its stream for hours.
 STREAM_HEARTBEAT_MS = 30_000
 
+# aiohttp compresses a message up to this size at once, in the event loop, and a larger
+# one in a thread (aiohttp/_websocket/writer.py, WEBSOCKET_MAX_SYNC_CHUNK_SIZE).
+SYNC_COMPRESSED_BYTES_MAX = 16 * 1024
+COMPRESSION_WINDOW_BITS = 15  # deflate's window, 32 KiB: the largest, the best ratio
+
 Answer = Callable[[bytes], Awaitable[tuple[int, bytes]]]
+
+
+def compresses(compression: str, secure: bool) -> bool:
+    """Whether a stream is compressed under the ``peer_compression`` setting: "on", "off",
+    or "auto" (on a link without TLS only; see the module's docstring)."""
+    return compression == "on" or (compression == "auto" and not secure)
 
 
 _NONCE_TEXT = re.compile(r"[A-Za-z0-9_-]{22}")
@@ -141,6 +161,7 @@ class _Link:
         self.next_id = 1
         self.waiting: dict[int, asyncio.Future[tuple[int, bytes]]] = {}
         self.reader = asyncio.create_task(self._read())
+        self._sending: asyncio.Task[None] | None = None  # the last request frame's write
 
     @property
     def usable(self) -> bool:
@@ -159,7 +180,7 @@ class _Link:
         sent = False
         try:
             async with asyncio.timeout(timeout_s):
-                await self.ws.send_bytes(self.mac.request(request_id, body))
+                await asyncio.shield(self._send(self.mac.request(request_id, body)))
                 sent = True
                 return await future
         except TimeoutError:
@@ -172,6 +193,28 @@ class _Link:
             raise TransportError(f"{self.peer}: stream: {type(exc).__name__}: {exc}") from exc
         finally:
             self.waiting.pop(request_id, None)
+
+    def _send(self, frame: bytes) -> Awaitable[None]:
+        """Write ``frame`` once the frames before it are written: the peer takes request
+        ids only in ascending order. aiohttp alone may reorder compressed frames (one past
+        ``SYNC_COMPRESSED_BYTES_MAX`` is compressed in a thread, and a smaller one sent
+        meanwhile goes first), so a frame that large, or one sent while such a frame is
+        on its way, is written by a task that waits for the one before it (a request
+        given up on does not stop its frame half-way: the task goes on). Any other is
+        written at once, before its send first yields, as without compression."""
+        before = self._sending
+        if (before is None or before.done()) and len(frame) <= SYNC_COMPRESSED_BYTES_MAX:
+            return self.ws.send_bytes(frame)
+
+        async def send() -> None:
+            if before is not None and not before.done():
+                await asyncio.wait((before,))
+            await self.ws.send_bytes(frame)
+
+        task = asyncio.create_task(send())
+        task.add_done_callback(_retrieved)
+        self._sending = task
+        return task
 
     async def _read(self) -> None:
         why = "stream closed"
@@ -205,6 +248,13 @@ class _Link:
         await asyncio.gather(self.reader, return_exceptions=True)
 
 
+def _retrieved(task: asyncio.Task[None]) -> None:
+    """A frame's write that failed after its request gave up: nothing is waiting for it
+    (the stream's reader sees the connection go)."""
+    if not task.cancelled():
+        task.exception()
+
+
 async def _close_client(ws: aiohttp.ClientWebSocketResponse, code: int) -> None:
     """Close within ``CLOSE_WAIT_MS``: past it (a peer that reads nothing), aiohttp drops
     the connection as the close is cancelled."""
@@ -228,13 +278,16 @@ class StreamTransport:
         http: HttpTransport,
         timeout_ms: int = REQUEST_TIMEOUT_MS,
         message_bytes_max: int,
+        compression: str = "auto",
     ) -> None:
         self.urls, self.secret, self.sender, self.http = urls, secret, sender, http
+        self.compression = compression
         self.timeout_s = timeout_ms / 1000
         self.message_bytes_max = message_bytes_max
         self._links: dict[str, _Link] = {}
         self._opening: dict[str, asyncio.Lock] = {}
         self._http_until_ms: dict[str, int] = {}  # peers without a stream endpoint
+        self._compressed: dict[str, bool] = {}  # of the last stream opened to each peer
         self.bytes_sent = 0
         self.streams_opened = 0
         self.closed = False
@@ -242,6 +295,10 @@ class StreamTransport:
     def mode(self, peer: str) -> str:
         """How ``peer`` is reached now: "stream" or "http" (it has no stream endpoint)."""
         return "http" if self._http_until_ms.get(peer, 0) > now_ms() else "stream"
+
+    def compressed(self, peer: str) -> bool:
+        """Whether the last stream opened to ``peer`` was compressed (both ends agreed)."""
+        return self._compressed.get(peer, False)
 
     async def send(self, peer: str, body: bytes) -> bytes:
         if self.mode(peer) == "http":
@@ -290,7 +347,11 @@ class StreamTransport:
             ws = await self.http.session().ws_connect(
                 self.urls[peer] + STREAM_PATH,
                 headers=headers,
-                compress=0,
+                compress=(
+                    COMPRESSION_WINDOW_BITS
+                    if compresses(self.compression, self.urls[peer].startswith("https:"))
+                    else 0
+                ),
                 autoping=True,
                 # Pinged after a request timeout without a word from the peer, and closed
                 # if no pong follows within half of it: a stream gone silent is dropped.
@@ -327,6 +388,7 @@ class StreamTransport:
                 raise TransportError(f"{peer}: stream hello: {type(exc).__name__}") from exc
             raise
         self.streams_opened += 1
+        self._compressed[peer] = ws.compress != 0
         return _Link(peer, ws, FrameMac(self.secret, self.sender, client_nonce, server_nonce))
 
     async def close(self) -> None:
@@ -360,8 +422,10 @@ class StreamEndpoint:
         in_flight_max: int = STREAM_REQUESTS_IN_FLIGHT_MAX,
         heartbeat_ms: int = STREAM_HEARTBEAT_MS,
         send_wait_ms: int = SEND_WAIT_MS,
+        compression: str = "auto",
     ) -> None:
         self.secret, self.answer = secret, answer
+        self.compression = compression
         self.heartbeat_ms = heartbeat_ms
         self.message_bytes_max = message_bytes_max
         self.auth_window_ms = auth_window_ms
@@ -411,7 +475,7 @@ class StreamEndpoint:
         ws = web.WebSocketResponse(
             timeout=CLOSE_WAIT_MS / 1000,
             heartbeat=self.heartbeat_ms / 1000,
-            compress=False,
+            compress=compresses(self.compression, request.secure),
             autoping=True,
             max_msg_size=self.message_bytes_max + REQUEST_HEAD_BYTES,
         )

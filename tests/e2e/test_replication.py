@@ -158,9 +158,10 @@ def test_write_anywhere_read_everywhere(tmp_path: Path) -> None:
 
 
 def test_partition_healed_under_load_loses_no_acknowledged_write(tmp_path: Path) -> None:
-    # ap reaches its peers with a POST per round trip, the others over streams: a cluster
-    # mid-way through a change of transport converges all the same.
-    http_only = {"ap": ["--peer-transport", "http"]}
+    # ap reaches its peers with a POST per round trip, the others over streams, compressed
+    # where both ends allow it (us allows none): a cluster mid-way through a change of
+    # transport or compression converges all the same.
+    http_only = {"ap": ["--peer-transport", "http"], "us": ["--peer-compression", "off"]}
 
     async def scenario() -> None:
         async with running(REGIONS, tmp_path, region_args=http_only) as cluster, session() as http:
@@ -195,8 +196,10 @@ def test_partition_healed_under_load_loses_no_acknowledged_write(tmp_path: Path)
             await c.wait_converged()
             for region in REGIONS:
                 peers = (await c.ok(region, "GET", "/status")).body["replication"]["peers"]
-                kind = "http" if region in http_only else "stream"
+                kind = "http" if region == "ap" else "stream"
                 assert {p["transport"] for p in peers} == {kind}, (region, peers)
+                compressed = {p["name"] for p in peers if p["compressed"]}
+                assert compressed == ({"ap"} if region == "eu" else set()), (region, peers)
 
             acks = seeded + load.acks
             await assert_acks_everywhere(c, acks)
@@ -447,6 +450,7 @@ def test_mutual_tls_between_nodes(tmp_path: Path) -> None:
                 assert all(p["url"].startswith("https://") for p in peers), peers
                 assert all(p["last_error"] is None for p in peers), peers
                 assert all(p["transport"] == "stream" for p in peers), peers
+                assert not any(p["compressed"] for p in peers), peers  # not over TLS
             before = (await c.ok("eu", "GET", "/status")).body["seq"]
 
             # A client without a certificate, or with one the cluster CA did not sign,

@@ -79,6 +79,13 @@ def test_defaults_fill_everything_but_region_and_data_dir() -> None:
             'event_loop = "asyncio"',
             ["asyncio", "uvloop", "asyncio", "uvloop"],
         ),
+        (
+            "peer_compression",
+            ("peer_compression", "on"),
+            ("REPLICA_PEER_COMPRESSION", "off"),
+            'peer_compression = "on"',
+            ["on", "off", "on", "auto"],
+        ),
     ],
 )
 def test_flags_beat_environment_beat_file_beat_defaults(
@@ -211,6 +218,12 @@ def test_tls_files_must_exist_and_cert_goes_with_key(tmp_path: Path) -> None:
         ({**REQUIRED, "peer": ["eu=http://h:1"]}, {}, None, ["peers", "own region 'eu'", "--peer"]),
         ({**REQUIRED, "log_level": "loud"}, {}, None, ["log_level", "'loud'"]),
         (REQUIRED, {"REPLICA_EVENT_LOOP": "trio"}, None, ["event_loop", "'trio'", "uvloop"]),
+        (
+            REQUIRED,
+            {"REPLICA_PEER_COMPRESSION": "gzip"},
+            None,
+            ["peer_compression", "'gzip'", "auto"],
+        ),
         (
             {**REQUIRED, "consistency_wait_ms_default": "90000"},
             {},

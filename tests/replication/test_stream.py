@@ -11,6 +11,7 @@ import base64
 import contextlib
 import hashlib
 import os
+import random
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -45,6 +46,7 @@ from replication.stream import (
     _hello_mac,
     _nonce_of,
     _nonce_text,
+    compresses,
 )
 from replication.transport import SYNC_PATH, HttpTransport, TransportError
 from tests.replication.served import (
@@ -69,7 +71,12 @@ def opening(sender: str = "eu~abcd") -> tuple[bytes, dict[str, str]]:
 
 
 def stream_transport(
-    base: str, *, secret: str = SECRET, sender: str = "eu~abcd", timeout_ms: int = 10_000
+    base: str,
+    *,
+    secret: str = SECRET,
+    sender: str = "eu~abcd",
+    timeout_ms: int = 10_000,
+    compression: str = "auto",
 ) -> StreamTransport:
     urls = {"us": base}
     http = HttpTransport(urls, secret=secret, sender=sender, timeout_ms=timeout_ms)
@@ -80,6 +87,7 @@ def stream_transport(
         http=http,
         timeout_ms=timeout_ms,
         message_bytes_max=BODY_BYTES_MAX,
+        compression=compression,
     )
 
 
@@ -202,12 +210,13 @@ class Opened:
 
 
 @asynccontextmanager
-async def opened(base: str, sender: str) -> AsyncIterator[Opened]:
-    """A stream opened by hand, as a peer's transport opens it."""
+async def opened(base: str, sender: str, *, compress: int = 0) -> AsyncIterator[Opened]:
+    """A stream opened by hand, as a peer's transport opens it (``compress``: the deflate
+    window bits it offers, 0 for none)."""
     nonce, headers = opening(sender)
     async with (
         aiohttp.ClientSession() as session,
-        session.ws_connect(base + STREAM_PATH, headers=headers) as ws,
+        session.ws_connect(base + STREAM_PATH, headers=headers, compress=compress) as ws,
     ):
         hello = await ws.receive_bytes(timeout=5)
         server_nonce = hello[:NONCE_BYTES]
@@ -226,9 +235,11 @@ async def closed_with(o: Opened) -> int | None:
     return o.ws.close_code
 
 
-def frames(tmp_path: Path, body: Callable[[Pair, Opened], Awaitable[None]]) -> None:
+def frames(
+    tmp_path: Path, body: Callable[[Pair, Opened], Awaitable[None]], *, compress: int = 0
+) -> None:
     async def test(p: Pair) -> None:
-        async with opened(p.base, p.eu.identity.replica_id) as o:
+        async with opened(p.base, p.eu.identity.replica_id, compress=compress) as o:
             await body(p, o)
 
     run(tmp_path, test)
@@ -371,7 +382,10 @@ async def echo(body: bytes) -> tuple[int, bytes]:
 
 @asynccontextmanager
 async def endpoint(
-    answer: Callable[[bytes], Awaitable[tuple[int, bytes]]], *, heartbeat_ms: int = 30_000
+    answer: Callable[[bytes], Awaitable[tuple[int, bytes]]],
+    *,
+    heartbeat_ms: int = 30_000,
+    compression: str = "auto",
 ) -> AsyncIterator[tuple[str, StreamEndpoint]]:
     served = StreamEndpoint(
         SECRET,
@@ -379,6 +393,7 @@ async def endpoint(
         message_bytes_max=BODY_BYTES_MAX,
         auth_window_ms=30_000,
         heartbeat_ms=heartbeat_ms,
+        compression=compression,
     )
     app = web.Application()
     app.router.add_get(STREAM_PATH, served.handle)
@@ -748,3 +763,125 @@ def test_a_peer_that_vanished_does_not_hold_its_stream() -> None:
                 assert not served.open
 
     asyncio.run(main())
+
+
+# --------------------------------------------------------------------------- compression
+
+
+class Relay:
+    """A TCP relay on loopback counting the bytes it carries, both ways."""
+
+    def __init__(self, port: int) -> None:
+        self.port, self.carried = port, 0
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                self.carried += len(data)
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+
+def test_streams_are_compressed_on_links_without_tls_unless_told() -> None:
+    assert compresses("auto", secure=False)
+    assert not compresses("auto", secure=True)
+    assert compresses("on", secure=True)
+    assert compresses("on", secure=False)
+    assert not compresses("off", secure=False)
+    assert not compresses("off", secure=True)
+
+
+def sync_like(i: int) -> bytes:
+    """A body shaped like a push: the same origin, fields and actor, a fresh value."""
+    return b"eu~0badc0de user/homer%d name Homer Simpson %08d actor ops@springfield" % (i, i)
+
+
+@pytest.mark.parametrize(
+    ("client", "server", "compressed"),
+    [("auto", "auto", True), ("on", "on", True), ("off", "auto", False), ("auto", "off", False)],
+)
+def test_a_stream_is_compressed_where_both_ends_allow_it(
+    client: str, server: str, compressed: bool
+) -> None:
+    async def main() -> None:
+        async with endpoint(echo, compression=server) as (base, served):
+            port = int(base.rsplit(":", 1)[1])
+            relay = Relay(port)
+            async with relay as relayed:
+                transport = stream_transport(relayed, compression=client)
+                try:
+                    assert await transport.send("us", sync_like(0)) == sync_like(0)
+                    opened_bytes = relay.carried
+                    bodies = [sync_like(i) for i in range(1, 201)]
+                    for body in bodies:
+                        assert await transport.send("us", body) == body
+                    carried = relay.carried - opened_bytes
+                    assert transport.compressed("us") is compressed
+                    [ws] = served.open
+                    assert bool(ws.compress) is compressed
+                finally:
+                    await transport.close()
+        sent = 2 * sum(len(b) for b in bodies)  # each body goes there and back
+        if compressed:  # a stream's window holds what repeats from one message to the next
+            assert carried < sent / 2, (carried, sent)
+        else:
+            assert carried > sent, (carried, sent)
+
+    asyncio.run(main())
+
+
+def test_large_and_small_messages_share_a_compressed_stream_intact() -> None:
+    """Messages past 16 KiB are compressed in a thread, smaller ones at once: interleaved,
+    concurrent, each arrives whole and the window stays in step on both sides."""
+    rng = random.Random(7)
+
+    def body(i: int) -> bytes:
+        size = rng.choice([40, 900, 20_000, 60_000])
+        return bytes(rng.getrandbits(8) for _ in range(size // 4)) * 4 + b"%d" % i
+
+    async def main() -> None:
+        async with endpoint(echo) as (base, _):
+            transport = stream_transport(base)
+            try:
+                for _ in range(3):
+                    bodies = [body(i) for i in range(12)]
+                    answers = await asyncio.gather(*(transport.send("us", b) for b in bodies))
+                    assert answers == bodies
+                assert transport.compressed("us")
+                assert transport.streams_opened == 1
+            finally:
+                await transport.close()
+
+    asyncio.run(main())
+
+
+def test_a_frame_that_inflates_past_the_body_limit_closes_the_stream_and_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    async def body(p: Pair, o: Opened) -> None:
+        me = o.sender
+        await o.ws.send_bytes(o.mac.request(1, request_body(me, create(me, 1, "homer"))))
+        assert (await answer_of(o))[:2] == (1, 200)  # a compressed request is answered
+        bomb = b"\0" * (8 * BODY_BYTES_MAX)  # a few hundred bytes once deflated
+        await o.ws.send_bytes(o.mac.request(2, bomb))
+        assert await closed_with(o) == WSCloseCode.MESSAGE_TOO_BIG
+        assert p.us.state.seq == 1
+
+    frames(tmp_path, body, compress=15)
