@@ -33,6 +33,27 @@ class DataDirBusy(RuntimeError):
     """Another process already serves this data directory."""
 
 
+class DataFileTruncated(RuntimeError):
+    """The data file is shorter than the pages its last commit uses (a partial copy, a
+    full disk): reading them through the map would kill the process (SIGBUS)."""
+
+
+def check_whole(env: lmdb.Environment, path: Path) -> None:
+    """Raise ``DataFileTruncated`` unless the data file holds every page up to the last
+    one its newest commit uses (LMDB syncs a commit's pages before its meta page, so a
+    crash never leaves it shorter: something else cut it)."""
+    data = path / "data.mdb"
+    needed = (int(env.info()["last_pgno"]) + 1) * int(env.stat()["psize"])
+    size = data.stat().st_size
+    if size < needed:
+        raise DataFileTruncated(
+            f"{data} is {size:,} bytes, shorter than the {needed:,} its last commit uses: "
+            "it was cut short (a partial copy, a full disk). Restore the directory from a "
+            "backup (then run new-incarnation), or move it away and start the node on an "
+            "empty one: it comes back as a new incarnation and catches up from its peers"
+        )
+
+
 class _LmdbTxn:
     __slots__ = ("_dbs", "_txn")
 
@@ -160,6 +181,12 @@ class LmdbKV:
             metasync=metasync and durable,
             readahead=False,
         )
+        try:
+            check_whole(self.env, path)
+        except DataFileTruncated:
+            self.env.close()
+            self._lock.close()
+            raise
         self.env.reader_check()  # free slots of readers that died (kill -9) holding them
         # Growing the map closes every transaction open in this process (LMDB allows it
         # only with none open): each read holds this lock while its transaction is open,
@@ -246,6 +273,7 @@ def snapshot(path: Path) -> Iterator[ReadTxn]:
         readahead=False,
     )
     try:
+        check_whole(env, path)
         with env.begin(buffers=False) as txn:
             dbs = {name: env.open_db(name.encode(), txn=txn, create=False) for name in DATABASES}
             yield _LmdbTxn(txn, dbs)

@@ -26,7 +26,7 @@ import lmdb
 
 from node import log, views
 from node.kv import DATABASES, WriteTxn
-from node.lmdb_kv import DataDirBusy, LmdbKV
+from node.lmdb_kv import DataDirBusy, DataFileTruncated, LmdbKV, check_whole
 from node.replay_workers import FoldingWorkers, ReplayFailed, WorkersUnavailable
 from node.writer import gc_paused
 
@@ -88,6 +88,7 @@ def _replica_id(data_dir: Path) -> str | None:
     except lmdb.Error:  # not an LMDB file at all
         return None
     try:
+        check_whole(env, data_dir)
         meta = env.open_db(b"meta", create=False)
         with env.begin() as txn:
             region, replica_id = txn.get(b"region", db=meta), txn.get(b"replica_id", db=meta)
@@ -100,7 +101,11 @@ def _replica_id(data_dir: Path) -> str | None:
 
 def _replica_id_or_why_not(data_dir: Path) -> str | None:
     """The replica id stored in ``data_dir``; else None, having said why on stderr."""
-    replica_id = _replica_id(data_dir)
+    try:
+        replica_id = _replica_id(data_dir)
+    except DataFileTruncated as cut:
+        print(cut, file=sys.stderr)
+        return None
     if replica_id is None:
         print(f"{data_dir} is not a replica data directory (no meta region)", file=sys.stderr)
     return replica_id

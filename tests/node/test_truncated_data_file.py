@@ -1,0 +1,78 @@
+"""A data file cut short (a partial copy, a full disk) is refused with a clear error by
+everything that opens it: reading its missing pages through the map would kill the
+process with SIGBUS. Each check runs in a process of its own, so a regression shows as
+that process's death by signal, not the test runner's."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from node import commands
+from node.replica import Replica
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def make_replica(data: Path) -> int:
+    """A replica's data directory with some users in it; the data file's size."""
+
+    async def write() -> None:
+        replica = Replica.open(data, "eu")
+        try:
+            replica.bind(asyncio.get_running_loop())
+            for i in range(300):
+                decide = commands.create(
+                    "user",
+                    f"user{i}",
+                    {"name": "N" * 200, "username": f"user{i}", "email": f"u{i}@example.org"},
+                )
+                await replica.write(decide, actor="test")
+        finally:
+            replica.close()
+
+    asyncio.run(write())
+    return (data / "data.mdb").stat().st_size
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "node", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+COMMANDS = {
+    "node": ["node", "--region", "eu", "--listen", "127.0.0.1:0", "--data"],
+    "rebuild-views": ["rebuild-views", "--data"],
+    "new-incarnation": ["new-incarnation", "--data"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_a_data_file_cut_short_is_refused_with_a_clear_error(tmp_path: Path, command: str) -> None:
+    data = tmp_path / "eu"
+    size = make_replica(data)
+    os.truncate(data / "data.mdb", size // 2)
+    done = run(*COMMANDS[command], str(data))
+    assert done.returncode == 2, (done.returncode, done.stderr)  # not -SIGBUS
+    assert "data.mdb" in done.stderr
+    assert "cut short" in done.stderr
+    assert f"{size // 2:,} bytes" in done.stderr
+    assert (data / "data.mdb").stat().st_size == size // 2  # left as it was
+
+
+def test_a_whole_data_file_opens(tmp_path: Path) -> None:
+    data = tmp_path / "eu"
+    make_replica(data)
+    done = run("rebuild-views", "--data", str(data))
+    assert done.returncode == 0, done.stderr
