@@ -598,6 +598,7 @@ async def status(request: web.Request) -> web.Response:
             "peers": [{"name": p.name, "url": p.url} for p in settings.peers],
             "serving": replica.not_ready is None,
             "not_ready": replica.not_ready,
+            "writes_held": replica.writes_held,
             "writer": {
                 "queued": replica.writer.queued,
                 "commits": replica.writer.commits,

@@ -59,6 +59,7 @@ class Settings:
     backoff_max_ms: int = 1_000
     auth_window_ms: int = 30_000
     bootstrap_wait_ms_max: int = 120_000
+    start_writes_wait_ms_max: int = 3_000
     # TLS between nodes: a certificate and key to serve and to present; with a CA, peers'
     # certificates are verified against it (mutual TLS) instead of the system's roots.
     tls_cert: Path | None = None
@@ -300,5 +301,6 @@ _CONVERTERS: dict[str, Callable[[str, object, str], Any]] = {
     "peer_compression": _one_of(PEER_COMPRESSIONS),
     **{name: _file for name in ("tls_cert", "tls_key", "tls_ca")},
     **{name: _int for name in _LIMITS},
+    "start_writes_wait_ms_max": lambda name, value, where: _int(name, value, where, low=0),
 }
 assert set(_CONVERTERS) == set(_FIELDS), "every setting needs exactly one converter"

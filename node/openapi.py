@@ -174,6 +174,9 @@ SCHEMAS: Json = {
             "peers": array(obj({"name": string(), "url": string()})),
             "serving": {"type": "boolean"},
             "not_ready": nullable(string(description="Why clients get 503 `not_ready`.")),
+            "writes_held": nullable(
+                string(description="Why client writes wait (at start, for every peer's answer).")
+            ),
             "writer": obj({"queued": integer(), "commits": integer(), "requests": integer()}),
             "uptime_s": {"type": "number"},
         },

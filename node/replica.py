@@ -159,6 +159,9 @@ class Replica:
         self.metric_reporters: list[Callable[[], list[str]]] = []
         # Why clients must wait (e.g. "bootstrapping from peers"), or None when serving.
         self.not_ready: str | None = None
+        # Why client writes wait (the replicator's check at start, ``hold_writes``), or None.
+        self.writes_held: str | None = None
+        self._writes_released = asyncio.Event()
         self.writer = Writer(
             kv,
             self.identity,
@@ -191,6 +194,9 @@ class Replica:
         """Attach to the event loop whose waiters commits must wake."""
         self._loop = loop
         self._changed = asyncio.Event()
+        self._writes_released = asyncio.Event()
+        if self.writes_held is None:
+            self._writes_released.set()
 
     def close(self) -> None:
         if self._closed:
@@ -229,7 +235,19 @@ class Replica:
 
     # -- writes ----------------------------------------------------------------
 
+    def hold_writes(self, why: str) -> None:
+        """Make client writes wait (reads, and events from peers, go on) until
+        ``release_writes``."""
+        self.writes_held = why
+        self._writes_released.clear()
+
+    def release_writes(self) -> None:
+        self.writes_held = None
+        self._writes_released.set()
+
     async def write(self, decide: Decide, *, actor: str) -> list[Event]:
+        if self.writes_held is not None:
+            await self._writes_released.wait()
         written = await self.writer.write(decide, actor=actor)
         self.metrics.writes += 1
         return written

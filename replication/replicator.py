@@ -60,6 +60,9 @@ class Limits:
     backoff_base_ms: int = BACKOFF_BASE_MS
     backoff_max_ms: int = BACKOFF_MAX_MS
     bootstrap_wait_ms_max: int = 120_000
+    # At start, client writes wait until every peer has answered once, so that our own
+    # events newer than our log (a backup restored) come back first; at most this long.
+    start_writes_wait_ms_max: int = 3_000
     compaction_interval_ms: int = 10_000
     requesters_max: int = 64
     # Events we answered a peer with are not pushed to it again for this long: it is
@@ -115,6 +118,8 @@ class Replicator:
         # The bootstrap's durable mark (see ``start``): being written, and whether it is set.
         self._marking: asyncio.Future[None] | None = None
         self._marked = False
+        # Peers that have not yet answered this node since it started (see ``start``).
+        self._unheard: set[str] = set()
 
     # -- serving a peer ----------------------------------------------------------
 
@@ -338,6 +343,8 @@ class Replicator:
             self.bootstrap_received += received
         if unread:
             return True  # it sent nothing it holds: ask again, whole
+        if not response.more:  # it sent all we lack, our own events it holds included
+            self._heard_from(name)
         they_lack = bool(self.replica.summary.missing_from(theirs))
         if not response.more and not they_lack:
             if self._marked or self.replica.not_ready is not None:
@@ -448,6 +455,16 @@ class Replicator:
             self._loop.call_later(
                 self.limits.bootstrap_wait_ms_max / 1000, self._ready, "bootstrap wait ran out"
             )
+        elif self.peers and self.limits.start_writes_wait_ms_max > 0:
+            # A node whose last commits were undone (a backup restored without
+            # new-incarnation, an OS crash without metasync) would give a client's write
+            # the dot of an event a peer holds: that peer would drop the write as known,
+            # and the two would never converge. Each peer's first answer hands those
+            # events back (``handle``) and the counter moves past them: writes wait for
+            # every peer's, or for the wait to run out (a peer down or cut off).
+            self._unheard = set(self.peers)
+            self.replica.hold_writes(f"until every peer has answered: {', '.join(self.peers)}")
+            self._loop.call_later(self.limits.start_writes_wait_ms_max / 1000, self._release_writes)
         self._tasks = [asyncio.create_task(self._gossip(name)) for name in self.peers]
         self._tasks += [asyncio.create_task(self._pusher(name)) for name in self.peers]
         self._tasks.append(asyncio.create_task(self._compactor()))
@@ -459,6 +476,23 @@ class Replicator:
             await self.replica.writer.maintain(_unmark)
             self._marked = False
         self._ready(f"caught up with {name}")
+
+    def _heard_from(self, name: str) -> None:
+        if name in self._unheard:
+            self._unheard.discard(name)
+            if not self._unheard:
+                self.replica.release_writes()
+
+    def _release_writes(self) -> None:
+        if self._unheard:
+            logger.warning(
+                "client writes taken before %s answered (wait ran out): if this node's last "
+                "commits were undone (a backup restored without new-incarnation), a write "
+                "may reuse the dot of one of its events a peer holds",
+                ", ".join(sorted(self._unheard)),
+            )
+            self._unheard.clear()
+        self.replica.release_writes()
 
     def _ready(self, why: str) -> None:
         if self.replica.not_ready is not None:

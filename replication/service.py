@@ -70,6 +70,7 @@ class ReplicationService:
             push_queue_events_max=settings.push_queue_events_max,
             backoff_max_ms=settings.backoff_max_ms,
             bootstrap_wait_ms_max=settings.bootstrap_wait_ms_max,
+            start_writes_wait_ms_max=settings.start_writes_wait_ms_max,
         )
         self.replicator = Replicator(
             replica,

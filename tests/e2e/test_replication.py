@@ -6,6 +6,7 @@ mutual TLS. Every wait is bounded and fails with each node's ``/status``.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import ssl
 import time
 from pathlib import Path
@@ -323,6 +324,45 @@ def test_wiped_node_comes_back_as_a_new_incarnation(tmp_path: Path) -> None:
             await c.wait_converged()
             await assert_acks_everywhere(c, acks)
             await assert_identical(c, sorted({a.stream for a in acks}))
+
+    asyncio.run(scenario())
+
+
+def test_a_node_restored_from_a_backup_takes_no_dot_twice(tmp_path: Path) -> None:
+    """eu starts on a backup taken before its last write, which us holds. A client's
+    write to it at once would take that write's dot: us would drop it as known, and the
+    regions would never converge. Writes wait for every peer's first answer, which hands
+    the undone write back (each direction slowed so that the write comes first)."""
+
+    async def scenario() -> None:
+        async with running(["eu", "us"], tmp_path / "cluster") as cluster, session() as http:
+            c = Client(cluster, http)
+            await c.ok("eu", "POST", "/users", user("homer"))
+            await c.wait_converged()
+            eu = cluster.nodes["eu"]
+            eu.stop()
+            shutil.copytree(eu.data_dir, tmp_path / "backup")
+            await cluster.restart("eu")
+            undone = await c.ok("eu", "PATCH", "/users/homer", {"name": "W1"})
+            await c.wait_converged()
+
+            eu.stop()
+            shutil.rmtree(eu.data_dir)
+            shutil.copytree(tmp_path / "backup", eu.data_dir)
+            for link in (("eu", "us"), ("us", "eu")):
+                cluster.links[link].faults.delay_ms = 500
+            await cluster.restart("eu")
+            status = (await c.ok("eu", "GET", "/status")).body
+            assert status["writes_held"] == "until every peer has answered: us", status
+            reply = await c.ok("eu", "PATCH", "/users/homer", {"name": "W2"})
+            assert written_dot(reply) != written_dot(undone)
+            for link in (("eu", "us"), ("us", "eu")):
+                cluster.links[link].faults.delay_ms = 0
+            await c.wait_converged()
+            for region in ("eu", "us"):
+                got = await c.ok(region, "GET", "/users/homer")
+                assert got.body["name"] == "W2", region
+                assert (await c.ok(region, "GET", "/status")).body["writes_held"] is None
 
     asyncio.run(scenario())
 

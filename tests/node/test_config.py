@@ -220,6 +220,12 @@ def test_tls_files_must_exist_and_cert_goes_with_key(tmp_path: Path) -> None:
         (REQUIRED, {"REPLICA_EVENT_LOOP": "trio"}, None, ["event_loop", "'trio'", "uvloop"]),
         (
             REQUIRED,
+            {"REPLICA_START_WRITES_WAIT_MS_MAX": "-1"},
+            None,
+            ["start_writes_wait_ms_max", "at least 0"],
+        ),
+        (
+            REQUIRED,
             {"REPLICA_PEER_COMPRESSION": "gzip"},
             None,
             ["peer_compression", "'gzip'", "auto"],

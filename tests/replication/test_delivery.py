@@ -3,6 +3,7 @@ with hand-built requests, and how anti-entropy repairs what delivery left out.""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import shutil
 from pathlib import Path
@@ -250,6 +251,71 @@ def test_a_node_whose_last_commit_was_undone_gets_it_back_and_reuses_no_dot(
         assert views["entities"]["user/homer"]["fields"]["name"] == "W2"
 
     run(tmp_path, ("eu", "us"), body)
+
+
+async def restored_from_backup(c: Cluster, tmp_path: Path) -> Event:
+    """eu's directory restored from a backup taken before its last write, which us
+    holds; eu left closed. The write that was undone."""
+    await c.write("eu", commands.create("user", "homer", person("homer")))
+    assert await c.sync("eu", "us")
+    await c.shut("eu")
+    shutil.copytree(c.root / "eu", tmp_path / "eu-backup")
+    c.open("eu")
+    (undone,) = await c.write("eu", commands.patch("user", "homer", {"name": "W1"}, None))
+    assert await c.sync("eu", "us")
+    await c.shut("eu")
+    shutil.rmtree(c.root / "eu")
+    shutil.copytree(tmp_path / "eu-backup", c.root / "eu")
+    return undone
+
+
+def test_writes_at_start_wait_for_every_peer_so_a_restored_node_reuses_no_dot(
+    tmp_path: Path,
+) -> None:
+    """A client's write to a node just started on a restored backup would take the dot
+    of its undone event, which us holds: us would drop the write as known, and the two
+    would never converge. Writes wait until every peer has answered once."""
+
+    async def body(c: Cluster) -> None:
+        undone = await restored_from_backup(c, tmp_path)
+        c.start("us")
+        eu = c.open("eu").replica
+        c.start("eu")
+        assert eu.writes_held is not None
+        (write,) = await c.write("eu", commands.patch("user", "homer", {"name": "W2"}, None))
+        assert eu.writes_held is None
+        assert write.dot.counter == undone.dot.counter + 1  # not the undone event's dot
+        await c.settle()
+        await c.sync_all_until_quiet()
+        views = c.assert_converged()
+        assert views["entities"]["user/homer"]["fields"]["name"] == "W2"
+
+    run(tmp_path, ("eu", "us"), body)
+
+
+def test_writes_at_start_wait_no_longer_than_the_limit_for_a_peer_cut_off(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def body(c: Cluster) -> None:
+        await c.write("eu", commands.create("user", "homer", person("homer")))
+        await c.shut("eu")
+        eu = c.open("eu").replica
+        counter = eu.state.counter
+        c.isolate("eu")
+        c.start("eu")
+        assert eu.writes_held == "until every peer has answered: us"
+        write = asyncio.ensure_future(
+            c.write("eu", commands.patch("user", "homer", {"name": "W2"}, None))
+        )
+        await asyncio.sleep(0.05)
+        assert not write.done()  # held, and nothing of it written
+        assert eu.state.counter == counter
+        (written,) = await asyncio.wait_for(write, 5)
+        assert written.dot.counter == counter + 1
+        assert eu.writes_held is None
+        assert "taken before us answered (wait ran out)" in caplog.text
+
+    run(tmp_path, ("eu", "us"), body, limits=Limits(start_writes_wait_ms_max=300))
 
 
 def test_a_request_older_than_its_senders_pushes_does_not_get_them_back(tmp_path: Path) -> None:
