@@ -48,6 +48,7 @@ NAME = "wire_bytes"
 REGIONS = ("eu", "us", "ap")
 SECRET = "bench-cluster-secret"
 USERS = 200
+BULK_TCP_EVENTS = 5_000  # the catch-up over real sockets
 
 
 def idle_budget(origins: int) -> float:
@@ -355,6 +356,14 @@ async def _tcp(root: Path, pushes: int, kind: str) -> dict[str, float]:
         m3 = mark()
         if eu.summary != us.summary:
             raise AssertionError(f"{kind} pushes did not arrive")
+        # Catch-up: writes us did not get pushed (a partition's), sent by anti-entropy in
+        # pages of at most sync_batch_bytes_max.
+        behind = await _writes(eu, BULK_TCP_EVENTS, 10 * pushes, users=20)
+        bulk_bytes = sum(len(ev.encode(e)) for e in behind)
+        await replicator.sync_with("us")
+        m4 = mark()
+        if eu.summary != us.summary:
+            raise AssertionError(f"{kind} catch-up did not arrive")
         one_stream = ("stream", 1)
         if isinstance(transport, StreamTransport) and (
             (transport.mode("us"), transport.streams_opened) != one_stream
@@ -382,6 +391,8 @@ async def _tcp(root: Path, pushes: int, kind: str) -> dict[str, float]:
             "push10_tcp_per_event": tcp(m2, m3) / len(sizes10),
             "push10_bodies_per_event": bodies(m2, m3) / len(sizes10),
             "event10_bytes": sum(sizes10) / len(sizes10),
+            "bulk_tcp_per_event": tcp(m3, m4) / len(behind),
+            "bulk_event_bytes": bulk_bytes / len(behind),
             "signed_headers": signed_bytes + resp_signed_bytes,
             "opening": opening,
         }
@@ -536,6 +547,8 @@ def run(quick: bool) -> list[Row]:
         row(NAME, f"stream eager push, 10 events/round (load): TCP payload per event (bodies "
             f"{stream['push10_bodies_per_event']:.0f}, framed)",
             stream["push10_tcp_per_event"], "bytes", stream["event10_bytes"], at_most=1.5),
+        row(NAME, f"stream catch-up, {BULK_TCP_EVENTS:,} events: TCP payload per event",
+            stream["bulk_tcp_per_event"], "bytes", stream["bulk_event_bytes"], at_most=1.5),
         row(NAME, f"stream idle round, {stream['origins']} origins: TCP payload (bodies "
             f"{stream['idle_tcp'] - stream['idle_headers']:.0f}, framed) vs 200 + 16/origin",
             stream["idle_tcp"], "bytes", idle_budget(int(stream["origins"])), at_most=1.0),
@@ -546,6 +559,8 @@ def run(quick: bool) -> list[Row]:
             plain["push_tcp_per_event"], "bytes", plain["event_bytes"]),
         row(NAME, "stream not compressed, eager push, 10 events/round: TCP payload per event",
             plain["push10_tcp_per_event"], "bytes", plain["event10_bytes"]),
+        row(NAME, f"stream not compressed, catch-up, {BULK_TCP_EVENTS:,} events: TCP payload "
+            "per event", plain["bulk_tcp_per_event"], "bytes", plain["bulk_event_bytes"]),
         row(NAME, "stream not compressed, idle round: TCP payload vs 200 + 16/origin",
             plain["idle_tcp"], "bytes", idle_budget(int(plain["origins"]))),
         row(NAME, f"HTTP (the fallback, for peers without the stream) eager push, 1 event/round: "
@@ -554,6 +569,8 @@ def run(quick: bool) -> list[Row]:
         row(NAME, f"HTTP eager push, 10 events/round: TCP payload per event (bodies "
             f"{http['push10_bodies_per_event']:.0f} + HTTP)",
             http["push10_tcp_per_event"], "bytes", http["event10_bytes"]),
+        row(NAME, f"HTTP catch-up, {BULK_TCP_EVENTS:,} events: TCP payload per event",
+            http["bulk_tcp_per_event"], "bytes", http["bulk_event_bytes"]),
         row(NAME, f"HTTP idle round, {http['origins']} origins: TCP payload "
             f"(HTTP lines+headers {http['idle_headers']:.0f}, of which X-Replica-Auth "
             f"{http['signed_headers']:.0f}) vs 200 + 16/origin",
