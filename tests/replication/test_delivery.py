@@ -219,40 +219,6 @@ def test_own_events_back_with_a_gap_move_the_counter_past_them_all(tmp_path: Pat
     run(tmp_path, ("eu", "us"), body, limits=Limits(own_events_ahead_max=AHEAD_MAX))
 
 
-def test_a_node_whose_last_commit_was_undone_gets_it_back_and_reuses_no_dot(
-    tmp_path: Path,
-) -> None:
-    """An OS crash without metasync, or a backup restored, undoes a node's last commits
-    after a peer got them. The peer hands them back when the node's request shows it
-    lacks them; the node's next write takes the next dot, and the regions converge."""
-
-    async def body(c: Cluster) -> None:
-        await c.write("eu", commands.create("user", "homer", person("homer")))
-        assert await c.sync("eu", "us")
-        await c.shut("eu")
-        shutil.copytree(c.root / "eu", tmp_path / "eu-backup")
-        c.open("eu")
-        (undone,) = await c.write("eu", commands.patch("user", "homer", {"name": "W1"}, None))
-        assert await c.sync("eu", "us")  # us holds the commit that is undone next
-        await c.shut("eu")
-        shutil.rmtree(c.root / "eu")
-        shutil.copytree(tmp_path / "eu-backup", c.root / "eu")
-        eu = c.open("eu").replica
-        assert eu.state.counter == undone.dot.counter - 1
-        assert undone.dot not in eu.summary
-
-        assert await c.sync("eu", "us")
-        assert undone.dot in eu.summary
-        assert eu.state.counter == undone.dot.counter
-        (later,) = await c.write("eu", commands.patch("user", "homer", {"name": "W2"}, None))
-        assert later.dot.counter == undone.dot.counter + 1
-        await c.sync_all_until_quiet()
-        views = c.assert_converged()
-        assert views["entities"]["user/homer"]["fields"]["name"] == "W2"
-
-    run(tmp_path, ("eu", "us"), body)
-
-
 async def restored_from_backup(c: Cluster, tmp_path: Path) -> Event:
     """eu's directory restored from a backup taken before its last write, which us
     holds; eu left closed. The write that was undone."""
@@ -267,6 +233,31 @@ async def restored_from_backup(c: Cluster, tmp_path: Path) -> Event:
     shutil.rmtree(c.root / "eu")
     shutil.copytree(tmp_path / "eu-backup", c.root / "eu")
     return undone
+
+
+def test_a_node_whose_last_commit_was_undone_gets_it_back_and_reuses_no_dot(
+    tmp_path: Path,
+) -> None:
+    """An OS crash without metasync, or a backup restored, undoes a node's last commits
+    after a peer got them. The peer hands them back when the node's request shows it
+    lacks them; the node's next write takes the next dot, and the regions converge."""
+
+    async def body(c: Cluster) -> None:
+        undone = await restored_from_backup(c, tmp_path)
+        eu = c.open("eu").replica
+        assert eu.state.counter == undone.dot.counter - 1
+        assert undone.dot not in eu.summary
+
+        assert await c.sync("eu", "us")
+        assert undone.dot in eu.summary
+        assert eu.state.counter == undone.dot.counter
+        (later,) = await c.write("eu", commands.patch("user", "homer", {"name": "W2"}, None))
+        assert later.dot.counter == undone.dot.counter + 1
+        await c.sync_all_until_quiet()
+        views = c.assert_converged()
+        assert views["entities"]["user/homer"]["fields"]["name"] == "W2"
+
+    run(tmp_path, ("eu", "us"), body)
 
 
 def test_writes_at_start_wait_for_every_peer_so_a_restored_node_reuses_no_dot(
