@@ -88,6 +88,15 @@ STREAM_HEARTBEAT_MS = 30_000
 SYNC_COMPRESSED_BYTES_MAX = 16 * 1024
 COMPRESSION_WINDOW_BITS = 15  # deflate's window, 32 KiB: the largest, the best ratio
 
+
+def _frame_bytes_max(message_bytes_max: int) -> int:
+    """What aiohttp is told to take (its ``max_msg_size``): it holds a compressed frame to
+    the limit too, and deflate makes a message that does not compress a little longer (a
+    stored block's 5 bytes per 16 KiB, and the flush). The message itself is held to
+    ``message_bytes_max`` once inflated, here."""
+    return message_bytes_max + message_bytes_max // 1000 + 1024
+
+
 Answer = Callable[[bytes], Awaitable[tuple[int, bytes]]]
 
 
@@ -156,8 +165,11 @@ class FrameMac:
 class _Link:
     """One open stream to a peer: requests go out as they come, answers are matched by id."""
 
-    def __init__(self, peer: str, ws: aiohttp.ClientWebSocketResponse, mac: FrameMac) -> None:
+    def __init__(
+        self, peer: str, ws: aiohttp.ClientWebSocketResponse, mac: FrameMac, answer_bytes_max: int
+    ) -> None:
         self.peer, self.ws, self.mac = peer, ws, mac
+        self.answer_bytes_max = answer_bytes_max
         self.next_id = 1
         self.waiting: dict[int, asyncio.Future[tuple[int, bytes]]] = {}
         self.reader = asyncio.create_task(self._read())
@@ -180,7 +192,10 @@ class _Link:
         sent = False
         try:
             async with asyncio.timeout(timeout_s):
-                await asyncio.shield(self._send(self.mac.request(request_id, body)))
+                sending = self._send(self.mac.request(request_id, body))
+                # A frame's task goes on if the request gives up; a frame written at once
+                # is written before its send first yields.
+                await (asyncio.shield(sending) if isinstance(sending, asyncio.Task) else sending)
                 sent = True
                 return await future
         except TimeoutError:
@@ -193,17 +208,22 @@ class _Link:
             raise TransportError(f"{self.peer}: stream: {type(exc).__name__}: {exc}") from exc
         finally:
             self.waiting.pop(request_id, None)
+            if future.done() and not future.cancelled():
+                future.exception()  # failed by the reader as the stream closed: seen here
 
     def _send(self, frame: bytes) -> Awaitable[None]:
         """Write ``frame`` once the frames before it are written: the peer takes request
         ids only in ascending order. aiohttp alone may reorder compressed frames (one past
         ``SYNC_COMPRESSED_BYTES_MAX`` is compressed in a thread, and a smaller one sent
-        meanwhile goes first), so a frame that large, or one sent while such a frame is
-        on its way, is written by a task that waits for the one before it (a request
-        given up on does not stop its frame half-way: the task goes on). Any other is
-        written at once, before its send first yields, as without compression."""
+        meanwhile goes first), so a frame that large on a compressed stream, or one sent
+        while such a frame is on its way, is written by a task that waits for the one
+        before it (a request given up on does not stop its frame half-way: the task goes
+        on). Any other is written at once, by the request's own send (a coroutine), before
+        it first yields."""
         before = self._sending
-        if (before is None or before.done()) and len(frame) <= SYNC_COMPRESSED_BYTES_MAX:
+        if (before is None or before.done()) and (
+            len(frame) <= SYNC_COMPRESSED_BYTES_MAX or not self.ws.compress
+        ):
             return self.ws.send_bytes(frame)
 
         async def send() -> None:
@@ -222,6 +242,9 @@ class _Link:
             async for message in self.ws:
                 if message.type is not WSMsgType.BINARY:
                     why = f"stream: unexpected {message.type.name} message"
+                    break
+                if len(message.data) > self.answer_bytes_max:
+                    why = f"stream: an answer of {len(message.data)} bytes is over the limit"
                     break
                 try:
                     (request_id, status), body = self.mac.read(b"a", _ANSWER_HEAD, message.data)
@@ -356,7 +379,7 @@ class StreamTransport:
                 # Pinged after a request timeout without a word from the peer, and closed
                 # if no pong follows within half of it: a stream gone silent is dropped.
                 heartbeat=self.timeout_s,
-                max_msg_size=self.message_bytes_max + ANSWER_HEAD_BYTES,
+                max_msg_size=_frame_bytes_max(self.message_bytes_max + ANSWER_HEAD_BYTES),
                 timeout=aiohttp.ClientWSTimeout(ws_close=CLOSE_WAIT_MS / 1000),
             )
         except aiohttp.WSServerHandshakeError as exc:
@@ -389,7 +412,8 @@ class StreamTransport:
             raise
         self.streams_opened += 1
         self._compressed[peer] = ws.compress != 0
-        return _Link(peer, ws, FrameMac(self.secret, self.sender, client_nonce, server_nonce))
+        mac = FrameMac(self.secret, self.sender, client_nonce, server_nonce)
+        return _Link(peer, ws, mac, self.message_bytes_max + ANSWER_HEAD_BYTES)
 
     async def close(self) -> None:
         self.closed = True
@@ -477,7 +501,7 @@ class StreamEndpoint:
             heartbeat=self.heartbeat_ms / 1000,
             compress=compresses(self.compression, request.secure),
             autoping=True,
-            max_msg_size=self.message_bytes_max + REQUEST_HEAD_BYTES,
+            max_msg_size=_frame_bytes_max(self.message_bytes_max + REQUEST_HEAD_BYTES),
         )
         if not ws.can_prepare(request).ok:
             return error_response(400, "not_websocket", "open the stream with a WebSocket upgrade")
@@ -517,6 +541,10 @@ class StreamEndpoint:
                 if message.type is not WSMsgType.BINARY:
                     await self._refuse(ws, request, WSCloseCode.UNSUPPORTED_DATA, "binary only")
                     break
+                if len(message.data) > self.message_bytes_max + REQUEST_HEAD_BYTES:
+                    why = f"a message of {len(message.data)} bytes is over the limit"
+                    await self._refuse(ws, request, WSCloseCode.MESSAGE_TOO_BIG, why)
+                    break
                 try:
                     (request_id,), body = mac.read(b"q", _REQUEST_HEAD, message.data)
                 except ValueError as exc:
@@ -533,7 +561,9 @@ class StreamEndpoint:
                 task.add_done_callback(lambda _: gate.release())
         finally:
             if answering:  # a write they started finishes; their answers may find it closed
-                await asyncio.gather(*answering, return_exceptions=True)
+                # Shielded: a handler cancelled (the connection gone) does not cancel an
+                # answer's write under way, which aiohttp would leave failed and unread.
+                await asyncio.shield(asyncio.gather(*answering, return_exceptions=True))
 
     async def _answer(
         self,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gc
 import hashlib
 import os
 import random
@@ -870,6 +871,79 @@ def test_large_and_small_messages_share_a_compressed_stream_intact() -> None:
                 await transport.close()
 
     asyncio.run(main())
+
+
+def test_a_body_that_does_not_compress_crosses_a_compressed_stream_up_to_the_limit() -> None:
+    """Deflate makes random bytes a little longer: a message at the limit is a frame
+    over it, which the stream takes all the same (the limit holds the message)."""
+
+    async def main() -> None:
+        async with endpoint(echo, compression="on") as (base, _):
+            transport = stream_transport(base, compression="on")
+            try:
+                body = os.urandom(BODY_BYTES_MAX)
+                assert await transport.send("us", body) == body
+                assert transport.compressed("us")
+                assert transport.streams_opened == 1
+            finally:
+                await transport.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("compression", ["on", "off"])
+def test_requests_failed_by_a_dropped_stream_leave_no_error_unread(compression: str) -> None:
+    """The peer drops the connection while requests are still being written (queued
+    behind a large one): each fails with a TransportError, and none leaves a future whose
+    error nobody read (asyncio logs each of those)."""
+    unread: list[str] = []
+    served: list[StreamEndpoint] = []
+
+    async def drop_on_die(body: bytes) -> tuple[int, bytes]:
+        if body == b"die":
+            for request in served[0].open.values():
+                assert request.transport is not None
+                request.transport.abort()
+        return 200, body
+
+    async def send(transport: StreamTransport, body: bytes) -> None:
+        with contextlib.suppress(TransportError):
+            await transport.send("us", body)
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(
+            lambda loop, context: unread.append(context["message"])
+        )
+        async with endpoint(drop_on_die, compression=compression) as (base, endpoint_):
+            served.append(endpoint_)
+            transport = stream_transport(base, compression=compression)
+            try:
+                assert await transport.send("us", b"hello") == b"hello"
+                first = asyncio.create_task(send(transport, b"die"))
+                await asyncio.sleep(0)
+                big = os.urandom(BODY_BYTES_MAX - 1024)
+                rest = [send(transport, big)] + [send(transport, b"x%d" % i) for i in range(20)]
+                await asyncio.gather(first, *rest)
+            finally:
+                await transport.close()
+        gc.collect()
+        await asyncio.sleep(0.05)
+        gc.collect()
+
+    asyncio.run(main())
+    assert unread == []
+
+
+def test_a_message_one_byte_over_the_limit_closes_the_stream_and_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    async def body(p: Pair, o: Opened) -> None:
+        await o.ws.send_bytes(o.mac.request(1, b"x" * (BODY_BYTES_MAX + 1)))
+        assert await closed_with(o) == WSCloseCode.MESSAGE_TOO_BIG
+        assert p.us.state.seq == 0
+        assert p.service.endpoint.refused == 1
+
+    frames(tmp_path, body)
 
 
 def test_a_frame_that_inflates_past_the_body_limit_closes_the_stream_and_writes_nothing(
