@@ -136,6 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="give a data directory restored from a backup a new replica id (node stopped)",
     )
     renew.add_argument("--data", dest="data_dir", type=Path, metavar="DIR", required=True)
+
+    backup = commands.add_parser(
+        "backup",
+        help="copy a data directory, its node running or not, into a new directory",
+        description="A consistent snapshot of the replica (LMDB's copy, compacted), synced."
+        " A node started on the copy serves as a new incarnation: it takes no dot twice,"
+        " and gets what it lacks from its peers.",
+    )
+    backup.add_argument("--data", dest="data_dir", type=Path, metavar="DIR", required=True)
+    backup.add_argument("--to", dest="dest", type=Path, metavar="DIR", required=True)
     return parser
 
 
@@ -155,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     if command == "new-incarnation":
         renew: Callable[[Path], int] = importlib.import_module("node.rebuild").renew_incarnation
         return renew(args["data_dir"])
+    if command == "backup":
+        copy: Callable[[Path, Path], int] = importlib.import_module("node.rebuild").backup
+        return copy(args["data_dir"], args["dest"])
     parser.print_help(sys.stderr)
     return 2
 

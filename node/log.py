@@ -92,6 +92,21 @@ def new_incarnation(txn: WriteTxn, identity: Identity) -> Identity:
     return Identity(identity.region, replica_id)
 
 
+# In meta of a copy made by ``replica backup``: the replica id it is a backup of. A node
+# started on it serves as a new incarnation (``renew_if_backup``): its original went on
+# writing after the copy, and peers hold those events under dots the copy would take again.
+BACKUP_KEY = b"backup_of"
+
+
+def renew_if_backup(txn: WriteTxn, identity: Identity) -> Identity:
+    """A new incarnation if this directory is a backup (``BACKUP_KEY``), else ``identity``;
+    the mark is cleared either way."""
+    if txn.get("meta", BACKUP_KEY) is None:
+        return identity
+    txn.delete("meta", BACKUP_KEY)
+    return new_incarnation(txn, identity)
+
+
 # Linux's id of the running boot. Without metasync an OS crash may undo the last commit
 # (LMDB syncs the data, not the page that points at it), and peers may hold the events
 # it had: a node that reused their dots would never converge with them.

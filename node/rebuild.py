@@ -9,8 +9,8 @@ member slices too; uniqueness conflicts are found in one pass at the end. The vi
 those the writer built incrementally, byte for byte. A directory that is not a
 replica's (no ``meta`` region) is refused, and nothing is created in it.
 
-Also here, for the node stopped too: a new incarnation for a data directory restored
-from a backup (``renew_incarnation``)."""
+Also here: a new incarnation for a data directory restored from a backup, the node
+stopped (``renew_incarnation``), and a backup taken while it runs (``backup``)."""
 
 from __future__ import annotations
 
@@ -169,6 +169,7 @@ def renew_incarnation(data_dir: Path) -> int:
     node holds it."""
 
     def renew(txn: WriteTxn, replica_id: str) -> log.Identity:
+        txn.delete("meta", log.BACKUP_KEY)  # renewed here, not again when a node starts
         return log.new_incarnation(txn, log.Identity(replica_id.partition("~")[0], replica_id))
 
     try:
@@ -176,4 +177,45 @@ def renew_incarnation(data_dir: Path) -> int:
     except _Refused as refused:
         return refused.code
     print(f"{old} is now {new.replica_id}: its writes take new dots from here on")
+    return 0
+
+
+def backup(data_dir: Path, dest: Path) -> int:
+    """Copy the replica in ``data_dir`` to the new directory ``dest``, its node running or
+    not: one read transaction's snapshot (LMDB's copy, compacted), synced, and marked so
+    that a node started on it serves as a new incarnation (``log.renew_if_backup``). 0 when
+    done, 2 if ``data_dir`` is not a replica's or ``dest`` is not empty."""
+    replica_id = _replica_id_or_why_not(data_dir)
+    if replica_id is None:
+        return 2
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        print(f"{dest} is not an empty directory: back up into a new one", file=sys.stderr)
+        return 2
+    dest.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    env = lmdb.open(str(data_dir), readonly=True, max_dbs=len(DATABASES), readahead=False)
+    try:
+        check_whole(env, data_dir)
+        env.copy(str(dest), compact=True)
+    finally:
+        env.close()
+    for path in (dest / "data.mdb", dest):  # the copy is not synced by LMDB
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    kv = LmdbKV(dest)
+    try:
+        kv.write(lambda txn: txn.put("meta", log.BACKUP_KEY, replica_id.encode()))
+        with kv.read() as txn:
+            seq = log.last_seq(txn)
+    finally:
+        kv.close()
+    (dest / "replica.lock").unlink(missing_ok=True)
+    elapsed_s = time.perf_counter() - started
+    print(
+        f"backed up {replica_id} ({seq} events) to {dest} in {elapsed_s:.2f} s: a node "
+        "started on it serves as a new incarnation, and gets what it lacks from its peers"
+    )
     return 0

@@ -103,9 +103,17 @@ class Replica:
         # Without metasync on a known boot: a clean close syncs, and clears the mark.
         self._unsynced = boot is not None and not metasync
         self._closed = False
-        opened: Identity = kv.write(
+        stored: Identity = kv.write(
             lambda txn: log.open_identity(txn, region, incarnation=incarnation)
         )
+        opened: Identity = kv.write(lambda txn: log.renew_if_backup(txn, stored))
+        if opened != stored:
+            logger.warning(
+                "started on a backup of %s: serving as a new incarnation, %s, so that no dot "
+                "is used twice (what the backup lacks comes back from the peers)",
+                stored.replica_id,
+                opened.replica_id,
+            )
         if boot is not None:
             self.identity = kv.write(
                 lambda txn: log.renew_after_reboot(txn, opened, metasync=metasync, boot=boot)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import shutil
 import ssl
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -363,6 +365,49 @@ def test_a_node_restored_from_a_backup_takes_no_dot_twice(tmp_path: Path) -> Non
                 got = await c.ok(region, "GET", "/users/homer")
                 assert got.body["name"] == "W2", region
                 assert (await c.ok(region, "GET", "/status")).body["writes_held"] is None
+
+    asyncio.run(scenario())
+
+
+def test_a_node_restored_from_its_backup_comes_back_as_a_new_incarnation(tmp_path: Path) -> None:
+    """``replica backup`` of a running node; later writes reach us; eu restored from the
+    backup serves as a new incarnation, gets its later writes back from us, and writes
+    under its new id."""
+
+    async def scenario() -> None:
+        async with running(["eu", "us"], tmp_path / "cluster") as cluster, session() as http:
+            c = Client(cluster, http)
+            await c.ok("eu", "POST", "/users", user("homer"))
+            eu = cluster.nodes["eu"]
+            backup = tmp_path / "backup"
+            command = ["backup", "--data", str(eu.data_dir), "--to", str(backup)]
+            done = await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, "-m", "node", *command],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            assert done.returncode == 0, done.stderr
+            later = await c.ok("eu", "PATCH", "/users/homer", {"name": "Later"})
+            await c.wait_converged()
+            old_id = (await c.ok("eu", "GET", "/status")).body["replica_id"]
+
+            eu.stop()
+            shutil.rmtree(eu.data_dir)
+            shutil.copytree(backup, eu.data_dir)
+            await cluster.restart("eu")
+            new_id = (await c.ok("eu", "GET", "/status")).body["replica_id"]
+            assert new_id != old_id
+            assert new_id.startswith("eu~")
+            reply = await c.ok("eu", "PATCH", "/users/homer", {"profile": {"restored": "yes"}})
+            assert written_dot(reply).startswith(new_id + ":")
+            await c.wait_converged()
+            for region in ("eu", "us"):
+                got = (await c.ok(region, "GET", "/users/homer")).body
+                assert got["name"] == "Later", region  # back from us
+                assert got["profile"] == {"restored": "yes"}, region
+            assert written_dot(later).startswith(old_id + ":")
 
     asyncio.run(scenario())
 

@@ -55,6 +55,7 @@ COMMANDS = {
     "node": ["node", "--region", "eu", "--listen", "127.0.0.1:0", "--data"],
     "rebuild-views": ["rebuild-views", "--data"],
     "new-incarnation": ["new-incarnation", "--data"],
+    "backup": ["backup", "--to", "{tmp}/copy", "--data"],
 }
 
 
@@ -63,12 +64,13 @@ def test_a_data_file_cut_short_is_refused_with_a_clear_error(tmp_path: Path, com
     data = tmp_path / "eu"
     size = make_replica(data)
     os.truncate(data / "data.mdb", size // 2)
-    done = run(*COMMANDS[command], str(data))
+    done = run(*(arg.format(tmp=tmp_path) for arg in COMMANDS[command]), str(data))
     assert done.returncode == 2, (done.returncode, done.stderr)  # not -SIGBUS
     assert "data.mdb" in done.stderr
     assert "cut short" in done.stderr
     assert f"{size // 2:,} bytes" in done.stderr
     assert (data / "data.mdb").stat().st_size == size // 2  # left as it was
+    assert not (tmp_path / "copy" / "data.mdb").exists()
 
 
 def test_a_whole_data_file_opens(tmp_path: Path) -> None:

@@ -1,0 +1,119 @@
+"""``replica backup``: a consistent copy of a data directory, its node running or not,
+from which a node comes back as a new incarnation (no dot taken twice). The command runs
+in a process of its own, as an operator runs it beside the node."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+from node import commands, log
+from node.replica import Replica
+from node.writer import Decide
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def replica_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "node", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def person(i: int) -> Decide:
+    return commands.create(
+        "user", f"user{i}", {"name": f"User {i}", "username": f"user{i}", "email": f"u{i}@x.org"}
+    )
+
+
+def test_a_backup_of_a_running_node_starts_as_a_new_incarnation(tmp_path: Path) -> None:
+    data, copy = tmp_path / "eu", tmp_path / "backup" / "eu"
+
+    async def main() -> None:
+        replica = Replica.open(data, "eu")  # the node, running: it holds the directory
+        try:
+            replica.bind(asyncio.get_running_loop())
+            for i in range(50):
+                await replica.write(person(i), actor="test")
+            at_backup = replica.state
+            done = await asyncio.to_thread(
+                replica_cli, "backup", "--data", str(data), "--to", str(copy)
+            )
+            assert done.returncode == 0, done.stderr
+            assert (
+                f"backed up {replica.identity.replica_id} ({at_backup.seq} events)" in done.stdout
+            )
+            await replica.write(person(50), actor="test")  # after the copy: not in it
+            original = replica.identity.replica_id
+        finally:
+            replica.close()
+
+        restored = Replica.open(copy, "eu")
+        try:
+            assert restored.identity.replica_id != original
+            assert restored.identity.replica_id.startswith("eu~")
+            assert restored.state.counter == 0  # its own dots start afresh
+            assert restored.state.seq == at_backup.seq
+            assert restored.summary.origins[original].contiguous == at_backup.counter
+            assert restored.entity("user", "user49").exists
+            assert not restored.entity("user", "user50").exists
+            renewed = restored.identity.replica_id
+        finally:
+            restored.close()
+        again = Replica.open(copy, "eu")  # the mark is gone: no second renewal
+        try:
+            assert again.identity.replica_id == renewed
+        finally:
+            again.close()
+
+    asyncio.run(main())
+
+
+def test_new_incarnation_on_a_backup_renews_it_once(tmp_path: Path) -> None:
+    data, copy = tmp_path / "eu", tmp_path / "copy"
+
+    async def write() -> None:
+        replica = Replica.open(data, "eu")
+        try:
+            replica.bind(asyncio.get_running_loop())
+            await replica.write(person(1), actor="test")
+        finally:
+            replica.close()
+
+    asyncio.run(write())
+    assert replica_cli("backup", "--data", str(data), "--to", str(copy)).returncode == 0
+    done = replica_cli("new-incarnation", "--data", str(copy))
+    assert done.returncode == 0, done.stderr
+    renewed = done.stdout.split(" is now ")[1].split(":")[0]
+    replica = Replica.open(copy, "eu")
+    try:
+        assert replica.identity.replica_id == renewed
+        with replica.kv.read() as txn:
+            assert txn.get("meta", log.BACKUP_KEY) is None
+    finally:
+        replica.close()
+
+
+def test_a_backup_refuses_a_directory_that_is_not_empty_or_not_a_replicas(
+    tmp_path: Path,
+) -> None:
+    data, copy = tmp_path / "eu", tmp_path / "copy"
+    Replica.open(data, "eu").close()
+    copy.mkdir()
+    (copy / "notes.txt").write_text("mine")
+    done = replica_cli("backup", "--data", str(data), "--to", str(copy))
+    assert done.returncode == 2
+    assert "not an empty directory" in done.stderr
+    assert sorted(p.name for p in copy.iterdir()) == ["notes.txt"]
+
+    done = replica_cli("backup", "--data", str(tmp_path / "nothing"), "--to", str(tmp_path / "b"))
+    assert done.returncode == 2
+    assert "not a replica data directory" in done.stderr
+    assert not (tmp_path / "b").exists()
