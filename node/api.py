@@ -277,8 +277,17 @@ def _entity_response(
 # Keyed by the stream, whose hash costs a fraction of the view's. Generations are unique
 # in the process, so an entry of one replica is never current for another.
 RENDERED_ENTITIES_MAX = 8_192
+RENDERED_BYTES_MAX = 64 * 1024 * 1024  # of view bytes and JSON bodies kept
 Rendered = tuple[bytes, str, bytes, int]  # view bytes, ETag, JSON body, generation
-_RENDERED = Bounded[str, Rendered](RENDERED_ENTITIES_MAX)
+
+
+def _rendered_bytes(stream: str, rendered: Rendered) -> int:
+    return len(rendered[0]) + len(rendered[2])
+
+
+_RENDERED = Bounded[str, Rendered](
+    RENDERED_ENTITIES_MAX, bytes_max=RENDERED_BYTES_MAX, weigh=_rendered_bytes
+)
 
 
 def _rendered(kind: str, entity_id: str, raw: bytes | None, generation: int) -> tuple[str, bytes]:

@@ -353,33 +353,74 @@ V = TypeVar("V")
 
 
 class Bounded(Generic[K, V]):
-    """A bounded map, the oldest put out first.
+    """A bounded map, the oldest put out first: at most ``size`` entries and, with
+    ``weigh``, at most ``bytes_max`` of what it weighs (an entry over a sixteenth of that
+    is not kept: a few huge entities would push every other out).
 
     A read is one dict lookup, without a lock (atomic under the GIL): every GET makes
     one. Puts come from the writer thread and the event loop, so they take the lock.
     """
 
-    def __init__(self, size: int) -> None:
-        self.size = size
+    def __init__(
+        self,
+        size: int,
+        *,
+        bytes_max: int = 0,
+        weigh: Callable[[K, V], int] | None = None,
+    ) -> None:
+        assert (weigh is None) == (bytes_max == 0), "a byte bound needs its weights"
+        self.size, self.bytes_max = size, bytes_max
+        self._weigh: Callable[[K, V], int] | None = weigh
+        self.bytes = 0  # what the entries kept weigh
         self._values: OrderedDict[K, V] = OrderedDict()
         self._lock = threading.Lock()
         # The dict's own method: a read makes no Python call (each shows in a GET's time).
         self.get: Callable[[K], V | None] = self._values.get
 
     def put(self, key: K, value: V) -> None:
+        weigh = self._weigh
         with self._lock:
             values = self._values
+            if weigh is None:
+                values[key] = value
+                if len(values) > self.size:
+                    values.popitem(last=False)  # O(1); a plain dict's is O(deleted keys)
+                return
+            old = values.get(key)
+            if old is not None:
+                self.bytes -= weigh(key, old)
+            weight = weigh(key, value)
+            if weight > self.bytes_max // 16:
+                if old is not None:
+                    del values[key]
+                return
             values[key] = value
-            if len(values) > self.size:
-                values.popitem(last=False)  # O(1); a plain dict's oldest key is O(deleted)
+            self.bytes += weight
+            while len(values) > self.size or self.bytes > self.bytes_max:
+                oldest, gone = values.popitem(last=False)
+                self.bytes -= weigh(oldest, gone)
+
+    def __len__(self) -> int:
+        return len(self._values)
 
     def clear(self) -> None:
         with self._lock:
             self._values.clear()
+            self.bytes = 0
+
+
+# Weighed by the view's bytes (a decoded state takes several times as much memory).
+DECODED_VIEW_BYTES_MAX = 32 * 1024 * 1024
+
+
+def _view_bytes(data: bytes, state: EntityState) -> int:
+    return len(data)
 
 
 # By the view's bytes: a state is derived from them alone, so an entry is never stale.
-_DECODED = Bounded[bytes, EntityState](DECODED_VIEWS_MAX)
+_DECODED = Bounded[bytes, EntityState](
+    DECODED_VIEWS_MAX, bytes_max=DECODED_VIEW_BYTES_MAX, weigh=_view_bytes
+)
 
 
 def remember_state(data: bytes, state: EntityState) -> None:

@@ -511,6 +511,32 @@ def test_lookups_keep_one_page_a_value_whatever_its_case_and_no_large_page() -> 
     run(body)
 
 
+def test_what_reads_keep_is_bounded_in_bytes_and_answers_stay_right(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rendered JSON and decoded states are kept up to a byte budget, not only a number of
+    entities: 8,192 entities of a megabyte each would have held gigabytes."""
+    from node import fold
+
+    monkeypatch.setattr(api_module._RENDERED, "bytes_max", 2 * 1024 * 1024)
+    monkeypatch.setattr(fold._DECODED, "bytes_max", 1024 * 1024)
+
+    async def body(a: Api) -> None:
+        made = []
+        for n in range(40):
+            profile = {f"k{i}": f"{n}-" + "x" * 990 for i in range(40)}  # ~40 KB a user
+            made.append(await a.create_user(f"big{n}", profile=profile))
+        for _ in range(2):
+            for user in made:
+                _, got = await a.call("GET", f"/users/{user['id']}", status=200)
+                assert got == user
+        assert 0 < api_module._RENDERED.bytes <= 2 * 1024 * 1024
+        assert 0 < fold._DECODED.bytes <= 1024 * 1024
+        assert len(api_module._RENDERED) < len(made)
+
+    run(body)
+
+
 def test_lists_and_searches_answer_the_latest_write_then_omit_a_deleted_user() -> None:
     """Pages render from rendered JSON kept by view bytes too: never a stale one."""
 

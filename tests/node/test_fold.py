@@ -128,3 +128,21 @@ def test_member_slices_from_stored_events_equal_folding_each_member(
                 assert event.value is not None
                 expected[event.value] = fold_member(expected.get(event.value, ORSet()), event)
         assert fold_stored_members([ev.to_wire(e) for e in shuffled]) == expected
+
+
+def test_a_bounded_map_keeps_what_it_weighs_under_its_byte_budget() -> None:
+    from node.fold import Bounded
+
+    kept = Bounded[str, bytes](100, bytes_max=1_600, weigh=lambda key, value: len(value))
+    for n in range(30):
+        kept.put(f"k{n}", bytes(60 + 20 * (n % 3)))
+    assert kept.bytes == sum(len(kept.get(k) or b"") for k in kept._values)
+    assert kept.bytes <= 1_600
+    assert "k0" not in kept._values  # the oldest went first
+    kept.put("k29", bytes(50))  # put again: weighed anew, not counted twice
+    assert kept.bytes == sum(len(kept.get(k) or b"") for k in kept._values)
+    kept.put("k29", bytes(101))  # over a sixteenth of the budget: not kept at all
+    assert kept.get("k29") is None
+    assert kept.bytes == sum(len(kept.get(k) or b"") for k in kept._values)
+    kept.clear()
+    assert (len(kept), kept.bytes) == (0, 0)
