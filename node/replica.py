@@ -29,7 +29,7 @@ from node.log import Identity, LogState
 from node.rebuild import replay_views, replay_workers
 from node.replay_workers import ReplayFailed
 from node.tokens import Token, covers, encode_token, token_of
-from node.writer import Committed, Decide, Writer, call_soon
+from node.writer import Committed, Decide, Overloaded, Writer, call_soon
 
 
 def wall_clock_ms() -> int:
@@ -170,6 +170,7 @@ class Replica:
         # Why client writes wait (the replicator's check at start, ``hold_writes``), or None.
         self.writes_held: str | None = None
         self._writes_released = asyncio.Event()
+        self._held = 0  # writes waiting for the release, counted against the write queue
         self.writer = Writer(
             kv,
             self.identity,
@@ -255,7 +256,13 @@ class Replica:
 
     async def write(self, decide: Decide, *, actor: str) -> list[Event]:
         if self.writes_held is not None:
-            await self._writes_released.wait()
+            if self._held + self.writer.queued >= self.writer.queue_requests_max:
+                raise Overloaded  # as a full write queue: they wait in memory alike
+            self._held += 1
+            try:
+                await self._writes_released.wait()
+            finally:
+                self._held -= 1
         written = await self.writer.write(decide, actor=actor)
         self.metrics.writes += 1
         return written

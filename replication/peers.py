@@ -32,10 +32,15 @@ class PeerState:
     def available(self, now_ms: int) -> bool:
         return now_ms >= self.next_attempt_ms
 
-    def contacted(self, now_ms: int, replica_id: str, summary: VersionVector) -> None:
+    def contacted(
+        self, now_ms: int, replica_id: str, summary: VersionVector, *, whole: bool = False
+    ) -> None:
+        """``summary``: what the peer holds, at least. ``whole``: all it holds, as its
+        request sent it whole, which replaces what we knew: a peer whose directory was
+        restored from a copy holds less than it did (its copy's events only)."""
         # A new replica id is a new incarnation (its data directory was lost): what the
         # old one held says nothing of what this one holds.
-        if replica_id != self.replica_id:
+        if replica_id != self.replica_id or whole:
             self.summary = None
         self.replica_id = replica_id
         self.summary = summary if self.summary is None else self.summary.merge(summary)

@@ -118,8 +118,10 @@ class Replicator:
         # The bootstrap's durable mark (see ``start``): being written, and whether it is set.
         self._marking: asyncio.Future[None] | None = None
         self._marked = False
-        # Peers that have not yet answered this node since it started (see ``start``).
+        # Peers that have not yet answered this node since it started (``gate_clients``).
         self._unheard: set[str] = set()
+        self._release_timer: asyncio.TimerHandle | None = None
+        self._gated = False
 
     # -- serving a peer ----------------------------------------------------------
 
@@ -136,7 +138,16 @@ class Replicator:
         peer = self.peers.get(sender.partition("~")[0])
         if peer is not None:
             # Unchecked, what the request alone shows is still a lower bound of theirs.
-            peer.contacted(self.now_ms(), sender, request.summary if theirs is None else theirs)
+            peer.contacted(
+                self.now_ms(),
+                sender,
+                request.summary if theirs is None else theirs,
+                whole=request.check is None,
+            )
+        if theirs is not None:
+            await self._past_own_events(theirs)
+            if peer is not None:
+                self._heard_from(peer.name)
         if theirs is None:
             return protocol.encode(Sync(Tag.SYNC_RESPONSE, own, self._advertised()))
         # Not what the peer holds as far as we know by now (the request may have waited
@@ -343,8 +354,8 @@ class Replicator:
             self.bootstrap_received += received
         if unread:
             return True  # it sent nothing it holds: ask again, whole
-        if not response.more:  # it sent all we lack, our own events it holds included
-            self._heard_from(name)
+        await self._past_own_events(theirs)
+        self._heard_from(name)
         they_lack = bool(self.replica.summary.missing_from(theirs))
         if not response.more and not they_lack:
             if self._marked or self.replica.not_ready is not None:
@@ -440,9 +451,15 @@ class Replicator:
 
     # -- running ----------------------------------------------------------------
 
-    def start(self) -> None:
+    def gate_clients(self) -> None:
+        """What clients wait for before this node serves them: a bootstrap (503 until it
+        is done), or every peer's first answer before a write (see below). A node calls
+        this as it begins to listen, before anything yields, so that no client comes
+        first; ``start`` does if it was not."""
+        if self._gated:
+            return
+        self._gated = True
         self._loop = asyncio.get_running_loop()
-        self.replica.listeners.append(self.on_commit)
         marked = self.replica.kv.get("meta", BOOTSTRAP_KEY) is not None
         if self.peers and (self.replica.state.seq == 0 or marked):
             self.replica.not_ready = "bootstrapping from peers"
@@ -464,7 +481,13 @@ class Replicator:
             # every peer's, or for the wait to run out (a peer down or cut off).
             self._unheard = set(self.peers)
             self.replica.hold_writes(f"until every peer has answered: {', '.join(self.peers)}")
-            self._loop.call_later(self.limits.start_writes_wait_ms_max / 1000, self._release_writes)
+            self._release_timer = self._loop.call_later(
+                self.limits.start_writes_wait_ms_max / 1000, self._release_writes
+            )
+
+    def start(self) -> None:
+        self.gate_clients()
+        self.replica.listeners.append(self.on_commit)
         self._tasks = [asyncio.create_task(self._gossip(name)) for name in self.peers]
         self._tasks += [asyncio.create_task(self._pusher(name)) for name in self.peers]
         self._tasks.append(asyncio.create_task(self._compactor()))
@@ -476,6 +499,28 @@ class Replicator:
             await self.replica.writer.maintain(_unmark)
             self._marked = False
         self._ready(f"caught up with {name}")
+
+    async def _past_own_events(self, theirs: VersionVector) -> None:
+        """Move our counter past every event of ours that a peer holds (``theirs``, its
+        summary), durably, before a write can take one of their dots: our last commits
+        were undone (a copy restored without new-incarnation, an OS crash without
+        metasync). The events themselves come back in later rounds (``handle``), as many
+        pages as they take."""
+        own = self.replica.identity.replica_id
+        highest = theirs.highest(own)
+        if highest <= self.replica.state.counter:
+            return
+
+        def past(txn: WriteTxn, state: LogState) -> None:
+            state.counter = max(state.counter, highest)
+
+        await self.replica.writer.maintain(past)
+        logger.warning(
+            "a peer holds this node's events up to %s:%d, beyond its log: its last commits "
+            "were undone; its counter moves past them (they come back from the peers)",
+            own,
+            highest,
+        )
 
     def _heard_from(self, name: str) -> None:
         if name in self._unheard:
@@ -500,6 +545,11 @@ class Replicator:
             self.replica.not_ready = None
 
     async def stop(self) -> None:
+        if self._release_timer is not None:  # writes held go on: the node drains them
+            self._release_timer.cancel()
+        self._unheard.clear()
+        if self.replica.writes_held is not None:
+            self.replica.release_writes()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -92,6 +92,9 @@ class ReplicationService:
         self.replica.metric_reporters.append(self.metrics)
 
     async def start(self) -> None:
+        # Before anything yields to the loop, as the node has just begun to listen: no
+        # client's request runs before the gate (releasing the quarantine may yield).
+        self.replicator.gate_clients()
         await self.replica.release_quarantine()
         self.replicator.start()
 
