@@ -9,6 +9,7 @@ and the write run again, so a full map never leaves anything half written.
 from __future__ import annotations
 
 import fcntl
+import mmap
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -36,6 +37,28 @@ class DataDirBusy(RuntimeError):
 class DataFileTruncated(RuntimeError):
     """The data file is shorter than the pages its last commit uses (a partial copy, a
     full disk): reading them through the map would kill the process (SIGBUS)."""
+
+
+class DataFileUnreadable(RuntimeError):
+    """The data file is not one LMDB can read (its pages damaged, another format)."""
+
+
+def check_size(path: Path) -> None:
+    """Before LMDB opens ``path``: raise ``DataFileTruncated`` if its data file exists and
+    is shorter than the two meta pages every LMDB file begins with (LMDB would take an
+    empty one for a new store, and a node would start as a new, empty replica)."""
+    data = path / "data.mdb"
+    try:
+        size = data.stat().st_size
+    except FileNotFoundError:
+        return
+    if size < 2 * mmap.PAGESIZE:
+        raise DataFileTruncated(
+            f"{data} is {size:,} bytes, shorter than an LMDB file's first two pages: it was "
+            "cut short (a partial copy, a full disk). Restore the directory from a backup, "
+            "or move it away and start the node on an empty one: it comes back as a new "
+            "incarnation and catches up from its peers"
+        )
 
 
 def check_whole(env: lmdb.Environment, path: Path) -> None:
@@ -172,6 +195,11 @@ class LmdbKV:
         except BlockingIOError:
             self._lock.close()
             raise DataDirBusy(f"{path} is in use by another replica process") from None
+        try:
+            check_size(path)
+        except DataFileTruncated:
+            self._lock.close()
+            raise
         self.env = lmdb.open(
             str(path),
             map_size=map_bytes_initial,
@@ -265,6 +293,7 @@ def snapshot(path: Path) -> Iterator[ReadTxn]:
     read-only and without the directory's lock: for a worker of the process that holds
     it (a rebuild's). It reads what was committed when it began, not that process's
     write in progress."""
+    check_size(path)
     env = lmdb.open(
         str(path),
         readonly=True,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -26,7 +27,14 @@ import lmdb
 
 from node import log, views
 from node.kv import DATABASES, WriteTxn
-from node.lmdb_kv import DataDirBusy, DataFileTruncated, LmdbKV, check_whole
+from node.lmdb_kv import (
+    DataDirBusy,
+    DataFileTruncated,
+    DataFileUnreadable,
+    LmdbKV,
+    check_size,
+    check_whole,
+)
 from node.replay_workers import FoldingWorkers, ReplayFailed, WorkersUnavailable
 from node.writer import gc_paused
 
@@ -81,12 +89,14 @@ def replay_workers() -> int:
 
 def _replica_id(data_dir: Path) -> str | None:
     """The replica id stored in ``data_dir``, looked up read-only; None if not a replica's."""
-    if not (data_dir / "data.mdb").is_file():
+    data = data_dir / "data.mdb"
+    if not data.is_file():
         return None
+    check_size(data_dir)
     try:
         env = lmdb.open(str(data_dir), readonly=True, max_dbs=len(DATABASES))
-    except lmdb.Error:  # not an LMDB file at all
-        return None
+    except lmdb.Error as exc:
+        raise DataFileUnreadable(f"{data} cannot be read as an LMDB file: {exc}") from None
     try:
         check_whole(env, data_dir)
         meta = env.open_db(b"meta", create=False)
@@ -94,6 +104,8 @@ def _replica_id(data_dir: Path) -> str | None:
             region, replica_id = txn.get(b"region", db=meta), txn.get(b"replica_id", db=meta)
     except lmdb.NotFoundError:
         return None
+    except lmdb.Error as exc:
+        raise DataFileUnreadable(f"{data} cannot be read as an LMDB file: {exc}") from None
     finally:
         env.close()
     return None if region is None or replica_id is None else bytes(replica_id).decode()
@@ -103,8 +115,8 @@ def _replica_id_or_why_not(data_dir: Path) -> str | None:
     """The replica id stored in ``data_dir``; else None, having said why on stderr."""
     try:
         replica_id = _replica_id(data_dir)
-    except DataFileTruncated as cut:
-        print(cut, file=sys.stderr)
+    except (DataFileTruncated, DataFileUnreadable) as unreadable:
+        print(unreadable, file=sys.stderr)
         return None
     if replica_id is None:
         print(f"{data_dir} is not a replica data directory (no meta region)", file=sys.stderr)
@@ -130,8 +142,14 @@ def _write_stopped(data_dir: Path, doing: str, work: Callable[[WriteTxn, str], T
     except DataDirBusy as busy:
         print(f"{busy}: stop the node before {doing}", file=sys.stderr)
         raise _Refused(1) from None
+    except (DataFileTruncated, lmdb.Error) as exc:
+        print(f"{data_dir}: cannot open it: {exc}", file=sys.stderr)
+        raise _Refused(2) from None
     try:
         return replica_id, kv.write(lambda txn: work(txn, replica_id))
+    except lmdb.Error as exc:  # a damaged page met on the way: nothing was committed
+        print(f"{data_dir}: {doing} failed, nothing changed: {exc}", file=sys.stderr)
+        raise _Refused(2) from None
     finally:
         kv.close()
 
@@ -191,12 +209,20 @@ def backup(data_dir: Path, dest: Path) -> int:
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         print(f"{dest} is not an empty directory: back up into a new one", file=sys.stderr)
         return 2
+    made = not dest.exists()
     dest.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     env = lmdb.open(str(data_dir), readonly=True, max_dbs=len(DATABASES), readahead=False)
     try:
         check_whole(env, data_dir)
         env.copy(str(dest), compact=True)
+    except lmdb.Error as exc:
+        print(f"{data_dir}: cannot copy it: {exc}", file=sys.stderr)
+        if made:
+            shutil.rmtree(dest, ignore_errors=True)
+        else:
+            (dest / "data.mdb").unlink(missing_ok=True)
+        return 2
     finally:
         env.close()
     for path in (dest / "data.mdb", dest):  # the copy is not synced by LMDB

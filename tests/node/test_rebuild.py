@@ -484,13 +484,13 @@ async def _patch(replica: Replica) -> list[Event]:
     return await replica.write(commands.patch("user", "homer", {"name": "H"}, None), actor="t")
 
 
-def test_a_data_file_that_is_not_lmdb_is_refused_as_no_replica(
+def test_a_data_file_that_is_not_lmdb_is_refused_as_such(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (tmp_path / "data.mdb").write_bytes(b"not an LMDB file" * 512)
     assert rebuild_views(tmp_path) == 2  # it raised lmdb.InvalidError: a traceback, exit 1
     assert renew_incarnation(tmp_path) == 2
-    assert capsys.readouterr().err.count("not a replica data directory") == 2
+    assert capsys.readouterr().err.count("cannot be read as an LMDB file") == 2
 
 
 def test_a_replica_closes_once_however_often_it_is_closed(tmp_path: Path) -> None:

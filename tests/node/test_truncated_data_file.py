@@ -1,7 +1,8 @@
-"""A data file cut short (a partial copy, a full disk) is refused with a clear error by
-everything that opens it: reading its missing pages through the map would kill the
-process with SIGBUS. Each check runs in a process of its own, so a regression shows as
-that process's death by signal, not the test runner's."""
+"""A data file cut short (a partial copy, a full disk) or damaged is refused with a clear
+error by everything that opens it: reading missing pages through the map would kill the
+process with SIGBUS, an empty file would pass for a new store, and a damaged page is an
+LMDB error, not a traceback. Each check runs in a process of its own, so a regression
+shows as that process's death by signal, not the test runner's."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import asyncio
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -59,18 +61,47 @@ COMMANDS = {
 }
 
 
+def _zero_tail(path: Path, size: int) -> None:
+    with path.open("r+b") as f:
+        f.seek(size // 2)
+        f.write(bytes(size - size // 2))
+
+
+# What is done to the data file, and what the refusal says.
+DAMAGE: dict[str, tuple[Callable[[Path, int], None], str]] = {
+    "cut in half": (lambda path, size: os.truncate(path, size // 2), "cut short"),
+    "cut to one page": (lambda path, size: os.truncate(path, 4096), "cut short"),
+    "emptied": (lambda path, size: os.truncate(path, 0), "cut short"),
+    "its second half zeroed": (_zero_tail, "MDB_"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
 @pytest.mark.parametrize("command", sorted(COMMANDS))
-def test_a_data_file_cut_short_is_refused_with_a_clear_error(tmp_path: Path, command: str) -> None:
+def test_a_damaged_data_file_is_refused_with_a_clear_error(
+    tmp_path: Path, command: str, damage: str
+) -> None:
+    data = tmp_path / "eu"
+    size = make_replica(data)
+    harm, says = DAMAGE[damage]
+    harm(data / "data.mdb", size)
+    harmed = (data / "data.mdb").read_bytes()
+    done = run(*(arg.format(tmp=tmp_path) for arg in COMMANDS[command]), str(data))
+    assert done.returncode == 2, (done.returncode, done.stderr)  # not -SIGBUS, not a new store
+    assert says in done.stderr
+    assert "Traceback" not in done.stderr
+    assert (data / "data.mdb").read_bytes() == harmed  # left as it was
+    assert not (tmp_path / "copy" / "data.mdb").exists()
+
+
+def test_a_data_file_cut_short_names_its_size_and_the_size_it_needs(tmp_path: Path) -> None:
     data = tmp_path / "eu"
     size = make_replica(data)
     os.truncate(data / "data.mdb", size // 2)
-    done = run(*(arg.format(tmp=tmp_path) for arg in COMMANDS[command]), str(data))
-    assert done.returncode == 2, (done.returncode, done.stderr)  # not -SIGBUS
-    assert "data.mdb" in done.stderr
-    assert "cut short" in done.stderr
-    assert f"{size // 2:,} bytes" in done.stderr
-    assert (data / "data.mdb").stat().st_size == size // 2  # left as it was
-    assert not (tmp_path / "copy" / "data.mdb").exists()
+    done = run("rebuild-views", "--data", str(data))
+    assert f"is {size // 2:,} bytes, shorter than the {size:,} its last commit uses" in (
+        done.stderr
+    )
 
 
 def test_a_whole_data_file_opens(tmp_path: Path) -> None:
