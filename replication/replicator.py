@@ -256,6 +256,7 @@ class Replicator:
         """The events of a request or answer we lack, each validated, or ``BadMessage``
         (counted) refusing the batch whole."""
         try:
+            self._check_own_summary(message)
             batch = protocol.read_batch(message, known=self.replica.summary)
             self._check_own(batch)
         except BadMessage:
@@ -281,6 +282,21 @@ class Replicator:
                     f"event {dot} is this node's own, more than "
                     f"{self.limits.own_events_ahead_max:,} beyond its counter"
                 )
+
+    def _check_own_summary(self, message: protocol.Received) -> None:
+        """Refuse a message whose summary shows this node's own origin more than
+        ``own_events_ahead_max`` beyond its counter: the counter moves past what a peer
+        holds of ours (``_past_own_events``), and a faulty peer's claim at the top of
+        the counters would leave no dot for our next write. (Its events of ours are
+        ``_check_own``'s; the rest of its summary comes from its base, which we sent.)"""
+        seen = message.changes.get(self.replica.identity.replica_id)
+        if seen is None:
+            return
+        if seen.highest() > self.replica.state.counter + self.limits.own_events_ahead_max:
+            raise BadMessage(
+                f"its summary shows this node's own events more than "
+                f"{self.limits.own_events_ahead_max:,} beyond its counter"
+            )
 
     async def _ingest(self, batch: protocol.Batch) -> int:
         quarantined = [(raw.dot, raw.data) for raw in batch.quarantined]

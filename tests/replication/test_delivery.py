@@ -197,6 +197,32 @@ def test_this_nodes_own_events_far_beyond_its_counter_are_refused_whole(
     run(tmp_path, ("eu", "us"), body, limits=Limits(own_events_ahead_max=AHEAD_MAX))
 
 
+def test_a_summary_showing_own_events_beyond_the_counter_moves_it_within_a_bound(
+    tmp_path: Path,
+) -> None:
+    """A peer's summary alone (its events still to come) moves the counter past what it
+    holds of ours; one far beyond it (a faulty peer) is refused whole, and moves nothing."""
+
+    async def body(c: Cluster) -> None:
+        await c.write("us", commands.create("user", "bart", person("bart")))
+        us = c.replica("us")
+        us_id, counter = us.identity.replica_id, us.state.counter
+        eu_id = c.replica("eu").identity.replica_id
+        far = VersionVector.of([Dot(us_id, counter + AHEAD_MAX + 1)])
+        with pytest.raises(BadMessage, match="summary shows this node's own events more"):
+            await c.replicator("us").handle(request(eu_id, [], summary=far))
+        assert us.state.counter == counter
+        near = VersionVector.of([Dot(us_id, counter + 10)])
+        await c.replicator("us").handle(request(eu_id, [], summary=near))
+        assert us.state.counter == counter + 10
+        us = (await c.restart("us")).replica  # durable, ahead of its own dots
+        assert us.state.counter == counter + 10
+        written = await c.write("us", commands.patch("user", "bart", {"name": "Bart"}, None))
+        assert [e.dot for e in written] == [Dot(us_id, counter + 11)]
+
+    run(tmp_path, ("eu", "us"), body, limits=Limits(own_events_ahead_max=AHEAD_MAX))
+
+
 def test_own_events_back_with_a_gap_move_the_counter_past_them_all(tmp_path: Path) -> None:
     """Undone commits that reached a peer only in part (one of their events lost on the
     way) come back with a gap: taken all the same, for the next write must reuse none of
