@@ -29,7 +29,7 @@ from node.log import Identity, LogState
 from node.rebuild import replay_views, replay_workers
 from node.replay_workers import ReplayFailed
 from node.tokens import Token, covers, encode_token, token_of
-from node.writer import Committed, Decide, Overloaded, Writer, call_soon
+from node.writer import Committed, Decide, Overloaded, Rejected, Writer, call_soon
 
 
 def wall_clock_ms() -> int:
@@ -171,6 +171,7 @@ class Replica:
         self.writes_held: str | None = None
         self._writes_released = asyncio.Event()
         self._held = 0  # writes waiting for the release, counted against the write queue
+        self._refuse_held: str | None = None
         self.writer = Writer(
             kv,
             self.identity,
@@ -250,7 +251,10 @@ class Replica:
         self.writes_held = why
         self._writes_released.clear()
 
-    def release_writes(self) -> None:
+    def release_writes(self, *, refuse: str | None = None) -> None:
+        """Let the writes held go on, or with ``refuse`` answer each 503 with that reason
+        (nothing of them written)."""
+        self._refuse_held = refuse
         self.writes_held = None
         self._writes_released.set()
 
@@ -263,6 +267,8 @@ class Replica:
                 await self._writes_released.wait()
             finally:
                 self._held -= 1
+            if self._refuse_held is not None:
+                raise Rejected(503, "stopping", self._refuse_held, headers={"Retry-After": "1"})
         written = await self.writer.write(decide, actor=actor)
         self.metrics.writes += 1
         return written

@@ -212,8 +212,12 @@ class Replicator:
             if protocol.digest(self.replica.identity.replica_id, theirs) != request.check:
                 return None
         # Merged, not replaced: a late duplicate of an older request takes nothing back.
+        # But replaced by a whole one: a requester restored from a copy holds less than it
+        # did (a late duplicate of a whole one costs a round trip: the next check fails).
         self._heard.pop(sender, None)
-        self._heard[sender] = theirs if heard is None else heard.merge(theirs)
+        self._heard[sender] = (
+            theirs if heard is None or request.check is None else heard.merge(theirs)
+        )
         while len(self._heard) > self.limits.requesters_max:
             del self._heard[next(iter(self._heard))]  # the longest unheard of
         return theirs
@@ -561,11 +565,11 @@ class Replicator:
             self.replica.not_ready = None
 
     async def stop(self) -> None:
-        if self._release_timer is not None:  # writes held go on: the node drains them
+        if self._release_timer is not None:
             self._release_timer.cancel()
         self._unheard.clear()
-        if self.replica.writes_held is not None:
-            self.replica.release_writes()
+        if self.replica.writes_held is not None:  # not let through: a dot may be a peer's
+            self.replica.release_writes(refuse="this node is stopping; retry shortly")
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
