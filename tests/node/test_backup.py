@@ -5,26 +5,12 @@ in a process of its own, as an operator runs it beside the node."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 from pathlib import Path
 
 from node import commands, log
 from node.replica import Replica
 from node.writer import Decide
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def replica_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "node", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+from tests.node.cli_process import replica_cli
 
 
 def person(i: int) -> Decide:

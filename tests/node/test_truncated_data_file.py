@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,8 +15,7 @@ import pytest
 
 from node import commands
 from node.replica import Replica
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.node.cli_process import replica_cli
 
 
 def make_replica(data: Path) -> int:
@@ -40,17 +37,6 @@ def make_replica(data: Path) -> int:
 
     asyncio.run(write())
     return (data / "data.mdb").stat().st_size
-
-
-def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "node", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 COMMANDS = {
@@ -86,7 +72,7 @@ def test_a_damaged_data_file_is_refused_with_a_clear_error(
     harm, says = DAMAGE[damage]
     harm(data / "data.mdb", size)
     harmed = (data / "data.mdb").read_bytes()
-    done = run(*(arg.format(tmp=tmp_path) for arg in COMMANDS[command]), str(data))
+    done = replica_cli(*(arg.format(tmp=tmp_path) for arg in COMMANDS[command]), str(data))
     assert done.returncode == 2, (done.returncode, done.stderr)  # not -SIGBUS, not a new store
     assert says in done.stderr
     assert "Traceback" not in done.stderr
@@ -98,7 +84,7 @@ def test_a_data_file_cut_short_names_its_size_and_the_size_it_needs(tmp_path: Pa
     data = tmp_path / "eu"
     size = make_replica(data)
     os.truncate(data / "data.mdb", size // 2)
-    done = run("rebuild-views", "--data", str(data))
+    done = replica_cli("rebuild-views", "--data", str(data))
     assert f"is {size // 2:,} bytes, shorter than the {size:,} its last commit uses" in (
         done.stderr
     )
@@ -107,5 +93,5 @@ def test_a_data_file_cut_short_names_its_size_and_the_size_it_needs(tmp_path: Pa
 def test_a_whole_data_file_opens(tmp_path: Path) -> None:
     data = tmp_path / "eu"
     make_replica(data)
-    done = run("rebuild-views", "--data", str(data))
+    done = replica_cli("rebuild-views", "--data", str(data))
     assert done.returncode == 0, done.stderr
