@@ -123,6 +123,9 @@ class Writer:
         # them since, if it is still this and not 0.
         self.generation = next(_GENERATIONS)
         self.requests = 0
+        # Times this node's own events came back beyond its counter, or a peer's summary
+        # showed them (``Replicator``): its last commits were undone.
+        self.undone_found = 0
         self.threaded = threaded
         if threaded:
             self._thread.start()
@@ -301,7 +304,10 @@ class Writer:
         drifted = self.clock.observe_all([event.hlc for event in new])
         state.hlc = max(state.hlc, self.clock.last)
         # Never reuse a dot of ours that exists anywhere, even beyond a gap.
-        state.counter = max(state.counter, state.summary.highest(self.identity.replica_id))
+        highest = state.summary.highest(self.identity.replica_id)
+        if highest > state.counter:  # our own events came back: our last commits were undone
+            state.counter = highest
+            self.undone_found += 1
         return new, drifted
 
     def _append(

@@ -531,10 +531,14 @@ class Replicator:
         if highest <= self.replica.state.counter:
             return
 
-        def past(txn: WriteTxn, state: LogState) -> None:
-            state.counter = max(state.counter, highest)
+        writer = self.replica.writer
 
-        await self.replica.writer.maintain(past)
+        def past(txn: WriteTxn, state: LogState) -> None:
+            if highest > state.counter:
+                state.counter = highest
+                writer.undone_found += 1  # in the writer's thread, as its own count
+
+        await writer.maintain(past)
         logger.warning(
             "a peer holds this node's events up to %s:%d, beyond its log: its last commits "
             "were undone; its counter moves past them (they come back from the peers)",
@@ -703,5 +707,6 @@ class Replicator:
             },
             "pushes_dropped": self.pushes_dropped,
             "batches_refused": self.batches_refused,
+            "undone_found": self.replica.writer.undone_found,
             "quarantined_events": self.replica.quarantine_count(),
         }

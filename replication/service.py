@@ -157,6 +157,20 @@ class ReplicationService:
                 status["batches_refused"],
             ),
             (
+                "replica_undone_commits_found_total",
+                "counter",
+                "Times a peer held this node's own events beyond its log (its last commits "
+                "undone: a copy restored, an OS crash without metasync); its counter moved "
+                "past them.",
+                status["undone_found"],
+            ),
+            (
+                "replica_writes_held",
+                "gauge",
+                "1 while client writes wait for every peer's first answer after a start.",
+                int(self.replica.writes_held is not None),
+            ),
+            (
                 "replica_streams_refused_total",
                 "counter",
                 "Peer streams closed for a bad frame (forged, replayed, too big, not binary).",

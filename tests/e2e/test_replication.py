@@ -356,8 +356,13 @@ def test_a_node_restored_from_a_backup_takes_no_dot_twice(tmp_path: Path) -> Non
             await cluster.restart("eu")
             status = (await c.ok("eu", "GET", "/status")).body
             assert status["writes_held"] == "until every peer has answered: us", status
+            metrics = (await c.ok("eu", "GET", "/metrics")).body
+            assert 'replica_writes_held{region="eu"} 1' in metrics
             reply = await c.ok("eu", "PATCH", "/users/homer", {"name": "W2"})
             assert written_dot(reply) != written_dot(undone)
+            metrics = (await c.ok("eu", "GET", "/metrics")).body
+            assert 'replica_writes_held{region="eu"} 0' in metrics
+            assert 'replica_undone_commits_found_total{region="eu"} 1' in metrics
             for link in (("eu", "us"), ("us", "eu")):
                 cluster.links[link].faults.delay_ms = 0
             await c.wait_converged()

@@ -215,6 +215,7 @@ def test_a_summary_showing_own_events_beyond_the_counter_moves_it_within_a_bound
         near = VersionVector.of([Dot(us_id, counter + 10)])
         await c.replicator("us").handle(request(eu_id, [], summary=near))
         assert us.state.counter == counter + 10
+        assert c.replicator("us").status()["undone_found"] == 1
         us = (await c.restart("us")).replica  # durable, ahead of its own dots
         assert us.state.counter == counter + 10
         written = await c.write("us", commands.patch("user", "bart", {"name": "Bart"}, None))
