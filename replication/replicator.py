@@ -118,6 +118,8 @@ class Replicator:
         # The bootstrap's durable mark (see ``start``): being written, and whether it is set.
         self._marking: asyncio.Future[None] | None = None
         self._marked = False
+        # Per sender, the whole requests that came in while some are being taken.
+        self._whole_arrivals: dict[str, int] = {}
         # Peers that have not yet answered this node since it started (``gate_clients``).
         self._unheard: set[str] = set()
         self._release_timer: asyncio.TimerHandle | None = None
@@ -133,8 +135,17 @@ class Replicator:
         own = self.replica.identity.replica_id
         if sender == own:
             raise BadMessage("a node does not sync with itself")
+        # A whole request replaces what we knew of its sender (``_rebuilt``), unless one
+        # that came after it has been taken meanwhile (its ingest took longer): that one
+        # is newer, and is only added to.
+        arrival = 0
+        if request.check is None:
+            arrival = self._whole_arrivals[sender] = self._whole_arrivals.get(sender, 0) + 1
         await self._ingest(self._batch_of(request))
-        theirs = self._rebuilt(sender, request)
+        latest = arrival > 0 and self._whole_arrivals.get(sender) == arrival
+        if latest:
+            del self._whole_arrivals[sender]
+        theirs = self._rebuilt(sender, request, replace=latest)
         peer = self.peers.get(sender.partition("~")[0])
         if peer is not None:
             # Unchecked, what the request alone shows is still a lower bound of theirs.
@@ -142,7 +153,7 @@ class Replicator:
                 self.now_ms(),
                 sender,
                 request.summary if theirs is None else theirs,
-                whole=request.check is None,
+                whole=latest,
             )
         if theirs is not None:
             await self._past_own_events(theirs)
@@ -200,8 +211,11 @@ class Replicator:
             answered.popleft()
         return answered
 
-    def _rebuilt(self, sender: str, request: protocol.Received) -> VersionVector | None:
-        """The requester's whole summary, or None if it was sent over a base we lack."""
+    def _rebuilt(
+        self, sender: str, request: protocol.Received, *, replace: bool
+    ) -> VersionVector | None:
+        """The requester's whole summary, or None if it was sent over a base we lack.
+        ``replace``: a whole request, the latest to come, replaces what we heard."""
         heard = self._heard.get(sender)
         if request.check is None:
             theirs = request.summary
@@ -215,9 +229,7 @@ class Replicator:
         # But replaced by a whole one: a requester restored from a copy holds less than it
         # did (a late duplicate of a whole one costs a round trip: the next check fails).
         self._heard.pop(sender, None)
-        self._heard[sender] = (
-            theirs if heard is None or request.check is None else heard.merge(theirs)
-        )
+        self._heard[sender] = theirs if heard is None or replace else heard.merge(theirs)
         while len(self._heard) > self.limits.requesters_max:
             del self._heard[next(iter(self._heard))]  # the longest unheard of
         return theirs

@@ -4,6 +4,7 @@ in a whole summary, never in a guess."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from pathlib import Path
 
@@ -194,6 +195,32 @@ def test_a_late_duplicate_of_an_older_whole_request_costs_one_round_trip(
     run(tmp_path, ("eu", "us"), body)
 
 
+def test_a_whole_request_taken_after_a_newer_one_sets_nothing_back(tmp_path: Path) -> None:
+    """Two whole requests from eu: the older carries events, whose ingest takes a while,
+    and is taken after the newer. What us knows of eu stays the newer's."""
+
+    async def body(c: Cluster) -> None:
+        await users(c, "eu", "homer")
+        await c.sync_all_until_quiet()
+        eu, us = c.replica("eu"), c.replicator("us")
+        marge = await c.write("eu", commands.create("user", "marge", person("marge")))
+        older = Sync(  # whole, carrying marge's events, which us lacks
+            Tag.SYNC_REQUEST,
+            eu.identity.replica_id,
+            eu.summary,
+            tuple(RawEvent(e.dot, ev.encode(e)) for e in marge),
+        )
+        await users(c, "eu", "bart")
+        newer = Sync(Tag.SYNC_REQUEST, eu.identity.replica_id, eu.summary)
+        await asyncio.gather(us.handle(protocol.encode(older)), us.handle(protocol.encode(newer)))
+        known = us.peers["eu"].summary
+        assert known is not None
+        assert known.highest(eu.identity.replica_id) == eu.state.counter  # bart's, the newer's
+        assert us._heard[eu.identity.replica_id] == eu.summary
+
+    run(tmp_path, ("eu", "us"), body)
+
+
 def test_a_requester_restored_from_a_copy_is_read_over_what_it_holds_now(
     tmp_path: Path,
 ) -> None:
@@ -221,8 +248,8 @@ def test_a_requester_restored_from_a_copy_is_read_over_what_it_holds_now(
         us = c.replicator("us")
         rebuilt, unread = us._rebuilt, []
 
-        def counted(sender: str, request: Received) -> VersionVector | None:
-            theirs = rebuilt(sender, request)
+        def counted(sender: str, request: Received, *, replace: bool) -> VersionVector | None:
+            theirs = rebuilt(sender, request, replace=replace)
             if theirs is None:
                 unread.append(request)
             return theirs
