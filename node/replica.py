@@ -103,10 +103,12 @@ class Replica:
         # Without metasync on a known boot: a clean close syncs, and clears the mark.
         self._unsynced = boot is not None and not metasync
         self._closed = False
-        stored: Identity = kv.write(
-            lambda txn: log.open_identity(txn, region, incarnation=incarnation)
-        )
-        opened: Identity = kv.write(lambda txn: log.renew_if_backup(txn, stored))
+
+        def identities(txn: WriteTxn) -> tuple[Identity, Identity]:
+            stored = log.open_identity(txn, region, incarnation=incarnation)
+            return stored, log.renew_if_backup(txn, stored)
+
+        stored, opened = kv.write(identities)
         if opened != stored:
             logger.warning(
                 "started on a backup of %s: serving as a new incarnation, %s, so that no dot "

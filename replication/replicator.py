@@ -60,8 +60,9 @@ class Limits:
     backoff_base_ms: int = BACKOFF_BASE_MS
     backoff_max_ms: int = BACKOFF_MAX_MS
     bootstrap_wait_ms_max: int = 120_000
-    # At start, client writes wait until every peer has answered once, so that our own
-    # events newer than our log (a backup restored) come back first; at most this long.
+    # At start, client writes wait until every peer has answered once, so that the
+    # counter moves past our own events newer than our log (a copy restored) that a
+    # peer holds; at most this long.
     start_writes_wait_ms_max: int = 3_000
     compaction_interval_ms: int = 10_000
     requesters_max: int = 64
@@ -508,9 +509,10 @@ class Replicator:
             # A node whose last commits were undone (a backup restored without
             # new-incarnation, an OS crash without metasync) would give a client's write
             # the dot of an event a peer holds: that peer would drop the write as known,
-            # and the two would never converge. Each peer's first answer hands those
-            # events back (``handle``) and the counter moves past them: writes wait for
-            # every peer's, or for the wait to run out (a peer down or cut off).
+            # and the two would never converge. Each peer's first answer (or a request
+            # we can read) shows what it holds of ours, and the counter moves past it
+            # (``_past_own_events``): writes wait for every peer's, or for the wait to
+            # run out (a peer down or cut off).
             self._unheard = set(self.peers)
             self.replica.hold_writes(f"until every peer has answered: {', '.join(self.peers)}")
             self._release_timer = self._loop.call_later(
