@@ -35,8 +35,13 @@ class DataDirBusy(RuntimeError):
 
 
 class DataFileTruncated(RuntimeError):
-    """The data file is shorter than the pages its last commit uses (a partial copy, a
-    full disk): reading them through the map would kill the process (SIGBUS)."""
+    """The data file is shorter than LMDB's two meta pages (a partial copy, a full disk):
+    LMDB would take an empty one for a new store.
+
+    A file cut short further on is not found here: LMDB's record of its last page counts
+    pages it never writes (ones a write took and gave back in the same transaction), so a
+    healthy file may be shorter than that record says (a check on it refused a healthy
+    directory). Reading a missing page through the map kills the process (SIGBUS)."""
 
 
 class DataFileUnreadable(RuntimeError):
@@ -58,22 +63,6 @@ def check_size(path: Path) -> None:
             "cut short (a partial copy, a full disk). Restore the directory from a backup, "
             "or move it away and start the node on an empty one: it comes back as a new "
             "incarnation and catches up from its peers"
-        )
-
-
-def check_whole(env: lmdb.Environment, path: Path) -> None:
-    """Raise ``DataFileTruncated`` unless the data file holds every page up to the last
-    one its newest commit uses (LMDB syncs a commit's pages before its meta page, so a
-    crash never leaves it shorter: something else cut it)."""
-    data = path / "data.mdb"
-    needed = (int(env.info()["last_pgno"]) + 1) * int(env.stat()["psize"])
-    size = data.stat().st_size
-    if size < needed:
-        raise DataFileTruncated(
-            f"{data} is {size:,} bytes, shorter than the {needed:,} its last commit uses: "
-            "it was cut short (a partial copy, a full disk). Restore the directory from a "
-            "backup (then run new-incarnation), or move it away and start the node on an "
-            "empty one: it comes back as a new incarnation and catches up from its peers"
         )
 
 
@@ -209,12 +198,6 @@ class LmdbKV:
             metasync=metasync and durable,
             readahead=False,
         )
-        try:
-            check_whole(self.env, path)
-        except DataFileTruncated:
-            self.env.close()
-            self._lock.close()
-            raise
         self.env.reader_check()  # free slots of readers that died (kill -9) holding them
         # Growing the map closes every transaction open in this process (LMDB allows it
         # only with none open): each read holds this lock while its transaction is open,
@@ -302,7 +285,6 @@ def snapshot(path: Path) -> Iterator[ReadTxn]:
         readahead=False,
     )
     try:
-        check_whole(env, path)
         with env.begin(buffers=False) as txn:
             dbs = {name: env.open_db(name.encode(), txn=txn, create=False) for name in DATABASES}
             yield _LmdbTxn(txn, dbs)

@@ -33,7 +33,6 @@ from node.lmdb_kv import (
     DataFileUnreadable,
     LmdbKV,
     check_size,
-    check_whole,
 )
 from node.replay_workers import FoldingWorkers, ReplayFailed, WorkersUnavailable
 from node.writer import gc_paused
@@ -98,7 +97,6 @@ def _replica_id(data_dir: Path) -> str | None:
     except lmdb.Error as exc:
         raise DataFileUnreadable(f"{data} cannot be read as an LMDB file: {exc}") from None
     try:
-        check_whole(env, data_dir)
         meta = env.open_db(b"meta", create=False)
         with env.begin() as txn:
             region, replica_id = txn.get(b"region", db=meta), txn.get(b"replica_id", db=meta)
@@ -214,7 +212,6 @@ def backup(data_dir: Path, dest: Path) -> int:
     started = time.perf_counter()
     env = lmdb.open(str(data_dir), readonly=True, max_dbs=len(DATABASES), readahead=False)
     try:
-        check_whole(env, data_dir)
         env.copy(str(dest), compact=True)
     except lmdb.Error as exc:
         print(f"{data_dir}: cannot copy it: {exc}", file=sys.stderr)
