@@ -225,7 +225,8 @@ def _write_token(replica: Replica, written: list[Event]) -> dict[str, str]:
     """The token a write answers with: it covers the events the write made."""
     if not written:
         return {TOKEN_HEADER: replica.token_text()}
-    return {TOKEN_HEADER: encode_token({replica.identity.replica_id: written[-1].dot.counter})}
+    last = written[-1].dot  # its origin, not the id read now: a commit may have renewed it
+    return {TOKEN_HEADER: encode_token({last.origin: last.counter})}
 
 
 # -- entities ---------------------------------------------------------------------

@@ -151,9 +151,11 @@ class LogState:
     counter: int = 0  # this replica's last dot counter
     hlc: int = 0  # the clock's last reading: stamps issued, and observed ones it followed
     summary: VersionVector = field(default_factory=VersionVector)
+    # The origin of this replica's writes: a commit may renew it (``renew``).
+    replica_id: str = ""
 
     def copy(self) -> LogState:
-        return LogState(self.seq, self.counter, self.hlc, self.summary)
+        return LogState(self.seq, self.counter, self.hlc, self.summary, self.replica_id)
 
 
 def _number(txn: ReadTxn, key: bytes) -> int:
@@ -169,11 +171,24 @@ def last_seq(txn: ReadTxn) -> int:
 def load_state(txn: ReadTxn, identity: Identity) -> LogState:
     raw = txn.get("meta", b"summary")
     summary = VersionVector() if raw is None else crdt_codec.decode_as(raw, VersionVector)
-    state = LogState(last_seq(txn), _number(txn, b"counter"), _number(txn, b"hlc"), summary)
-    # Ahead of them while events of ours that a peer holds, after our last commits were
-    # undone, are still on their way back (``Replicator._past_own_events``).
+    counter = _number(txn, b"counter")
+    state = LogState(last_seq(txn), counter, _number(txn, b"hlc"), summary, identity.replica_id)
     assert state.counter >= summary.highest(identity.replica_id), "own counter behind its dots"
     return state
+
+
+def renew(txn: WriteTxn, state: LogState) -> str:
+    """Serve as a new incarnation from this commit on (``new_incarnation``): this
+    replica's own events turned up beyond its counter (its last commits were undone:
+    a copy restored, a snapshot rolled back). Its next write must take none of their
+    dots, nor of any others of them a peer not heard from yet may hold, and what no
+    peer holds of them is lost for good: the old id's counters stop at a gap that
+    never fills, and the new id's grow from 1 without one. Returns the old id."""
+    old = state.replica_id
+    region = old.partition("~")[0]
+    state.replica_id = new_incarnation(txn, Identity(region, old)).replica_id
+    state.counter = 0
+    return old
 
 
 def save_state(txn: WriteTxn, state: LogState) -> None:

@@ -116,22 +116,22 @@ class Replica:
                 stored.replica_id,
                 opened.replica_id,
             )
+        identity = opened
         if boot is not None:
-            self.identity = kv.write(
+            identity = kv.write(
                 lambda txn: log.renew_after_reboot(txn, opened, metasync=metasync, boot=boot)
             )
-            if self.identity != opened:
+            if identity != opened:
                 logger.warning(
                     "the machine restarted since this node last ran without metasync, which "
                     "may have undone its last commit: serving as a new incarnation, %s (was "
                     "%s), so that no dot is used twice",
-                    self.identity.replica_id,
+                    identity.replica_id,
                     opened.replica_id,
                 )
-        else:
-            self.identity = opened
+        self._identity = identity
         with kv.read() as txn:
-            state = log.load_state(txn, self.identity)
+            state = log.load_state(txn, identity)
             legacy = views.has_legacy_indexes(txn)
             folded = views.folded_by_these_rules(txn)
         if not folded and state.seq:
@@ -176,7 +176,6 @@ class Replica:
         self._refuse_held: str | None = None
         self.writer = Writer(
             kv,
-            self.identity,
             state,
             self.clock,
             on_commit=self._on_commit,
@@ -229,6 +228,15 @@ class Replica:
     @property
     def state(self) -> LogState:
         return self.writer.committed
+
+    @property
+    def identity(self) -> Identity:
+        """The region and the replica id this node writes as: a commit may renew the id
+        (its own events found beyond its log, ``Writer.renew``)."""
+        replica_id = self.writer.committed.replica_id
+        if replica_id != self._identity.replica_id:
+            self._identity = Identity(self._identity.region, replica_id)
+        return self._identity
 
     @property
     def summary(self) -> VersionVector:

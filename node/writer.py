@@ -27,7 +27,7 @@ from crdt import Dot, HybridLogicalClock
 from node import log, views
 from node.events import Event, Op, Value, validate
 from node.kv import KV, ReadTxn, WriteTxn
-from node.log import Identity, LogState
+from node.log import LogState
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,6 @@ class Writer:
     def __init__(
         self,
         kv: KV,
-        identity: Identity,
         state: LogState,
         clock: HybridLogicalClock,
         *,
@@ -106,7 +105,7 @@ class Writer:
         """``threaded=False`` commits each request in the caller's thread, one by one: for
         simulations, which run one action at a time and gain nothing from a hand-off."""
         assert batch_requests_max >= 1
-        self.kv, self.identity, self.clock = kv, identity, clock
+        self.kv, self.clock = kv, clock
         self.committed = state
         self.on_commit = on_commit
         self.batch_requests_max = batch_requests_max
@@ -264,7 +263,7 @@ class Writer:
                 state.counter += 1
                 stamp = self.clock.tick()
                 event = Event(
-                    Dot(self.identity.replica_id, state.counter),
+                    Dot(state.replica_id, state.counter),
                     stamp,
                     draft.stream,
                     draft.op,
@@ -303,12 +302,26 @@ class Writer:
         new = [event for _, event in fresh]
         drifted = self.clock.observe_all([event.hlc for event in new])
         state.hlc = max(state.hlc, self.clock.last)
-        # Never reuse a dot of ours that exists anywhere, even beyond a gap.
-        highest = state.summary.highest(self.identity.replica_id)
-        if highest > state.counter:  # our own events came back: our last commits were undone
-            state.counter = highest
-            self.undone_found += 1
+        # Our own events came back beyond our counter: our last commits were undone.
+        highest = state.summary.highest(state.replica_id)
+        if highest > state.counter:
+            self.renew(txn, state, f"{state.replica_id}:{highest}")
         return new, drifted
+
+    def renew(self, txn: WriteTxn, state: LogState, seen: str) -> None:
+        """Serve as a new incarnation from this commit on (``log.renew``): the node's own
+        events are known up to ``seen``, beyond its log. In the writer's thread."""
+        old = log.renew(txn, state)
+        self.undone_found += 1
+        logger.warning(
+            "this node's events are known up to %s, beyond its log: its last commits were "
+            "undone (a copy restored, a snapshot rolled back); it serves as a new "
+            "incarnation, %s, so that no dot of %s is used twice (its events that peers "
+            "hold come back from them)",
+            seen,
+            state.replica_id,
+            old,
+        )
 
     def _append(
         self,

@@ -60,18 +60,15 @@ class Limits:
     backoff_base_ms: int = BACKOFF_BASE_MS
     backoff_max_ms: int = BACKOFF_MAX_MS
     bootstrap_wait_ms_max: int = 120_000
-    # At start, client writes wait until every peer has answered once, so that the
-    # counter moves past our own events newer than our log (a copy restored) that a
-    # peer holds; at most this long.
+    # At start, client writes wait until every peer has answered once, so that our own
+    # events newer than our log (a copy restored) that a peer holds renew the replica
+    # id (``_renew_if_undone``) before a write takes one of their dots; at most this long.
     start_writes_wait_ms_max: int = 3_000
     compaction_interval_ms: int = 10_000
     requesters_max: int = 64
     # Events we answered a peer with are not pushed to it again for this long: it is
     # likely still ingesting them. If it lost them, its next request asks again.
     answered_hold_ms: int = 2_000
-    # How far beyond our counter our own events may come back (our last commits were
-    # undone, see ``Replicator.handle``): a batch with one further is refused whole.
-    own_events_ahead_max: int = 1_000_000
 
 
 def _raw(pairs: Sequence[tuple[Dot, bytes]]) -> tuple[RawEvent, ...]:
@@ -106,9 +103,11 @@ class Replicator:
         self.bootstrap_received = 0
         self._compaction_cursor = b""
         # The last whole summary each requester sent or proved (by its check): the base
-        # its next changes are read over. And per peer, the last of ours it confirmed.
+        # its next changes are read over. And per peer, the last of ours it confirmed,
+        # with the replica id we sent it as (the peer keeps it under that id: a renewed
+        # one starts whole).
         self._heard: dict[str, VersionVector] = {}
-        self._told: dict[str, VersionVector] = {}
+        self._told: dict[str, tuple[str | None, VersionVector]] = {}
         # Per peer, what is on its way to it and its summary may not show yet: what our
         # requests to it carry now, and what we answered it with lately (sent at, dots).
         self._carrying: dict[str, list[VersionVector]] = {name: [] for name in peers}
@@ -157,7 +156,7 @@ class Replicator:
                 whole=latest,
             )
         if theirs is not None:
-            await self._past_own_events(theirs)
+            await self._renew_if_undone(theirs)
             if peer is not None:
                 self._heard_from(peer.name)
         if theirs is None:
@@ -167,7 +166,7 @@ class Replicator:
         holds = theirs if peer is None or peer.summary is None else peer.summary
         # Of its own events, what the request itself shows: a node whose last commits
         # were undone (an OS crash without metasync, a restored backup) gets back those
-        # that reached us, and moves its counter past them instead of reusing their dots.
+        # that reached us, and serves as a new incarnation instead of reusing their dots.
         own_seen = theirs.origins.get(sender, OriginSeen())
         pairs, more = self._missing(
             self._on_the_way(holds, peer, answers=False), sender, own_seen=own_seen
@@ -273,47 +272,11 @@ class Replicator:
         """The events of a request or answer we lack, each validated, or ``BadMessage``
         (counted) refusing the batch whole."""
         try:
-            self._check_own_summary(message)
             batch = protocol.read_batch(message, known=self.replica.summary)
-            self._check_own(batch)
         except BadMessage:
             self.batches_refused += 1
             raise
         return batch
-
-    def _check_own(self, batch: protocol.Batch) -> None:
-        """Refuse a batch carrying events of this node's own origin far beyond its counter.
-
-        Our events come back only if our last commits were undone (see ``handle``): never
-        more than ``own_events_ahead_max`` beyond our counter. From a faulty peer, one at
-        the top of the counters would leave none for our next write. Closer ones are
-        taken, a gap among them too (an event of the undone commits that no peer holds),
-        and our counter moves past them all: no later write of ours reuses their dots.
-        """
-        own = self.replica.identity.replica_id
-        ceiling = self.replica.state.counter + self.limits.own_events_ahead_max
-        for event in batch.events:
-            dot = event.dot
-            if dot.counter > ceiling and dot.origin == own:
-                raise BadMessage(
-                    f"event {dot} is this node's own, more than "
-                    f"{self.limits.own_events_ahead_max:,} beyond its counter"
-                )
-
-    def _check_own_summary(self, message: protocol.Received) -> None:
-        """Refuse a message whose summary shows this node's own origin more than
-        ``own_events_ahead_max`` beyond its counter: the counter moves past what a peer
-        holds of ours (``_past_own_events``), and a faulty peer's claim at the top of
-        the counters would leave no dot for our next write. (Its events of ours are
-        ``_check_own``'s; the rest of its summary comes from its base, which we sent.)"""
-        seen = message.changes.get(self.replica.identity.replica_id)
-        if seen is None:
-            return
-        if seen.highest() > self.replica.state.counter + self.limits.own_events_ahead_max:
-            raise BadMessage(
-                f"its summary shows this node's own events more than "
-                f"{self.limits.own_events_ahead_max:,} beyond its counter"
-            )
 
     async def _ingest(self, batch: protocol.Batch) -> int:
         quarantined = [(raw.dot, raw.data) for raw in batch.quarantined]
@@ -348,9 +311,10 @@ class Replicator:
             push = _raw(pairs)
         own, told = self.replica.identity.replica_id, self._told.get(name)
         mine, push = self._advertised(), tuple(push)
-        if told is None or peer.replica_id is None:
+        if told is None or told[0] != own or peer.replica_id is None:
             return Sync(Tag.SYNC_REQUEST, own, mine, push)
-        return Sync(Tag.SYNC_REQUEST, own, mine, push, base=told, receiver=peer.replica_id)
+        base = told[1]
+        return Sync(Tag.SYNC_REQUEST, own, mine, push, base=base, receiver=peer.replica_id)
 
     async def absorb(self, name: str, sent: Sync, answer: bytes) -> bool:
         """Take ``name``'s answer to ``sent``; return whether another round is worth it.
@@ -376,7 +340,10 @@ class Replicator:
             self._told.pop(name, None)
         else:
             told = self._told.get(name)
-            self._told[name] = sent.summary if told is None else told.merge(sent.summary)
+            if told is None or told[0] != sent.replica_id:
+                self._told[name] = (sent.replica_id, sent.summary)
+            else:
+                self._told[name] = (told[0], told[1].merge(sent.summary))
         before = peer.summary
         peer.contacted(self.now_ms(), replica_id, theirs)
         peer.learned(_summary_of(sent.events))
@@ -387,7 +354,7 @@ class Replicator:
             self.bootstrap_received += received
         if unread:
             return True  # it sent nothing it holds: ask again, whole
-        await self._past_own_events(theirs)
+        await self._renew_if_undone(theirs)
         self._heard_from(name)
         they_lack = bool(self.replica.summary.missing_from(theirs))
         if not response.more and not they_lack:
@@ -510,9 +477,9 @@ class Replicator:
             # new-incarnation, an OS crash without metasync) would give a client's write
             # the dot of an event a peer holds: that peer would drop the write as known,
             # and the two would never converge. Each peer's first answer (or a request
-            # we can read) shows what it holds of ours, and the counter moves past it
-            # (``_past_own_events``): writes wait for every peer's, or for the wait to
-            # run out (a peer down or cut off).
+            # we can read) shows what it holds of ours, and renews our replica id if it
+            # is beyond our log (``_renew_if_undone``): writes wait for every peer's, or
+            # for the wait to run out (a peer down or cut off).
             self._unheard = set(self.peers)
             self.replica.hold_writes(f"until every peer has answered: {', '.join(self.peers)}")
             self._release_timer = self._loop.call_later(
@@ -534,31 +501,23 @@ class Replicator:
             self._marked = False
         self._ready(f"caught up with {name}")
 
-    async def _past_own_events(self, theirs: VersionVector) -> None:
-        """Move our counter past every event of ours that a peer holds (``theirs``, its
-        summary), durably, before a write can take one of their dots: our last commits
-        were undone (a copy restored without new-incarnation, an OS crash without
-        metasync). The events themselves come back in later rounds (``handle``), as many
-        pages as they take."""
+    async def _renew_if_undone(self, theirs: VersionVector) -> None:
+        """Serve as a new incarnation, durably, before a write can take a dot of ours
+        that a peer holds (``theirs``, its summary) beyond our counter: our last commits
+        were undone (a copy restored without new-incarnation, a snapshot rolled back).
+        The events themselves come back in later rounds (``handle``), as those of any
+        other origin, as many pages as they take."""
         own = self.replica.identity.replica_id
         highest = theirs.highest(own)
         if highest <= self.replica.state.counter:
             return
-
         writer = self.replica.writer
 
-        def past(txn: WriteTxn, state: LogState) -> None:
-            if highest > state.counter:
-                state.counter = highest
-                writer.undone_found += 1  # in the writer's thread, as its own count
+        def renew(txn: WriteTxn, state: LogState) -> None:
+            if state.replica_id == own and highest > state.counter:  # not renewed since
+                writer.renew(txn, state, f"{own}:{highest}")
 
-        await writer.maintain(past)
-        logger.warning(
-            "a peer holds this node's events up to %s:%d, beyond its log: its last commits "
-            "were undone; its counter moves past them (they come back from the peers)",
-            own,
-            highest,
-        )
+        await writer.maintain(renew)
 
     def _heard_from(self, name: str) -> None:
         if name in self._unheard:

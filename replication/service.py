@@ -159,9 +159,9 @@ class ReplicationService:
             (
                 "replica_undone_commits_found_total",
                 "counter",
-                "Times a peer held this node's own events beyond its log (its last commits "
-                "undone: a copy restored, an OS crash without metasync); its counter moved "
-                "past them.",
+                "Times this node's own events were found beyond its log, back from a peer or "
+                "in its summary (its last commits undone: a copy restored, a snapshot rolled "
+                "back); each time it renewed its replica id.",
                 status["undone_found"],
             ),
             (

@@ -333,8 +333,9 @@ def test_wiped_node_comes_back_as_a_new_incarnation(tmp_path: Path) -> None:
 def test_a_node_restored_from_a_backup_takes_no_dot_twice(tmp_path: Path) -> None:
     """eu starts on a backup taken before its last write, which us holds. A client's
     write to it at once would take that write's dot: us would drop it as known, and the
-    regions would never converge. Writes wait for every peer's first answer, which hands
-    the undone write back (each direction slowed so that the write comes first)."""
+    regions would never converge. Writes wait for every peer's first answer, which shows
+    the undone write (each direction slowed so that the write comes first): eu then
+    writes as a new incarnation."""
 
     async def scenario() -> None:
         async with running(["eu", "us"], tmp_path / "cluster") as cluster, session() as http:
@@ -359,7 +360,12 @@ def test_a_node_restored_from_a_backup_takes_no_dot_twice(tmp_path: Path) -> Non
             metrics = (await c.ok("eu", "GET", "/metrics")).body
             assert 'replica_writes_held{region="eu"} 1' in metrics
             reply = await c.ok("eu", "PATCH", "/users/homer", {"name": "W2"})
-            assert written_dot(reply) != written_dot(undone)
+            # us showed it the undone write: it writes as a new incarnation from then on
+            renewed = (await c.ok("eu", "GET", "/status")).body["replica_id"]
+            assert renewed != status["replica_id"]
+            assert renewed.startswith("eu~")
+            assert written_dot(reply) == f"{renewed}:1"
+            assert written_dot(undone).startswith(status["replica_id"] + ":")
             metrics = (await c.ok("eu", "GET", "/metrics")).body
             assert 'replica_writes_held{region="eu"} 0' in metrics
             assert 'replica_undone_commits_found_total{region="eu"} 1' in metrics

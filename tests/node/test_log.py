@@ -99,10 +99,10 @@ class LogContract:
 
     def test_state_is_saved_and_loaded(self, kv: KV) -> None:
         identity = kv.write(lambda txn: log.open_identity(txn, "eu"))
-        with kv.read() as txn:
-            assert log.load_state(txn, identity) == LogState()
         me = identity.replica_id
-        state = LogState()
+        with kv.read() as txn:
+            assert log.load_state(txn, identity) == LogState(replica_id=me)
+        state = LogState(replica_id=me)
         append_all(kv, state, [event(me, 1), event(US, 2), event(me, 2), event(US, 5)])
         state.counter, state.hlc = 2, STAMP + 6
         kv.write(lambda txn: log.save_state(txn, state))
@@ -183,6 +183,28 @@ class TestMemoryLog(LogContract):
     def make_kv(self, path: Path) -> KV:
         return MemoryKV()
 
+    def test_a_renewal_is_a_new_incarnation_from_its_commit_on(self, kv: KV) -> None:
+        identity = kv.write(lambda txn: log.open_identity(txn, "eu"))
+        me = identity.replica_id
+        state = LogState(replica_id=me)
+        append_all(kv, state, [event(me, 1), event(me, 3)])  # 2: lost with an undone commit
+        state.counter = 1
+
+        def renew(txn: WriteTxn) -> str:
+            old = log.renew(txn, state)
+            log.save_state(txn, state)
+            return old
+
+        assert kv.write(renew) == me
+        assert state.replica_id != me
+        assert state.replica_id.startswith("eu~")
+        assert state.counter == 0
+        renewed = kv.write(lambda txn: log.open_identity(txn, "eu"))
+        assert renewed == log.Identity("eu", state.replica_id)
+        with kv.read() as txn:
+            assert log.load_state(txn, renewed) == state
+        assert state.summary.highest(me) == 3  # the old id's events stay, as any origin's
+
 
 class TestLmdbLog(LogContract):
     def make_kv(self, path: Path) -> KV:
@@ -191,7 +213,7 @@ class TestLmdbLog(LogContract):
     def test_identity_and_state_survive_reopening(self, tmp_path: Path) -> None:
         kv = LmdbKV(tmp_path, map_bytes_initial=1 << 20)
         identity = kv.write(lambda txn: log.open_identity(txn, "eu"))
-        state = LogState()
+        state = LogState(replica_id=identity.replica_id)
         append_all(kv, state, [event(identity.replica_id, 1)])
         state.counter = 1
         kv.write(lambda txn: log.save_state(txn, state))

@@ -11,10 +11,11 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from crdt import Dot, VersionVector
+from crdt import Dot, OriginSeen, VersionVector
 from node import commands, log
 from node import events as ev
 from node.events import Event, Op
+from node.replica import Replica
 from node.writer import Overloaded, Rejected
 from replication import protocol
 from replication.protocol import BadMessage, RawEvent, Sync, Tag
@@ -165,18 +166,24 @@ def test_a_malformed_answer_fails_the_sync_and_writes_nothing(tmp_path: Path) ->
     run(tmp_path, ("eu", "us"), body)
 
 
-AHEAD_MAX = 100  # own_events_ahead_max in these tests
+def renewed(replica: Replica, old_id: str) -> str:
+    """The replica id ``replica`` writes as, asserted to be a new one of the same region."""
+    new_id = replica.identity.replica_id
+    assert new_id != old_id
+    assert new_id.partition("~")[0] == old_id.partition("~")[0] == replica.identity.region
+    return new_id
 
 
 @pytest.mark.parametrize(
-    "ahead", [AHEAD_MAX + 1, ev.COUNTER_MAX], ids=["past-the-limit", "the-top-counter"]
+    "ahead", [1, 1_000_001, ev.COUNTER_MAX], ids=["next", "far", "the-top-counter"]
 )
-def test_this_nodes_own_events_far_beyond_its_counter_are_refused_whole(
-    tmp_path: Path, ahead: int
-) -> None:
-    """Only a node whose last commits were undone gets its own events back, and never
-    far beyond its counter. From a faulty peer, one at the top of the counters left no
-    counter for the next write: every write after it failed."""
+def test_own_events_beyond_the_counter_renew_the_replica_id(tmp_path: Path, ahead: int) -> None:
+    """Only a node whose last commits were undone gets its own events back beyond its
+    counter. It takes them, as another origin's, and writes as a new incarnation from
+    then on: no write of it can take a dot of theirs, nor of others a peer not heard
+    from yet may hold. (Moving the counter past them, as before, left what a faulty peer
+    put at the top counter no dot for the next write, and so needed a bound beyond which
+    a restored node was refused by its peers for good.)"""
 
     async def body(c: Cluster) -> None:
         await c.write("us", commands.create("user", "bart", person("bart")))
@@ -185,50 +192,56 @@ def test_this_nodes_own_events_far_beyond_its_counter_are_refused_whole(
         eu_id = c.replica("eu").identity.replica_id
         theirs = Event(Dot(eu_id, 1), STAMP, "user/homer", Op.CREATE)
         far = Dot(us_id, min(counter + ahead, ev.COUNTER_MAX))
-        with pytest.raises(BadMessage, match="own, more than 100 beyond its counter"):
-            await c.replicator("us").handle(
-                request(eu_id, [theirs, Event(far, STAMP, "user/x", Op.CREATE)])
-            )
-        assert (us.state.seq, us.state.counter) == (seq, counter)  # nothing of it written
-        assert c.replicator("us").batches_refused == 1
+        await c.replicator("us").handle(
+            request(eu_id, [theirs, Event(far, STAMP, "user/x", Op.CREATE)])
+        )
+        assert us.state.seq == seq + 2
+        assert far in us.summary
+        new_id = renewed(us, us_id)
+        assert c.replicator("us").status()["undone_found"] == 1
         written = await c.write("us", commands.patch("user", "bart", {"name": "Bart"}, None))
-        assert [e.dot for e in written] == [Dot(us_id, counter + 1)]
+        assert [e.dot for e in written] == [Dot(new_id, 1)]
+        us = (await c.restart("us")).replica  # durable
+        assert us.identity.replica_id == new_id
+        assert us.state.counter == 1
+        await c.sync_all_until_quiet()
+        c.assert_converged()
 
-    run(tmp_path, ("eu", "us"), body, limits=Limits(own_events_ahead_max=AHEAD_MAX))
+    run(tmp_path, ("eu", "us"), body)
 
 
-def test_a_summary_showing_own_events_beyond_the_counter_moves_it_within_a_bound(
+def test_a_summary_showing_own_events_beyond_the_counter_renews_the_replica_id(
     tmp_path: Path,
 ) -> None:
-    """A peer's summary alone (its events still to come) moves the counter past what it
-    holds of ours; one far beyond it (a faulty peer) is refused whole, and moves nothing."""
+    """A peer's summary alone (its events still to come) renews the id, durably, once:
+    the same summary again, showing the old id, renews nothing."""
 
     async def body(c: Cluster) -> None:
         await c.write("us", commands.create("user", "bart", person("bart")))
         us = c.replica("us")
         us_id, counter = us.identity.replica_id, us.state.counter
         eu_id = c.replica("eu").identity.replica_id
-        far = VersionVector.of([Dot(us_id, counter + AHEAD_MAX + 1)])
-        with pytest.raises(BadMessage, match="summary shows this node's own events more"):
-            await c.replicator("us").handle(request(eu_id, [], summary=far))
-        assert us.state.counter == counter
         near = VersionVector.of([Dot(us_id, counter + 10)])
         await c.replicator("us").handle(request(eu_id, [], summary=near))
-        assert us.state.counter == counter + 10
+        new_id = renewed(us, us_id)
+        await c.replicator("us").handle(request(eu_id, [], summary=near))
+        assert us.identity.replica_id == new_id
         assert c.replicator("us").status()["undone_found"] == 1
-        us = (await c.restart("us")).replica  # durable, ahead of its own dots
-        assert us.state.counter == counter + 10
+        us = (await c.restart("us")).replica
+        assert us.identity.replica_id == new_id
         written = await c.write("us", commands.patch("user", "bart", {"name": "Bart"}, None))
-        assert [e.dot for e in written] == [Dot(us_id, counter + 11)]
+        assert [e.dot for e in written] == [Dot(new_id, 1)]
 
-    run(tmp_path, ("eu", "us"), body, limits=Limits(own_events_ahead_max=AHEAD_MAX))
+    run(tmp_path, ("eu", "us"), body)
 
 
-def test_own_events_back_with_a_gap_move_the_counter_past_them_all(tmp_path: Path) -> None:
+def test_own_events_back_with_a_gap_leave_it_behind_the_old_id(tmp_path: Path) -> None:
     """Undone commits that reached a peer only in part (one of their events lost on the
-    way) come back with a gap: taken all the same, for the next write must reuse none of
-    their dots; refusing them stalled every sync with that peer and, once the node's own
-    writes had moved its counter on, left the regions apart for good."""
+    way) come back with a gap no replica can fill. Taken all the same, under the old id,
+    whose summary stops there; the writes after them go under the new id, in a run of
+    counters without a gap. Moving the counter past the gap instead put every later
+    write of the node in the cloud beyond it, in every replica's summary: summaries, and
+    every sync message, grew with each write for good."""
 
     async def body(c: Cluster) -> None:
         await c.write("us", commands.create("user", "bart", person("bart")))
@@ -240,11 +253,18 @@ def test_own_events_back_with_a_gap_move_the_counter_past_them_all(tmp_path: Pat
             for n in (1, 2, 4)  # counter + 3 reached no peer
         ]
         await c.replicator("us").handle(request(eu_id, back))
-        assert us.state.counter == counter + 4
-        written = await c.write("us", commands.patch("user", "bart", {"name": "Bart"}, None))
-        assert [e.dot for e in written] == [Dot(us_id, counter + 5)]
+        new_id = renewed(us, us_id)
+        for n in range(20):
+            await c.write("us", commands.patch("user", "bart", {"name": f"W{n}"}, None))
+        await c.sync_all_until_quiet()
+        for replica in (us, c.replica("eu")):
+            assert replica.summary.origins[us_id] == OriginSeen(
+                counter + 2, frozenset({counter + 4})
+            )
+            assert replica.summary.origins[new_id] == OriginSeen(20)
+        c.assert_converged()
 
-    run(tmp_path, ("eu", "us"), body, limits=Limits(own_events_ahead_max=AHEAD_MAX))
+    run(tmp_path, ("eu", "us"), body)
 
 
 async def restored_from_backup(c: Cluster, tmp_path: Path, *, undone: int = 1) -> Event:
@@ -295,9 +315,9 @@ def test_a_node_whose_last_commit_was_undone_gets_it_back_and_reuses_no_dot(
 
         assert await c.sync("eu", "us")
         assert undone.dot in eu.summary
-        assert eu.state.counter == undone.dot.counter
+        new_id = renewed(eu, undone.dot.origin)
         (later,) = await c.write("eu", commands.patch("user", "homer", {"name": "W2"}, None))
-        assert later.dot.counter == undone.dot.counter + 1
+        assert later.dot == Dot(new_id, 1)
         await c.sync_all_until_quiet()
         views = c.assert_converged()
         assert views["entities"]["user/homer"]["fields"]["name"] == "W2"
@@ -320,7 +340,7 @@ def test_writes_at_start_wait_for_every_peer_so_a_restored_node_reuses_no_dot(
         assert eu.writes_held is not None
         (write,) = await c.write("eu", commands.patch("user", "homer", {"name": "W2"}, None))
         assert eu.writes_held is None
-        assert write.dot.counter == undone.dot.counter + 1  # not the undone event's dot
+        assert write.dot == Dot(renewed(eu, undone.dot.origin), 1)  # not the undone dot
         await c.settle()
         await c.sync_all_until_quiet()
         views = c.assert_converged()
@@ -343,7 +363,7 @@ def test_writes_at_start_wait_one_answer_not_every_page_of_the_undone_events(
         eu = c.open("eu").replica
         c.start("eu")
         (write,) = await c.write("eu", commands.patch("user", "homer", {"name": "W2"}, None))
-        assert write.dot.counter == undone.dot.counter + 1
+        assert write.dot == Dot(renewed(eu, undone.dot.origin), 1)
         assert undone.dot not in eu.summary  # still on its way back, page by page
         await c.settle()
         await c.sync_all_until_quiet()

@@ -225,8 +225,9 @@ def test_a_requester_restored_from_a_copy_is_read_over_what_it_holds_now(
     tmp_path: Path,
 ) -> None:
     """us heard eu hold events eu no longer holds (restored from a copy; five of them
-    reached no peer at all). eu's first request, whole, replaces what us heard: its
-    checked requests are read from then on, none wasted."""
+    reached no peer at all). eu's first request, whole, replaces what us heard, and so
+    does its first under the id it renews when it sees us hold events of its own beyond
+    its log: its checked requests are read from then on, none wasted."""
 
     async def body(c: Cluster) -> None:
         await c.write("eu", commands.create("user", "homer", person("homer")))
@@ -257,8 +258,10 @@ def test_a_requester_restored_from_a_copy_is_read_over_what_it_holds_now(
         us._rebuilt = counted  # type: ignore[method-assign]
         for _ in range(20):
             await c.sync("eu", "us")
-        assert unread == []
-        assert c.replica("eu").state.counter == held  # past every dot us holds of it
+        assert unread == []  # its first request under its renewed id went whole too
+        # It writes as a new incarnation: no dot us holds of it, nor claims, is taken.
+        assert c.replica("eu").identity.replica_id != eu_id
+        assert c.replica("eu").summary.highest(eu_id) == held
         c.assert_converged()
 
     run(tmp_path, ("eu", "us"), body, limits=Limits(batch_events_max=8))
