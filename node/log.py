@@ -78,15 +78,18 @@ def open_identity(txn: WriteTxn, region: str, *, incarnation: str | None = None)
 
 
 def clear_unsynced_boot(txn: WriteTxn) -> None:
-    """This run's commits are all durable (a clean stop synced them): nothing of it can
-    be undone, and the next run needs no new incarnation."""
+    """This run stopped cleanly, its commits all durable (a clean stop synced them):
+    nothing of it can be undone, and the next run needs no new incarnation."""
     txn.delete("meta", UNSYNCED_BOOT_KEY)
 
 
-def new_incarnation(txn: WriteTxn, identity: Identity) -> Identity:
+def new_incarnation(
+    txn: WriteTxn, identity: Identity, *, incarnation: str | None = None
+) -> Identity:
     """Serve as a new incarnation of the same region from now on: a new replica id, its
-    counter from 1. The old id stays an origin like any other, its events kept."""
-    replica_id = f"{identity.region}~{secrets.token_hex(4)}"
+    counter from 1. The old id stays an origin like any other, its events kept.
+    ``incarnation`` is chosen by simulations (seeded runs); otherwise it is random."""
+    replica_id = f"{identity.region}~{incarnation or secrets.token_hex(4)}"
     txn.put("meta", b"replica_id", replica_id.encode())
     txn.put("meta", b"counter", u64(0))
     return Identity(identity.region, replica_id)
@@ -98,20 +101,26 @@ def new_incarnation(txn: WriteTxn, identity: Identity) -> Identity:
 BACKUP_KEY = b"backup_of"
 
 
-def renew_if_backup(txn: WriteTxn, identity: Identity) -> Identity:
+def renew_if_backup(
+    txn: WriteTxn, identity: Identity, *, incarnation: str | None = None
+) -> Identity:
     """A new incarnation if this directory is a backup (``BACKUP_KEY``), else ``identity``;
     the mark is cleared either way."""
     if txn.get("meta", BACKUP_KEY) is None:
         return identity
     txn.delete("meta", BACKUP_KEY)
-    return new_incarnation(txn, identity)
+    return new_incarnation(txn, identity, incarnation=incarnation)
 
 
-# Linux's id of the running boot. Without metasync an OS crash may undo the last commit
-# (LMDB syncs the data, not the page that points at it), and peers may hold the events
-# it had: a node that reused their dots would never converge with them.
+# Linux's id of the running boot. A run that did not stop cleanly and is followed by one
+# on another boot may have lost its last commits: without metasync an OS crash may undo
+# the last one (LMDB syncs the data, not the page that points at it), and a disk put back
+# to a snapshot (a virtual machine's, restored and booted) undoes all since. Peers may
+# hold their events: a node that reused their dots would never converge with them.
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
-UNSYNCED_BOOT_KEY = b"unsynced_boot"  # in meta: the boot a node without metasync ran on
+# In meta: the boot the running node runs on, cleared by a clean stop. (Its name is of
+# the version that kept it for runs without metasync alone.)
+UNSYNCED_BOOT_KEY = b"unsynced_boot"
 
 
 def current_boot() -> bytes | None:
@@ -123,24 +132,32 @@ def current_boot() -> bytes | None:
 
 
 def renew_after_reboot(
-    txn: WriteTxn, identity: Identity, *, metasync: bool, boot: bytes | None
+    txn: WriteTxn,
+    identity: Identity,
+    *,
+    boot: bytes | None,
+    incarnation: str | None = None,
+    renewed: bool = False,
 ) -> Identity:
-    """The identity to serve as: a new incarnation if the last run went without metasync
-    on another boot (its last commit may be undone), else ``identity``; and the boot this
-    run goes without metasync on, recorded for the next.
+    """The identity to serve as: a new incarnation if the last run did not stop cleanly
+    and ran on another boot (its last commits may be undone), else ``identity``; and the
+    boot this run goes on, recorded for the next (a clean stop clears it). ``renewed``:
+    ``identity`` is a new incarnation already (a backup's), which takes no dot of the
+    last run's either.
 
     A new incarnation takes no dot of the old one, which becomes one more origin here:
     its events that peers hold, those of an undone commit too, come back as any other's.
+    (A power loss with metasync undoes nothing: that renewal costs an origin, no more.)
     """
     last = txn.get("meta", UNSYNCED_BOOT_KEY)
-    renewed = identity
-    if last is not None and boot is not None and last != boot:
-        renewed = new_incarnation(txn, identity)
-    if metasync or boot is None:
+    serving = identity
+    if last is not None and boot is not None and last != boot and not renewed:
+        serving = new_incarnation(txn, identity, incarnation=incarnation)
+    if boot is None:
         txn.delete("meta", UNSYNCED_BOOT_KEY)
     else:
         txn.put("meta", UNSYNCED_BOOT_KEY, boot)
-    return renewed
+    return serving
 
 
 @dataclass
@@ -177,16 +194,18 @@ def load_state(txn: ReadTxn, identity: Identity) -> LogState:
     return state
 
 
-def renew(txn: WriteTxn, state: LogState) -> str:
+def renew(txn: WriteTxn, state: LogState, *, incarnation: str | None = None) -> str:
     """Serve as a new incarnation from this commit on (``new_incarnation``): this
     replica's own events turned up beyond its counter (its last commits were undone:
     a copy restored, a snapshot rolled back). Its next write must take none of their
     dots, nor of any others of them a peer not heard from yet may hold, and what no
     peer holds of them is lost for good: the old id's counters stop at a gap that
-    never fills, and the new id's grow from 1 without one. Returns the old id."""
+    never fills, and the new id's grow from 1 without one. Returns the old id.
+    ``incarnation``: as ``new_incarnation``'s."""
     old = state.replica_id
     region = old.partition("~")[0]
-    state.replica_id = new_incarnation(txn, Identity(region, old)).replica_id
+    renewed = new_incarnation(txn, Identity(region, old), incarnation=incarnation)
+    state.replica_id = renewed.replica_id
     state.counter = 0
     return old
 

@@ -185,7 +185,9 @@ def renew_incarnation(data_dir: Path) -> int:
     node holds it."""
 
     def renew(txn: WriteTxn, replica_id: str) -> log.Identity:
-        txn.delete("meta", log.BACKUP_KEY)  # renewed here, not again when a node starts
+        # Renewed here, not again when a node starts (as a backup, or after a reboot).
+        txn.delete("meta", log.BACKUP_KEY)
+        txn.delete("meta", log.UNSYNCED_BOOT_KEY)
         return log.new_incarnation(txn, log.Identity(replica_id.partition("~")[0], replica_id))
 
     try:

@@ -92,21 +92,23 @@ class Replica:
         batch_requests_max: int = 512,
         queue_requests_max: int = 10_000,
         incarnation: str | None = None,
+        incarnations: Callable[[], str | None] = lambda: None,
         threaded_writer: bool = True,
-        metasync: bool = True,
         boot: bytes | None = None,
     ) -> None:
-        """``metasync`` and ``boot`` (``log.current_boot``): how this run commits, on which
-        boot; a node whose last run went without metasync on another boot comes back as a
-        new incarnation (``log.renew_after_reboot``). No ``boot``: no such check."""
+        """``boot`` (``log.current_boot``): the boot this run is on; a node whose last run
+        did not stop cleanly and ran on another boot comes back as a new incarnation
+        (``log.renew_after_reboot``). No ``boot``: no such check.
+        ``incarnation`` (of a new directory) and ``incarnations`` (of each renewal while it
+        runs, ``Writer.renew``): chosen by simulations; otherwise random."""
         self.kv = kv
-        # Without metasync on a known boot: a clean close syncs, and clears the mark.
-        self._unsynced = boot is not None and not metasync
+        # On a known boot: a clean close syncs, and clears the mark of a run under way.
+        self._unsynced = boot is not None
         self._closed = False
 
         def identities(txn: WriteTxn) -> tuple[Identity, Identity]:
             stored = log.open_identity(txn, region, incarnation=incarnation)
-            return stored, log.renew_if_backup(txn, stored)
+            return stored, log.renew_if_backup(txn, stored, incarnation=incarnations())
 
         stored, opened = kv.write(identities)
         if opened != stored:
@@ -119,13 +121,16 @@ class Replica:
         identity = opened
         if boot is not None:
             identity = kv.write(
-                lambda txn: log.renew_after_reboot(txn, opened, metasync=metasync, boot=boot)
+                lambda txn: log.renew_after_reboot(
+                    txn, opened, boot=boot, incarnation=incarnations(), renewed=opened != stored
+                )
             )
             if identity != opened:
                 logger.warning(
-                    "the machine restarted since this node last ran without metasync, which "
-                    "may have undone its last commit: serving as a new incarnation, %s (was "
-                    "%s), so that no dot is used twice",
+                    "this node's last run did not stop cleanly, and the machine has booted "
+                    "since (a power loss, or its disk put back to a snapshot), which may have "
+                    "undone its last commits: serving as a new incarnation, %s (was %s), so "
+                    "that no dot is used twice",
                     identity.replica_id,
                     opened.replica_id,
                 )
@@ -182,6 +187,7 @@ class Replica:
             batch_requests_max=batch_requests_max,
             threaded=threaded_writer,
             queue_requests_max=queue_requests_max,
+            incarnations=incarnations,
         )
 
     @classmethod
@@ -193,13 +199,17 @@ class Replica:
         map_bytes_initial: int = MAP_BYTES_INITIAL,
         metasync: bool = True,
         durable: bool = True,
+        boot: bytes | None = None,
         **options: Any,
     ) -> Replica:
+        """``boot``: the machine's boot (a simulation's); by default this one's if
+        ``durable``."""
         kv = LmdbKV(
             data_dir, map_bytes_initial=map_bytes_initial, metasync=metasync, durable=durable
         )
-        boot = log.current_boot() if durable else None
-        return cls(kv, region, metasync=metasync, boot=boot, **options)
+        if boot is None and durable:
+            boot = log.current_boot()
+        return cls(kv, region, boot=boot, **options)
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Attach to the event loop whose waiters commits must wake."""

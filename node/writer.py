@@ -101,11 +101,15 @@ class Writer:
         batch_requests_max: int = BATCH_REQUESTS_MAX,
         queue_requests_max: int = QUEUE_REQUESTS_MAX,
         threaded: bool = True,
+        incarnations: Callable[[], str | None] = lambda: None,
     ) -> None:
         """``threaded=False`` commits each request in the caller's thread, one by one: for
-        simulations, which run one action at a time and gain nothing from a hand-off."""
+        simulations, which run one action at a time and gain nothing from a hand-off.
+        ``incarnations``: the incarnation of each renewal (``renew``), or None for a
+        random one; simulations choose them, so that a seed's run is the same each time."""
         assert batch_requests_max >= 1
         self.kv, self.clock = kv, clock
+        self.incarnations = incarnations
         self.committed = state
         self.on_commit = on_commit
         self.batch_requests_max = batch_requests_max
@@ -311,7 +315,7 @@ class Writer:
     def renew(self, txn: WriteTxn, state: LogState, seen: str) -> None:
         """Serve as a new incarnation from this commit on (``log.renew``): the node's own
         events are known up to ``seen``, beyond its log. In the writer's thread."""
-        old = log.renew(txn, state)
+        old = log.renew(txn, state, incarnation=self.incarnations())
         self.undone_found += 1
         logger.warning(
             "this node's events are known up to %s, beyond its log: its last commits were "

@@ -8,6 +8,7 @@ with the seed and the exact command that replays it.
 from __future__ import annotations
 
 import argparse
+import logging
 import multiprocessing
 import sys
 import time
@@ -35,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--faults",
         default="",
         help="e.g. loss=0.1,duplicate=0.05,partitions=3"
-        ",one_way=0.5,skew_ms_max=500,crashes=2,down_ms_max=3000; or none",
+        ",one_way=0.5,skew_ms_max=500,crashes=2,down_ms_max=3000"
+        ",rollbacks=1,rollback_ms_max=2000 (deterministic mode); or none",
     )
     parser.add_argument(
         "--workload", default="", help="weights, e.g. profile=4,churn=3,create_delete=1.5,collide=1"
@@ -59,6 +61,9 @@ def _seeds(args: argparse.Namespace) -> list[int]:
 
 
 def _one(scenario: Scenario) -> dict[str, Any]:
+    # What a node logs of the seed's faults (a renewal after a rollback) is in its trace.
+    for name in ("node", "replication"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     return seed_row(run_scenario(scenario))
 
 

@@ -67,6 +67,13 @@ class Faults:
     skew_ms_max: int = 250
     crashes: int = 1  # how many crash-and-restart windows the seed schedules
     down_ms_max: int = 2_000
+    # How many rollbacks the seed schedules: a node's data directory put back to a copy
+    # taken up to ``rollback_ms_max`` earlier (a virtual machine's snapshot restored), its
+    # last commits undone. Its writes acknowledged since the copy may be lost (the
+    # operator's doing, not the store's), and are not held against it; every other
+    # acknowledged write must survive, and the regions must converge.
+    rollbacks: int = 0
+    rollback_ms_max: int = 2_000
 
     @classmethod
     def none(cls) -> Faults:
@@ -116,6 +123,8 @@ class Scenario:
 class Result:
     scenario: Scenario
     acknowledged: list[Event] = field(default_factory=list)
+    undone: list[Event] = field(default_factory=list)  # acknowledged, then rolled back
+    cloud_max: int = 0  # the most counters any final summary holds beyond a gap, per origin
     rejected: int = 0
     union: dict[Dot, Event] = field(default_factory=dict)
     converged: bool = False
@@ -153,6 +162,13 @@ class SimNode:
         self.replica: Replica | None = None
         self.replicator: Replicator | None = None
         self.generation = 0  # bumps at each restart: answers to a dead incarnation are void
+        # Incarnations of the renewals (a rollback found out), drawn from the seed, and
+        # the machine's boot: a rollback boots it again (a crash restarts the node alone).
+        self._incarnations = random.Random(f"{seed}/{region}/incarnations")
+        self._boots = random.Random(f"{seed}/{region}/boots")
+        self.boot = self._boots.randbytes(16)
+        self.snapshot: Path | None = None  # the copy a rollback puts back
+        self.snapshot_acknowledged = 0  # how many writes the run had acknowledged then
 
     def now_ms(self) -> int:
         return self.sim.now_ms + self.skew_ms
@@ -169,6 +185,8 @@ class SimNode:
             threaded_writer=False,  # one action at a time: no hand-off to a thread
             now_ms=self.now_ms,
             incarnation=self.incarnation,
+            incarnations=lambda: f"{self._incarnations.getrandbits(32):08x}",
+            boot=self.boot,
         )
         self.replica.bind(asyncio.get_running_loop())
         peers = [r for r in self.sim.scenario.regions if r != self.region]
@@ -205,6 +223,23 @@ class SimNode:
         self.replicator = None
         if self.flush_every_commits > 1:  # what was never flushed is gone
             shutil.copyfile(self._flushed / "data.mdb", self.data_dir / "data.mdb")
+
+    def take_snapshot(self, acknowledged: int) -> None:
+        assert self.replica is not None
+        self.snapshot = self.data_dir.parent / f"{self.region}.snapshot"
+        shutil.rmtree(self.snapshot, ignore_errors=True)
+        self.snapshot.mkdir()
+        self.replica.kv.env.copy(str(self.snapshot))  # type: ignore[attr-defined]
+        self.snapshot_acknowledged = acknowledged
+
+    def roll_back(self) -> None:
+        """Put the data directory back to the snapshot (the node must be down), as a
+        virtual machine's disk is restored: the machine boots again."""
+        assert self.replica is None
+        assert self.snapshot is not None
+        shutil.copyfile(self.snapshot / "data.mdb", self.data_dir / "data.mdb")
+        self.snapshot = None
+        self.boot = self._boots.randbytes(16)
 
 
 class _NoTransport:
@@ -401,11 +436,35 @@ class Simulation:
         node.crash()
         self.at(self.now_ms + down_ms, "restart", partial(self._restart, region))
 
+    async def _snapshot(self, region: str) -> None:
+        node = self.nodes[region]
+        if node.replica is not None:
+            node.take_snapshot(len(self.result.acknowledged))
+            self.log(f"snapshot {region} at {node.replica.state.counter}")
+
+    async def _roll_back(self, region: str, down_ms: int) -> None:
+        node = self.nodes[region]
+        if node.snapshot is None:
+            return  # it was down when the snapshot was due
+        if node.replica is not None:
+            node.crash()
+        node.roll_back()
+        # Its writes acknowledged since the copy: the rollback may have lost them.
+        since = self.result.acknowledged[node.snapshot_acknowledged :]
+        undone = {e.dot for e in since if e.dot.origin.partition("~")[0] == region}
+        self.result.undone += [e for e in since if e.dot in undone]
+        self.result.acknowledged = [e for e in self.result.acknowledged if e.dot not in undone]
+        self.log(f"roll back {region} for {down_ms} ms: {len(undone)} acknowledged writes undone")
+        self.at(self.now_ms + down_ms, "restart", partial(self._restart, region))
+
     async def _restart(self, region: str) -> None:
         node = self.nodes[region]
         if node.replica is None:
             node.open()
-            self.log(f"restart {region}")
+            assert node.replica is not None
+            replica_id = node.replica.identity.replica_id
+            renewed = "" if replica_id.endswith(node.incarnation) else f" as {replica_id}"
+            self.log(f"restart {region}{renewed}")
 
     # -- the run ---------------------------------------------------------------------
 
@@ -435,6 +494,13 @@ class Simulation:
             when = EPOCH_MS + self.rng.randrange(s.duration_ms)
             down = self.rng.randint(1, max(1, f.down_ms_max))
             self.at(when, "crash", partial(self._crash, region, down))
+        for _ in range(f.rollbacks):
+            region = self.rng.choice(regions)
+            when = EPOCH_MS + 1 + self.rng.randrange(s.duration_ms)
+            back = self.rng.randint(1, max(1, f.rollback_ms_max))
+            down = self.rng.randint(1, max(1, f.down_ms_max))
+            self.at(max(EPOCH_MS, when - back), "snapshot", partial(self._snapshot, region))
+            self.at(when, "rollback", partial(self._roll_back, region, down))
         if s.sample_ms:
             self.at(EPOCH_MS, "sample", self._sample)
 
@@ -562,6 +628,10 @@ class Simulation:
                         union[dot] = decode_event(data)
         entities = entities_of(self.result.union.values())
         live = {region: r for region, r in replicas.items() if r is not None}
+        self.result.cloud_max = max(
+            (len(seen.cloud) for r in live.values() for seen in r.summary.origins.values()),
+            default=0,
+        )
         self.result.report = check(
             snapshots={region: snapshot_of_replica(r, entities) for region, r in live.items()},
             summaries={region: r.summary for region, r in live.items()},

@@ -159,6 +159,9 @@ async def _run(args: argparse.Namespace) -> int:
     regions = [r.strip() for r in args.regions.split(",") if r.strip()]
     seed = args.seed if args.seed is not None else int(str(args.seeds).partition("..")[0])
     faults = Faults.parse(args.faults) if args.faults else Faults()
+    if faults.rollbacks:
+        print("replica: error: rollbacks are a fault of the deterministic mode", file=sys.stderr)
+        return 2
     mix = Mix.parse(args.workload) if args.workload else Mix()
     rng = random.Random(seed)
     root = Path(tempfile.mkdtemp(prefix=f"replica-live-{seed}-"))

@@ -25,6 +25,7 @@ def seed_row(result: Result) -> dict[str, Any]:
         "events": len(result.union),
         "bytes_per_event": round(result.bytes_per_event, 1),
         "acknowledged": len(result.acknowledged),
+        "undone": len(result.undone),
         "rejected": result.rejected,
         "superseded": report.superseded if report else None,
         "lost": report.lost if report else None,
@@ -69,6 +70,10 @@ def summary_table(rows: list[dict[str, Any]], wall_s: float) -> str:
             "acknowledged writes",
             f"{sum(r['acknowledged'] for r in rows)}"
             f" (refused by the node: {sum(r['rejected'] for r in rows)})",
+        ),
+        (
+            "acknowledged, then undone by rollbacks",
+            f"{sum(r['undone'] for r in rows)} (not counted above, nor held as lost)",
         ),
         ("superseded LWW writes", f"{sum(r['superseded'] or 0 for r in rows)}"),
         ("lost acknowledged writes", f"{sum(r['lost'] or 0 for r in rows)}"),

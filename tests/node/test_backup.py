@@ -6,8 +6,13 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from node import commands, log
+from node.kv import WriteTxn
+from node.lmdb_kv import LmdbKV
 from node.replica import Replica
 from node.writer import Decide
 from tests.node.cli_process import replica_cli
@@ -75,16 +80,53 @@ def test_new_incarnation_on_a_backup_renews_it_once(tmp_path: Path) -> None:
 
     asyncio.run(write())
     assert replica_cli("backup", "--data", str(data), "--to", str(copy)).returncode == 0
+    kv = LmdbKV(copy)  # as if copied from a node that died running on another boot
+    kv.write(lambda txn: txn.put("meta", log.UNSYNCED_BOOT_KEY, b"another-boot"))
+    kv.close()
     done = replica_cli("new-incarnation", "--data", str(copy))
     assert done.returncode == 0, done.stderr
     renewed = done.stdout.split(" is now ")[1].split(":")[0]
     replica = Replica.open(copy, "eu")
     try:
-        assert replica.identity.replica_id == renewed
+        assert replica.identity.replica_id == renewed  # not renewed again at start
         with replica.kv.read() as txn:
             assert txn.get("meta", log.BACKUP_KEY) is None
     finally:
         replica.close()
+
+
+def test_a_backup_of_a_running_node_restored_on_another_machine_renews_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copy holds the mark of a run under way, on the boot it was taken on: started
+    on another machine, it is a backup renewed already, not a run that died as well."""
+    data, copy = tmp_path / "eu", tmp_path / "copy"
+
+    async def backed_up() -> None:
+        replica = Replica.open(data, "eu")
+        try:
+            replica.bind(asyncio.get_running_loop())
+            await replica.write(person(1), actor="test")
+            done = await asyncio.to_thread(
+                replica_cli, "backup", "--data", str(data), "--to", str(copy)
+            )
+            assert done.returncode == 0, done.stderr
+        finally:
+            replica.close()
+
+    asyncio.run(backed_up())
+    renewals: list[str] = []
+    new_incarnation = log.new_incarnation
+
+    def counted(txn: WriteTxn, identity: log.Identity, **options: Any) -> log.Identity:
+        renewals.append(identity.replica_id)
+        return new_incarnation(txn, identity, **options)
+
+    monkeypatch.setattr(log, "new_incarnation", counted)
+    monkeypatch.setattr(log, "current_boot", lambda: b"another-machine")
+    replica = Replica.open(copy, "eu")
+    replica.close()
+    assert len(renewals) == 1
 
 
 def test_a_backup_refuses_a_directory_that_is_not_empty_or_not_a_replicas(

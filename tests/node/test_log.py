@@ -205,6 +205,37 @@ class TestMemoryLog(LogContract):
             assert log.load_state(txn, renewed) == state
         assert state.summary.highest(me) == 3  # the old id's events stay, as any origin's
 
+    @pytest.mark.parametrize(
+        ("last", "boot", "renewed", "renews", "mark"),
+        [
+            (None, b"B", False, False, b"B"),  # stopped cleanly: no mark left
+            (b"A", b"A", False, False, b"A"),  # died running (kill -9), the same boot
+            (b"A", b"B", False, True, b"B"),  # died running, another boot: maybe undone
+            (b"A", b"B", True, False, b"B"),  # a backup's new incarnation already
+            (b"A", None, False, False, None),  # no boot id on this system
+        ],
+    )
+    def test_a_run_that_died_is_renewed_after_a_reboot(
+        self,
+        kv: KV,
+        last: bytes | None,
+        boot: bytes | None,
+        renewed: bool,
+        renews: bool,
+        mark: bytes | None,
+    ) -> None:
+        identity = kv.write(lambda txn: log.open_identity(txn, "eu"))
+        if last is not None:
+            kv.write(lambda txn: txn.put("meta", log.UNSYNCED_BOOT_KEY, last))
+        serving = kv.write(
+            lambda txn: log.renew_after_reboot(txn, identity, boot=boot, renewed=renewed)
+        )
+        assert (serving != identity) == renews
+        assert serving.region == "eu"
+        with kv.read() as txn:
+            assert txn.get("meta", log.UNSYNCED_BOOT_KEY) == mark
+            assert txn.get("meta", b"replica_id") == serving.replica_id.encode()
+
 
 class TestLmdbLog(LogContract):
     def make_kv(self, path: Path) -> KV:

@@ -494,6 +494,6 @@ def test_a_data_file_that_is_not_lmdb_is_refused_as_such(
 
 
 def test_a_replica_closes_once_however_often_it_is_closed(tmp_path: Path) -> None:
-    replica = Replica(LmdbKV(tmp_path, metasync=False), "eu", metasync=False, boot=b"boot-1")
+    replica = Replica(LmdbKV(tmp_path, metasync=False), "eu", boot=b"boot-1")
     replica.close()
     replica.close()  # the second closed the LMDB environment twice: lmdb.Error

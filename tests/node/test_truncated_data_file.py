@@ -20,6 +20,8 @@ from node.lmdb_kv import LmdbKV
 from node.replica import Replica
 from tests.node.cli_process import replica_cli
 
+PAGE_BYTES = 4096  # LMDB's page on this platform
+
 
 def make_replica(data: Path) -> int:
     """A replica's data directory with some users in it; the data file's size."""
@@ -50,17 +52,19 @@ COMMANDS = {
 }
 
 
-def _zero_tail(path: Path, size: int) -> None:
+def _zero_past_meta(path: Path, size: int) -> None:
+    """Every page zeroed but LMDB's two meta pages: whatever a command reads is damaged.
+    (Half the file zeroed missed every page some commands read, as pages moved.)"""
     with path.open("r+b") as f:
-        f.seek(size // 2)
-        f.write(bytes(size - size // 2))
+        f.seek(2 * PAGE_BYTES)
+        f.write(bytes(size - 2 * PAGE_BYTES))
 
 
 # What is done to the data file, and what the refusal says.
 DAMAGE: dict[str, tuple[Callable[[Path, int], None], str]] = {
     "cut to one page": (lambda path, size: os.truncate(path, 4096), "cut short"),
     "emptied": (lambda path, size: os.truncate(path, 0), "cut short"),
-    "its second half zeroed": (_zero_tail, "MDB_"),
+    "zeroed past its meta pages": (_zero_past_meta, "MDB_"),
 }
 
 
