@@ -597,7 +597,7 @@ async def status(request: web.Request) -> web.Response:
     return _json(
         {
             "region": replica.identity.region,
-            "replica_id": replica.identity.replica_id,
+            "replica_id": state.replica_id,  # of the same commit as the rest
             "seq": state.seq,
             "summary": {
                 origin: {"contiguous": seen.contiguous, "beyond_gap": len(seen.cloud)}

@@ -68,6 +68,9 @@ class Committed:
     events: list[tuple[int, Event]]
     state: LogState
     drifted: int = 0
+    # Renewals of the replica id (``Writer.renew``): the old id, and its highest counter
+    # found beyond the log.
+    renewed: list[tuple[str, int]] = field(default_factory=list)
 
 
 Maintain = Callable[[WriteTxn, LogState], None]
@@ -127,8 +130,9 @@ class Writer:
         self.generation = next(_GENERATIONS)
         self.requests = 0
         # Times this node's own events came back beyond its counter, or a peer's summary
-        # showed them (``Replicator``): its last commits were undone.
+        # showed them (``Replicator``): its last commits were undone. Each renewed its id.
         self.undone_found = 0
+        self._renewed: list[tuple[str, int]] = []  # in the commit under way
         self.threaded = threaded
         if threaded:
             self._thread.start()
@@ -233,6 +237,18 @@ class Writer:
         self.committed = committed.state
         self.commits += 1
         self.requests += len(batch)
+        for old, highest in committed.renewed:  # once committed: an _apply may run again
+            self.undone_found += 1
+            logger.warning(
+                "this node's events are known up to %s:%d, beyond its log: its last commits "
+                "were undone (a copy restored, a snapshot rolled back); it serves as a new "
+                "incarnation, %s, so that no dot of %s is used twice (its events that peers "
+                "hold come back from them)",
+                old,
+                highest,
+                committed.state.replica_id,
+                old,
+            )
         self.on_commit(committed)
         _settle(list(zip(batch, outcomes, strict=True)))
 
@@ -240,6 +256,7 @@ class Writer:
         self, txn: WriteTxn, batch: list[_Request]
     ) -> tuple[list[list[Event] | Exception], Committed]:
         state = self.committed.copy()
+        self._renewed = []
         appended: list[tuple[int, Event]] = []
         outcomes: list[list[Event] | Exception] = []
         drifted = 0
@@ -281,7 +298,7 @@ class Writer:
             outcomes.append(written)
         pending.flush(txn)
         log.save_state(txn, state)
-        return outcomes, Committed(appended, state, drifted)
+        return outcomes, Committed(appended, state, drifted, self._renewed)
 
     def _ingest(
         self,
@@ -309,23 +326,15 @@ class Writer:
         # Our own events came back beyond our counter: our last commits were undone.
         highest = state.summary.highest(state.replica_id)
         if highest > state.counter:
-            self.renew(txn, state, f"{state.replica_id}:{highest}")
+            self.renew(txn, state, highest)
         return new, drifted
 
-    def renew(self, txn: WriteTxn, state: LogState, seen: str) -> None:
+    def renew(self, txn: WriteTxn, state: LogState, highest: int) -> None:
         """Serve as a new incarnation from this commit on (``log.renew``): the node's own
-        events are known up to ``seen``, beyond its log. In the writer's thread."""
+        events are known up to ``highest``, beyond its log. In the writer's thread, in a
+        commit (counted and logged once it is committed)."""
         old = log.renew(txn, state, incarnation=self.incarnations())
-        self.undone_found += 1
-        logger.warning(
-            "this node's events are known up to %s, beyond its log: its last commits were "
-            "undone (a copy restored, a snapshot rolled back); it serves as a new "
-            "incarnation, %s, so that no dot of %s is used twice (its events that peers "
-            "hold come back from them)",
-            seen,
-            state.replica_id,
-            old,
-        )
+        self._renewed.append((old, highest))
 
     def _append(
         self,

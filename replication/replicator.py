@@ -159,6 +159,7 @@ class Replicator:
             await self._renew_if_undone(theirs)
             if peer is not None:
                 self._heard_from(peer.name)
+        own = self.replica.identity.replica_id  # renewed, maybe, by this very request
         if theirs is None:
             return protocol.encode(Sync(Tag.SYNC_RESPONSE, own, self._advertised()))
         # Not what the peer holds as far as we know by now (the request may have waited
@@ -273,10 +274,28 @@ class Replicator:
         (counted) refusing the batch whole."""
         try:
             batch = protocol.read_batch(message, known=self.replica.summary)
+            self._check_own(message, batch)
         except BadMessage:
             self.batches_refused += 1
             raise
         return batch
+
+    def _check_own(self, message: protocol.Received, batch: protocol.Batch) -> None:
+        """Refuse a message that shows this node's own events beyond its counter once it
+        has renewed its id in this run. Only its last commits undone, before it started,
+        put them there: its first renewal answers that, and none of the new id's commits
+        can be undone while it runs. From a faulty peer, each claim would renew the id
+        again, one more origin in every summary and token for good."""
+        if not self.replica.writer.undone_found:
+            return
+        own, counter = self.replica.identity.replica_id, self.replica.state.counter
+        seen = message.changes.get(own)
+        beyond = seen is not None and seen.highest() > counter
+        if beyond or any(e.dot.origin == own and e.dot.counter > counter for e in batch.events):
+            raise BadMessage(
+                f"it shows events of {own} beyond its counter, {counter}, though this node "
+                "renewed its id in this run for its own events found beyond its log"
+            )
 
     async def _ingest(self, batch: protocol.Batch) -> int:
         quarantined = [(raw.dot, raw.data) for raw in batch.quarantined]
@@ -515,7 +534,7 @@ class Replicator:
 
         def renew(txn: WriteTxn, state: LogState) -> None:
             if state.replica_id == own and highest > state.counter:  # not renewed since
-                writer.renew(txn, state, f"{own}:{highest}")
+                writer.renew(txn, state, highest)
 
         await writer.maintain(renew)
 

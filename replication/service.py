@@ -41,7 +41,10 @@ class ReplicationService:
         self.replica, self.settings = replica, settings
         self.secret = settings.cluster_secret
         urls = {p.name: p.url for p in settings.peers}
-        sender = replica.identity.replica_id
+
+        def sender() -> str:  # read as it signs: a renewal changes it while the node runs
+            return replica.identity.replica_id
+
         http = HttpTransport(
             urls, secret=self.secret, sender=sender, ssl_context=client_tls(settings)
         )

@@ -58,7 +58,13 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from node.http_errors import error_body, error_response
 from replication.auth import AuthError, now_ms, sign_request, verify_request
-from replication.transport import REQUEST_TIMEOUT_MS, HttpTransport, TransportError
+from replication.transport import (
+    REQUEST_TIMEOUT_MS,
+    HttpTransport,
+    Sender,
+    TransportError,
+    sender_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -297,13 +303,13 @@ class StreamTransport:
         urls: dict[str, str],
         *,
         secret: str,
-        sender: str,
+        sender: Sender,
         http: HttpTransport,
         timeout_ms: int = REQUEST_TIMEOUT_MS,
         message_bytes_max: int,
         compression: str = "auto",
     ) -> None:
-        self.urls, self.secret, self.sender, self.http = urls, secret, sender, http
+        self.urls, self.secret, self.sender, self.http = urls, secret, sender_of(sender), http
         self.compression = compression
         self.timeout_s = timeout_ms / 1000
         self.message_bytes_max = message_bytes_max
@@ -362,9 +368,10 @@ class StreamTransport:
 
     async def _open(self, peer: str) -> _Link | None:
         client_nonce = os.urandom(NONCE_BYTES)
+        sender = self.sender()  # the stream's for its life
         headers = {
             NONCE: _nonce_text(client_nonce),
-            **sign_request(self.secret, "GET", STREAM_PATH, client_nonce, self.sender),
+            **sign_request(self.secret, "GET", STREAM_PATH, client_nonce, sender),
         }
         try:
             ws = await self.http.session().ws_connect(
@@ -402,7 +409,7 @@ class StreamTransport:
             if hello.type is not WSMsgType.BINARY or len(hello.data) != NONCE_BYTES + MAC_BYTES:
                 raise TransportError(f"{peer}: the stream opened without its hello")
             server_nonce, mac = hello.data[:NONCE_BYTES], hello.data[NONCE_BYTES:]
-            expected = _hello_mac(self.secret, self.sender, client_nonce, server_nonce)
+            expected = _hello_mac(self.secret, sender, client_nonce, server_nonce)
             if not hmac.compare_digest(expected, mac):
                 raise TransportError(f"{peer}: bad stream hello signature")
         except BaseException as exc:
@@ -412,7 +419,7 @@ class StreamTransport:
             raise
         self.streams_opened += 1
         self._compressed[peer] = ws.compress != 0
-        mac = FrameMac(self.secret, self.sender, client_nonce, server_nonce)
+        mac = FrameMac(self.secret, sender, client_nonce, server_nonce)
         return _Link(peer, ws, mac, self.message_bytes_max + ANSWER_HEAD_BYTES)
 
     async def close(self) -> None:

@@ -53,6 +53,17 @@ class MemoryTransport:
         pass
 
 
+# Who signs: a replica id, or what gives the current one (a node renews its id while it
+# runs when it finds its last commits undone).
+Sender = str | Callable[[], str]
+
+
+def sender_of(sender: Sender) -> Callable[[], str]:
+    if callable(sender):
+        return sender
+    return lambda: sender
+
+
 class HttpTransport:
     """Signed msgpack over HTTP(S); peers are named by region and reached by URL."""
 
@@ -61,11 +72,11 @@ class HttpTransport:
         urls: dict[str, str],
         *,
         secret: str,
-        sender: str,
+        sender: Sender,
         ssl_context: ssl.SSLContext | None = None,
         timeout_ms: int = REQUEST_TIMEOUT_MS,
     ) -> None:
-        self.urls, self.secret, self.sender = urls, secret, sender
+        self.urls, self.secret, self.sender = urls, secret, sender_of(sender)
         self._session: aiohttp.ClientSession | None = None
         self._ssl = ssl_context
         self._timeout = aiohttp.ClientTimeout(total=timeout_ms / 1000)
@@ -85,7 +96,7 @@ class HttpTransport:
     async def send(self, peer: str, body: bytes) -> bytes:
         headers = {
             "Content-Type": "application/msgpack",
-            **sign_request(self.secret, "POST", SYNC_PATH, body, self.sender),
+            **sign_request(self.secret, "POST", SYNC_PATH, body, self.sender()),
         }
         try:
             async with self.session().post(

@@ -222,8 +222,10 @@ def test_a_summary_showing_own_events_beyond_the_counter_renews_the_replica_id(
         us_id, counter = us.identity.replica_id, us.state.counter
         eu_id = c.replica("eu").identity.replica_id
         near = VersionVector.of([Dot(us_id, counter + 10)])
-        await c.replicator("us").handle(request(eu_id, [], summary=near))
+        answer = await c.replicator("us").handle(request(eu_id, [], summary=near))
         new_id = renewed(us, us_id)
+        # The answer names the id renewed by this very request (it named the old one).
+        assert protocol.decode(answer, expect=Tag.SYNC_RESPONSE).replica_id == new_id
         await c.replicator("us").handle(request(eu_id, [], summary=near))
         assert us.identity.replica_id == new_id
         assert c.replicator("us").status()["undone_found"] == 1
@@ -265,6 +267,71 @@ def test_own_events_back_with_a_gap_leave_it_behind_the_old_id(tmp_path: Path) -
         c.assert_converged()
 
     run(tmp_path, ("eu", "us"), body)
+
+
+def test_after_a_renewal_a_message_showing_the_new_ids_events_beyond_it_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Only commits undone before the node started put its own events beyond its log,
+    and its first renewal in a run answers them: a peer showing the new id's events
+    beyond its counter is faulty, and renewing at each of its claims would add an origin
+    to every summary and token each time. Refused whole, nothing of it written."""
+
+    async def body(c: Cluster) -> None:
+        await c.write("us", commands.create("user", "bart", person("bart")))
+        us = c.replica("us")
+        us_id, counter = us.identity.replica_id, us.state.counter
+        eu_id = c.replica("eu").identity.replica_id
+        back = Event(Dot(us_id, counter + 1), STAMP, "user/bart", Op.SET, "name", "B")
+        await c.replicator("us").handle(request(eu_id, [back]))
+        new_id = renewed(us, us_id)
+        written = await c.write("us", commands.patch("user", "bart", {"name": "N"}, None))
+        seq = us.state.seq
+        claims = [
+            request(eu_id, [], summary=VersionVector.of([Dot(new_id, 2)])),
+            request(eu_id, [Event(Dot(new_id, 2), STAMP, "user/bart", Op.SET, "name", "X")]),
+        ]
+        for claim in claims:
+            with pytest.raises(BadMessage, match="beyond its counter, 1, though this node"):
+                await c.replicator("us").handle(claim)
+        assert us.identity.replica_id == new_id
+        assert us.state.seq == seq
+        assert c.replicator("us").status()["undone_found"] == 1
+        # Its own old id's events, and the new id's it holds, are no claim: taken as ever.
+        old = Event(Dot(us_id, counter + 2), STAMP, "user/bart", Op.SET, "name", "C")
+        summary = VersionVector.of([written[0].dot, old.dot])
+        await c.replicator("us").handle(request(eu_id, [old], summary=summary))
+        assert old.dot in us.summary
+
+    run(tmp_path, ("eu", "us"), body)
+
+
+def test_a_renewal_in_a_commit_that_runs_again_is_counted_and_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A commit runs again when the LMDB map is doubled (or a failed batch is retried
+    request by request): a renewal was counted and logged in each run, the first naming
+    an id never committed (found by a review)."""
+
+    async def main() -> None:
+        replica = Replica.open(tmp_path / "us", "us", map_bytes_initial=256 * 1024)
+        try:
+            replica.bind(asyncio.get_running_loop())
+            own = replica.identity.replica_id
+            back = [
+                Event(Dot(own, n), STAMP, f"user/u{n}", Op.SET, "name", "N" * 100)
+                for n in range(1, 3_001)
+            ]
+            await replica.ingest(back)
+            assert replica.writer.undone_found == 1
+            (line,) = [r.getMessage() for r in caplog.records if "serves as a new" in r.message]
+            assert f"{own}:3000, beyond its log" in line
+            assert f"incarnation, {replica.identity.replica_id}, so" in line
+            assert replica.identity.replica_id != own
+        finally:
+            replica.close()
+
+    asyncio.run(main())
 
 
 async def restored_from_backup(c: Cluster, tmp_path: Path, *, undone: int = 1) -> Event:

@@ -254,3 +254,31 @@ def test_a_body_over_the_sync_limit_gets_413_naming_that_limit(tmp_path: Path) -
             assert us.state.seq == 0
 
     asyncio.run(main())
+
+
+def test_requests_are_signed_as_the_replica_id_the_node_has_when_it_sends() -> None:
+    """A node renews its id while it runs (its last commits found undone): its requests
+    went on being signed as the old one until it restarted (found by a review)."""
+    ids = ["eu~aaaa1111"]
+    signed: list[str] = []
+
+    async def main() -> None:
+        async def peer(request: web.Request) -> web.Response:
+            body = await request.read()
+            signed.append(auth.verify_request(SECRET, "POST", SYNC_PATH, body, request.headers))
+            return web.Response(body=b"ok", headers=auth.sign_response(SECRET, 200, b"ok"))
+
+        app = web.Application()
+        app.router.add_post(SYNC_PATH, peer)
+        async with TestServer(app) as server:
+            base = str(server.make_url("/")).rstrip("/")
+            transport = HttpTransport({"x": base}, secret=SECRET, sender=lambda: ids[-1])
+            try:
+                assert await transport.send("x", b"one") == b"ok"
+                ids.append("eu~bbbb2222")  # renewed
+                assert await transport.send("x", b"two") == b"ok"
+            finally:
+                await transport.close()
+
+    asyncio.run(main())
+    assert signed == ["eu~aaaa1111", "eu~bbbb2222"]
