@@ -103,14 +103,21 @@ class Replica:
         runs, ``Writer.renew``): chosen by simulations; otherwise random."""
         self.kv = kv
         # On a known boot: a clean close syncs, and clears the mark of a run under way.
-        self._unsynced = boot is not None
+        self._run_marked = boot is not None
         self._closed = False
 
-        def identities(txn: WriteTxn) -> tuple[Identity, Identity]:
+        def identities(txn: WriteTxn) -> tuple[Identity, Identity, Identity]:
+            # One commit: a start cut short between two would renew twice.
             stored = log.open_identity(txn, region, incarnation=incarnation)
-            return stored, log.renew_if_backup(txn, stored, incarnation=incarnations())
+            opened = log.renew_if_backup(txn, stored, incarnation=incarnations())
+            serving = opened
+            if boot is not None:
+                serving = log.renew_after_reboot(
+                    txn, opened, boot=boot, incarnation=incarnations(), renewed=opened != stored
+                )
+            return stored, opened, serving
 
-        stored, opened = kv.write(identities)
+        stored, opened, identity = kv.write(identities)
         if opened != stored:
             logger.warning(
                 "started on a backup of %s: serving as a new incarnation, %s, so that no dot "
@@ -118,22 +125,15 @@ class Replica:
                 stored.replica_id,
                 opened.replica_id,
             )
-        identity = opened
-        if boot is not None:
-            identity = kv.write(
-                lambda txn: log.renew_after_reboot(
-                    txn, opened, boot=boot, incarnation=incarnations(), renewed=opened != stored
-                )
+        if identity != opened:
+            logger.warning(
+                "this node's last run did not stop cleanly, and the machine has booted "
+                "since (a power loss, or its disk put back to a snapshot), which may have "
+                "undone its last commits: serving as a new incarnation, %s (was %s), so "
+                "that no dot is used twice",
+                identity.replica_id,
+                opened.replica_id,
             )
-            if identity != opened:
-                logger.warning(
-                    "this node's last run did not stop cleanly, and the machine has booted "
-                    "since (a power loss, or its disk put back to a snapshot), which may have "
-                    "undone its last commits: serving as a new incarnation, %s (was %s), so "
-                    "that no dot is used twice",
-                    identity.replica_id,
-                    opened.replica_id,
-                )
         self._identity = identity
         with kv.read() as txn:
             state = log.load_state(txn, identity)
@@ -225,7 +225,7 @@ class Replica:
         self._closed = True
         try:
             self.writer.stop()
-            if self._unsynced:
+            if self._run_marked:
                 # Stopped cleanly, nothing is left to undo: the next boot starts no new
                 # incarnation (each one is an origin kept for good, in every token).
                 self.kv.write(log.clear_unsynced_boot)

@@ -25,11 +25,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from crdt import Dot
+from crdt import Dot, VersionVector
+from crdt import codec as crdt_codec
 from node import log as node_log
 from node.events import Event
 from node.events import decode as decode_event
 from node.events import encode as encode_event
+from node.lmdb_kv import LmdbKV
 from node.replica import Replica
 from node.writer import Rejected
 from replication import protocol
@@ -167,6 +169,7 @@ class SimNode:
         self._incarnations = random.Random(f"{seed}/{region}/incarnations")
         self._boots = random.Random(f"{seed}/{region}/boots")
         self.boot = self._boots.randbytes(16)
+        self._replica_id = ""
         self.snapshot: Path | None = None  # the copy a rollback puts back
         self.snapshot_acknowledged = 0  # how many writes the run had acknowledged then
 
@@ -189,6 +192,7 @@ class SimNode:
             boot=self.boot,
         )
         self.replica.bind(asyncio.get_running_loop())
+        self._replica_id = self.replica.identity.replica_id
         peers = [r for r in self.sim.scenario.regions if r != self.region]
         limits = Limits(gossip_interval_ms=self.sim.scenario.gossip_interval_ms)
         rng = random.Random(f"{self.sim.scenario.seed}/{self.region}/{self.generation}")
@@ -218,11 +222,31 @@ class SimNode:
 
     def crash(self) -> None:
         assert self.replica is not None
+        self._replica_id = self.replica.identity.replica_id
         self.replica.close()
         self.replica = None
         self.replicator = None
         if self.flush_every_commits > 1:  # what was never flushed is gone
             shutil.copyfile(self._flushed / "data.mdb", self.data_dir / "data.mdb")
+
+    @property
+    def replica_id(self) -> str:
+        """The id it writes as, or last wrote as (down)."""
+        if self.replica is not None:
+            self._replica_id = self.replica.identity.replica_id
+        return self._replica_id
+
+    def held(self) -> VersionVector:
+        """The summary of what this node holds: in its replica, or on disk if it is down."""
+        if self.replica is not None:
+            return self.replica.summary
+        kv = LmdbKV(self.data_dir, durable=False)
+        try:
+            with kv.read() as txn:
+                raw = txn.get("meta", b"summary")
+        finally:
+            kv.close()
+        return VersionVector() if raw is None else crdt_codec.decode_as(raw, VersionVector)
 
     def take_snapshot(self, acknowledged: int) -> None:
         assert self.replica is not None
@@ -264,6 +288,11 @@ class Simulation:
         self._seq = 0
         self._trace = hashlib.sha256()
         self.result = Result(scenario)
+        # Every write acknowledged, in order, never taken from (a snapshot's place in it
+        # stays put), and the rollbacks' accounting (``_roll_back``).
+        self._acknowledged_log: list[Event] = []
+        self._held_when_undone: set[Dot] = set()
+        self._excused: set[Dot] = set()
         self.keep_trace = False
         skews = {
             r: self.rng.randint(-scenario.faults.skew_ms_max, scenario.faults.skew_ms_max)
@@ -421,6 +450,7 @@ class Simulation:
             return
         self.log(f"client {region} {label}: ok {[str(e.dot) for e in written]}")
         self.result.acknowledged += written
+        self._acknowledged_log += written
         fresh = [RawEvent(e.dot, encode_event(e)) for e in written]
         node.replicator.enqueue(fresh)
         for peer in sorted(node.replicator.peers):
@@ -439,7 +469,7 @@ class Simulation:
     async def _snapshot(self, region: str) -> None:
         node = self.nodes[region]
         if node.replica is not None:
-            node.take_snapshot(len(self.result.acknowledged))
+            node.take_snapshot(len(self._acknowledged_log))
             self.log(f"snapshot {region} at {node.replica.state.counter}")
 
     async def _roll_back(self, region: str, down_ms: int) -> None:
@@ -449,21 +479,38 @@ class Simulation:
         if node.replica is not None:
             node.crash()
         node.roll_back()
-        # Its writes acknowledged since the copy: the rollback may have lost them.
-        since = self.result.acknowledged[node.snapshot_acknowledged :]
-        undone = {e.dot for e in since if e.dot.origin.partition("~")[0] == region}
-        self.result.undone += [e for e in since if e.dot in undone]
+        # Its writes acknowledged since the copy that no other node holds: the rollback
+        # lost them (the operator's doing). Those another node holds must come back to
+        # it, unless every node holding them is rolled back too, later.
+        since = self._acknowledged_log[node.snapshot_acknowledged :]
+        mine = {e.dot for e in since if e.dot.origin.partition("~")[0] == region}
+        held = self._held(but=region)
+        kept = {dot for dot in mine if any(summary.contains(dot) for summary in held)}
+        self._held_when_undone |= kept
+        everywhere = self._held(but=None)
+        gone = {
+            dot
+            for dot in self._held_when_undone
+            if not any(summary.contains(dot) for summary in everywhere)
+        }
+        self._held_when_undone -= gone
+        undone = (mine - kept | gone) - self._excused
+        self._excused |= undone
+        self.result.undone += [e for e in self._acknowledged_log if e.dot in undone]
         self.result.acknowledged = [e for e in self.result.acknowledged if e.dot not in undone]
         self.log(f"roll back {region} for {down_ms} ms: {len(undone)} acknowledged writes undone")
         self.at(self.now_ms + down_ms, "restart", partial(self._restart, region))
 
+    def _held(self, *, but: str | None) -> list[VersionVector]:
+        """What each node but ``but`` holds (on disk, if it is down)."""
+        return [node.held() for region, node in sorted(self.nodes.items()) if region != but]
+
     async def _restart(self, region: str) -> None:
         node = self.nodes[region]
         if node.replica is None:
+            before = node.replica_id
             node.open()
-            assert node.replica is not None
-            replica_id = node.replica.identity.replica_id
-            renewed = "" if replica_id.endswith(node.incarnation) else f" as {replica_id}"
+            renewed = "" if node.replica_id == before else f" as {node.replica_id}"
             self.log(f"restart {region}{renewed}")
 
     # -- the run ---------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 Each is a context manager that patches one piece of the real code for the duration of
 a run (in this process only): a replication that skips events, an LWW tie-break that
-ignores the origin, a remove that deletes adds it never observed, and a node that
-acknowledges writes before they are durable. None of them is ever used by a node.
+ignores the origin, a remove that deletes adds it never observed, a node that
+acknowledges writes before they are durable, and one that goes on under its old id after
+its disk was put back to a snapshot. None of them is ever used by a node.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from crdt import ORSet, Remove, Write
-from node import fold
+from node import fold, log
+from node.kv import WriteTxn
+from node.log import Identity
 from replication import protocol
 from replication.replicator import Replicator
 from simulations.deterministic import SimNode
@@ -71,9 +74,22 @@ def ack_before_commit() -> AbstractContextManager[None]:
     return _patched(SimNode, "flush_every_commits", 8)
 
 
+def no_renewal_after_a_reboot() -> AbstractContextManager[None]:
+    """A node whose disk was put back to a snapshot goes on under its old id (as one that
+    ran with metasync did before): its next writes take dots its peers hold already."""
+    original = log.renew_after_reboot
+
+    def never(txn: WriteTxn, identity: Identity, **options: Any) -> Identity:
+        original(txn, identity, **{**options, "renewed": True})  # the mark, no renewal
+        return identity
+
+    return _patched(log, "renew_after_reboot", never)
+
+
 VARIANTS: dict[str, Callable[[], AbstractContextManager[None]]] = {
     "replication_skips_an_event": replication_skips_an_event,
     "lww_tie_ignores_origin": lww_tie_ignores_origin,
     "remove_deletes_unobserved_adds": remove_deletes_unobserved_adds,
     "ack_before_commit": ack_before_commit,
+    "no_renewal_after_a_reboot": no_renewal_after_a_reboot,
 }

@@ -1,7 +1,8 @@
 """Rollbacks: a node's disk put back to a snapshot taken while it ran (a virtual machine's
 snapshot restored, the machine booted again), its last commits undone after peers got
 some of them. The regions must converge, every acknowledged write but the rolled-back
-node's own since the snapshot must survive, and no summary may grow with later writes."""
+node's own since the snapshot that no other node held must survive, and no summary may
+grow with later writes."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ def test_regions_converge_and_keep_every_write_through_rollbacks() -> None:
         assert result.cloud_max <= len(result.undone), f"seed {seed}"
         undone += len(result.undone)
         renewed += sum(" as " in line for line in result.trace if "restart" in line)
-    # The faults took place: writes were undone, and nodes came back renewed.
-    assert undone > 20
+    # The faults took place: writes were undone (lost with no peer holding them), and
+    # nodes came back renewed.
+    assert undone > 0
     assert renewed >= len(SEEDS)

@@ -11,7 +11,7 @@ from simulations.variants import VARIANTS
 from simulations.workload import Mix
 
 # Each variant gets the scenario that exercises what it breaks: ties need a dense
-# workload on one clock; a durability lie needs crashes.
+# workload on one clock; a durability lie needs crashes; a renewal skipped, rollbacks.
 SCENARIOS: dict[str, dict[str, Any]] = {
     "replication_skips_an_event": {"ops": 120},
     "lww_tie_ignores_origin": {
@@ -22,6 +22,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     },
     "remove_deletes_unobserved_adds": {"ops": 200},
     "ack_before_commit": {"ops": 200, "faults": Faults(crashes=4)},
+    "no_renewal_after_a_reboot": {"ops": 200, "faults": Faults(rollbacks=2)},
 }
 SEEDS = range(1, 9)
 
