@@ -5,6 +5,7 @@ in a process of its own, as an operator runs it beside the node."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,20 @@ def person(i: int) -> Decide:
     return commands.create(
         "user", f"user{i}", {"name": f"User {i}", "username": f"user{i}", "email": f"u{i}@x.org"}
     )
+
+
+def on_a_node(data: Path, work: Callable[[Replica], Awaitable[None]]) -> None:
+    """``work`` on the replica of ``data``, open as a node holds it, closed after."""
+
+    async def main() -> None:
+        replica = Replica.open(data, "eu")
+        try:
+            replica.bind(asyncio.get_running_loop())
+            await work(replica)
+        finally:
+            replica.close()
+
+    asyncio.run(main())
 
 
 def test_a_backup_of_a_running_node_starts_as_a_new_incarnation(tmp_path: Path) -> None:
@@ -70,15 +85,10 @@ def test_a_backup_of_a_running_node_starts_as_a_new_incarnation(tmp_path: Path) 
 def test_new_incarnation_on_a_backup_renews_it_once(tmp_path: Path) -> None:
     data, copy = tmp_path / "eu", tmp_path / "copy"
 
-    async def write() -> None:
-        replica = Replica.open(data, "eu")
-        try:
-            replica.bind(asyncio.get_running_loop())
-            await replica.write(person(1), actor="test")
-        finally:
-            replica.close()
+    async def write(replica: Replica) -> None:
+        await replica.write(person(1), actor="test")
 
-    asyncio.run(write())
+    on_a_node(data, write)
     assert replica_cli("backup", "--data", str(data), "--to", str(copy)).returncode == 0
     kv = LmdbKV(copy)  # as if copied from a node that died running on another boot
     kv.write(lambda txn: txn.put("meta", log.UNSYNCED_BOOT_KEY, b"another-boot"))
@@ -102,19 +112,14 @@ def test_a_backup_of_a_running_node_restored_on_another_machine_renews_once(
     on another machine, it is a backup renewed already, not a run that died as well."""
     data, copy = tmp_path / "eu", tmp_path / "copy"
 
-    async def backed_up() -> None:
-        replica = Replica.open(data, "eu")
-        try:
-            replica.bind(asyncio.get_running_loop())
-            await replica.write(person(1), actor="test")
-            done = await asyncio.to_thread(
-                replica_cli, "backup", "--data", str(data), "--to", str(copy)
-            )
-            assert done.returncode == 0, done.stderr
-        finally:
-            replica.close()
+    async def backed_up(replica: Replica) -> None:
+        await replica.write(person(1), actor="test")
+        done = await asyncio.to_thread(
+            replica_cli, "backup", "--data", str(data), "--to", str(copy)
+        )
+        assert done.returncode == 0, done.stderr
 
-    asyncio.run(backed_up())
+    on_a_node(data, backed_up)
     renewals: list[str] = []
     new_incarnation = log.new_incarnation
 
