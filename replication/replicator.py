@@ -538,6 +538,16 @@ class Replicator:
 
         await writer.maintain(renew)
 
+    def await_every_peer(self) -> None:
+        """Count every peer as not heard from since now (``unheard``), as a start does for
+        its client writes; for a simulator, whose own clock ends the wait."""
+        self._unheard = set(self.peers)
+
+    @property
+    def unheard(self) -> frozenset[str]:
+        """Peers not heard from since the start (while client writes wait for them)."""
+        return frozenset(self._unheard)
+
     def _heard_from(self, name: str) -> None:
         if name in self._unheard:
             self._unheard.discard(name)

@@ -76,6 +76,9 @@ class Faults:
     # acknowledged write must survive, and the regions must converge.
     rollbacks: int = 0
     rollback_ms_max: int = 2_000
+    # The chance that a rollback keeps the machine's boot (a copy restored on the same
+    # machine): then only its peers can tell the node, and its writes wait for them.
+    same_boot: float = 0.0
 
     @classmethod
     def none(cls) -> Faults:
@@ -128,6 +131,7 @@ class Result:
     undone: list[Event] = field(default_factory=list)  # acknowledged, then rolled back
     cloud_max: int = 0  # the most counters any final summary holds beyond a gap, per origin
     rejected: int = 0
+    refused: int = 0  # sync messages a node refused as bad (none of an honest cluster's)
     union: dict[Dot, Event] = field(default_factory=dict)
     converged: bool = False
     heal_to_converge_ms: int | None = None
@@ -170,6 +174,7 @@ class SimNode:
         self._boots = random.Random(f"{seed}/{region}/boots")
         self.boot = self._boots.randbytes(16)
         self._replica_id = ""
+        self.writes_wait_until_ms = 0
         self.snapshot: Path | None = None  # the copy a rollback puts back
         self.snapshot_acknowledged = 0  # how many writes the run had acknowledged then
 
@@ -199,6 +204,9 @@ class SimNode:
         self.replicator = Replicator(
             self.replica, _NoTransport(), peers, limits=limits, now_ms=self.now_ms, rng=rng
         )
+        if self.generation:  # a restart: client writes wait for every peer's first word
+            self.replicator.await_every_peer()
+            self.writes_wait_until_ms = self.sim.now_ms + limits.start_writes_wait_ms_max
         self.generation += 1
         if self.flush_every_commits > 1:
             self._commits = 0
@@ -256,14 +264,16 @@ class SimNode:
         self.replica.kv.env.copy(str(self.snapshot))  # type: ignore[attr-defined]
         self.snapshot_acknowledged = acknowledged
 
-    def roll_back(self) -> None:
+    def roll_back(self, *, same_boot: bool) -> None:
         """Put the data directory back to the snapshot (the node must be down), as a
-        virtual machine's disk is restored: the machine boots again."""
+        virtual machine's disk is restored (the machine boots again), or a copy on the
+        same machine (``same_boot``)."""
         assert self.replica is None
         assert self.snapshot is not None
         shutil.copyfile(self.snapshot / "data.mdb", self.data_dir / "data.mdb")
         self.snapshot = None
-        self.boot = self._boots.randbytes(16)
+        if not same_boot:
+            self.boot = self._boots.randbytes(16)
 
 
 class _NoTransport:
@@ -382,11 +392,14 @@ class Simulation:
         if node.replicator is None:
             self.log(f"drop #{request_id} at {target}: down")
             return
+        before = node.replica_id
         try:
             answer = await node.replicator.handle(body)
         except BadMessage as exc:
             self.log(f"refused #{request_id} at {target}: {exc}")
+            self.result.refused += 1
             return
+        self._renewed(target, before)
         self.log(f"handled #{request_id} at {target} answer={len(answer)}")
         for when in self._deliveries(target, source):
             self.at(
@@ -405,11 +418,25 @@ class Simulation:
         if pending is None or node.replicator is None or pending[2] != node.generation:
             self.log(f"late answer #{request_id} at {source}")
             return
-        more = await node.replicator.absorb(target, request, answer)
+        before = node.replica_id
+        try:
+            more = await node.replicator.absorb(target, request, answer)
+        except BadMessage as exc:
+            self.log(f"refused answer #{request_id} at {source}: {exc}")
+            self.result.refused += 1
+            return
+        self._renewed(source, before)
         self.log(f"absorbed #{request_id} at {source} more={more}")
         if more and request_id not in self._pushes:
             request = node.replicator.request_for(target, answered=True)
             self.send_request(source, target, request)
+
+    def _renewed(self, region: str, before: str) -> None:
+        """Trace a renewal of ``region``'s id while it runs (its own events found beyond
+        its log, in what a peer sent it)."""
+        after = self.nodes[region].replica_id
+        if after != before:
+            self.log(f"renewed {region} as {after}")
 
     async def _timeout(self, request_id: int) -> None:
         pending = self._pending.pop(request_id, None)
@@ -442,6 +469,13 @@ class Simulation:
             self.log(f"client {region} {label}: node down")
             self.result.rejected += 1
             return
+        if node.replicator.unheard and self.now_ms < node.writes_wait_until_ms:
+            # As a node holds client writes after a start until every peer has answered
+            # once (at most ``start_writes_wait_ms_max``): this one comes back later.
+            self.log(f"client {region} {label}: held")
+            again = partial(self._client, region, label, decide)
+            self.at(self.now_ms + CONVERGE_CHECK_MS, "client", again)
+            return
         try:
             written = await node.replica.write(decide, actor="sim")
         except Rejected as exc:
@@ -472,13 +506,13 @@ class Simulation:
             node.take_snapshot(len(self._acknowledged_log))
             self.log(f"snapshot {region} at {node.replica.state.counter}")
 
-    async def _roll_back(self, region: str, down_ms: int) -> None:
+    async def _roll_back(self, region: str, down_ms: int, *, same_boot: bool) -> None:
         node = self.nodes[region]
         if node.snapshot is None:
             return  # it was down when the snapshot was due
         if node.replica is not None:
             node.crash()
-        node.roll_back()
+        node.roll_back(same_boot=same_boot)
         # Its writes acknowledged since the copy that no other node holds: the rollback
         # lost them (the operator's doing). Those another node holds must come back to
         # it, unless every node holding them is rolled back too, later.
@@ -498,7 +532,8 @@ class Simulation:
         self._excused |= undone
         self.result.undone += [e for e in self._acknowledged_log if e.dot in undone]
         self.result.acknowledged = [e for e in self.result.acknowledged if e.dot not in undone]
-        self.log(f"roll back {region} for {down_ms} ms: {len(undone)} acknowledged writes undone")
+        boot = "the same boot" if same_boot else "a new boot"
+        self.log(f"roll back {region} for {down_ms} ms, {boot}: {len(undone)} writes undone")
         self.at(self.now_ms + down_ms, "restart", partial(self._restart, region))
 
     def _held(self, *, but: str | None) -> list[VersionVector]:
@@ -546,8 +581,10 @@ class Simulation:
             when = EPOCH_MS + 1 + self.rng.randrange(s.duration_ms)
             back = self.rng.randint(1, max(1, f.rollback_ms_max))
             down = self.rng.randint(1, max(1, f.down_ms_max))
+            same_boot = self.rng.random() < f.same_boot
             self.at(max(EPOCH_MS, when - back), "snapshot", partial(self._snapshot, region))
-            self.at(when, "rollback", partial(self._roll_back, region, down))
+            rollback = partial(self._roll_back, region, down, same_boot=same_boot)
+            self.at(when, "rollback", rollback)
         if s.sample_ms:
             self.at(EPOCH_MS, "sample", self._sample)
 

@@ -22,7 +22,12 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     },
     "remove_deletes_unobserved_adds": {"ops": 200},
     "ack_before_commit": {"ops": 200, "faults": Faults(crashes=4)},
-    "no_renewal_after_a_reboot": {"ops": 200, "faults": Faults(rollbacks=2)},
+    # Peers showing the node its own events renew it in most runs all the same, while
+    # its writes wait for them: it takes a partition that outlasts the wait.
+    "no_renewal_after_a_reboot": {
+        "ops": 200,
+        "faults": Faults(rollbacks=6, partitions=6, crashes=0),
+    },
 }
 SEEDS = range(1, 9)
 
