@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="",
         help="e.g. loss=0.1,duplicate=0.05,partitions=3"
         ",one_way=0.5,skew_ms_max=500,crashes=2,down_ms_max=3000"
-        ",rollbacks=1,rollback_ms_max=2000 (deterministic mode); or none",
+        ",rollbacks=1,rollback_ms_max=2000,same_boot=0.5 (deterministic mode); or none",
     )
     parser.add_argument(
         "--workload", default="", help="weights, e.g. profile=4,churn=3,create_delete=1.5,collide=1"
