@@ -185,9 +185,14 @@ def last_seq(txn: ReadTxn) -> int:
     return _number(txn, b"seq")
 
 
-def load_state(txn: ReadTxn, identity: Identity) -> LogState:
+def stored_summary(txn: ReadTxn) -> VersionVector:
+    """The summary of every event the log holds, as the last commit saved it."""
     raw = txn.get("meta", b"summary")
-    summary = VersionVector() if raw is None else crdt_codec.decode_as(raw, VersionVector)
+    return VersionVector() if raw is None else crdt_codec.decode_as(raw, VersionVector)
+
+
+def load_state(txn: ReadTxn, identity: Identity) -> LogState:
+    summary = stored_summary(txn)
     counter = _number(txn, b"counter")
     state = LogState(last_seq(txn), counter, _number(txn, b"hlc"), summary, identity.replica_id)
     assert state.counter >= summary.highest(identity.replica_id), "own counter behind its dots"

@@ -332,8 +332,7 @@ class Replicator:
         mine, push = self._advertised(), tuple(push)
         if told is None or told[0] != own or peer.replica_id is None:
             return Sync(Tag.SYNC_REQUEST, own, mine, push)
-        base = told[1]
-        return Sync(Tag.SYNC_REQUEST, own, mine, push, base=base, receiver=peer.replica_id)
+        return Sync(Tag.SYNC_REQUEST, own, mine, push, base=told[1], receiver=peer.replica_id)
 
     async def absorb(self, name: str, sent: Sync, answer: bytes) -> bool:
         """Take ``name``'s answer to ``sent``; return whether another round is worth it.
@@ -499,7 +498,7 @@ class Replicator:
             # we can read) shows what it holds of ours, and renews our replica id if it
             # is beyond our log (``_renew_if_undone``): writes wait for every peer's, or
             # for the wait to run out (a peer down or cut off).
-            self._unheard = set(self.peers)
+            self.await_every_peer()
             self.replica.hold_writes(f"until every peer has answered: {', '.join(self.peers)}")
             self._release_timer = self._loop.call_later(
                 self.limits.start_writes_wait_ms_max / 1000, self._release_writes
@@ -539,8 +538,8 @@ class Replicator:
         await writer.maintain(renew)
 
     def await_every_peer(self) -> None:
-        """Count every peer as not heard from since now (``unheard``), as a start does for
-        its client writes; for a simulator, whose own clock ends the wait."""
+        """Count every peer as not heard from since now (``unheard``): client writes wait
+        for them after a start (``gate_clients``; a simulator's own clock ends the wait)."""
         self._unheard = set(self.peers)
 
     @property

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from crdt import Dot, VersionVector
-from crdt import codec as crdt_codec
 from node import log as node_log
 from node.events import Event
 from node.events import decode as decode_event
@@ -251,10 +250,9 @@ class SimNode:
         kv = LmdbKV(self.data_dir, durable=False)
         try:
             with kv.read() as txn:
-                raw = txn.get("meta", b"summary")
+                return node_log.stored_summary(txn)
         finally:
             kv.close()
-        return VersionVector() if raw is None else crdt_codec.decode_as(raw, VersionVector)
 
     def take_snapshot(self, acknowledged: int) -> None:
         assert self.replica is not None
