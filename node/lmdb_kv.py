@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import lmdb
 
+from node import lmdb_pages
 from node.kv import DATABASES, ReadTxn, WriteTxn, key_after
 
 T = TypeVar("T")
@@ -35,17 +36,23 @@ class DataDirBusy(RuntimeError):
 
 
 class DataFileTruncated(RuntimeError):
-    """The data file is shorter than LMDB's two meta pages (a partial copy, a full disk):
-    LMDB would take an empty one for a new store.
-
-    A file cut short further on is not found here: LMDB's record of its last page counts
-    pages it never writes (ones a write took and gave back in the same transaction), so a
-    healthy file may be shorter than that record says (a check on it refused a healthy
-    directory). Reading a missing page through the map kills the process (SIGBUS)."""
+    """The data file was cut short (a partial copy, a full disk): it is shorter than
+    LMDB's two meta pages (LMDB would take an empty one for a new store), or it lacks a
+    page its last commit needs (reading it through the map would kill the process with
+    SIGBUS). See ``lmdb_pages`` for why its length alone cannot tell."""
 
 
 class DataFileUnreadable(RuntimeError):
     """The data file is not one LMDB can read (its pages damaged, another format)."""
+
+
+RESTORE_ADVICE = (
+    "Restore the directory from a backup, or move it away and start the node on an empty "
+    "one: it comes back as a new incarnation and catches up from its peers"
+)
+
+
+LOCK_FILE = "replica.lock"
 
 
 def check_size(path: Path) -> None:
@@ -60,10 +67,49 @@ def check_size(path: Path) -> None:
     if size < 2 * mmap.PAGESIZE:
         raise DataFileTruncated(
             f"{data} is {size:,} bytes, shorter than an LMDB file's first two pages: it was "
-            "cut short (a partial copy, a full disk). Restore the directory from a backup, "
-            "or move it away and start the node on an empty one: it comes back as a new "
-            "incarnation and catches up from its peers"
+            f"cut short (a partial copy, a full disk). {RESTORE_ADVICE}"
         )
+
+
+def check_pages(path: Path) -> None:
+    """Before LMDB opens ``path``, holding its lock (no write may move pages under the
+    walk): raise ``DataFileTruncated`` if its data file lacks a page its last commit needs
+    (``lmdb_pages``), ``DataFileUnreadable`` if a page of that commit's trees is damaged
+    where the file is short."""
+    data = path / "data.mdb"
+    if not data.exists():
+        return
+    try:
+        lacking = lmdb_pages.first_page_lacking(data)
+    except lmdb_pages.Damaged as damaged:
+        raise DataFileUnreadable(f"{data} cannot be read as an LMDB file: {damaged}") from None
+    if lacking is not None:
+        page, page_bytes = lacking
+        raise DataFileTruncated(
+            f"{data} is {data.stat().st_size:,} bytes, but its last commit needs page "
+            f"{page:,} (from byte {page * page_bytes:,} on): it was cut short (a partial "
+            f"copy, a full disk). {RESTORE_ADVICE}"
+        )
+
+
+def check_data_file(path: Path) -> None:
+    """``check_size``, then ``check_pages`` if no process holds the directory: a node that
+    serves it checked its pages when it opened it, and its writes would move them under
+    the walk. For a reader that opens the directory without its lock (the offline tools
+    look up its replica id first; a backup copies it while its node runs)."""
+    check_size(path)
+    try:
+        lock = (path / LOCK_FILE).open("a")
+    except OSError:  # a directory this process may not write to: LMDB says what it can
+        return
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return
+        check_pages(path)
+    finally:
+        lock.close()
 
 
 class _LmdbTxn:
@@ -178,7 +224,7 @@ class LmdbKV:
         path.mkdir(parents=True, exist_ok=True)
         self.path = path
         # One process per data directory: two writers would each trust their own counters.
-        self._lock = (path / "replica.lock").open("a")
+        self._lock = (path / LOCK_FILE).open("a")
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -186,7 +232,8 @@ class LmdbKV:
             raise DataDirBusy(f"{path} is in use by another replica process") from None
         try:
             check_size(path)
-        except DataFileTruncated:
+            check_pages(path)
+        except (DataFileTruncated, DataFileUnreadable):
             self._lock.close()
             raise
         self.env = lmdb.open(
@@ -276,7 +323,7 @@ def snapshot(path: Path) -> Iterator[ReadTxn]:
     read-only and without the directory's lock: for a worker of the process that holds
     it (a rebuild's). It reads what was committed when it began, not that process's
     write in progress."""
-    check_size(path)
+    check_size(path)  # its pages: the process holding the directory checked them
     env = lmdb.open(
         str(path),
         readonly=True,

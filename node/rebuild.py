@@ -28,11 +28,12 @@ import lmdb
 from node import log, views
 from node.kv import DATABASES, WriteTxn
 from node.lmdb_kv import (
+    LOCK_FILE,
     DataDirBusy,
     DataFileTruncated,
     DataFileUnreadable,
     LmdbKV,
-    check_size,
+    check_data_file,
 )
 from node.replay_workers import FoldingWorkers, ReplayFailed, WorkersUnavailable
 from node.writer import gc_paused
@@ -91,7 +92,7 @@ def _replica_id(data_dir: Path) -> str | None:
     data = data_dir / "data.mdb"
     if not data.is_file():
         return None
-    check_size(data_dir)
+    check_data_file(data_dir)
     try:
         env = lmdb.open(str(data_dir), readonly=True, max_dbs=len(DATABASES))
     except lmdb.Error as exc:
@@ -140,7 +141,7 @@ def _write_stopped(data_dir: Path, doing: str, work: Callable[[WriteTxn, str], T
     except DataDirBusy as busy:
         print(f"{busy}: stop the node before {doing}", file=sys.stderr)
         raise _Refused(1) from None
-    except (DataFileTruncated, lmdb.Error) as exc:
+    except (DataFileTruncated, DataFileUnreadable, lmdb.Error) as exc:
         print(f"{data_dir}: cannot open it: {exc}", file=sys.stderr)
         raise _Refused(2) from None
     try:
@@ -237,7 +238,7 @@ def backup(data_dir: Path, dest: Path) -> int:
             seq = log.last_seq(txn)
     finally:
         kv.close()
-    (dest / "replica.lock").unlink(missing_ok=True)
+    (dest / LOCK_FILE).unlink(missing_ok=True)
     elapsed_s = time.perf_counter() - started
     print(
         f"backed up {replica_id} ({seq} events) to {dest} in {elapsed_s:.2f} s: a node "

@@ -25,7 +25,7 @@ from node.api import build_app
 from node.config import Settings
 from node.event_loop import run_on, running_loop_name
 from node.http_errors import answer_unparsable_requests_as_json
-from node.lmdb_kv import DataDirBusy, DataFileTruncated
+from node.lmdb_kv import DataDirBusy, DataFileTruncated, DataFileUnreadable
 from node.log import WrongRegion
 from node.metrics import GC_PAUSES
 from node.replica import Replica
@@ -120,7 +120,7 @@ def run_node(settings: Settings, extensions: Extensions = lambda replica, settin
     configure_logging(settings.log_level)
     try:
         replica = open_replica(settings)
-    except (WrongRegion, DataDirBusy, DataFileTruncated) as e:
+    except (WrongRegion, DataDirBusy, DataFileTruncated, DataFileUnreadable) as e:
         print(f"replica: error: {e}", file=sys.stderr)
         return 2
     except lmdb.Error as e:

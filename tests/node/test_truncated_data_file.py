@@ -1,9 +1,10 @@
-"""A data file cut short before LMDB's two meta pages (empty included) or damaged is
-refused with a clear error by everything that opens it: an empty file would pass for a
-new store, and a damaged page is an LMDB error, not a traceback. A healthy file shorter
-than LMDB's record of its last page (pages a write took and gave back) is not refused.
-Each check runs in a process of its own, so a regression shows as that process's death
-by signal, not the test runner's."""
+"""A data file cut short (before LMDB's two meta pages, empty included, or past them
+through a page its last commit needs) or damaged is refused with a clear error by
+everything that opens it: an empty file would pass for a new store, reading a lost page
+through the map kills the process (SIGBUS), and a damaged page is an LMDB error, not a
+traceback. A healthy file shorter than LMDB's record of its last page (pages a write took
+and gave back) is not refused. Each check runs in a process of its own, so a regression
+shows as that process's death by signal, not the test runner's."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from node import commands
+from node import commands, lmdb_pages
 from node.kv import WriteTxn
 from node.lmdb_kv import LmdbKV
 from node.replica import Replica
@@ -60,9 +61,22 @@ def _zero_past_meta(path: Path, size: int) -> None:
         f.write(bytes(size - 2 * PAGE_BYTES))
 
 
+def _cut_at_last_needed_page(path: Path, size: int) -> None:
+    """Cut where the highest page the last commit needs begins: far past the meta pages,
+    the file still longer than most of what it holds."""
+    with path.open("rb") as f:
+        meta = lmdb_pages.read_meta(f.fileno())
+        assert meta is not None
+        walked = lmdb_pages.walk(f.fileno(), meta, pages_in_file=size // meta.page_bytes)
+    assert walked.missing is None
+    os.truncate(path, walked.highest * meta.page_bytes)
+
+
 # What is done to the data file, and what the refusal says.
 DAMAGE: dict[str, tuple[Callable[[Path, int], None], str]] = {
     "cut to one page": (lambda path, size: os.truncate(path, 4096), "cut short"),
+    "cut in half": (lambda path, size: os.truncate(path, size // 2 // 4096 * 4096), "cut short"),
+    "cut at its last needed page": (_cut_at_last_needed_page, "cut short"),
     "emptied": (lambda path, size: os.truncate(path, 0), "cut short"),
     "zeroed past its meta pages": (_zero_past_meta, "MDB_"),
 }
