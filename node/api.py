@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import hdrs, web
 from multidict import istr
 
+from crdt.clock import make_stamp
 from node import commands
 from node.config import Settings
 from node.events import ENTITY_ID_RE, Event, stream_of
@@ -28,6 +29,7 @@ from node.openapi import OPENAPI
 from node.replica import At, Replica, history, iso_of
 from node.schema import index_value, parse_fields, render
 from node.tokens import BadToken, decode_token, encode_token, etag_of
+from node.writer import Failing
 
 REPLICA = web.AppKey("replica", Replica)
 SETTINGS = web.AppKey("settings", Settings)
@@ -609,6 +611,7 @@ async def status(request: web.Request) -> web.Response:
             "serving": replica.not_ready is None,
             "not_ready": replica.not_ready,
             "writes_held": replica.writes_held,
+            "writes_failing": _failing(replica.writer.failing),
             "writer": {
                 "queued": replica.writer.queued,
                 "commits": replica.writer.commits,
@@ -618,6 +621,19 @@ async def status(request: web.Request) -> web.Response:
         }
         | {k: v for report in replica.reporters for k, v in report().items()}
     )
+
+
+def _failing(failing: Failing | None) -> dict[str, Any] | None:
+    """What ``/status`` says of commits the storage refuses (None: the last went through)."""
+    if failing is None:
+        return None
+    return {
+        "error": failing.error,
+        "full": failing.full,
+        "since": iso_of(make_stamp(int(failing.since_s * 1000))),
+        "commits": failing.commits,
+        "requests": failing.requests,
+    }
 
 
 async def metrics(request: web.Request) -> web.Response:

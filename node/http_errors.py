@@ -9,6 +9,7 @@ from typing import Any, NoReturn
 
 from aiohttp import web, web_protocol
 
+from node.kv import StorageFailed
 from node.schema import FieldError
 from node.writer import Overloaded, Rejected
 
@@ -54,6 +55,26 @@ def error_response(
     )
 
 
+# What a client whose write the storage refused is told to wait before it tries again.
+STORAGE_RETRY_AFTER_S = 5
+
+
+def storage_refusal(exc: StorageFailed) -> tuple[int, str, str]:
+    """The status, code and message of a write the storage refused (``StorageFailed``):
+    507 if the file could not grow, else 503. Nothing of it was written."""
+    if exc.full:
+        why = "its storage is full"
+        status, code = 507, "storage_full"
+    else:
+        why = "its storage refused the commit"
+        status, code = 503, "storage_failed"
+    message = (
+        f"this node cannot write now: {why} ({exc}); nothing of the request was written. "
+        "Reads go on, and writes do again once the storage takes them"
+    )
+    return status, code, message
+
+
 def as_json_error(request: web.Request, exc: Exception) -> web.StreamResponse:
     """The JSON answer to what a handler raised; an HTTP redirect is raised again."""
     if isinstance(exc, ApiError | Rejected):
@@ -69,6 +90,9 @@ def as_json_error(request: web.Request, exc: Exception) -> web.StreamResponse:
         return error_response(
             503, "overloaded", "the write queue is full; retry shortly", {"Retry-After": "1"}
         )
+    if isinstance(exc, StorageFailed):
+        status, code, message = storage_refusal(exc)
+        return error_response(status, code, message, {"Retry-After": str(STORAGE_RETRY_AFTER_S)})
     if isinstance(exc, web.HTTPException):
         if exc.status < 400:
             raise exc

@@ -33,6 +33,16 @@ DATABASES = (
 )
 
 
+class StorageFailed(Exception):
+    """The storage refused a commit (its disk full, a file size limit, an I/O error):
+    nothing of the commit is written, and a later one may well succeed. ``full``: the
+    file could not grow (no space, a quota or a file size limit)."""
+
+    def __init__(self, message: str, *, full: bool) -> None:
+        super().__init__(message)
+        self.full = full
+
+
 def key_after(prefix: bytes) -> bytes | None:
     """The least key greater than every key that starts with ``prefix`` (None: no bound)."""
     stripped = prefix.rstrip(b"\xff")

@@ -8,6 +8,7 @@ and the write run again, so a full map never leaves anything half written.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import mmap
 import threading
@@ -19,7 +20,7 @@ from typing import Any, TypeVar
 import lmdb
 
 from node import lmdb_pages
-from node.kv import DATABASES, ReadTxn, WriteTxn, key_after
+from node.kv import DATABASES, ReadTxn, StorageFailed, WriteTxn, key_after
 
 T = TypeVar("T")
 
@@ -110,6 +111,16 @@ def check_data_file(path: Path) -> None:
         check_pages(path)
     finally:
         lock.close()
+
+
+# The errors of a file that could not grow: no space left, a quota, a file size limit.
+# (LMDB reports a write cut short by one of them as an I/O error: that one is not told.)
+_FULL_ERRNOS = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EFBIG))
+
+
+def _storage_failed(exc: lmdb.Error) -> StorageFailed:
+    """What a client and an operator are told of a commit LMDB could not make."""
+    return StorageFailed(str(exc), full=getattr(exc, "code", None) in _FULL_ERRNOS)
 
 
 class _LmdbTxn:
@@ -267,10 +278,18 @@ class LmdbKV:
         """Run ``work`` in one py-lmdb write transaction and commit it; on a full map,
         abort, double the map (once no read transaction is open) and run it again."""
         for _ in range(MAP_GROWTHS_PER_WRITE_MAX):
-            txn = self.env.begin(write=True)
+            try:
+                txn = self.env.begin(write=True)
+            except lmdb.PanicError as exc:
+                raise _storage_failed(exc) from exc
             try:
                 result = work(txn)
-                txn.commit()
+                try:
+                    txn.commit()
+                except lmdb.MapFullError:
+                    raise
+                except lmdb.Error as exc:
+                    raise _storage_failed(exc) from exc
                 return result
             except lmdb.MapFullError:
                 txn.abort()
@@ -310,7 +329,10 @@ class LmdbKV:
     def sync(self) -> None:
         """Make every commit durable, the last one's meta page too (without metasync, an
         OS crash may otherwise undo it)."""
-        self.env.sync(True)
+        try:
+            self.env.sync(True)
+        except lmdb.Error as exc:
+            raise _storage_failed(exc) from exc
 
     def close(self) -> None:
         self.env.close()

@@ -70,6 +70,18 @@ def render_metrics(replica: Replica) -> str:
         ),
         ("replica_commits_total", "counter", "Durable LMDB commits.", writer.commits),
         (
+            "replica_commits_refused_total",
+            "counter",
+            "Commits the storage refused (a full disk, an I/O error): nothing of them written.",
+            writer.storage_failures,
+        ),
+        (
+            "replica_writes_failing",
+            "gauge",
+            "1 while the storage refuses every commit since the last that went through.",
+            int(writer.failing is not None),
+        ),
+        (
             "replica_commit_requests_total",
             "counter",
             "Requests carried by those commits.",

@@ -28,8 +28,11 @@ ERRORS = {
     415: "The body is not sent as `Content-Type: application/json`.",
     422: "A well-formed value breaks a rule (e.g. not an email address, missing field).",
     503: "`not_ready`: not serving clients yet (see /status); `overloaded`: the write queue "
-    "is full, retry after `Retry-After` seconds.",
+    "is full; `storage_failed`: the storage refused the commit (an I/O error), nothing "
+    "written. Retry after `Retry-After` seconds.",
     504: "This node has not seen the X-Consistency-Token's writes within X-Wait-Ms.",
+    507: "`storage_full`: the storage is full (no space, a quota, a file size limit); "
+    "nothing written, retry after `Retry-After` seconds (see `writes_failing` in /status).",
 }
 
 
@@ -177,6 +180,20 @@ SCHEMAS: Json = {
             "writes_held": nullable(
                 string(description="Why client writes wait (at start, for every peer's answer).")
             ),
+            "writes_failing": nullable(
+                obj(
+                    {
+                        "error": string(description="The storage's latest refusal."),
+                        "full": {"type": "boolean"},
+                        "since": string(
+                            description="The first refusal since a commit went through."
+                        ),
+                        "commits": integer(),
+                        "requests": integer(),
+                    },
+                    description="Commits the storage refuses (a full disk): writes get 507 or 503.",
+                )
+            ),
             "writer": obj({"queued": integer(), "commits": integer(), "requests": integer()}),
             "uptime_s": {"type": "number"},
         },
@@ -218,7 +235,7 @@ HEADER_TEXT = {
     "X-Consistency-Token": "A write's covers the events it wrote; others, this node's state.",
     "ETag": "Changes whenever an event is applied to the entity.",
     "Location": "Path of the created entity.",
-    "Retry-After": "Seconds to wait before retrying (with `overloaded` only).",
+    "Retry-After": "Seconds to wait before retrying (`overloaded`, `storage_*`).",
     "Allow": "The methods the path allows.",
 }
 HEADERS: Json = {
@@ -235,7 +252,7 @@ def response(text: str, schema: Json | None = None, *headers: str, media: str = 
     return out
 
 
-EXTRA_HEADERS = {405: ("Allow",), 503: ("Retry-After",)}
+EXTRA_HEADERS = {405: ("Allow",), 503: ("Retry-After",), 507: ("Retry-After",)}
 RESPONSES: Json = {
     str(s): response(text, ref("Error"), *EXTRA_HEADERS.get(s, ())) for s, text in ERRORS.items()
 }
@@ -267,7 +284,7 @@ def op(
         found |= {400, 504}
     if writes:
         names += ["X-Actor"]
-        found.add(400)
+        found |= {400, 507}
     if body is not None:
         found |= {413, 415, 422}
     out: Json = {

@@ -23,7 +23,7 @@ from node import log, views
 from node.events import Event, InvalidEvent, Op, stream_of
 from node.events import decode as decode_event
 from node.fold import EntityState, decode_state, fold_all
-from node.kv import KV, WriteTxn
+from node.kv import KV, StorageFailed, WriteTxn
 from node.lmdb_kv import MAP_BYTES_INITIAL, LmdbKV
 from node.log import Identity, LogState
 from node.rebuild import replay_views, replay_workers
@@ -228,8 +228,15 @@ class Replica:
             if self._run_marked:
                 # Stopped cleanly, nothing is left to undo: the next boot starts no new
                 # incarnation (each one is an origin kept for good, in every token).
-                self.kv.write(log.clear_unsynced_boot)
-                self.kv.sync()
+                try:
+                    self.kv.write(log.clear_unsynced_boot)
+                    self.kv.sync()
+                except StorageFailed as refused:
+                    logger.warning(
+                        "the clean stop is not recorded (%s): a start on another boot "
+                        "serves as a new incarnation",
+                        refused,
+                    )
         finally:
             self.kv.close()
 

@@ -25,6 +25,7 @@ from node.api import build_app
 from node.config import Settings
 from node.event_loop import run_on, running_loop_name
 from node.http_errors import answer_unparsable_requests_as_json
+from node.kv import StorageFailed
 from node.lmdb_kv import DataDirBusy, DataFileTruncated, DataFileUnreadable
 from node.log import WrongRegion
 from node.metrics import GC_PAUSES
@@ -125,6 +126,9 @@ def run_node(settings: Settings, extensions: Extensions = lambda replica, settin
         return 2
     except lmdb.Error as e:
         print(f"replica: error: cannot open {settings.data_dir}: {e}", file=sys.stderr)
+        return 2
+    except StorageFailed as e:  # a write at start: the identity, the start's mark
+        print(f"replica: error: cannot write to {settings.data_dir}: {e}", file=sys.stderr)
         return 2
     try:
         return run_on(settings.event_loop, serve(replica, settings, extensions(replica, settings)))

@@ -18,6 +18,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -26,13 +27,15 @@ from typing import Any
 from crdt import Dot, HybridLogicalClock
 from node import log, views
 from node.events import Event, Op, Value, validate
-from node.kv import KV, ReadTxn, WriteTxn
+from node.kv import KV, ReadTxn, StorageFailed, WriteTxn
 from node.log import LogState
 
 logger = logging.getLogger(__name__)
 
 BATCH_REQUESTS_MAX = 512
 QUEUE_REQUESTS_MAX = 10_000
+# While commits fail (the storage refuses them), one log line at most this often.
+STORAGE_FAILURE_LOG_INTERVAL_S = 10.0
 
 
 class Rejected(Exception):
@@ -74,6 +77,18 @@ class Committed:
 
 
 Maintain = Callable[[WriteTxn, LogState], None]
+
+
+@dataclass
+class Failing:
+    """Commits the storage refuses since the last that went through (``StorageFailed``)."""
+
+    error: str  # the latest refusal
+    full: bool  # the latest: the file could not grow
+    since_s: float  # the first refusal, wall clock
+    commits: int = 0
+    requests: int = 0
+    logged_s: float = 0.0  # monotonic: when a line last said so
 
 
 @dataclass
@@ -133,6 +148,9 @@ class Writer:
         # showed them (``Replicator``): its last commits were undone. Each renewed its id.
         self.undone_found = 0
         self._renewed: list[tuple[str, int]] = []  # in the commit under way
+        # Commits the storage refused: every one ever, and those since the last success.
+        self.storage_failures = 0
+        self.failing: Failing | None = None
         self.threaded = threaded
         if threaded:
             self._thread.start()
@@ -219,6 +237,12 @@ class Writer:
         try:
             with gc_paused() if bulk else nullcontext():
                 outcomes, committed = self.kv.write(lambda txn: self._apply(txn, batch))
+        except StorageFailed as refused:
+            # Not the requests' doing: each alone would be refused the same way.
+            self.generation = next(_GENERATIONS)
+            self._storage_refused(refused, len(batch))
+            _settle([(request, refused) for request in batch])
+            return
         except Exception as exc:
             self.generation = next(_GENERATIONS)
             if len(batch) == 1:
@@ -234,6 +258,13 @@ class Writer:
             for request in batch:
                 self._commit([request])
             return
+        if self.failing is not None:
+            logger.warning(
+                "commits go through again, after %d refused by the storage (%d requests)",
+                self.failing.commits,
+                self.failing.requests,
+            )
+            self.failing = None
         self.committed = committed.state
         self.commits += 1
         self.requests += len(batch)
@@ -251,6 +282,27 @@ class Writer:
             )
         self.on_commit(committed)
         _settle(list(zip(batch, outcomes, strict=True)))
+
+    def _storage_refused(self, refused: StorageFailed, requests: int) -> None:
+        """Count a commit the storage refused, and say so (at most once a while)."""
+        self.storage_failures += 1
+        failing = self.failing
+        if failing is None:
+            failing = self.failing = Failing(str(refused), refused.full, time.time())
+        failing.error, failing.full = str(refused), refused.full
+        failing.commits += 1
+        failing.requests += requests
+        now = time.monotonic()
+        if failing.commits == 1 or now - failing.logged_s >= STORAGE_FAILURE_LOG_INTERVAL_S:
+            failing.logged_s = now
+            logger.error(
+                "the storage refused a commit (%s): nothing of it is written, its %d "
+                "requests are refused (%d commits refused since the last that went through); "
+                "commits go on being tried",
+                refused,
+                requests,
+                failing.commits,
+            )
 
     def _apply(
         self, txn: WriteTxn, batch: list[_Request]

@@ -11,7 +11,8 @@ from aiohttp import web
 
 from node.api import GUARD
 from node.config import Settings
-from node.http_errors import error_body, error_response
+from node.http_errors import error_body, error_response, storage_refusal
+from node.kv import StorageFailed
 from node.replica import Replica, wall_clock_ms
 from node.server import Extension
 from node.server import run_node as run_plain_node
@@ -219,7 +220,7 @@ class ReplicationService:
             return error_response(401, "unauthorized", f"replication request refused: {e}")
         status, answer = await self.answer(body)
         if status != 200:
-            headers = {"Retry-After": "1"} if status == 503 else None
+            headers = {"Retry-After": "1"} if status in (503, 507) else None
             return web.Response(
                 status=status,
                 text=answer.decode(),
@@ -241,6 +242,8 @@ class ReplicationService:
             return _error(400, "bad_batch", f"batch refused whole, nothing written: {e}")
         except Overloaded:
             return _error(503, "overloaded", "the write queue is full")
+        except StorageFailed as refused:
+            return _error(*storage_refusal(refused))
 
 
 def _error(status: int, code: str, message: str) -> tuple[int, bytes]:

@@ -1,0 +1,165 @@
+"""A node whose storage refuses its commits (a full disk) refuses the writes, not itself.
+
+The storage is made to refuse on a real node process: a limit on the size of the files
+it writes (``RLIMIT_FSIZE``, set on the running process with ``prlimit``), which LMDB
+meets as a write cut short, as it meets a disk that fills up (on a file system made full,
+its error is ENOSPC and the answer 507; both were checked by hand, see README). Clients
+get a JSON 503 or 507 with ``Retry-After``, never a 500; nothing of a refused write is
+written; reads go on; ``/status`` and ``/metrics`` say so; writes go through again once
+the storage takes them; what the node acknowledged survives kill -9. A peer whose
+replicated events the node cannot store is told so, and the two converge once it can.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+from pathlib import Path
+from typing import Any
+
+from tests.e2e.cluster_fixtures import Client, running, session
+from tests.e2e.helpers import Node, Nodes
+
+ROOM_BYTES = 256 * 1024  # what the data file may still grow by once the limit is set
+REFUSED_ENOUGH = 5
+WRITES_MAX = 3_000
+
+
+def user(user_id: str) -> dict[str, Any]:
+    """A user of some 3 KB, so the file fills in a few dozen writes."""
+    return {
+        "id": user_id,
+        "name": f"User {user_id}",
+        "username": user_id,
+        "email": f"{user_id}@example.org",
+        "profile": {f"note{i}": f"{user_id} " * 100 for i in range(3)},
+    }
+
+
+def limit_file_size(pid: int, data: Path, room_bytes: int | None) -> None:
+    """Let the process ``pid`` grow its files ``room_bytes`` beyond the data file's size
+    now, or without limit (None)."""
+    if room_bytes is None:
+        soft = resource.RLIM_INFINITY
+    else:
+        soft = (data / "data.mdb").stat().st_size + room_bytes
+    resource.prlimit(pid, resource.RLIMIT_FSIZE, (soft, resource.RLIM_INFINITY))
+
+
+def refusal(reply: Any) -> str:
+    """The error code of a write the storage refused; fails on any other answer."""
+    assert reply.status in (503, 507), (reply.status, reply.text)
+    body = reply.json()
+    assert body["error"] == ("storage_full" if reply.status == 507 else "storage_failed")
+    assert "nothing of the request was written" in body["message"]
+    assert int(reply.headers["retry-after"]) > 0
+    return str(body["error"])
+
+
+def metric(node: Node, name: str) -> float:
+    text = node.call("GET", "/metrics").text
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            return float(line.rpartition(" ")[2])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_a_full_storage_refuses_writes_keeps_reads_and_recovers(nodes: Nodes) -> None:
+    node = nodes.start("eu")
+    acknowledged: list[str] = []
+    for i in range(5):
+        assert node.call("POST", "/users", user(f"before{i}")).status == 201
+        acknowledged.append(f"before{i}")
+
+    limit_file_size(node.proc.pid, node.data_dir, ROOM_BYTES)
+    refused: list[str] = []
+    for i in range(WRITES_MAX):
+        user_id = f"u{i:04d}"
+        reply = node.call("POST", "/users", user(user_id))
+        if reply.status == 201:
+            acknowledged.append(user_id)
+            continue
+        refusal(reply)
+        refused.append(user_id)
+        if len(refused) >= REFUSED_ENOUGH:
+            break
+    assert len(refused) >= REFUSED_ENOUGH, "the storage never refused a commit"
+    assert node.alive()
+
+    # Nothing of a refused write; reads go on; the node says what is wrong.
+    for user_id in refused:
+        assert node.call("GET", f"/users/{user_id}").status == 404
+    for user_id in acknowledged:
+        assert node.call("GET", f"/users/{user_id}").status == 200
+    failing = node.call("GET", "/status").json()["writes_failing"]
+    assert failing is not None
+    assert failing["commits"] >= 1
+    assert failing["requests"] >= 1
+    assert failing["error"].startswith("mdb_txn_commit")
+    assert metric(node, "replica_writes_failing") == 1
+    assert metric(node, "replica_commits_refused_total") >= failing["commits"]
+    # A small write may find room the big ones did not (pages LMDB frees and takes again):
+    # it is then acknowledged; refused, it leaves nothing.
+    patch = node.call("PATCH", f"/users/{acknowledged[0]}", {"name": "Renamed"})
+    renamed = node.call("GET", f"/users/{acknowledged[0]}").json()["name"] == "Renamed"
+    assert renamed if patch.status == 200 else (refusal(patch) and not renamed)
+
+    # The storage takes commits again: so do clients' writes, the refused ones resent.
+    limit_file_size(node.proc.pid, node.data_dir, None)
+    for user_id in refused:
+        assert node.call("POST", "/users", user(user_id)).status == 201
+        acknowledged.append(user_id)
+    assert node.call("GET", "/status").json()["writes_failing"] is None
+    assert metric(node, "replica_writes_failing") == 0
+    stderr = node.stderr()
+    assert "the storage refused a commit" in stderr
+    assert "commits go through again" in stderr
+    assert "Traceback" not in stderr
+
+    # What it acknowledged survives kill -9.
+    seq = node.call("GET", "/status").json()["seq"]
+    node.kill()
+    again = nodes.start("eu")
+    assert again.call("GET", "/status").json()["seq"] == seq
+    for user_id in acknowledged:
+        assert again.call("GET", f"/users/{user_id}").status == 200, user_id
+
+
+def test_a_peer_is_told_and_the_regions_converge_once_the_storage_takes_commits(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        async with running(["eu", "us"], tmp_path) as cluster, session() as http:
+            c = Client(cluster, http)
+            await c.ok("eu", "POST", "/users", user("first"))
+            await c.wait_converged()
+            us = cluster.nodes["us"]
+            assert us.proc is not None
+            limit_file_size(us.proc.pid, us.data_dir, ROOM_BYTES)
+            # eu writes on; us cannot store what eu sends it.
+            for i in range(WRITES_MAX):
+                await c.ok("eu", "POST", "/users", user(f"w{i:04d}"))
+                if i % 20 == 0:
+                    failing = (await c.ok("us", "GET", "/status")).body["writes_failing"]
+                    if failing is not None and failing["commits"] >= REFUSED_ENOUGH:
+                        break
+            else:
+                raise AssertionError("us never refused a commit")
+            written = i + 1
+            seen_by_eu = (await c.ok("eu", "GET", "/status")).body["replication"]["peers"]
+            (peer,) = seen_by_eu
+            assert peer["failures"] >= 1
+            assert "storage" in (peer["last_error"] or ""), peer
+            reply = await c.call("us", "POST", "/users", user("local"))
+            assert reply.status in (503, 507), reply
+            assert reply.body["error"].startswith("storage_")
+
+            limit_file_size(us.proc.pid, us.data_dir, None)  # the same process: not restarted
+            await c.wait_converged()
+            for region in ("eu", "us"):
+                status = (await c.ok(region, "GET", "/status")).body
+                assert status["writes_failing"] is None
+                listed = await c.ok(region, "GET", "/users?limit=1000")
+                assert len(listed.body["users"]) == written + 1, region
+
+    asyncio.run(scenario())
