@@ -11,11 +11,13 @@ from __future__ import annotations
 import errno
 import fcntl
 import mmap
+import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import lmdb
 
@@ -93,22 +95,56 @@ def check_pages(path: Path) -> None:
         )
 
 
+# What an ``LmdbKV`` holding a directory's lock writes in the lock file once it has
+# checked the data file's pages (``check_pages``). Every holder that can write empties
+# the file when it takes the lock, and an ``LmdbKV`` when it lets it go: a mark is that
+# of the holder at hand (but for the instant between its lock and its emptying).
+PAGES_CHECKED = b"pages checked\n"
+# How long a reader without the lock waits for a holder still checking the pages.
+CHECK_WAIT_S = 30.0
+CHECK_POLL_S = 0.05
+
+
 def check_data_file(path: Path) -> None:
-    """``check_size``, then ``check_pages`` if no process holds the directory: a node that
-    serves it checked its pages when it opened it, and its writes would move them under
-    the walk. For a reader that opens the directory without its lock (the offline tools
-    look up its replica id first; a backup copies it while its node runs)."""
+    """``check_size``, then ``check_pages`` under the directory's lock, taken for the walk;
+    for a reader that opens the directory without holding its lock (the offline tools
+    look up its replica id first; a backup copies it while its node runs).
+
+    If another process holds the lock, its writes would move pages under the walk: the
+    pages are left to it once it says in the lock file that it checked them (a node that
+    serves the directory did when it opened it), after a wait of at most ``CHECK_WAIT_S``
+    while it is still checking. A directory without its lock file, and none can be made
+    (read-only), has no process writing to it: it is walked as it is."""
     check_size(path)
+    lock_path = path / LOCK_FILE
+    lock: IO[bytes]
     try:
-        lock = (path / LOCK_FILE).open("a")
-    except OSError:  # a directory this process may not write to: LMDB says what it can
-        return
-    try:
+        lock = lock_path.open("ab")
+    except OSError:
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            lock = lock_path.open("rb")  # flock needs no write access
+        except FileNotFoundError:
+            check_pages(path)
             return
-        check_pages(path)
+    deadline = time.monotonic() + CHECK_WAIT_S
+    try:
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if lock_path.read_bytes() == PAGES_CHECKED:
+                    return
+                if time.monotonic() > deadline:
+                    raise DataDirBusy(
+                        f"{path} is held by another process that has not checked its data "
+                        f"file within {CHECK_WAIT_S:.0f} s"
+                    ) from None
+                time.sleep(CHECK_POLL_S)
+                continue
+            if lock.writable():
+                os.ftruncate(lock.fileno(), 0)  # a mark left by a holder killed holding it
+            check_pages(path)
+            return
     finally:
         lock.close()
 
@@ -235,16 +271,19 @@ class LmdbKV:
         path.mkdir(parents=True, exist_ok=True)
         self.path = path
         # One process per data directory: two writers would each trust their own counters.
-        self._lock = (path / LOCK_FILE).open("a")
+        self._lock = (path / LOCK_FILE).open("ab")
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._lock.close()
             raise DataDirBusy(f"{path} is in use by another replica process") from None
         try:
+            os.ftruncate(self._lock.fileno(), 0)  # not checked by this holder yet
             check_size(path)
             check_pages(path)
-        except (DataFileTruncated, DataFileUnreadable):
+            self._lock.write(PAGES_CHECKED)
+            self._lock.flush()
+        except BaseException:
             self._lock.close()
             raise
         self.env = lmdb.open(
@@ -336,7 +375,12 @@ class LmdbKV:
 
     def close(self) -> None:
         self.env.close()
-        self._lock.close()
+        try:
+            os.ftruncate(self._lock.fileno(), 0)  # its check says nothing of the next holder's
+        except OSError:
+            pass
+        finally:
+            self._lock.close()
 
 
 @contextmanager

@@ -6,7 +6,7 @@ and gave back in the same transaction, which are never written, so a healthy fil
 end before that page. Reading a missing page through LMDB's map kills the process
 (SIGBUS). So where the file ends before that record, this walks every tree the newest
 meta page roots (the free-page list, the main table and each named table in it),
-through the file, and finds the first page any of them needs that the file lacks.
+through the file, and finds a page one of them needs that the file lacks.
 
 The layout read is LMDB 0.9's on a little-endian 64-bit machine (what py-lmdb builds
 here): a page begins with its number, two pad bytes, its flags, then the bounds of its
@@ -59,7 +59,9 @@ class Meta:
 
 @dataclass
 class Census:
-    """What a walk found in one tree: LMDB's own counts of it (``Transaction.stat``)."""
+    """What a walk found in one table: LMDB's own counts of it (``Transaction.stat``), for
+    a table without sorted duplicates (the store has none; of one with them, the walk
+    counts keys, and only finds the pages of their trees)."""
 
     root: int = NO_PAGE
     branch_pages: int = 0
@@ -70,12 +72,13 @@ class Census:
 
 @dataclass
 class Walk:
-    """A walk of the last commit's trees: the first page they need beyond the file's end
+    """A walk of the last commit's trees: the first page found that they need beyond the file's end
     (None: the file holds them all), the highest page they need (of a walk that found
     none missing), and the census of each named table."""
 
     missing: int | None = None
     highest: int = 1
+    reached: set[int] = field(default_factory=set)  # every tree page visited
     tables: dict[bytes, Census] = field(default_factory=dict)
 
 
@@ -104,7 +107,8 @@ def read_meta(fd: int) -> Meta | None:
 
 def first_page_lacking(path: Path) -> tuple[int, int] | None:
     """For the data file ``path``: None if it holds every page its last commit needs (or
-    is not of the layout this reads); else (the first page it lacks, its page size)."""
+    is not of the layout this reads); else (a page it lacks, the first the walk met, and
+    its page size)."""
     with path.open("rb") as f:
         fd = f.fileno()
         meta = read_meta(fd)
@@ -118,11 +122,18 @@ def first_page_lacking(path: Path) -> tuple[int, int] | None:
 
 
 def walk(fd: int, meta: Meta, pages_in_file: int) -> Walk:
-    """Visit every page the trees of ``meta`` reach, stopping at the first one past
+    """Visit every page the trees of ``meta`` reach, stopping at the first one found past
     ``pages_in_file``. Raises ``Damaged`` on a page that is not a tree's."""
+    try:
+        return _walk(fd, meta, pages_in_file)
+    except struct.error as exc:  # a size or an offset that runs off its page
+        raise Damaged(f"a page of this file's trees runs off its end ({exc})") from None
+
+
+def _walk(fd: int, meta: Meta, pages_in_file: int) -> Walk:
     found = Walk()
     size = meta.page_bytes
-    seen: set[int] = set()
+    seen = found.reached
     # (page, its table's census, is it the main table's): the free list's, the main's
     stack: list[tuple[int, Census, bool]] = [
         (root, Census(), main)
@@ -148,17 +159,18 @@ def walk(fd: int, meta: Meta, pages_in_file: int) -> Walk:
             PAGE_HEADER_BYTES <= lower <= upper <= size
         ):
             raise Damaged(f"page {number} is not a page of this file's trees")
-        if flags & P_LEAF2:  # fixed-size duplicates: keys only, nothing further
-            census.leaf_pages += 1
-            continue
         pointers = struct.unpack_from(
             f"<{(lower - PAGE_HEADER_BYTES) // 2}H", page, PAGE_HEADER_BYTES
         )
         if flags & P_BRANCH:
             census.branch_pages += 1
             for at in pointers:
+                if at < upper or at + NODE_HEADER_BYTES > size:
+                    raise Damaged(f"page {number} points outside its nodes")
                 low, high, top = struct.unpack_from("<HHH", page, at)
                 stack.append((low | high << 16 | top << 32, census, main))
+        elif flags & P_LEAF2:  # fixed-size duplicates: keys only, nothing further
+            census.leaf_pages += 1
         elif flags & P_LEAF:
             census.leaf_pages += 1
             for at in pointers:
@@ -168,6 +180,10 @@ def walk(fd: int, meta: Meta, pages_in_file: int) -> Walk:
                 if not main:
                     census.entries += 1
                 data = at + NODE_HEADER_BYTES + key_bytes
+                # A page number, or a table's record, must lie within the page.
+                held = 8 if node_flags & F_BIGDATA else _TABLE.size if node_flags & F_SUBDATA else 0
+                if data + held > size:
+                    raise Damaged(f"page {number} holds a node that runs off its end")
                 if node_flags & F_BIGDATA:
                     first = _U64.unpack_from(page, data)[0]
                     runs = _overflow_pages(fd, size, first, pages_in_file)

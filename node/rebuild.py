@@ -114,7 +114,7 @@ def _replica_id_or_why_not(data_dir: Path) -> str | None:
     """The replica id stored in ``data_dir``; else None, having said why on stderr."""
     try:
         replica_id = _replica_id(data_dir)
-    except (DataFileTruncated, DataFileUnreadable) as unreadable:
+    except (DataFileTruncated, DataFileUnreadable, DataDirBusy) as unreadable:
         print(unreadable, file=sys.stderr)
         return None
     if replica_id is None:

@@ -12,9 +12,12 @@ from pathlib import Path
 import lmdb
 import pytest
 
-from node import lmdb_pages
+from node import lmdb_kv, lmdb_pages
 from node.kv import WriteTxn
 from node.lmdb_kv import (
+    LOCK_FILE,
+    PAGES_CHECKED,
+    DataDirBusy,
     DataFileTruncated,
     DataFileUnreadable,
     LmdbKV,
@@ -142,15 +145,17 @@ def test_a_running_node_s_file_is_not_walked_by_a_reader_without_its_lock(
         check_data_file(tmp_path)  # free now: walked
 
 
-def test_a_damaged_page_of_a_short_file_is_refused_as_unreadable(tmp_path: Path) -> None:
-    Replica.open(tmp_path, "eu").close()  # as test_truncated_data_file's healthy short file
-    kv = LmdbKV(tmp_path)
+def _short_but_sound(path: Path) -> tuple[lmdb_pages.Meta, lmdb_pages.Walk]:
+    """A replica's directory whose data file ends before LMDB's record of its last page
+    (writes that took pages and gave them back), every page it needs there: walked."""
+    Replica.open(path, "eu").close()  # as test_truncated_data_file's healthy short file
+    kv = LmdbKV(path)
     try:
-        # Rows that stay, then writes that take pages and give them back: LMDB's record
-        # of its last page ends past the file's end, and the walk runs.
+
         def keep(txn: WriteTxn) -> None:
             for i in range(50):
                 txn.put("idx_search", b"keep%04d" % i, b"x" * 100)
+            txn.put("views", b"big", b"z" * 9_000)  # on overflow pages
 
         def grow_and_empty(txn: WriteTxn) -> None:
             for i in range(2_000):
@@ -163,10 +168,16 @@ def test_a_damaged_page_of_a_short_file_is_refused_as_unreadable(tmp_path: Path)
             kv.write(grow_and_empty)
     finally:
         kv.close()
-    data = tmp_path / "data.mdb"
+    data = path / "data.mdb"
     meta, walked = _walk(data)
     assert data.stat().st_size // meta.page_bytes <= meta.last_page  # short: walked
     assert lmdb_pages.first_page_lacking(data) is None  # and sound
+    return meta, walked
+
+
+def test_a_damaged_page_of_a_short_file_is_refused_as_unreadable(tmp_path: Path) -> None:
+    meta, walked = _short_but_sound(tmp_path)
+    data = tmp_path / "data.mdb"
     root = walked.tables[b"idx_search"].root
     with data.open("r+b") as f:
         f.seek(root * meta.page_bytes)
@@ -175,6 +186,66 @@ def test_a_damaged_page_of_a_short_file_is_refused_as_unreadable(tmp_path: Path)
         lmdb_pages.first_page_lacking(data)
     with pytest.raises(DataFileUnreadable, match="cannot be read"):
         LmdbKV(tmp_path)
+
+
+def test_damage_anywhere_in_a_short_file_is_damage_or_a_cut_never_a_crash(
+    tmp_path: Path,
+) -> None:
+    """Bytes changed at random in the pages a short file's trees reach: the walk says the
+    file is damaged, or cut, or sound, and raises nothing else (a pointer, a size or a
+    page number that runs off its page was a struct.error, a traceback from every
+    command: found by a review)."""
+    meta, walked = _short_but_sound(tmp_path / "whole")
+    whole = (tmp_path / "whole" / "data.mdb").read_bytes()
+    rng = random.Random(8)
+    pages = sorted(walked.reached)
+    data = tmp_path / "data.mdb"
+    said = {"damaged": 0, "cut": 0, "sound": 0}
+    for _ in range(300):
+        harmed = bytearray(whole)
+        page = rng.choice(pages)
+        for _ in range(rng.randint(1, 4)):
+            # Mostly the header and node pointers, where the page's shape is told.
+            within = rng.randrange(64) if rng.random() < 0.7 else rng.randrange(meta.page_bytes)
+            harmed[page * meta.page_bytes + within] = rng.randrange(256)
+        data.write_bytes(harmed)
+        try:
+            lacking = lmdb_pages.first_page_lacking(data)
+        except lmdb_pages.Damaged:
+            said["damaged"] += 1
+        else:
+            said["cut" if lacking is not None else "sound"] += 1
+    assert said["damaged"] > 0, said
+
+
+def test_a_reader_without_the_lock_walks_unless_a_holder_checked_the_pages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader that does not hold the directory's lock (a backup) takes it for the walk;
+    while another process holds it, it leaves the pages to that holder once the holder
+    says it checked them, and waits for it (at most CHECK_WAIT_S) while it has not."""
+    _workload(tmp_path, seed=4)
+    meta, walked = _walk(tmp_path / "data.mdb")
+    lock_file = tmp_path / LOCK_FILE
+    kv = LmdbKV(tmp_path)
+    try:
+        assert lock_file.read_bytes() == PAGES_CHECKED
+        os.truncate(tmp_path / "data.mdb", walked.highest * meta.page_bytes)  # cut since
+        check_data_file(tmp_path)  # held and checked: the holder's to answer for
+        with pytest.raises(DataFileTruncated):
+            check_pages(tmp_path)
+        # A holder that has not said so: waited for, then the directory is refused as busy.
+        lock_file.write_bytes(b"")
+        monkeypatch.setattr(lmdb_kv, "CHECK_WAIT_S", 0.2)
+        with pytest.raises(DataDirBusy, match="has not checked"):
+            check_data_file(tmp_path)
+    finally:
+        kv.close()
+    assert lock_file.read_bytes() == b""  # a holder's mark goes with it
+    lock_file.write_bytes(PAGES_CHECKED)  # as a holder killed holding it leaves it
+    with pytest.raises(DataFileTruncated):
+        check_data_file(tmp_path)  # free: walked, whatever the file says
+    assert lock_file.read_bytes() == b""
 
 
 def test_a_file_of_another_layout_is_left_to_lmdb(tmp_path: Path) -> None:
