@@ -90,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     node.add_argument("--tls-key", metavar="FILE", help="its private key")
     node.add_argument("--tls-ca", metavar="FILE", help="CA for peers' certificates (mutual TLS)")
+    node.add_argument(
+        "--run-dir",
+        metavar="DIR",
+        help="where to record how far this node's counter went this boot, outside its data"
+        " directory (default: /run/replica-store, else the user's or a temporary one)",
+    )
 
     cluster = commands.add_parser(
         "cluster",

@@ -65,6 +65,10 @@ class Settings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
+    # Where the node keeps its record of how far its counter went this boot, outside the
+    # data directory (``node.counter_record``); None: the first writable of /run, the
+    # user's run directory and the temporary directory.
+    run_dir: Path | None = None
 
     def redacted(self) -> dict[str, object]:
         """All settings as plain values for a start-up log line, secrets replaced by "***"."""
@@ -86,7 +90,7 @@ _Raw = dict[str, tuple[object, str]]
 
 _FIELDS = tuple(f.name for f in fields(Settings))
 _SECRETS = ("cluster_secret", "api_token")
-_PATHS = ("data_dir", "tls_cert", "tls_key", "tls_ca")  # plain text in the log, not Path
+_PATHS = ("data_dir", "tls_cert", "tls_key", "tls_ca", "run_dir")  # plain text in the log, not Path
 # Every int setting but the port is a limit (annotations are strings here, see __future__).
 _LIMITS = tuple(f.name for f in fields(Settings) if f.type == "int" and f.name != "listen_port")
 _FLAG_NAMES = {"data_dir": "--data", "peers": "--peer", "lmdb_metasync": "--no-metasync"}
@@ -300,6 +304,7 @@ _CONVERTERS: dict[str, Callable[[str, object, str], Any]] = {
     "peer_transport": _one_of(PEER_TRANSPORTS),
     "peer_compression": _one_of(PEER_COMPRESSIONS),
     **{name: _file for name in ("tls_cert", "tls_key", "tls_ca")},
+    "run_dir": lambda name, value, where: Path(_text(name, value, where)),
     **{name: _int for name in _LIMITS},
     "start_writes_wait_ms_max": lambda name, value, where: _int(name, value, where, low=0),
 }

@@ -180,6 +180,11 @@ def _number(txn: ReadTxn, key: bytes) -> int:
     return 0 if raw is None else from_u64(raw)
 
 
+def stored_counter(txn: ReadTxn) -> int:
+    """This replica's last dot counter, as the last commit saved it."""
+    return _number(txn, b"counter")
+
+
 def last_seq(txn: ReadTxn) -> int:
     """The last local sequence number used: how many events the log holds."""
     return _number(txn, b"seq")

@@ -20,6 +20,7 @@ from crdt import Dot, HybridLogicalClock, ORSet, VersionVector
 from crdt import codec as crdt_codec
 from crdt.clock import LOGICAL_MASK, make_stamp, physical_ms
 from node import log, views
+from node.counter_record import CounterRecord
 from node.events import Event, InvalidEvent, Op, stream_of
 from node.events import decode as decode_event
 from node.fold import EntityState, decode_state, fold_all
@@ -95,10 +96,15 @@ class Replica:
         incarnations: Callable[[], str | None] = lambda: None,
         threaded_writer: bool = True,
         boot: bytes | None = None,
+        counter_record: CounterRecord | None = None,
     ) -> None:
         """``boot`` (``log.current_boot``): the boot this run is on; a node whose last run
         did not stop cleanly and ran on another boot comes back as a new incarnation
         (``log.renew_after_reboot``). No ``boot``: no such check.
+        ``counter_record``: this machine's record of how far each replica's counter went
+        on this boot (``node.counter_record``); a start below it, or on a copy of a
+        replica another process runs as, comes back as a new incarnation. None: no such
+        check.
         ``incarnation`` (of a new directory) and ``incarnations`` (of each renewal while it
         runs, ``Writer.renew``): chosen by simulations; otherwise random."""
         self.kv = kv
@@ -106,8 +112,13 @@ class Replica:
         self._run_marked = boot is not None
         self._closed = False
 
+        self.counter_record = counter_record
+        # Why the record made the start serve as a new incarnation (None: it did not).
+        behind: str | None = None
+
         def identities(txn: WriteTxn) -> tuple[Identity, Identity, Identity]:
             # One commit: a start cut short between two would renew twice.
+            nonlocal behind
             stored = log.open_identity(txn, region, incarnation=incarnation)
             opened = log.renew_if_backup(txn, stored, incarnation=incarnations())
             serving = opened
@@ -115,9 +126,30 @@ class Replica:
                 serving = log.renew_after_reboot(
                     txn, opened, boot=boot, incarnation=incarnations(), renewed=opened != stored
                 )
+            behind = None
+            if counter_record is not None and serving == stored:
+                reached = counter_record.claim(stored.replica_id)
+                counter = log.stored_counter(txn)
+                if reached is None:
+                    behind = f"another process on this machine runs as {stored.replica_id}"
+                elif reached > counter:
+                    behind = (
+                        f"its counter reached {reached} on this boot, and its log holds "
+                        f"{counter}: its data directory was put back to an earlier copy"
+                    )
+                if behind is not None:
+                    serving = log.new_incarnation(txn, stored, incarnation=incarnations())
             return stored, opened, serving
 
         stored, opened, identity = kv.write(identities)
+        if behind is not None:
+            logger.warning(
+                "%s: serving as a new incarnation, %s (was %s), so that no dot is used twice "
+                "(its events that peers hold come back from them)",
+                behind,
+                identity.replica_id,
+                stored.replica_id,
+            )
         if opened != stored:
             logger.warning(
                 "started on a backup of %s: serving as a new incarnation, %s, so that no dot "
@@ -125,7 +157,7 @@ class Replica:
                 stored.replica_id,
                 opened.replica_id,
             )
-        if identity != opened:
+        if identity != opened and behind is None:
             logger.warning(
                 "this node's last run did not stop cleanly, and the machine has booted "
                 "since (a power loss, or its disk put back to a snapshot), which may have "
@@ -209,6 +241,8 @@ class Replica:
         )
         if boot is None and durable:
             boot = log.current_boot()
+            if boot is not None and "counter_record" not in options:
+                options["counter_record"] = CounterRecord.of_this_machine(boot)
         return cls(kv, region, boot=boot, **options)
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -239,6 +273,8 @@ class Replica:
                     )
         finally:
             self.kv.close()
+            if self.counter_record is not None:
+                self.counter_record.release()
 
     # -- state -----------------------------------------------------------------
 
@@ -376,7 +412,10 @@ class Replica:
         return oldest
 
     def _on_commit(self, committed: Committed) -> None:
-        """Runs on the writer thread once a commit is durable."""
+        """Runs on the writer thread once a commit is durable, before any of it is
+        acknowledged."""
+        if self.counter_record is not None:
+            self.counter_record.note(committed.state.replica_id, committed.state.counter)
         self.metrics.events_appended += len(committed.events)
         self.metrics.stamps_drifted += committed.drifted
         for listener in self.listeners:

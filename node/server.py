@@ -21,8 +21,10 @@ from typing import Any, Protocol
 import lmdb
 from aiohttp import web
 
+from node import log
 from node.api import build_app
 from node.config import Settings
+from node.counter_record import CounterRecord
 from node.event_loop import run_on, running_loop_name
 from node.http_errors import answer_unparsable_requests_as_json
 from node.kv import StorageFailed
@@ -106,9 +108,14 @@ Extensions = Callable[[Replica, Settings], Sequence[Extension]]
 
 
 def open_replica(settings: Settings) -> Replica:
+    boot = log.current_boot()
+    dirs = None if settings.run_dir is None else [settings.run_dir]
+    record = None if boot is None else CounterRecord.of_this_machine(boot, dirs)
     return Replica.open(
         settings.data_dir,
         settings.region,
+        boot=boot,
+        counter_record=record,
         map_bytes_initial=settings.lmdb_map_bytes_initial,
         metasync=settings.lmdb_metasync,
         max_drift_ms=settings.max_drift_ms,

@@ -27,6 +27,7 @@ from typing import Any
 
 from crdt import Dot, VersionVector
 from node import log as node_log
+from node.counter_record import CounterRecord
 from node.events import Event
 from node.events import decode as decode_event
 from node.events import encode as encode_event
@@ -76,8 +77,12 @@ class Faults:
     rollbacks: int = 0
     rollback_ms_max: int = 2_000
     # The chance that a rollback keeps the machine's boot (a copy restored on the same
-    # machine): then only its peers can tell the node, and its writes wait for them.
+    # machine): the node finds its counter below the machine's record of it and renews
+    # at start (``node.counter_record``), or, if the record is lost too (the chance
+    # ``record_lost``: a run directory emptied), only its peers can tell it, and its
+    # writes wait for them.
     same_boot: float = 0.0
+    record_lost: float = 0.0
 
     @classmethod
     def none(cls) -> Faults:
@@ -194,6 +199,7 @@ class SimNode:
             incarnation=self.incarnation,
             incarnations=lambda: f"{self._incarnations.getrandbits(32):08x}",
             boot=self.boot,
+            counter_record=CounterRecord(self.run_dir, self.boot),
         )
         self.replica.bind(asyncio.get_running_loop())
         self._replica_id = self.replica.identity.replica_id
@@ -211,6 +217,11 @@ class SimNode:
             self._commits = 0
             self._flush()
             self.replica.listeners.append(self._on_commit)
+
+    @property
+    def run_dir(self) -> Path:
+        """The node's machine's run directory, where its counter record is kept."""
+        return self.data_dir.parent / f"{self.region}.run"
 
     @property
     def _flushed(self) -> Path:
@@ -262,16 +273,19 @@ class SimNode:
         self.replica.kv.env.copy(str(self.snapshot))  # type: ignore[attr-defined]
         self.snapshot_acknowledged = acknowledged
 
-    def roll_back(self, *, same_boot: bool) -> None:
+    def roll_back(self, *, same_boot: bool, record_lost: bool = False) -> None:
         """Put the data directory back to the snapshot (the node must be down), as a
         virtual machine's disk is restored (the machine boots again), or a copy on the
-        same machine (``same_boot``)."""
+        same machine (``same_boot``), where the machine's counter record may be lost too
+        (``record_lost``)."""
         assert self.replica is None
         assert self.snapshot is not None
         shutil.copyfile(self.snapshot / "data.mdb", self.data_dir / "data.mdb")
         self.snapshot = None
         if not same_boot:
             self.boot = self._boots.randbytes(16)
+        if record_lost:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
 class _NoTransport:
@@ -504,13 +518,15 @@ class Simulation:
             node.take_snapshot(len(self._acknowledged_log))
             self.log(f"snapshot {region} at {node.replica.state.counter}")
 
-    async def _roll_back(self, region: str, down_ms: int, *, same_boot: bool) -> None:
+    async def _roll_back(
+        self, region: str, down_ms: int, *, same_boot: bool, record_lost: bool = False
+    ) -> None:
         node = self.nodes[region]
         if node.snapshot is None:
             return  # it was down when the snapshot was due
         if node.replica is not None:
             node.crash()
-        node.roll_back(same_boot=same_boot)
+        node.roll_back(same_boot=same_boot, record_lost=record_lost)
         # Its writes acknowledged since the copy that no other node holds: the rollback
         # lost them (the operator's doing). Those another node holds must come back to
         # it, unless every node holding them is rolled back too, later.
@@ -531,6 +547,7 @@ class Simulation:
         self.result.undone += [e for e in self._acknowledged_log if e.dot in undone]
         self.result.acknowledged = [e for e in self.result.acknowledged if e.dot not in undone]
         boot = "the same boot" if same_boot else "a new boot"
+        boot += ", its counter record lost" if record_lost else ""
         self.log(f"roll back {region} for {down_ms} ms, {boot}: {len(undone)} writes undone")
         self.at(self.now_ms + down_ms, "restart", partial(self._restart, region))
 
@@ -580,8 +597,12 @@ class Simulation:
             back = self.rng.randint(1, max(1, f.rollback_ms_max))
             down = self.rng.randint(1, max(1, f.down_ms_max))
             same_boot = self.rng.random() < f.same_boot
+            # Drawn only when it may be: a seed's run stays what it was without it.
+            record_lost = same_boot and f.record_lost > 0 and self.rng.random() < f.record_lost
             self.at(max(EPOCH_MS, when - back), "snapshot", partial(self._snapshot, region))
-            rollback = partial(self._roll_back, region, down, same_boot=same_boot)
+            rollback = partial(
+                self._roll_back, region, down, same_boot=same_boot, record_lost=record_lost
+            )
             self.at(when, "rollback", rollback)
         if s.sample_ms:
             self.at(EPOCH_MS, "sample", self._sample)
@@ -661,10 +682,8 @@ class Simulation:
         self.healed = True
         self.manual_cuts.clear()
         self.log("heal")
-        for region, node in sorted(self.nodes.items()):
-            if node.replica is None:
-                node.open()
-                self.log(f"restart {region}")
+        for region in sorted(self.nodes):
+            await self._restart(region)  # those that are down
         healed_at = next_check = self.now_ms
         converged = False
         while self.now_ms - healed_at <= self.scenario.heal_wait_ms_max and self._queue:

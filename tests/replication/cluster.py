@@ -25,7 +25,8 @@ from types import TracebackType
 from typing import Any
 
 from crdt import VersionVector
-from node import views
+from node import log, views
+from node.counter_record import CounterRecord
 from node.events import Event, Op, Value, stream_of
 from node.replica import Replica
 from node.writer import Decide, Draft
@@ -109,6 +110,10 @@ class Cluster:
         assert ms >= 0, "virtual time never goes back"
         self.now_ms[0] += ms
 
+    def run_dir(self, region: str) -> Path:
+        """Where ``region``'s machine keeps its counter record (``node.counter_record``)."""
+        return self.root / f"{region}.run"
+
     def open(self, region: str) -> Node:
         """Open (or reopen) ``region``'s node from its data directory, bound to this loop."""
         assert region in self.regions
@@ -118,7 +123,9 @@ class Cluster:
             return self.time_of(region)
 
         path = self.root / region
-        replica = Replica.open(path, region, now_ms=clock)
+        # Each node a machine of its own, its counter record in its own run directory.
+        record = CounterRecord(self.run_dir(region), log.current_boot() or b"boot")
+        replica = Replica.open(path, region, now_ms=clock, counter_record=record)
         try:
             replica.bind(asyncio.get_running_loop())
             peers = [p for p in self.regions if p != region]

@@ -336,7 +336,10 @@ def test_a_renewal_in_a_commit_that_runs_again_is_counted_and_logged_once(
 
 async def restored_from_backup(c: Cluster, tmp_path: Path, *, undone: int = 1) -> Event:
     """eu's directory restored from a backup taken before its last ``undone`` writes,
-    which us holds, and one of us's own; eu left closed. The last write undone."""
+    which us holds, and one of us's own; eu left closed. The last write undone. Its
+    machine's counter record is lost too (a run directory emptied, or the copy started
+    on another machine of the same boot): only its peers can tell it (on the same
+    machine, the record renews it at start: tests/node/test_counter_record.py)."""
     await c.write("eu", commands.create("user", "homer", person("homer")))
     assert await c.sync("eu", "us")
     await c.shut("eu")
@@ -349,6 +352,7 @@ async def restored_from_backup(c: Cluster, tmp_path: Path, *, undone: int = 1) -
     await c.shut("eu")
     shutil.rmtree(c.root / "eu")
     shutil.copytree(tmp_path / "eu-backup", c.root / "eu")
+    shutil.rmtree(c.run_dir("eu"))
     return last
 
 
