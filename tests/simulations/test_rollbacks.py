@@ -11,40 +11,38 @@ from simulations.deterministic import Faults, Scenario, run_scenario
 SEEDS = range(1, 13)
 
 
-def test_regions_converge_and_keep_every_write_through_rollbacks() -> None:
-    undone = renewed = 0
+def sweep(faults: Faults) -> tuple[int, int, int]:
+    """Run every seed of ``SEEDS`` with ``faults``; each must pass, refuse no message, and
+    keep its summaries bounded by what the rollbacks undid, not by the writes after them.
+    Returns the writes undone, the renewals at a restart and those while running."""
+    undone = at_start = running = 0
     for seed in SEEDS:
-        result = run_scenario(
-            Scenario(seed=seed, ops=200, faults=Faults(rollbacks=2)), keep_trace=True
-        )
+        result = run_scenario(Scenario(seed=seed, ops=200, faults=faults), keep_trace=True)
         assert result.ok, f"seed {seed}: {result.report}\nreplay: {result.scenario.command()}"
         assert result.refused == 0, f"seed {seed}"
-        # Bounded by what the rollbacks undid, not by the writes after them.
         assert result.cloud_max <= len(result.undone), f"seed {seed}"
         undone += len(result.undone)
-        renewed += sum(" as " in line for line in result.trace if "restart" in line)
+        at_start += sum(" as " in line for line in result.trace if "restart" in line)
+        running += sum(line.split()[1] == "renewed" for line in result.trace)
+    return undone, at_start, running
+
+
+def test_regions_converge_and_keep_every_write_through_rollbacks() -> None:
+    undone, at_start, _ = sweep(Faults(rollbacks=2))
     # The faults took place: writes were undone (lost with no peer holding them), and
     # nodes came back renewed.
     assert undone > 0
-    assert renewed >= len(SEEDS)
+    assert at_start >= len(SEEDS)
 
 
 def test_a_copy_restored_on_the_same_boot_renews_at_start_by_the_machine_s_record() -> None:
     """Restored on the same machine, the node finds its counter below the machine's
     record of it (``node.counter_record``) and serves as a new incarnation at once: no
     write is lost even where a peer that holds its undone events is cut off for longer
-    than the start's wait (6 of 100 seeds lost writes so, with the peers alone to tell)."""
-    undone = renewed = 0
-    for seed in SEEDS:
-        faults = Faults(rollbacks=3, same_boot=1.0, partitions=6)
-        result = run_scenario(Scenario(seed=seed, ops=200, faults=faults), keep_trace=True)
-        assert result.ok, f"seed {seed}: {result.report}\nreplay: {result.scenario.command()}"
-        assert result.refused == 0, f"seed {seed}"
-        assert result.cloud_max <= len(result.undone), f"seed {seed}"
-        undone += len(result.undone)
-        renewed += sum(" as " in line for line in result.trace if "restart" in line)
+    than the start's wait (with the peers alone to tell, 15 of 100 seeds failed so)."""
+    undone, at_start, _ = sweep(Faults(rollbacks=3, same_boot=1.0, partitions=6))
     assert undone > 0
-    assert renewed >= len(SEEDS)
+    assert at_start >= len(SEEDS)
 
 
 def test_a_copy_restored_on_the_same_boot_without_the_record_is_found_out_by_its_peers() -> None:
@@ -53,15 +51,8 @@ def test_a_copy_restored_on_the_same_boot_without_the_record_is_found_out_by_its
     its own events beyond its log, and its client writes wait for every peer's first word
     after the start (at most 3 s: no partition here outlasts it). No write is lost, no
     honest message is refused."""
-    undone = renewed = 0
-    for seed in SEEDS:
-        faults = Faults(rollbacks=3, same_boot=1.0, record_lost=1.0, partitions=0)
-        result = run_scenario(Scenario(seed=seed, ops=200, faults=faults), keep_trace=True)
-        assert result.ok, f"seed {seed}: {result.report}\nreplay: {result.scenario.command()}"
-        assert result.refused == 0, f"seed {seed}"
-        assert result.cloud_max <= len(result.undone), f"seed {seed}"
-        assert not any(" as " in line for line in result.trace if "restart" in line)
-        undone += len(result.undone)
-        renewed += sum(line.split()[1] == "renewed" for line in result.trace)
+    faults = Faults(rollbacks=3, same_boot=1.0, record_lost=1.0, partitions=0)
+    undone, at_start, running = sweep(faults)
+    assert at_start == 0
     assert undone > 0
-    assert renewed >= len(SEEDS)
+    assert running >= len(SEEDS)
