@@ -24,6 +24,7 @@ from node.config import Settings
 from node.events import ENTITY_ID_RE, Event, stream_of
 from node.fold import Bounded, EntityState, decode_state
 from node.http_errors import BODY_BYTES_MAX, Handler, as_json_error, fail
+from node.kv import StorageFailed
 from node.metrics import render_metrics
 from node.openapi import OPENAPI
 from node.replica import At, Replica, history, iso_of
@@ -132,6 +133,8 @@ def guard(replica: Replica, settings: Settings) -> Guard:
                     await _catch_up(request, replica, settings)
                 response = await handler(request)
             except Exception as exc:  # as_json_error answers each kind (or raises a redirect)
+                if isinstance(exc, StorageFailed) and exc.fatal:
+                    replica.storage_gave_up.set()  # a read met it first: the node stops
                 response = as_json_error(request, exc)
             if TOKEN_HEADER not in response.headers:
                 response.headers[TOKEN_HEADER] = replica.token_text()
@@ -611,7 +614,7 @@ async def status(request: web.Request) -> web.Response:
             "serving": replica.not_ready is None,
             "not_ready": replica.not_ready,
             "writes_held": replica.writes_held,
-            "writes_failing": _failing(replica.writer.failing),
+            "writes_failing": _failing(replica.writer.storage_failing()),
             "writer": {
                 "queued": replica.writer.queued,
                 "commits": replica.writer.commits,

@@ -36,11 +36,13 @@ DATABASES = (
 class StorageFailed(Exception):
     """The storage refused a commit (its disk full, a file size limit, an I/O error):
     nothing of the commit is written, and a later one may well succeed. ``full``: the
-    file could not grow (no space, a quota or a file size limit)."""
+    file could not grow (no space, a quota or a file size limit). ``fatal``: the storage
+    refuses everything from now on, reads too (LMDB after a failed write of its meta
+    page), until it is opened again."""
 
-    def __init__(self, message: str, *, full: bool) -> None:
+    def __init__(self, message: str, *, full: bool, fatal: bool = False) -> None:
         super().__init__(message)
-        self.full = full
+        self.full, self.fatal = full, fatal
 
 
 def key_after(prefix: bytes) -> bytes | None:

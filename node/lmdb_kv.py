@@ -8,6 +8,7 @@ and the write run again, so a full map never leaves anything half written.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import mmap
@@ -156,7 +157,45 @@ _FULL_ERRNOS = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EFBIG))
 
 def _storage_failed(exc: lmdb.Error) -> StorageFailed:
     """What a client and an operator are told of a commit LMDB could not make."""
-    return StorageFailed(str(exc), full=getattr(exc, "code", None) in _FULL_ERRNOS)
+    fatal = isinstance(exc, lmdb.PanicError)
+    return StorageFailed(str(exc), full=getattr(exc, "code", None) in _FULL_ERRNOS, fatal=fatal)
+
+
+def _begin(env: Any, **kwargs: Any) -> Any:
+    """``env.begin``; an environment LMDB gave up on (a failed write of its meta page)
+    refuses every transaction: ``StorageFailed``, fatal, not an error of the caller's."""
+    try:
+        return env.begin(**kwargs)
+    except lmdb.PanicError as exc:
+        raise _storage_failed(exc) from exc
+
+
+def _mark_checked(lock: IO[bytes]) -> None:
+    """Say in the lock file that its holder checked the pages (``PAGES_CHECKED``); on a
+    full disk it cannot, and readers without the lock wait for it, then refuse."""
+    with contextlib.suppress(OSError):
+        os.write(lock.fileno(), PAGES_CHECKED)  # not buffered: a close flushes nothing
+
+
+# LMDB's lock file for READERS_MAX readers takes some 33 KB, which it writes through a
+# map: on a disk too full for them, a new directory's first start died of SIGBUS.
+LOCK_FILE_BYTES = 64 * 1024
+
+
+def _allocate_lock_file(path: Path) -> None:
+    """Give a new directory's LMDB lock file its blocks before LMDB maps it; raise
+    ``StorageFailed`` if the disk has no room for them."""
+    lock_mdb = path / "lock.mdb"
+    if lock_mdb.exists():
+        return
+    fd = os.open(lock_mdb, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.posix_fallocate(fd, 0, LOCK_FILE_BYTES)
+    except OSError as exc:
+        os.close(fd)
+        lock_mdb.unlink(missing_ok=True)
+        raise StorageFailed(f"no room for {lock_mdb}: {exc.strerror}", full=True) from None
+    os.close(fd)
 
 
 class _LmdbTxn:
@@ -225,7 +264,7 @@ class _Reading(_LmdbTxn):
     def __enter__(self) -> ReadTxn:
         self._reading.acquire()
         try:
-            self._txn = self._env.begin(buffers=False)
+            self._txn = _begin(self._env, buffers=False)
         except BaseException:
             self._reading.release()
             raise
@@ -241,13 +280,16 @@ class _Reading(_LmdbTxn):
 def _getter(env: Any, handle: Any, reading: threading.RLock) -> Callable[[bytes], bytes | None]:
     """A read of one key of one table, in a read transaction of its own (holding
     ``reading`` while it is open: see ``LmdbKV``)."""
-    begin = env.begin
+    begin = env.begin  # its own method: every GET by id makes this read
 
     def get(key: bytes) -> bytes | None:
         if not key:  # as _LmdbTxn.get
             return None
         with reading:
-            txn = begin(buffers=False)
+            try:
+                txn = begin(buffers=False)
+            except lmdb.PanicError as exc:
+                raise _storage_failed(exc) from exc
             try:
                 value: bytes | None = txn.get(key, db=handle)
             finally:
@@ -281,8 +323,8 @@ class LmdbKV:
             os.ftruncate(self._lock.fileno(), 0)  # not checked by this holder yet
             check_size(path)
             check_pages(path)
-            self._lock.write(PAGES_CHECKED)
-            self._lock.flush()
+            _mark_checked(self._lock)
+            _allocate_lock_file(path)
         except BaseException:
             self._lock.close()
             raise
@@ -317,10 +359,7 @@ class LmdbKV:
         """Run ``work`` in one py-lmdb write transaction and commit it; on a full map,
         abort, double the map (once no read transaction is open) and run it again."""
         for _ in range(MAP_GROWTHS_PER_WRITE_MAX):
-            try:
-                txn = self.env.begin(write=True)
-            except lmdb.PanicError as exc:
-                raise _storage_failed(exc) from exc
+            txn = _begin(self.env, write=True)
             try:
                 result = work(txn)
                 try:

@@ -79,7 +79,7 @@ def render_metrics(replica: Replica) -> str:
             "replica_writes_failing",
             "gauge",
             "1 while the storage refuses every commit since the last that went through.",
-            int(writer.failing is not None),
+            int(writer.storage_failing() is not None),
         ),
         (
             "replica_commit_requests_total",

@@ -26,7 +26,7 @@ from typing import TypeVar
 import lmdb
 
 from node import log, views
-from node.kv import DATABASES, WriteTxn
+from node.kv import DATABASES, StorageFailed, WriteTxn
 from node.lmdb_kv import (
     LOCK_FILE,
     DataDirBusy,
@@ -141,12 +141,12 @@ def _write_stopped(data_dir: Path, doing: str, work: Callable[[WriteTxn, str], T
     except DataDirBusy as busy:
         print(f"{busy}: stop the node before {doing}", file=sys.stderr)
         raise _Refused(1) from None
-    except (DataFileTruncated, DataFileUnreadable, lmdb.Error) as exc:
+    except (DataFileTruncated, DataFileUnreadable, lmdb.Error, StorageFailed, OSError) as exc:
         print(f"{data_dir}: cannot open it: {exc}", file=sys.stderr)
         raise _Refused(2) from None
     try:
         return replica_id, kv.write(lambda txn: work(txn, replica_id))
-    except lmdb.Error as exc:  # a damaged page met on the way: nothing was committed
+    except (lmdb.Error, StorageFailed) as exc:  # a damaged page, a full disk: not committed
         print(f"{data_dir}: {doing} failed, nothing changed: {exc}", file=sys.stderr)
         raise _Refused(2) from None
     finally:
@@ -231,13 +231,23 @@ def backup(data_dir: Path, dest: Path) -> int:
             os.fsync(fd)
         finally:
             os.close(fd)
-    kv = LmdbKV(dest)
     try:
-        kv.write(lambda txn: txn.put("meta", log.BACKUP_KEY, replica_id.encode()))
-        with kv.read() as txn:
-            seq = log.last_seq(txn)
-    finally:
-        kv.close()
+        kv = LmdbKV(dest)
+        try:
+            kv.write(lambda txn: txn.put("meta", log.BACKUP_KEY, replica_id.encode()))
+            with kv.read() as txn:
+                seq = log.last_seq(txn)
+        finally:
+            kv.close()
+    except (lmdb.Error, StorageFailed, OSError) as exc:
+        # Unmarked, the copy would start as its original, and take dots peers hold.
+        print(f"{dest}: cannot mark the copy as a backup: {exc}", file=sys.stderr)
+        if made:
+            shutil.rmtree(dest, ignore_errors=True)
+        else:
+            for name in ("data.mdb", "lock.mdb", LOCK_FILE):
+                (dest / name).unlink(missing_ok=True)
+        return 2
     (dest / LOCK_FILE).unlink(missing_ok=True)
     elapsed_s = time.perf_counter() - started
     print(

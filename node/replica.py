@@ -210,6 +210,9 @@ class Replica:
         self.writes_held: str | None = None
         self._writes_released = asyncio.Event()
         self._held = 0  # writes waiting for the release, counted against the write queue
+        # Set once the storage refuses everything until opened again (``Writer.fatal``):
+        # what serves the node stops it then.
+        self.storage_gave_up = asyncio.Event()
         self._refuse_held: str | None = None
         self.writer = Writer(
             kv,
@@ -220,6 +223,7 @@ class Replica:
             threaded=threaded_writer,
             queue_requests_max=queue_requests_max,
             incarnations=incarnations,
+            on_fatal=self._storage_fatal,
         )
 
     @classmethod
@@ -249,6 +253,7 @@ class Replica:
         """Attach to the event loop whose waiters commits must wake."""
         self._loop = loop
         self._changed = asyncio.Event()
+        self.storage_gave_up = asyncio.Event()
         self._writes_released = asyncio.Event()
         if self.writes_held is None:
             self._writes_released.set()
@@ -423,6 +428,12 @@ class Replica:
         loop = self._loop
         if loop is not None and not loop.is_closed():
             call_soon(loop, self._notify)
+
+    def _storage_fatal(self, refused: StorageFailed) -> None:
+        """On the writer's thread: the storage gave up (``Writer.fatal``)."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            call_soon(loop, self.storage_gave_up.set)
 
     def _notify(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()

@@ -192,10 +192,23 @@ async def serve(replica: Replica, settings: Settings, extensions: Sequence[Exten
         f"replica {replica.identity.replica_id} listening on {url} ({running_loop_name()})",
         flush=True,
     )
-    await stop.wait()
+    gave_up = asyncio.ensure_future(replica.storage_gave_up.wait())
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait((gave_up, stopped), return_when=asyncio.FIRST_COMPLETED)
+    for waiting in (gave_up, stopped):
+        waiting.cancel()
+    failed = replica.storage_gave_up.is_set()
+    if failed:
+        logger.critical(
+            "the storage refuses every transaction until it is opened again (LMDB gave up "
+            "on it after a failed write): stopping with exit 1, for a supervisor to start "
+            "the node again; every write acknowledged before is in it"
+        )
     logger.info("stopping: draining in-flight requests")
     for extension in extensions:
         await extension.stop()
     await runner.cleanup()
     logger.info("stopped", extra={"fields": {"seq": replica.state.seq}})
-    return 0
+    # The storage gave up: exit 1, for a supervisor to start the node again (which opens
+    # it anew); what was acknowledged before is all there.
+    return 1 if failed else 0

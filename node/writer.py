@@ -16,6 +16,7 @@ import functools
 import gc
 import itertools
 import logging
+import math
 import queue
 import threading
 import time
@@ -36,6 +37,9 @@ BATCH_REQUESTS_MAX = 512
 QUEUE_REQUESTS_MAX = 10_000
 # While commits fail (the storage refuses them), one log line at most this often.
 STORAGE_FAILURE_LOG_INTERVAL_S = 10.0
+# How long after the last refusal a commit that goes through ends the failing state: on
+# a full disk, a small commit finds a freed page now and then, between refusals.
+STORAGE_FAILING_QUIET_S = 5.0
 
 
 class Rejected(Exception):
@@ -88,7 +92,8 @@ class Failing:
     since_s: float  # the first refusal, wall clock
     commits: int = 0
     requests: int = 0
-    logged_s: float = 0.0  # monotonic: when a line last said so
+    last_s: float = 0.0  # monotonic: the latest refusal
+    went_through: bool = False  # a commit went through since the latest refusal
 
 
 @dataclass
@@ -120,6 +125,7 @@ class Writer:
         queue_requests_max: int = QUEUE_REQUESTS_MAX,
         threaded: bool = True,
         incarnations: Callable[[], str | None] = lambda: None,
+        on_fatal: Callable[[StorageFailed], None] = lambda refused: None,
     ) -> None:
         """``threaded=False`` commits each request in the caller's thread, one by one: for
         simulations, which run one action at a time and gain nothing from a hand-off.
@@ -151,6 +157,11 @@ class Writer:
         # Commits the storage refused: every one ever, and those since the last success.
         self.storage_failures = 0
         self.failing: Failing | None = None
+        self._refusal_logged_s = -math.inf  # monotonic: when a line last said so
+        # Set once the storage refuses everything until it is opened again (LMDB gave up
+        # on it): ``on_fatal`` is called once, and the node stops so that a start opens it.
+        self.fatal: StorageFailed | None = None
+        self.on_fatal = on_fatal
         self.threaded = threaded
         if threaded:
             self._thread.start()
@@ -259,12 +270,8 @@ class Writer:
                 self._commit([request])
             return
         if self.failing is not None:
-            logger.warning(
-                "commits go through again, after %d refused by the storage (%d requests)",
-                self.failing.commits,
-                self.failing.requests,
-            )
-            self.failing = None
+            self.failing.went_through = True
+            self.storage_failing()  # over, if the last refusal is old enough
         self.committed = committed.state
         self.commits += 1
         self.requests += len(batch)
@@ -283,22 +290,48 @@ class Writer:
         self.on_commit(committed)
         _settle(list(zip(batch, outcomes, strict=True)))
 
+    def storage_failing(self) -> Failing | None:
+        """Commits the storage refuses (``Failing``), or None: none since a commit went
+        through, the last refusal ``STORAGE_FAILING_QUIET_S`` ago or more (on a full
+        disk, commits that go through and refusals alternate)."""
+        failing = self.failing
+        if failing is None or not failing.went_through:
+            return failing
+        if time.monotonic() - failing.last_s < STORAGE_FAILING_QUIET_S:
+            return failing
+        self.failing = None
+        logger.warning(
+            "commits go through again, after %d refused by the storage (%d requests)",
+            failing.commits,
+            failing.requests,
+        )
+        return None
+
     def _storage_refused(self, refused: StorageFailed, requests: int) -> None:
         """Count a commit the storage refused, and say so (at most once a while)."""
         self.storage_failures += 1
+        now = time.monotonic()
         failing = self.failing
         if failing is None:
             failing = self.failing = Failing(str(refused), refused.full, time.time())
-        failing.error, failing.full = str(refused), refused.full
+        failing.error, failing.full, failing.last_s = str(refused), refused.full, now
+        failing.went_through = False
         failing.commits += 1
         failing.requests += requests
-        now = time.monotonic()
-        if failing.commits == 1 or now - failing.logged_s >= STORAGE_FAILURE_LOG_INTERVAL_S:
-            failing.logged_s = now
+        if refused.fatal and self.fatal is None:
+            self.fatal = refused
+            logger.critical(
+                "the storage refuses every transaction until it is opened again (%s): "
+                "the node stops, to be started again",
+                refused,
+            )
+            self.on_fatal(refused)
+        if now - self._refusal_logged_s >= STORAGE_FAILURE_LOG_INTERVAL_S:
+            self._refusal_logged_s = now
             logger.error(
                 "the storage refused a commit (%s): nothing of it is written, its %d "
-                "requests are refused (%d commits refused since the last that went through); "
-                "commits go on being tried",
+                "requests are refused (%d commits refused since the first, some may have "
+                "gone through between them); commits go on being tried",
                 refused,
                 requests,
                 failing.commits,

@@ -25,7 +25,7 @@ from crdt import Dot, OriginSeen, VersionVector
 from crdt.clock import physical_ms
 from node import events as ev
 from node import log, views
-from node.kv import WriteTxn
+from node.kv import StorageFailed, WriteTxn
 from node.log import LogState
 from node.replica import Replica, iso_of
 from node.writer import Committed, Overloaded, call_soon
@@ -301,8 +301,7 @@ class Replicator:
         quarantined = [(raw.dot, raw.data) for raw in batch.quarantined]
         if not batch.events and not quarantined:
             return 0
-        if self._marking is not None:
-            await self._marking  # the bootstrap's mark goes first (see ``start``)
+        await self._marked_first()
         # read_batch decoded, and so validated, every event
         new = await self.replica.ingest(batch.events, quarantined=quarantined, validated=True)
         return len(new)
@@ -410,6 +409,10 @@ class Replicator:
             except (TransportError, BadMessage, Overloaded) as exc:
                 self.failed(name, str(exc))
                 return False
+            except StorageFailed:
+                # This node's storage refused what the peer sent (the writer says so):
+                # no fault of the peer's. The next round tries again.
+                return False
             finally:
                 self._carrying[name].remove(carried)
         return True
@@ -511,10 +514,23 @@ class Replicator:
         self._tasks += [asyncio.create_task(self._pusher(name)) for name in self.peers]
         self._tasks.append(asyncio.create_task(self._compactor()))
 
+    async def _marked_first(self) -> None:
+        """The bootstrap's mark goes before any of the history (see ``gate_clients``). A
+        mark the storage refused (a full disk) is tried again by the next one to wait
+        for it: waiting on the refused one would refuse every batch for good."""
+        marking = self._marking
+        if marking is None:
+            return
+        try:
+            await marking
+        except StorageFailed:
+            if self._marking is marking:
+                self._marking = asyncio.ensure_future(self.replica.writer.maintain(_mark))
+            raise
+
     async def _caught_up(self, name: str) -> None:
         if self._marked:
-            if self._marking is not None:
-                await self._marking
+            await self._marked_first()
             await self.replica.writer.maintain(_unmark)
             self._marked = False
         self._ready(f"caught up with {name}")
@@ -586,6 +602,8 @@ class Replicator:
         while True:
             try:
                 await self.anti_entropy_with(name)
+            except StorageFailed:
+                pass  # this node's storage refused a commit: the writer says so, not the peer
             except Exception as exc:
                 logger.exception("anti-entropy with %s failed", name)
                 self.failed(name, f"{type(exc).__name__}: {exc}")  # backs off, never spins
@@ -624,6 +642,8 @@ class Replicator:
             self._queued[name].clear()
             try:
                 await self.push(name)
+            except StorageFailed:
+                pass  # as in _gossip
             except Exception:
                 logger.exception("push to %s failed", name)
 
@@ -632,6 +652,8 @@ class Replicator:
             await asyncio.sleep(self.limits.compaction_interval_ms / 1000)
             try:
                 await self.compact()
+            except StorageFailed:
+                pass  # as in _gossip: the next round compacts
             except Exception:
                 logger.exception("compaction failed")
 

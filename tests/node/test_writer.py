@@ -13,8 +13,9 @@ import pytest
 from crdt import Dot
 from crdt.clock import make_stamp
 from node import commands, log
+from node import writer as writer_module
 from node.events import Event, InvalidEvent, Op
-from node.kv import KV, MemoryKV, ReadTxn
+from node.kv import KV, MemoryKV, ReadTxn, StorageFailed
 from node.lmdb_kv import LmdbKV
 from node.rebuild import replay_views
 from node.replica import Replica
@@ -320,6 +321,66 @@ def test_an_inline_writer_commits_in_the_callers_thread_with_contiguous_dots() -
             assert replica.state.counter == 3  # create + name, then name: no gap
             assert replica.summary.contiguous(replica.identity.replica_id) == 3
         finally:
+            replica.close()
+
+    asyncio.run(body())
+
+
+class RefusingKV(MemoryKV):
+    """A store whose commits the storage refuses while ``refusing`` says so (a full disk,
+    or ``fatal``: one LMDB gave up on): the writer's side of what the e2e tests make a
+    real node meet (tests/e2e/test_storage_refused.py)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refusing: StorageFailed | None = None
+
+    def write(self, work: Any) -> Any:
+        if self.refusing is not None:
+            raise self.refusing
+        return super().write(work)
+
+
+def test_a_refused_commit_refuses_its_requests_each_once_and_the_state_outlives_a_success(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch the storage refuses is refused whole, not retried request by request; the
+    failing state stays through a commit that goes through until the refusals are quiet
+    for a while (on a full disk the two alternate); a fatal refusal stops the node."""
+
+    async def body() -> None:
+        kv = RefusingKV()
+        replica = Replica(kv, "eu")
+        replica.bind(asyncio.get_running_loop())
+        writer = replica.writer
+        try:
+            kv.refusing = StorageFailed("mdb_txn_commit: No space left on device", full=True)
+            writes = [
+                replica.write(commands.create("user", f"u{n}", homer(n)), actor="t")
+                for n in range(3)
+            ]
+            outcomes = await asyncio.gather(*writes, return_exceptions=True)
+            assert all(outcome is kv.refusing for outcome in outcomes)
+            failing = writer.storage_failing()
+            assert failing is not None
+            assert failing.full
+            assert failing.requests == 3
+            assert writer.storage_failures == failing.commits  # not 1 + one a request
+            assert not replica.entity_ids("user", after="", limit=10)
+
+            kv.refusing = None
+            await replica.write(commands.create("user", "ok", homer(1)), actor="t")
+            assert writer.storage_failing() is failing  # a refusal a moment ago
+            monkeypatch.setattr(writer_module, "STORAGE_FAILING_QUIET_S", 0.0)
+            assert writer.storage_failing() is None
+
+            kv.refusing = StorageFailed("mdb_txn_begin: MDB_PANIC", full=False, fatal=True)
+            with pytest.raises(StorageFailed):
+                await replica.write(commands.create("user", "late", homer(2)), actor="t")
+            assert writer.fatal is kv.refusing
+            await asyncio.wait_for(replica.storage_gave_up.wait(), GATE_WAIT_S)
+        finally:
+            kv.refusing = None
             replica.close()
 
     asyncio.run(body())

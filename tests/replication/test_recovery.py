@@ -14,6 +14,7 @@ import pytest
 from crdt import Dot, VersionVector
 from node import commands, log
 from node.events import Event, Op, stream_of
+from node.kv import StorageFailed
 from node.lmdb_kv import LmdbKV
 from node.replica import Replica
 from node.writer import Decide, Draft
@@ -139,6 +140,42 @@ def test_a_new_node_bootstraps_from_the_cluster_before_serving(tmp_path: Path) -
         c.assert_converged()
 
     run(tmp_path, ("ap", "eu", "us"), body, limits=limits)
+
+
+def test_a_bootstrap_mark_the_storage_refused_is_tried_again(tmp_path: Path) -> None:
+    """A new node whose first commit of its bootstrap, the mark, the storage refuses (a
+    full disk) tries it again with the next batch it is sent, once the storage takes
+    commits: waiting on the refused one refused every batch for good (found by a
+    review: the node served an empty store after the bootstrap wait, and never caught
+    up). Nor is it blamed on the peer."""
+    limits = Limits(gossip_interval_ms=HOUR_MS, compaction_interval_ms=HOUR_MS)
+
+    async def body(c: Cluster) -> None:
+        acked = dots(await c.write("eu", bulk_users("eu", 50)))
+        await c.restart("ap", wipe=True)
+        writer = c.replica("ap").writer
+        maintain = writer.maintain
+        refused: list[Any] = []
+
+        async def refuse_the_first(work: Any) -> None:
+            if not refused:  # the storage full for this commit alone
+                refused.append(work)
+                raise StorageFailed("mdb_txn_commit: No space left on device", full=True)
+            await maintain(work)
+
+        writer.maintain = refuse_the_first  # type: ignore[method-assign]
+        c.replicator("ap").gate_clients()  # the mark: refused
+        await asyncio.sleep(0)
+        assert refused
+        assert not await c.replicator("ap").sync_with("eu")  # the batch waits on the mark
+        assert c.replicator("ap").peers["eu"].failures == 0  # no fault of eu's
+        assert await c.replicator("ap").sync_with("eu")  # the mark again, then the batch
+        ap = c.replica("ap")
+        assert all(d in ap.summary for d in acked)
+        assert ap.not_ready is None
+        c.assert_converged()
+
+    run(tmp_path, ("ap", "eu"), body, limits=limits)
 
 
 def test_a_node_stopped_part_way_through_its_bootstrap_bootstraps_again_when_it_starts(
