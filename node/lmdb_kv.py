@@ -155,10 +155,23 @@ def check_data_file(path: Path) -> None:
 _FULL_ERRNOS = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EFBIG))
 
 
-def _storage_failed(exc: lmdb.Error) -> StorageFailed:
-    """What a client and an operator are told of a commit LMDB could not make."""
+# Below this many bytes free for the process, a commit's I/O error is taken for a full
+# disk: LMDB reports a write the disk cut short as an I/O error (a fifth of the refusals
+# on a filled tmpfs), and one page can be all that was missing.
+FULL_DISK_FREE_BYTES_MAX = 1024 * 1024
+
+
+def _storage_failed(exc: lmdb.Error, path: Path | None = None) -> StorageFailed:
+    """What a client and an operator are told of a commit LMDB could not make; ``path``
+    (the data directory) tells a full disk behind an I/O error."""
     fatal = isinstance(exc, lmdb.PanicError)
-    return StorageFailed(str(exc), full=getattr(exc, "code", None) in _FULL_ERRNOS, fatal=fatal)
+    code = getattr(exc, "code", None)
+    full = code in _FULL_ERRNOS
+    if code == errno.EIO and path is not None:
+        with contextlib.suppress(OSError):
+            stats = os.statvfs(path)
+            full = stats.f_bavail * stats.f_frsize < FULL_DISK_FREE_BYTES_MAX
+    return StorageFailed(str(exc), full=full, fatal=fatal)
 
 
 def _begin(env: Any, **kwargs: Any) -> Any:
@@ -367,7 +380,7 @@ class LmdbKV:
                 except lmdb.MapFullError:
                     raise
                 except lmdb.Error as exc:
-                    raise _storage_failed(exc) from exc
+                    raise _storage_failed(exc, self.path) from exc
                 return result
             except lmdb.MapFullError:
                 txn.abort()
@@ -410,7 +423,7 @@ class LmdbKV:
         try:
             self.env.sync(True)
         except lmdb.Error as exc:
-            raise _storage_failed(exc) from exc
+            raise _storage_failed(exc, self.path) from exc
 
     def close(self) -> None:
         self.env.close()
