@@ -6,12 +6,18 @@ fewer of its own events than its replica wrote: its next writes would take dots 
 peers may hold for other events, and the regions would never converge. A reboot in
 between is caught by the boot mark (``log.renew_after_reboot``); this catches the rest.
 
-After every commit that moves the counter, a node writes it (no sync: the record only
+After every commit that moves its counter, a node writes it (no sync: the record only
 has to outlive the process, not the boot) to a file named by its replica id in the
 machine's run directory, outside every data directory, and holds a lock on that file
 while it runs. A start finds the replica's counter below the record (its commits were
 undone), or the record locked by another process (a copy of a running replica): either
-way it serves as a new incarnation. A record of another boot says nothing.
+way it serves as a new incarnation. An id a directory was renewed from is recorded as
+retired: a copy of that directory put back again renews too. A record of another boot
+says nothing.
+
+The run directory is the process's own (its owner, no one else may write to it), and
+records are opened without following links: another user of the machine cannot plant
+a record, nor make a node write through one into a file of its choosing.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import stat
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
@@ -26,17 +34,33 @@ from typing import IO
 logger = logging.getLogger(__name__)
 
 _COUNTER_DIGITS = 20  # a counter is below 2**63: 19 digits, and one to spare
+KEEP_INTERVAL_S = 1.0  # how often a running node makes its record again if it was removed
+# The record of an id a directory was renewed from: above any counter it reached.
+RETIRED = (1 << 63) - 1
 
 
 def run_dirs() -> list[Path]:
-    """Where a node keeps its records unless told (``run_dir``), the first it can write to
-    wins: the system's run directory (emptied at each boot), the user's (likewise), then
-    one in the temporary directory (records there name their boot)."""
-    dirs = [Path("/run/replica-store")]
-    if os.environ.get("XDG_RUNTIME_DIR"):
-        dirs.append(Path(os.environ["XDG_RUNTIME_DIR"]) / "replica-store")
-    dirs.append(Path("/tmp") / f"replica-store-{os.getuid()}")
-    return dirs
+    """Where a node keeps its records unless told (``run_dir``), the first it can use
+    wins: the system's run directory (emptied at each boot), then the user's own one in
+    the temporary directory (records there name their boot). The same for a process
+    whatever its environment: a copy started from another shell finds the same record."""
+    return [Path("/run/replica-store"), Path("/tmp") / f"replica-store-{os.getuid()}"]
+
+
+def _own_directory(directory: Path) -> bool:
+    """Make ``directory`` if need be; whether it is this user's alone (not a link, owned
+    by this user, writable by no one else) and writable."""
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = os.lstat(directory)
+    except OSError:
+        return False
+    return (
+        stat.S_ISDIR(info.st_mode)
+        and info.st_uid == os.getuid()
+        and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        and os.access(directory, os.W_OK)
+    )
 
 
 class CounterRecord:
@@ -47,82 +71,135 @@ class CounterRecord:
         self.boot = boot.strip().hex().encode()  # as the record names it: no spaces, one line
         self._held: tuple[str, IO[bytes]] | None = None  # (replica id, its locked file)
         self._written = -1
+        self._unkept: str | None = None  # an id whose record could not be opened: said once
+        # The writer's thread notes; the node's loop keeps (``keep``); a start claims.
+        self._lock = threading.RLock()
 
     @classmethod
     def of_this_machine(
         cls, boot: bytes, dirs: Sequence[Path] | None = None
     ) -> CounterRecord | None:
-        """Records in the first run directory this process can write to; None if none."""
-        for directory in run_dirs() if dirs is None else dirs:
-            try:
-                directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-                probe = directory / f".probe-{os.getpid()}"
-                probe.write_bytes(b"")
-                probe.unlink()
-            except OSError:
-                continue
-            return cls(directory, boot)
+        """Records in the first run directory this process can use; None if none."""
+        candidates = run_dirs() if dirs is None else list(dirs)
+        for directory in candidates:
+            if _own_directory(directory):
+                return cls(directory, boot)
         logger.warning(
-            "no run directory this process can write to (%s): a data directory put back "
-            "to an earlier copy without a reboot is found by its peers alone",
-            ", ".join(str(d) for d in (run_dirs() if dirs is None else dirs)),
+            "no run directory of this user's own to keep counter records in (%s): a data "
+            "directory put back to an earlier copy without a reboot is found by its peers "
+            "alone",
+            ", ".join(str(d) for d in candidates),
         )
         return None
 
     def _path(self, replica_id: str) -> Path:
         return self.directory / f"{replica_id}.counter"
 
+    def _open(self, replica_id: str) -> IO[bytes] | None:
+        """The record's file, locked by this process; None if another process holds it.
+        Raises OSError if it cannot be opened."""
+        while True:
+            path = self._path(replica_id)
+            if not _own_directory(self.directory):
+                raise OSError(f"{self.directory} is not this user's own directory")
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            f = os.fdopen(fd, "r+b")  # not O_APPEND: there, Linux writes a pwrite at the end
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.close()
+                return None
+            try:
+                same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                return f
+            f.close()  # unlinked or replaced since it was opened: the file at the path
+
     def claim(self, replica_id: str) -> int | None:
         """Take ``replica_id``'s record for this process: the counter it reached on this
         boot (0: none), or None if another process holds it (runs as that replica).
         Lets go of the record held before."""
-        self.release()
-        try:
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            # Not in append mode: there, Linux writes a pwrite at the end, not at 0.
-            fd = os.open(self._path(replica_id), os.O_RDWR | os.O_CREAT, 0o600)
-            f = os.fdopen(fd, "r+b")
-        except OSError as exc:
-            logger.warning("cannot keep the counter record of %s: %s", replica_id, exc)
-            return 0
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.close()
-            return None
-        self._held = (replica_id, f)
-        self._written = -1
-        return self._read(f)
+        with self._lock:
+            self.release()
+            try:
+                f = self._open(replica_id)
+            except OSError as exc:
+                if self._unkept != replica_id:
+                    self._unkept = replica_id
+                    logger.warning("cannot keep the counter record of %s: %s", replica_id, exc)
+                return 0
+            if f is None:
+                return None
+            self._held = (replica_id, f)
+            self._written = -1
+            return self._read(f)
 
     def _read(self, f: IO[bytes]) -> int:
         f.seek(0)
-        boot, _, counter = f.read(256).partition(b" ")
-        digits = counter.strip()
+        line = f.read(256).partition(b"\n")[0]
+        boot, _, digits = line.partition(b" ")
         if boot != self.boot or not digits.isdigit():
             return 0  # another boot's, or none yet
         return int(digits)
 
     def note(self, replica_id: str, counter: int) -> None:
-        """After a commit: ``replica_id``'s counter reached ``counter`` (it never goes back
-        for one id, so the record's length never shrinks)."""
-        held = self._held
-        if held is None or held[0] != replica_id:
-            if self.claim(replica_id) is None:
-                return
+        """After a commit: ``replica_id``'s counter reached ``counter``. A new id (the
+        node renewed its own while running) retires the one held before."""
+        with self._lock:
             held = self._held
+            if held is not None and held[0] != replica_id:
+                self.retire()
+                held = None
             if held is None:
-                return
-        if counter == self._written:
-            return
+                if self._unkept == replica_id or self.claim(replica_id) is None:
+                    return
+                held = self._held
+                if held is None:
+                    return
+            elif os.fstat(held[1].fileno()).st_nlink == 0:  # its file removed: a new one
+                self._written = -1
+                if self.claim(replica_id) is None or self._held is None:
+                    return
+                held = self._held
+            if counter != self._written:
+                self._write(held[1], replica_id, counter)
+
+    def _write(self, f: IO[bytes], replica_id: str, counter: int) -> None:
         line = self.boot + b" " + str(counter).zfill(_COUNTER_DIGITS).encode() + b"\n"
         try:
-            os.pwrite(held[1].fileno(), line, 0)
+            os.pwrite(f.fileno(), line, 0)
+            if self._written < 0:  # the first write of this holder: no older tail after it
+                os.ftruncate(f.fileno(), len(line))
         except OSError as exc:
             logger.warning("cannot write the counter record of %s: %s", replica_id, exc)
             return
         self._written = counter
 
+    def keep(self) -> None:
+        """Make the held record again if its file was removed (a run directory emptied
+        while the node runs): a copy started beside it would find none. Called now and
+        then (``KEEP_INTERVAL_S``), and at every commit that moves the counter."""
+        with self._lock:
+            held = self._held
+            if held is None or os.fstat(held[1].fileno()).st_nlink:
+                return
+            replica_id, written = held[0], self._written
+            if self.claim(replica_id) is not None and written >= 0 and self._held is not None:
+                self._write(self._held[1], replica_id, written)
+
+    def retire(self) -> None:
+        """The id held was renewed away from: record it as retired (a copy of the
+        directory that still runs as it, put back later, renews too) and let it go."""
+        with self._lock:
+            held = self._held
+            if held is not None:
+                self._write(held[1], held[0], RETIRED)
+            self.release()
+
     def release(self) -> None:
-        held, self._held = self._held, None
-        if held is not None:
-            held[1].close()
+        with self._lock:
+            held, self._held = self._held, None
+            if held is not None:
+                held[1].close()

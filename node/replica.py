@@ -127,8 +127,9 @@ class Replica:
                     txn, opened, boot=boot, incarnation=incarnations(), renewed=opened != stored
                 )
             behind = None
+            # Claimed whatever else renews the id: a renewal retires it below.
+            reached = None if counter_record is None else counter_record.claim(stored.replica_id)
             if counter_record is not None and serving == stored:
-                reached = counter_record.claim(stored.replica_id)
                 counter = log.stored_counter(txn)
                 if reached is None:
                     behind = f"another process on this machine runs as {stored.replica_id}"
@@ -142,6 +143,13 @@ class Replica:
             return stored, opened, serving
 
         stored, opened, identity = kv.write(identities)
+        if counter_record is not None and identity != stored:
+            if opened == stored:
+                # This directory's copies that still run as the old id, put back later,
+                # renew too (a backup's renewal leaves it be: its original runs as it).
+                counter_record.retire()
+            else:
+                counter_record.release()
         if behind is not None:
             logger.warning(
                 "%s: serving as a new incarnation, %s (was %s), so that no dot is used twice "
@@ -277,9 +285,9 @@ class Replica:
                         refused,
                     )
         finally:
+            if self.counter_record is not None:  # before the directory: then no start
+                self.counter_record.release()  # finds it free and the record held
             self.kv.close()
-            if self.counter_record is not None:
-                self.counter_record.release()
 
     # -- state -----------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from aiohttp import web
 from node import log
 from node.api import build_app
 from node.config import Settings
-from node.counter_record import CounterRecord
+from node.counter_record import KEEP_INTERVAL_S, CounterRecord
 from node.event_loop import run_on, running_loop_name
 from node.http_errors import answer_unparsable_requests_as_json
 from node.kv import StorageFailed
@@ -143,6 +143,20 @@ def run_node(settings: Settings, extensions: Extensions = lambda replica, settin
         replica.close()
 
 
+async def _keep_counter_record(replica: Replica) -> None:
+    """Make the node's counter record again within ``KEEP_INTERVAL_S`` if its file was
+    removed while it runs (``CounterRecord.keep``)."""
+    record = replica.counter_record
+    if record is None:
+        return
+    while True:
+        await asyncio.sleep(KEEP_INTERVAL_S)
+        try:
+            record.keep()
+        except OSError as exc:
+            logger.warning("cannot keep the counter record: %s", exc)
+
+
 async def serve(replica: Replica, settings: Settings, extensions: Sequence[Extension] = ()) -> int:
     loop = asyncio.get_running_loop()
     replica.bind(loop)
@@ -192,10 +206,11 @@ async def serve(replica: Replica, settings: Settings, extensions: Sequence[Exten
         f"replica {replica.identity.replica_id} listening on {url} ({running_loop_name()})",
         flush=True,
     )
+    keeper = asyncio.ensure_future(_keep_counter_record(replica))
     gave_up = asyncio.ensure_future(replica.storage_gave_up.wait())
     stopped = asyncio.ensure_future(stop.wait())
     await asyncio.wait((gave_up, stopped), return_when=asyncio.FIRST_COMPLETED)
-    for waiting in (gave_up, stopped):
+    for waiting in (gave_up, stopped, keeper):
         waiting.cancel()
     failed = replica.storage_gave_up.is_set()
     if failed:
