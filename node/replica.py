@@ -244,17 +244,21 @@ class Replica:
         metasync: bool = True,
         durable: bool = True,
         boot: bytes | None = None,
+        run_dir: Path | None = None,
         **options: Any,
     ) -> Replica:
         """``boot``: the machine's boot (a simulation's); by default this one's if
-        ``durable``."""
+        ``durable``, with its counter record in ``run_dir`` (by default the first of
+        ``counter_record.run_dirs`` this process can use) unless ``counter_record`` is
+        given."""
         kv = LmdbKV(
             data_dir, map_bytes_initial=map_bytes_initial, metasync=metasync, durable=durable
         )
         if boot is None and durable:
             boot = log.current_boot()
             if boot is not None and "counter_record" not in options:
-                options["counter_record"] = CounterRecord.of_this_machine(boot)
+                dirs = None if run_dir is None else [run_dir]
+                options["counter_record"] = CounterRecord.of_this_machine(boot, dirs)
         return cls(kv, region, boot=boot, **options)
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:

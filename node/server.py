@@ -21,10 +21,9 @@ from typing import Any, Protocol
 import lmdb
 from aiohttp import web
 
-from node import log
 from node.api import build_app
 from node.config import Settings
-from node.counter_record import KEEP_INTERVAL_S, CounterRecord
+from node.counter_record import KEEP_INTERVAL_S
 from node.event_loop import run_on, running_loop_name
 from node.http_errors import answer_unparsable_requests_as_json
 from node.kv import StorageFailed
@@ -108,14 +107,10 @@ Extensions = Callable[[Replica, Settings], Sequence[Extension]]
 
 
 def open_replica(settings: Settings) -> Replica:
-    boot = log.current_boot()
-    dirs = None if settings.run_dir is None else [settings.run_dir]
-    record = None if boot is None else CounterRecord.of_this_machine(boot, dirs)
     return Replica.open(
         settings.data_dir,
         settings.region,
-        boot=boot,
-        counter_record=record,
+        run_dir=settings.run_dir,
         map_bytes_initial=settings.lmdb_map_bytes_initial,
         metasync=settings.lmdb_metasync,
         max_drift_ms=settings.max_drift_ms,
