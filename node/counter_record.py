@@ -72,6 +72,7 @@ class CounterRecord:
         self._held: tuple[str, IO[bytes]] | None = None  # (replica id, its locked file)
         self._written = -1
         self._unkept: str | None = None  # an id whose record could not be opened: said once
+        self._unwritten: str | None = None  # likewise, one that could not be written
         # The writer's thread notes; the node's loop keeps (``keep``); a start claims.
         self._lock = threading.RLock()
 
@@ -160,7 +161,10 @@ class CounterRecord:
                     return
             elif os.fstat(held[1].fileno()).st_nlink == 0:  # its file removed: a new one
                 self._written = -1
-                if self.claim(replica_id) is None or self._held is None:
+                if self.claim(replica_id) is None:
+                    self._taken(replica_id)
+                    return
+                if self._held is None:
                     return
                 held = self._held
             if counter != self._written:
@@ -173,9 +177,12 @@ class CounterRecord:
             if self._written < 0:  # the first write of this holder: no older tail after it
                 os.ftruncate(f.fileno(), len(line))
         except OSError as exc:
-            logger.warning("cannot write the counter record of %s: %s", replica_id, exc)
+            if self._unwritten != replica_id:
+                self._unwritten = replica_id
+                logger.warning("cannot write the counter record of %s: %s", replica_id, exc)
             return
         self._written = counter
+        self._unwritten = None
 
     def keep(self) -> None:
         """Make the held record again if its file was removed (a run directory emptied
@@ -186,8 +193,22 @@ class CounterRecord:
             if held is None or os.fstat(held[1].fileno()).st_nlink:
                 return
             replica_id, written = held[0], self._written
-            if self.claim(replica_id) is not None and written >= 0 and self._held is not None:
+            if self.claim(replica_id) is None:
+                self._taken(replica_id)
+            elif written >= 0 and self._held is not None:
                 self._write(self._held[1], replica_id, written)
+
+    def _taken(self, replica_id: str) -> None:
+        """Its record was removed, and another process took the new one before this one
+        made it again: that process runs as the same replica (a copy started beside it
+        in the gap), and the two may take the same dots."""
+        logger.critical(
+            "the counter record of %s was removed while this node ran, and another process "
+            "on this machine holds it now: it runs as the same replica, and events of the "
+            "two may share dots; stop it, and give its directory a new incarnation "
+            "(replica new-incarnation) before it starts again",
+            replica_id,
+        )
 
     def retire(self) -> None:
         """The id held was renewed away from: record it as retired (a copy of the

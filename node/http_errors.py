@@ -62,6 +62,13 @@ STORAGE_RETRY_AFTER_S = 5
 def storage_refusal(exc: StorageFailed) -> tuple[int, str, str]:
     """The status, code and message of a write the storage refused (``StorageFailed``):
     507 if the file could not grow, else 503. Nothing of it was written."""
+    if exc.fatal:
+        return (
+            503,
+            "storage_failed",
+            f"this node's storage failed ({exc}): nothing of the request was written; the "
+            "node stops, to be started again",
+        )
     if exc.full:
         why = "its storage is full"
         status, code = 507, "storage_full"

@@ -380,7 +380,9 @@ class LmdbKV:
                 except lmdb.MapFullError:
                     raise
                 except lmdb.Error as exc:
-                    raise _storage_failed(exc, self.path) from exc
+                    refused = _storage_failed(exc, self.path)
+                    refused.fatal = refused.fatal or self._gave_up()
+                    raise refused from exc
                 return result
             except lmdb.MapFullError:
                 txn.abort()
@@ -394,6 +396,17 @@ class LmdbKV:
         raise lmdb.MapFullError(
             f"write did not fit after {MAP_GROWTHS_PER_WRITE_MAX} map doublings"
         )
+
+    def _gave_up(self) -> bool:
+        """Whether LMDB gave up on the environment (a commit whose meta page it could not
+        write): every transaction is refused from then on, until it is opened again."""
+        try:
+            self.env.begin(buffers=False).abort()
+        except lmdb.PanicError:
+            return True
+        except lmdb.Error:
+            pass
+        return False
 
     def _free_dead_readers(self) -> None:
         """Free the reader slots of processes gone since (a rebuild's worker killed while

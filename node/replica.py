@@ -127,8 +127,11 @@ class Replica:
                     txn, opened, boot=boot, incarnation=incarnations(), renewed=opened != stored
                 )
             behind = None
-            # Claimed whatever else renews the id: a renewal retires it below.
-            reached = None if counter_record is None else counter_record.claim(stored.replica_id)
+            # Claimed whatever else renews the id (a renewal retires it below), but on a
+            # backup's first start: its original runs as that id, or will.
+            reached = None
+            if counter_record is not None and opened == stored:
+                reached = counter_record.claim(stored.replica_id)
             if counter_record is not None and serving == stored:
                 counter = log.stored_counter(txn)
                 if reached is None:
@@ -148,8 +151,9 @@ class Replica:
                 # This directory's copies that still run as the old id, put back later,
                 # renew too (a backup's renewal leaves it be: its original runs as it).
                 counter_record.retire()
-            else:
-                counter_record.release()
+            # The new id's, held from now on: a copy of this directory started beside it
+            # before its first commit would otherwise run as it too.
+            counter_record.claim(identity.replica_id)
         if behind is not None:
             logger.warning(
                 "%s: serving as a new incarnation, %s (was %s), so that no dot is used twice "

@@ -8,6 +8,7 @@ close LMDB. Logs are JSON lines on stderr.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import logging
@@ -31,6 +32,7 @@ from node.lmdb_kv import DataDirBusy, DataFileTruncated, DataFileUnreadable
 from node.log import WrongRegion
 from node.metrics import GC_PAUSES
 from node.replica import Replica
+from node.writer import Overloaded
 
 SHUTDOWN_WAIT_S = 10.0
 logger = logging.getLogger("replica")
@@ -138,18 +140,22 @@ def run_node(settings: Settings, extensions: Extensions = lambda replica, settin
         replica.close()
 
 
-async def _keep_counter_record(replica: Replica) -> None:
-    """Make the node's counter record again within ``KEEP_INTERVAL_S`` if its file was
-    removed while it runs (``CounterRecord.keep``)."""
-    record = replica.counter_record
-    if record is None:
-        return
+async def _housekeeping(replica: Replica) -> None:
+    """Every ``KEEP_INTERVAL_S``: make the node's counter record again if its file was
+    removed while it runs (``CounterRecord.keep``); while the storage refuses commits and
+    none was tried for a while, try one (``Writer.probe_storage``): an idle node's
+    ``writes_failing`` ends once the storage takes commits again."""
+    record, writer = replica.counter_record, replica.writer
     while True:
         await asyncio.sleep(KEEP_INTERVAL_S)
-        try:
-            record.keep()
-        except OSError as exc:
-            logger.warning("cannot keep the counter record: %s", exc)
+        if record is not None:
+            try:
+                record.keep()
+            except OSError as exc:
+                logger.warning("cannot keep the counter record: %s", exc)
+        if writer.storage_quiet():
+            with contextlib.suppress(StorageFailed, Overloaded):
+                await writer.probe_storage()
 
 
 async def serve(replica: Replica, settings: Settings, extensions: Sequence[Extension] = ()) -> int:
@@ -201,7 +207,7 @@ async def serve(replica: Replica, settings: Settings, extensions: Sequence[Exten
         f"replica {replica.identity.replica_id} listening on {url} ({running_loop_name()})",
         flush=True,
     )
-    keeper = asyncio.ensure_future(_keep_counter_record(replica))
+    keeper = asyncio.ensure_future(_housekeeping(replica))
     gave_up = asyncio.ensure_future(replica.storage_gave_up.wait())
     stopped = asyncio.ensure_future(stop.wait())
     await asyncio.wait((gave_up, stopped), return_when=asyncio.FIRST_COMPLETED)

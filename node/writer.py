@@ -157,6 +157,8 @@ class Writer:
         # Commits the storage refused: every one ever, and those since the last success.
         self.storage_failures = 0
         self.failing: Failing | None = None
+        # The writer's thread refuses and succeeds; the loop reads (``storage_failing``).
+        self._failing_lock = threading.Lock()
         self._refusal_logged_s = -math.inf  # monotonic: when a line last said so
         # Set once the storage refuses everything until it is opened again (LMDB gave up
         # on it): ``on_fatal`` is called once, and the node stops so that a start opens it.
@@ -270,7 +272,9 @@ class Writer:
                 self._commit([request])
             return
         if self.failing is not None:
-            self.failing.went_through = True
+            with self._failing_lock:
+                if self.failing is not None:
+                    self.failing.went_through = True
             self.storage_failing()  # over, if the last refusal is old enough
         self.committed = committed.state
         self.commits += 1
@@ -290,16 +294,35 @@ class Writer:
         self.on_commit(committed)
         _settle(list(zip(batch, outcomes, strict=True)))
 
+    def storage_quiet(self) -> bool:
+        """Whether commits are being refused, none was tried since the last refusal, and
+        that was ``STORAGE_FAILING_QUIET_S`` ago: a commit that tries the storage again
+        (``probe_storage``) can tell whether it takes commits again, on an idle node too."""
+        failing = self.failing
+        return (
+            failing is not None
+            and not failing.went_through
+            and time.monotonic() - failing.last_s >= STORAGE_FAILING_QUIET_S
+        )
+
+    async def probe_storage(self) -> None:
+        """A small commit (the time of the probe, in meta), to see whether the storage
+        takes commits again; refused, it is counted like any other."""
+        stamp = str(time.time()).encode()
+        await self.maintain(lambda txn, state: txn.put("meta", b"storage_probe", stamp))
+
     def storage_failing(self) -> Failing | None:
         """Commits the storage refuses (``Failing``), or None: none since a commit went
         through, the last refusal ``STORAGE_FAILING_QUIET_S`` ago or more (on a full
         disk, commits that go through and refusals alternate)."""
-        failing = self.failing
-        if failing is None or not failing.went_through:
-            return failing
-        if time.monotonic() - failing.last_s < STORAGE_FAILING_QUIET_S:
-            return failing
-        self.failing = None
+        with self._failing_lock:
+            failing = self.failing
+            if failing is None or not failing.went_through:
+                return failing
+            if time.monotonic() - failing.last_s < STORAGE_FAILING_QUIET_S:
+                return failing
+            self.failing = None
+            self._refusal_logged_s = -math.inf  # the next refusal starts a new story
         logger.warning(
             "commits go through again, after %d refused by the storage (%d requests)",
             failing.commits,
@@ -311,13 +334,14 @@ class Writer:
         """Count a commit the storage refused, and say so (at most once a while)."""
         self.storage_failures += 1
         now = time.monotonic()
-        failing = self.failing
-        if failing is None:
-            failing = self.failing = Failing(str(refused), refused.full, time.time())
-        failing.error, failing.full, failing.last_s = str(refused), refused.full, now
-        failing.went_through = False
-        failing.commits += 1
-        failing.requests += requests
+        with self._failing_lock:
+            failing = self.failing
+            if failing is None:
+                failing = self.failing = Failing(str(refused), refused.full, time.time())
+            failing.error, failing.full, failing.last_s = str(refused), refused.full, now
+            failing.went_through = False
+            failing.commits += 1
+            failing.requests += requests
         if refused.fatal and self.fatal is None:
             self.fatal = refused
             logger.critical(

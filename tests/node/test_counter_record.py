@@ -146,3 +146,21 @@ def test_no_record_no_renewal(tmp_path: Path) -> None:
     shutil.rmtree(data)
     shutil.copytree(copy, data)
     assert _write_users(data, tmp_path / "another run", ["bart"]) == first
+
+
+def test_a_start_that_renews_holds_the_new_id_s_record_at_once(tmp_path: Path) -> None:
+    """Before its first commit too: a copy of its directory started beside it in that
+    gap ran as the same id (found by a review)."""
+    data, run, copy = tmp_path / "eu", tmp_path / "run", tmp_path / "copy"
+    first = _write_users(data, run, ["homer"])
+    shutil.copytree(data, copy)
+    _write_users(data, run, ["marge"])
+    shutil.rmtree(data)
+    shutil.copytree(copy, data)
+    replica = Replica.open(data, "eu", counter_record=CounterRecord(run, BOOT))
+    try:
+        renewed = replica.identity.replica_id
+        assert renewed != first
+        assert CounterRecord(run, BOOT).claim(renewed) is None  # held, no commit yet
+    finally:
+        replica.close()

@@ -374,6 +374,16 @@ def test_a_refused_commit_refuses_its_requests_each_once_and_the_state_outlives_
             monkeypatch.setattr(writer_module, "STORAGE_FAILING_QUIET_S", 0.0)
             assert writer.storage_failing() is None
 
+            # An idle node: no write comes, a probe tries the storage (server housekeeping).
+            kv.refusing = StorageFailed("mdb_txn_commit: No space left on device", full=True)
+            with pytest.raises(StorageFailed):
+                await writer.probe_storage()
+            assert writer.storage_quiet()
+            kv.refusing = None
+            await writer.probe_storage()
+            assert not writer.storage_quiet()
+            assert writer.storage_failing() is None
+
             kv.refusing = StorageFailed("mdb_txn_begin: MDB_PANIC", full=False, fatal=True)
             with pytest.raises(StorageFailed):
                 await replica.write(commands.create("user", "late", homer(2)), actor="t")
