@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import resource
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from node.process import node_command
 from node.writer import STORAGE_FAILING_QUIET_S
 from tests.e2e.cluster_fixtures import Client, running, session
-from tests.e2e.helpers import Node, Nodes
+from tests.e2e.helpers import Node, Nodes, node_env
 
 ROOM_BYTES = 256 * 1024  # what the data file may still grow by once the limit is set
 REFUSED_ENOUGH = 5
@@ -197,3 +199,25 @@ def test_a_peer_is_told_and_the_regions_converge_once_the_storage_takes_commits(
     asyncio.run(scenario())
     for region in ("eu", "us"):  # neither blames the other, nor logs a traceback
         assert "Traceback" not in (tmp_path / f"{region}.log").read_text(), region
+
+
+def test_a_first_start_without_room_for_its_files_is_refused_clearly(tmp_path: Path) -> None:
+    """A new data directory without room for its files exits 2 saying so, before LMDB
+    maps its lock file: on a full disk, writing that map killed the process with SIGBUS
+    (found by a review, on a full tmpfs; checked there by hand). Here the room is a file
+    size limit of 16 KiB, which the check meets first."""
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, resource.RLIM_INFINITY))
+
+    done = subprocess.run(
+        node_command("eu", tmp_path / "eu", "127.0.0.1:0"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=node_env(),
+        preexec_fn=limited,
+    )
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert "no room for" in done.stderr
+    assert "Traceback" not in done.stderr
