@@ -156,18 +156,10 @@ class CounterRecord:
             if held is None:
                 if self._unkept == replica_id or self.claim(replica_id) is None:
                     return
-                held = self._held
-                if held is None:
-                    return
-            elif os.fstat(held[1].fileno()).st_nlink == 0:  # its file removed: a new one
-                self._written = -1
-                if self.claim(replica_id) is None:
-                    self._taken(replica_id)
-                    return
-                if self._held is None:
-                    return
-                held = self._held
-            if counter != self._written:
+            else:
+                self.keep()  # its file removed: a new one
+            held = self._held
+            if held is not None and counter != self._written:
                 self._write(held[1], replica_id, counter)
 
     def _write(self, f: IO[bytes], replica_id: str, counter: int) -> None:

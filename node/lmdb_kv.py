@@ -151,7 +151,7 @@ def check_data_file(path: Path) -> None:
 
 
 # The errors of a file that could not grow: no space left, a quota, a file size limit.
-# (LMDB reports a write cut short by one of them as an I/O error: that one is not told.)
+# (LMDB reports a write cut short by one of them as an I/O error: see below.)
 _FULL_ERRNOS = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EFBIG))
 
 

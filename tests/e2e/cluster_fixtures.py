@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import shutil
 import ssl
 import subprocess
 import time
@@ -146,6 +147,29 @@ class Ack:
     field: str | None
     value: str | None
     dot: str  # "<origin>:<counter>"
+
+
+async def copy_then_write(
+    c: Client, cluster: LocalCluster, region: str, copy: Path, fields: dict[str, Any]
+) -> Reply:
+    """Stop ``region``, copy its directory to ``copy``, start it again, and write
+    ``fields`` to user homer there: a write the copy lacks, which every region holds once
+    this returns."""
+    node = cluster.nodes[region]
+    node.stop()
+    shutil.copytree(node.data_dir, copy)
+    await cluster.restart(region)
+    written = await c.ok(region, "PATCH", "/users/homer", fields)
+    await c.wait_converged()
+    return written
+
+
+def put_back(cluster: LocalCluster, region: str, copy: Path) -> None:
+    """Stop ``region`` and put its directory back to ``copy`` (it is not started again)."""
+    node = cluster.nodes[region]
+    node.stop()
+    shutil.rmtree(node.data_dir)
+    shutil.copytree(copy, node.data_dir)
 
 
 def written_dot(reply: Reply) -> str:

@@ -34,9 +34,11 @@ from tests.e2e.cluster_fixtures import (
     assert_identical,
     assert_lww_everywhere,
     client_context,
+    copy_then_write,
     histories,
     make_ca,
     make_cert,
+    put_back,
     running,
     session,
     written_dot,
@@ -348,16 +350,8 @@ def test_a_node_restored_from_a_backup_takes_no_dot_twice(tmp_path: Path) -> Non
             c = Client(cluster, http)
             await c.ok("eu", "POST", "/users", user("homer"))
             await c.wait_converged()
-            eu = cluster.nodes["eu"]
-            eu.stop()
-            shutil.copytree(eu.data_dir, tmp_path / "backup")
-            await cluster.restart("eu")
-            undone = await c.ok("eu", "PATCH", "/users/homer", {"name": "W1"})
-            await c.wait_converged()
-
-            eu.stop()
-            shutil.rmtree(eu.data_dir)
-            shutil.copytree(tmp_path / "backup", eu.data_dir)
+            undone = await copy_then_write(c, cluster, "eu", tmp_path / "backup", {"name": "W1"})
+            put_back(cluster, "eu", tmp_path / "backup")
             # The record lost too (a run directory emptied): only us can tell eu (on the
             # same machine, the record renews it at start: test_restored_copy.py).
             shutil.rmtree(run_dir)
@@ -413,9 +407,7 @@ def test_a_node_restored_from_its_backup_comes_back_as_a_new_incarnation(tmp_pat
             await c.wait_converged()
             old_id = (await c.ok("eu", "GET", "/status")).body["replica_id"]
 
-            eu.stop()
-            shutil.rmtree(eu.data_dir)
-            shutil.copytree(backup, eu.data_dir)
+            put_back(cluster, "eu", backup)
             await cluster.restart("eu")
             new_id = (await c.ok("eu", "GET", "/status")).body["replica_id"]
             assert new_id != old_id

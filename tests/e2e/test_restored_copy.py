@@ -11,7 +11,14 @@ import asyncio
 import shutil
 from pathlib import Path
 
-from tests.e2e.cluster_fixtures import Client, running, session, written_dot
+from tests.e2e.cluster_fixtures import (
+    Client,
+    copy_then_write,
+    put_back,
+    running,
+    session,
+    written_dot,
+)
 from tests.e2e.helpers import Nodes
 from tests.e2e.test_replication import user
 
@@ -28,19 +35,12 @@ def test_a_directory_put_back_to_a_copy_renews_before_its_peers_can_tell(tmp_pat
             c = Client(cluster, http)
             await c.ok("eu", "POST", "/users", user("homer"))
             await c.wait_converged()
-            eu = cluster.nodes["eu"]
             copy = tmp_path / "copy"
-            eu.stop()
-            shutil.copytree(eu.data_dir, copy)  # a copy of the stopped node's directory
-            await cluster.restart("eu")
-            old_id = (await c.ok("eu", "GET", "/status")).body["replica_id"]
-            later = await c.ok("eu", "PATCH", "/users/homer", {"name": "Later"})
-            await c.wait_converged()  # us holds the write the copy lacks
+            later = await copy_then_write(c, cluster, "eu", copy, {"name": "Later"})
+            old_id = written_dot(later).partition(":")[0]
 
             cluster.partition(["eu"], ["us"])  # for longer than a start waits for its peers
-            eu.stop()
-            shutil.rmtree(eu.data_dir)
-            shutil.copytree(copy, eu.data_dir)
+            put_back(cluster, "eu", copy)
             await cluster.restart("eu")
             status = (await c.ok("eu", "GET", "/status")).body
             assert status["replica_id"] != old_id
