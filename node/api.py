@@ -98,12 +98,17 @@ async def _catch_up(request: web.Request, replica: Replica, settings: Settings) 
         if wait_ms > settings.consistency_wait_ms_max:
             fail(400, "bad_header", f"X-Wait-Ms is at most {settings.consistency_wait_ms_max}")
         if not await replica.wait_for_token(wanted, wait_ms / 1000):
+            if replica.stopping:
+                fail(503, "stopping", STOPPING_MESSAGE, token=replica.token_text())
             fail(
                 504,
                 "not_caught_up",
                 f"this node has not seen that token's writes after {wait_ms} ms",
                 token=replica.token_text(),
             )
+
+
+STOPPING_MESSAGE = "this node is stopping; ask another region, or this one once it is back"
 
 
 Guard = Callable[[Handler], Handler]

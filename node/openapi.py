@@ -29,7 +29,8 @@ ERRORS = {
     422: "A well-formed value breaks a rule (e.g. not an email address, missing field).",
     503: "`not_ready`: not serving clients yet (see /status); `overloaded`: the write queue "
     "is full; `storage_failed`: the storage refused the commit (an I/O error), nothing "
-    "written. Retry after `Retry-After` seconds.",
+    "written. Retry after `Retry-After` seconds. `stopping`: the node is stopping (a read's "
+    "consistency wait ended by it).",
     504: "This node has not seen the X-Consistency-Token's writes within X-Wait-Ms.",
     507: "`storage_full`: the storage is full (no space, a quota, a file size limit); "
     "nothing written, retry after `Retry-After` seconds (see `writes_failing` in /status).",

@@ -212,6 +212,9 @@ class Replica:
         self._token_text: tuple[VersionVector, str] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed = asyncio.Event()
+        # Set when the node stops: long polls and token waits answer at once, not when
+        # their time is up (a change feed's wait of 30 s would hold up the stop).
+        self.stopping = False
         self.listeners: list[Callable[[Committed], None]] = []
         # Extra sections of /status and lines of /metrics from what runs beside the node.
         self.reporters: list[Callable[[], dict[str, Any]]] = []
@@ -455,12 +458,19 @@ class Replica:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
+    def stop_waiting(self) -> None:
+        """The node stops: every wait ends now with what it has, and every later one at
+        once (see ``wait_until``)."""
+        self.stopping = True
+        self._notify()
+
     async def wait_until(self, ready: Callable[[], bool], timeout_s: float) -> bool:
-        """Wait (without polling) until ``ready()`` holds after some commit, or time out."""
+        """Wait (without polling) until ``ready()`` holds after some commit, or time out;
+        at once, with what holds, once the node stops (``stop_waiting``)."""
         deadline = time.monotonic() + timeout_s
         while not ready():
             left = deadline - time.monotonic()
-            if left <= 0:
+            if left <= 0 or self.stopping:
                 return False
             try:
                 await asyncio.wait_for(self._changed.wait(), left)

@@ -213,6 +213,7 @@ async def serve(replica: Replica, settings: Settings, extensions: Sequence[Exten
     await asyncio.wait((gave_up, stopped), return_when=asyncio.FIRST_COMPLETED)
     for waiting in (gave_up, stopped, keeper):
         waiting.cancel()
+    replica.stop_waiting()  # long polls answer now, not when their wait is up
     failed = replica.storage_gave_up.is_set()
     if failed:
         logger.critical(
