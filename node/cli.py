@@ -12,7 +12,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Protocol
 
-from node.config import ConfigError, Settings, load_settings
+from node.config import PORT_MAX, REGION_RE, ConfigError, Settings, load_settings
 from node.event_loop import EVENT_LOOP_DEFAULT, run_on
 
 
@@ -191,21 +191,37 @@ def _node(flags: dict[str, object]) -> int:
 
 def _cluster(args: dict[str, object]) -> int:
     regions = [r.strip() for r in str(args["regions"]).split(",") if r.strip()]
-    if len(regions) < 1 or len(set(regions)) != len(regions):
-        print("replica: error: --regions needs distinct region names", file=sys.stderr)
-        return 2
-    root = args["data_dir"]
+    port, root = args["port"], args["data_dir"]
+    assert isinstance(port, int)
     assert root is None or isinstance(root, Path)
-    if args["demo"]:
-        demo = importlib.import_module("simulations.cluster_demo")
-        code: int = demo.main(root, regions)
+    demo = importlib.import_module("simulations.cluster_demo") if args["demo"] else None
+    wrong = _cluster_error(regions, port, demo_regions=None if demo is None else demo.REGIONS)
+    if wrong is not None:
+        print(f"replica: error: {wrong}", file=sys.stderr)
+        return 2
+    if demo is not None:
+        code: int = demo.main(root, port)
         return code
     cluster = importlib.import_module("simulations.cluster")
     root = root or Path(tempfile.mkdtemp(prefix="replica-cluster-"))
-    port = args["port"]
-    assert isinstance(port, int)
     code = run_on(EVENT_LOOP_DEFAULT, cluster.run_until_stopped(regions, root, port))
     return code
+
+
+def _cluster_error(regions: list[str], port: int, *, demo_regions: list[str] | None) -> str | None:
+    """What is wrong with ``replica cluster``'s flags, before any node is started
+    (``demo_regions``: the regions ``--demo`` walks, when it is given)."""
+    if not regions or len(set(regions)) != len(regions):
+        return "--regions needs distinct region names"
+    for region in regions:
+        if not REGION_RE.fullmatch(region):
+            return f"--regions: a region name must match [a-z][a-z0-9-]{{0,31}}, got {region!r}"
+    if demo_regions is not None and regions != demo_regions:
+        return f"--demo walks the regions {','.join(demo_regions)}; leave --regions out"
+    last = PORT_MAX - len(regions) + 1
+    if port and not 1 <= port <= last:
+        return f"--port: the first of {len(regions)} ports must be 1 to {last}"
+    return None
 
 
 # The server and the rebuild tool are imported only when used, so that `replica --help`

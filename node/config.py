@@ -94,7 +94,8 @@ _PATHS = ("data_dir", "tls_cert", "tls_key", "tls_ca", "run_dir")  # plain text 
 # Every int setting but the port is a limit (annotations are strings here, see __future__).
 _LIMITS = tuple(f.name for f in fields(Settings) if f.type == "int" and f.name != "listen_port")
 _FLAG_NAMES = {"data_dir": "--data", "peers": "--peer", "lmdb_metasync": "--no-metasync"}
-_REGION = re.compile(r"[a-z][a-z0-9-]{0,31}")
+REGION_RE = re.compile(r"[a-z][a-z0-9-]{0,31}")
+PORT_MAX = 65535
 _INT = re.compile(r"\s*-?\d+\s*")
 _BOOLS = {"true": True, "1": True, "false": False, "0": False}
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -238,7 +239,7 @@ def _bool(name: str, value: object, where: str) -> bool:
 
 def _region(name: str, value: object, where: str) -> str:
     region = _text(name, value, where)
-    if not _REGION.fullmatch(region):
+    if not REGION_RE.fullmatch(region):
         _fail(name, where, f"must match [a-z][a-z0-9-]{{0,31}}, got {region!r}")
     return region
 
@@ -294,7 +295,7 @@ _CONVERTERS: dict[str, Callable[[str, object, str], Any]] = {
     "region": _region,
     "data_dir": lambda name, value, where: Path(_text(name, value, where)),
     "listen_host": _text,
-    "listen_port": lambda name, value, where: _int(name, value, where, 0, 65535),  # 0: any free
+    "listen_port": lambda name, value, where: _int(name, value, where, 0, PORT_MAX),  # 0: any free
     "peers": _peers,
     "cluster_secret": _text,
     "api_token": _text,

@@ -47,20 +47,32 @@ def run_dirs() -> list[Path]:
     return [Path("/run/replica-store"), Path("/tmp") / f"replica-store-{os.getuid()}"]
 
 
-def _own_directory(directory: Path) -> bool:
-    """Make ``directory`` if need be; whether it is this user's alone (not a link, owned
-    by this user, writable by no one else) and writable."""
+class RunDirUnusable(RuntimeError):
+    """The run directory a node was told to use (``run_dir``) cannot hold its records."""
+
+
+def _not_own(directory: Path) -> str | None:
+    """Make ``directory`` if need be; None if it is this user's alone (not a link, owned
+    by this user, writable by no one else) and writable, else why not."""
     try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not os.path.lexists(directory):
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         info = os.lstat(directory)
-    except OSError:
-        return False
-    return (
-        stat.S_ISDIR(info.st_mode)
-        and info.st_uid == os.getuid()
-        and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-        and os.access(directory, os.W_OK)
-    )
+    except OSError as e:
+        return f"cannot be made: {e.strerror}"
+    if not stat.S_ISDIR(info.st_mode):
+        return "is not a directory" + (" (a link)" if stat.S_ISLNK(info.st_mode) else "")
+    if info.st_uid != os.getuid():
+        return f"is owned by another user (uid {info.st_uid})"
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"is writable by other users (mode {stat.S_IMODE(info.st_mode):o})"
+    if not os.access(directory, os.W_OK):
+        return "is not writable"
+    return None
+
+
+def _own_directory(directory: Path) -> bool:
+    return _not_own(directory) is None
 
 
 class CounterRecord:
@@ -78,9 +90,18 @@ class CounterRecord:
 
     @classmethod
     def of_this_machine(
-        cls, boot: bytes, dirs: Sequence[Path] | None = None
+        cls, boot: bytes, dirs: Sequence[Path] | None = None, *, told: Path | None = None
     ) -> CounterRecord | None:
-        """Records in the first run directory this process can use; None if none."""
+        """Records in the first run directory this process can use; None if none. ``told``:
+        the one directory the operator named, which must be usable (else RunDirUnusable)."""
+        if told is not None:
+            why = _not_own(told)
+            if why is not None:
+                raise RunDirUnusable(
+                    f"the run directory {told} {why}: counter records need a directory of "
+                    "this user's alone (mode 700)"
+                )
+            return cls(told, boot)
         candidates = run_dirs() if dirs is None else list(dirs)
         for directory in candidates:
             if _own_directory(directory):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -40,6 +41,42 @@ def node_command(region: str, data_dir: Path, listen: str, *extra: str) -> list[
     ]
 
 
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a child gets when its parent dies
+
+
+def _stopped_with_parent() -> Callable[[], None] | None:
+    """What a node child runs before its program: it is sent SIGTERM (drain, close LMDB)
+    when the process that started it dies, even by SIGKILL, so that a cluster, a
+    simulation or a test killed mid-run leaves no node behind on its ports and data.
+    Linux only (elsewhere, None: nothing runs). The signal comes when the starting
+    *thread* ends, so nodes are started by threads that outlive them (the event loop's,
+    or its executor's)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.getpid()
+
+    def arm() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the line above
+            os._exit(1)
+
+    return arm
+
+
+class NodeDidNotStart(RuntimeError):
+    """A node process exited, or did not say it was listening in time; the message
+    carries the last thing it said."""
+
+
+def last_error_line_of(stderr: str) -> str:
+    """What a node's stderr said last of why it stopped: its ``replica: error:`` line, or
+    else its last line, or ''."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("replica: error:")]
+    return (errors or lines or [""])[-1]
+
+
 class NodeProcess:
     def __init__(
         self,
@@ -62,9 +99,15 @@ class NodeProcess:
     def start(self) -> NodeProcess:
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         log = self.data_dir.parent / f"{self.region}.log"
+        started_at = log.stat().st_size if log.exists() else 0
         with log.open("a") as stderr:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
-                self.args, stdout=subprocess.PIPE, stderr=stderr, text=True, env=self.env
+                self.args,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+                env=self.env,
+                preexec_fn=_stopped_with_parent(),
             )
         deadline = time.monotonic() + START_WAIT_S
         assert self.proc.stdout is not None
@@ -75,7 +118,12 @@ class NodeProcess:
             if not line and self.proc.poll() is not None:
                 break
         self.stop()
-        raise RuntimeError(f"node {self.region} did not start; see {log}")
+        with log.open("rb") as written:
+            written.seek(started_at)
+            said = last_error_line_of(written.read().decode(errors="replace"))
+        raise NodeDidNotStart(
+            f"node {self.region} did not start" + (f": {said}" if said else "") + f" (see {log})"
+        )
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         if self.proc is None:

@@ -255,17 +255,16 @@ class Replica:
         **options: Any,
     ) -> Replica:
         """``boot``: the machine's boot (a simulation's); by default this one's if
-        ``durable``, with its counter record in ``run_dir`` (by default the first of
-        ``counter_record.run_dirs`` this process can use) unless ``counter_record`` is
-        given."""
-        kv = LmdbKV(
-            data_dir, map_bytes_initial=map_bytes_initial, metasync=metasync, durable=durable
-        )
+        ``durable``, with its counter record in ``run_dir`` (which must be usable, else
+        ``RunDirUnusable``; by default the first of ``counter_record.run_dirs`` this process
+        can use) unless ``counter_record`` is given."""
         if boot is None and durable:
             boot = log.current_boot()
             if boot is not None and "counter_record" not in options:
-                dirs = None if run_dir is None else [run_dir]
-                options["counter_record"] = CounterRecord.of_this_machine(boot, dirs)
+                options["counter_record"] = CounterRecord.of_this_machine(boot, told=run_dir)
+        kv = LmdbKV(
+            data_dir, map_bytes_initial=map_bytes_initial, metasync=metasync, durable=durable
+        )
         return cls(kv, region, boot=boot, **options)
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:

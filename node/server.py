@@ -24,7 +24,7 @@ from aiohttp import web
 
 from node.api import build_app
 from node.config import Settings
-from node.counter_record import KEEP_INTERVAL_S
+from node.counter_record import KEEP_INTERVAL_S, RunDirUnusable
 from node.event_loop import run_on, running_loop_name
 from node.http_errors import answer_unparsable_requests_as_json
 from node.kv import StorageFailed
@@ -124,8 +124,21 @@ def open_replica(settings: Settings) -> Replica:
 def run_node(settings: Settings, extensions: Extensions = lambda replica, settings: ()) -> int:
     configure_logging(settings.log_level)
     try:
+        server_tls(settings)  # its files are read before anything else is done
+    except (ssl.SSLError, OSError) as e:
+        files = ", ".join(
+            f"--{name.replace('_', '-')} {path}"
+            for name in ("tls_cert", "tls_key", "tls_ca")
+            if (path := getattr(settings, name)) is not None
+        )
+        print(f"replica: error: cannot use the TLS files ({files}): {e}", file=sys.stderr)
+        return 2
+    if settings.data_dir.exists() and not settings.data_dir.is_dir():
+        print(f"replica: error: the data directory {settings.data_dir} is a file", file=sys.stderr)
+        return 2
+    try:
         replica = open_replica(settings)
-    except (WrongRegion, DataDirBusy, DataFileTruncated, DataFileUnreadable) as e:
+    except (WrongRegion, DataDirBusy, DataFileTruncated, DataFileUnreadable, RunDirUnusable) as e:
         print(f"replica: error: {e}", file=sys.stderr)
         return 2
     except lmdb.Error as e:
@@ -133,6 +146,14 @@ def run_node(settings: Settings, extensions: Extensions = lambda replica, settin
         return 2
     except StorageFailed as e:  # a write at start: the identity, the start's mark
         print(f"replica: error: cannot write to {settings.data_dir}: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file where the directory goes, no permission, ...
+        where = f" ({e.filename})" if e.filename else ""
+        print(
+            f"replica: error: cannot use {settings.data_dir} as the data directory: "
+            f"{e.strerror or e}{where}",
+            file=sys.stderr,
+        )
         return 2
     try:
         return run_on(settings.event_loop, serve(replica, settings, extensions(replica, settings)))

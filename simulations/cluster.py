@@ -11,13 +11,14 @@ import secrets
 import shutil
 import signal
 import ssl
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from node.process import NodeProcess, free_port
+from node.process import NodeDidNotStart, NodeProcess, free_port
 from simulations.proxy import LinkProxy
 
 READY_WAIT_S = 30.0
@@ -62,6 +63,15 @@ class LocalCluster:
         return f"{self.scheme}://127.0.0.1:{self.ports[region]}"
 
     async def start(self) -> None:
+        """Start the proxies and the nodes, and wait until every node serves; if one does
+        not, stop what started (no node is left running) and raise."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
         proxy_ports = {link: await proxy.start() for link, proxy in self.links.items()}
         for region in self.regions:
             peers = [
@@ -81,7 +91,12 @@ class LocalCluster:
         await self._start_nodes()
 
     async def _start_nodes(self) -> None:
-        await asyncio.gather(*(asyncio.to_thread(n.start) for n in self.nodes.values()))
+        started = await asyncio.gather(
+            *(asyncio.to_thread(n.start) for n in self.nodes.values()), return_exceptions=True
+        )
+        for outcome in started:  # every start has ended: the caller stops them all
+            if isinstance(outcome, BaseException):
+                raise outcome
         await self.wait_serving()
 
     async def wait_serving(self) -> None:
@@ -97,7 +112,7 @@ class LocalCluster:
                             break
                     await asyncio.sleep(0.1)
                 else:
-                    raise RuntimeError(
+                    raise NodeDidNotStart(
                         f"node {region} is not serving after {READY_WAIT_S} s: "
                         f"{status['not_ready']}"
                     )
@@ -179,17 +194,24 @@ class LocalCluster:
 async def run_until_stopped(regions: Sequence[str], root: Path, base_port: int) -> int:
     cluster = LocalCluster(regions, root, base_port=base_port)
     print(f"Starting {len(regions)} regions, data in {root}")
-    await cluster.start()
-    for region in regions:
-        print(f"  {region:6} {cluster.url(region):24} data {root / region}")
-    print("The cluster secret is in each node's environment. Ctrl-C stops the cluster.")
+    try:
+        await cluster.start()
+    except NodeDidNotStart as error:
+        print(f"replica: error: {error}; every node started is stopped", file=sys.stderr)
+        return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-    print("\nStopping (each node drains its writes and closes LMDB)...")
-    await cluster.stop()
+    try:  # whatever happens here (a closed stdout too), the nodes are stopped
+        for region in regions:
+            print(f"  {region:6} {cluster.url(region):24} data {root / region}")
+        print(f"Each node's log is {root}/<region>.log; the cluster secret is in each node's")
+        print("environment. Ctrl-C stops the cluster.", flush=True)
+        await stop.wait()
+        print("\nStopping (each node drains its writes and closes LMDB)...", flush=True)
+    finally:
+        await cluster.stop()
     codes = {r: n.returncode for r, n in cluster.nodes.items()}
     print(f"Stopped: exit codes {codes}")
     return 0 if all(c == 0 for c in codes.values()) else 1

@@ -8,6 +8,7 @@ every region converges to the same state, and the history says which write won a
 from __future__ import annotations
 
 import asyncio
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 import aiohttp
 
 from node.event_loop import EVENT_LOOP_DEFAULT, run_on
+from node.process import NodeDidNotStart
 from simulations.cluster import LocalCluster
 
 CONVERGE_WAIT_S = 30.0
@@ -182,26 +184,33 @@ async def session(cluster: LocalCluster) -> None:
             )
 
 
-async def run(root: Path, regions: list[str]) -> int:
-    cluster = LocalCluster(regions, root, node_args=["--gossip-interval-ms", "200"])
+REGIONS = ["eu", "us", "ap"]  # the session's steps name them
+
+
+async def run(root: Path, regions: list[str], base_port: int = 0) -> int:
+    cluster = LocalCluster(
+        regions, root, base_port=base_port, node_args=["--gossip-interval-ms", "200"]
+    )
     print(f"Starting a local cluster: {', '.join(regions)} (real processes, LMDB in {root})")
-    await cluster.start()
+    try:
+        await cluster.start()
+    except NodeDidNotStart as error:
+        print(f"replica: error: {error}; every node started is stopped", file=sys.stderr)
+        return 1
     try:
         for region in regions:
             print(f"  {region}: {cluster.url(region)}")
         await session(cluster)
     finally:
-        say("6. Stopping every node (SIGTERM: drain writes, close LMDB)")
-        await cluster.stop()
+        try:
+            say("6. Stopping every node (SIGTERM: drain writes, close LMDB)")
+        finally:  # a closed stdout must not leave the nodes running
+            await cluster.stop()
     codes = {r: n.returncode for r, n in cluster.nodes.items()}
     print(f"  exit codes {codes}; data stays in {root}")
     return 0 if all(code == 0 for code in codes.values()) else 1
 
 
-def main(root: Path | None = None, regions: list[str] | None = None) -> int:
-    return run_on(
-        EVENT_LOOP_DEFAULT,
-        run(
-            root or Path(tempfile.mkdtemp(prefix="replica-cluster-")), regions or ["eu", "us", "ap"]
-        ),
-    )
+def main(root: Path | None = None, base_port: int = 0) -> int:
+    root = root or Path(tempfile.mkdtemp(prefix="replica-cluster-"))
+    return run_on(EVENT_LOOP_DEFAULT, run(root, REGIONS, base_port))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 from node.process import free_port
 from tests.e2e.helpers import Nodes
 
@@ -63,3 +65,50 @@ def test_an_unknown_event_loop_is_refused(nodes: Nodes) -> None:
     assert "'trio'" in refused.stderr, refused.stderr
     assert "listening" not in refused.stdout
     assert not nodes.data_dir("eu").exists()  # refused before touching anything
+
+
+def _refused_plainly(refused: subprocess.CompletedProcess[str], *said: str) -> None:
+    """Exit 2, one ``replica: error:`` line saying ``said``, no traceback, not listening."""
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.startswith("replica: error: "), refused.stderr
+    assert "Traceback" not in refused.stderr, refused.stderr
+    for words in said:
+        assert words in refused.stderr, refused.stderr
+    assert "listening" not in refused.stdout
+
+
+def test_a_data_directory_that_cannot_be_one_is_refused_plainly(nodes: Nodes) -> None:
+    """An operator's slip (a file where the directory goes, a path under a file, a path no
+    one may make) is a one-line error, not a traceback (found by a review)."""
+    a_file = nodes.root / "a-file"
+    a_file.write_text("not a directory")
+    listen = f"127.0.0.1:{free_port()}"
+    _refused_plainly(nodes.run("eu", "a-file", listen), str(a_file), "is a file")
+    _refused_plainly(nodes.run("eu", "a-file/eu", listen), "Not a directory")
+    _refused_plainly(nodes.run("eu", "/proc/no-such-dir", listen), "No such file or directory")
+
+
+def test_tls_files_that_do_not_load_are_refused_plainly(nodes: Nodes) -> None:
+    junk = nodes.root / "junk.pem"
+    junk.write_text("not a certificate")
+    refused = nodes.run(
+        "eu", "eu", f"127.0.0.1:{free_port()}", "--tls-cert", str(junk), "--tls-key", str(junk)
+    )
+    _refused_plainly(refused, "TLS files", str(junk))
+    assert not nodes.data_dir("eu").exists()  # refused before touching anything
+
+
+def test_a_run_directory_named_but_unusable_is_refused(nodes: Nodes) -> None:
+    """A named ``--run-dir`` that cannot hold the counter records (shared with other users,
+    a file) stops the start: running without them would leave a restored copy's dots to
+    its peers alone, and the operator asked for them."""
+    shared = nodes.root / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    listen = f"127.0.0.1:{free_port()}"
+    refused = nodes.run("eu", "eu", listen, "--run-dir", str(shared))
+    _refused_plainly(refused, str(shared), "writable by other users")
+    a_file = nodes.root / "a-file"
+    a_file.write_text("")
+    _refused_plainly(nodes.run("eu", "eu", listen, "--run-dir", str(a_file)), "not a directory")
+    assert not nodes.data_dir("eu").exists()
