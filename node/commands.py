@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from crdt import Dot
-from node import views
+from node import events, views
 from node.events import Op, Value, stream_of
 from node.fold import EntityState
 from node.kv import ReadTxn
@@ -101,17 +101,25 @@ def delete(kind: str, entity_id: str, if_match: str | None) -> Decide:
         drafts = [Draft(stream, Op.DELETE, observed=state.existence.dots(""))]
         if kind == "user":  # deleting a user removes the memberships this replica sees
             for group_id in views.groups_of(txn, entity_id):
-                drafts.append(_remove_member(txn, group_id, entity_id))
+                drafts += _remove_member(txn, group_id, entity_id)
         else:  # deleting a group removes the members it has here; a re-created one starts empty
-            drafts += [_remove_member(txn, entity_id, u) for u in views.members(txn, entity_id)]
+            for user_id in views.members(txn, entity_id):
+                drafts += _remove_member(txn, entity_id, user_id)
         return drafts
 
     return decide
 
 
-def _remove_member(txn: ReadTxn, group_id: str, user_id: str) -> Draft:
-    observed = views.member_slice(txn, group_id, user_id).dots(user_id)
-    return Draft(stream_of("group", group_id), Op.REMOVE, "members", user_id, observed)
+def _remove_member(txn: ReadTxn, group_id: str, user_id: str) -> list[Draft]:
+    """The removes of every add of the member this replica holds: none if there is none,
+    else one per OBSERVED_DOTS_MAX of them (an event observes no more), so a member
+    whose adds piled up (an older version added one per PUT) can still be removed."""
+    observed = sorted(views.member_slice(txn, group_id, user_id).dots(user_id))
+    stream, most = stream_of("group", group_id), events.OBSERVED_DOTS_MAX
+    return [
+        Draft(stream, Op.REMOVE, "members", user_id, frozenset(observed[i : i + most]))
+        for i in range(0, len(observed), most)
+    ]
 
 
 def add_member(group_id: str, user_id: str) -> Decide:
@@ -119,8 +127,13 @@ def add_member(group_id: str, user_id: str) -> Decide:
         _existing(txn, "group", group_id)
         _existing(txn, "user", user_id)
         # Even for a member already, a fresh add: it outlives a concurrent remove elsewhere
-        # (add wins), which is what a client that just PUT the member expects.
-        return [Draft(stream_of("group", group_id), Op.ADD, "members", user_id)]
+        # (add wins), which is what a client that just PUT the member expects. It replaces
+        # the adds held here (removed in the same write), as an ORSWOT's add does, so a
+        # member PUT again and again keeps one add, not one per PUT.
+        return [
+            *_remove_member(txn, group_id, user_id),
+            Draft(stream_of("group", group_id), Op.ADD, "members", user_id),
+        ]
 
     return decide
 
@@ -128,9 +141,6 @@ def add_member(group_id: str, user_id: str) -> Decide:
 def remove_member(group_id: str, user_id: str) -> Decide:
     def decide(txn: ReadTxn) -> list[Draft]:
         _existing(txn, "group", group_id)
-        observed = views.member_slice(txn, group_id, user_id).dots(user_id)
-        if not observed:
-            return []  # not a member: DELETE is idempotent
-        return [Draft(stream_of("group", group_id), Op.REMOVE, "members", user_id, observed)]
+        return _remove_member(txn, group_id, user_id)  # none if not a member: idempotent
 
     return decide

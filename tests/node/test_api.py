@@ -15,7 +15,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from crdt import Dot
 from crdt.clock import make_stamp, physical_ms
 from node import api as api_module
+from node import events as events_module
 from node import replica as replica_module
+from node import views
 from node.api import GUARD, build_app
 from node.config import Settings
 from node.events import Event, Op
@@ -695,6 +697,56 @@ def test_membership_put_is_idempotent_and_checks_both_entities() -> None:
         assert groups["groups"] == []
         await a.call("GET", "/users/nobody/groups", status=404)
         await a.call("GET", "/groups/nogroup/members", status=404)
+
+    run(body)
+
+
+def _member_dots(replica: Replica, group_id: str, user_id: str) -> frozenset[Dot]:
+    """The adds of the member the group's view holds."""
+    with replica.kv.read() as txn:
+        return views.member_slice(txn, group_id, user_id).dots(user_id)
+
+
+def _adds(group_id: str, user_id: str, counters: range) -> list[Event]:
+    """Adds of the member made in another region, one per counter."""
+    stamp = make_stamp(physical_ms(time.time_ns()))
+    return [
+        Event(Dot(REMOTE, n), stamp + n, f"group/{group_id}", Op.ADD, "members", user_id)
+        for n in counters
+    ]
+
+
+def test_a_member_put_again_and_again_keeps_one_add_and_can_always_be_removed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each PUT of a member used to add one more add, which every remove then had to
+    observe: after 10,000 PUTs no remove fit in an event, and removing the member or
+    deleting the user or the group answered 500 for good (found by a review). A PUT now
+    replaces the adds it sees; adds piled up before (or by concurrent PUTs) are removed
+    in as many events as they need."""
+    monkeypatch.setattr(events_module, "OBSERVED_DOTS_MAX", 3)
+
+    async def body(a: Api) -> None:
+        await a.create_user("maggie", id="maggie")
+        await a.create_group("babies")
+        for _ in range(5):
+            await a.call("PUT", "/groups/babies/members/maggie", status=200)
+        assert len(_member_dots(a.replica, "babies", "maggie")) == 1
+        await a.replica.ingest(_adds("babies", "maggie", range(1, 9)))  # from another region
+        assert len(_member_dots(a.replica, "babies", "maggie")) == 9
+        await a.call("DELETE", "/groups/babies/members/maggie", status=204)
+        _, members = await a.call("GET", "/groups/babies/members", status=200)
+        assert members["members"] == []
+        removes = [e for e in await history(a, "/groups/babies") if e["op"] == "remove"]
+        assert sorted(len(e["observed"]) for e in removes[-3:]) == [3, 3, 3]  # 9 in events of 3
+
+        await a.call("PUT", "/groups/babies/members/maggie", status=200)
+        await a.replica.ingest(_adds("babies", "maggie", range(9, 14)))  # more piled up
+        await a.call("DELETE", "/users/maggie", status=204)
+        _, members = await a.call("GET", "/groups/babies/members", status=200)
+        assert members["members"] == []
+        assert _member_dots(a.replica, "babies", "maggie") == frozenset()
+        await a.call("DELETE", "/groups/babies", status=204)
 
     run(body)
 
