@@ -689,5 +689,7 @@ def build_app(replica: Replica, settings: Settings) -> web.Application:
     ]
     for method, path, handler in routes:
         app.router.add_route(method, path, guarded(handler))
+        if method == "GET":  # the same answer without its body (load balancers' checks)
+            app.router.add_route("HEAD", path, guarded(handler))
     app.router.add_route("*", "/{path:.*}", guarded(unmatched), name=UNMATCHED)
     return app

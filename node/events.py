@@ -166,6 +166,13 @@ def validate(event: Event) -> Event:
             raise InvalidEvent("too many observed dots")
         if op in _UNOBSERVING_OPS:
             raise InvalidEvent(f"{op.name.lower()} observes nothing")
+        for seen in observed:  # a dot of some event: the rules of the event's own
+            if seen.origin not in _GOOD_ORIGINS:
+                if not ORIGIN_RE.fullmatch(seen.origin):
+                    raise InvalidEvent(f"bad origin of an observed dot {seen.origin!r}")
+                _passed(_GOOD_ORIGINS, seen.origin)
+            if seen.counter > COUNTER_MAX:
+                raise InvalidEvent(f"observed counter out of range: {seen.counter}")
     actor = event.actor
     if not isinstance(actor, str) or len(actor) > ACTOR_CHARS_MAX:
         raise InvalidEvent("actor must be a string of at most 128 characters")
@@ -210,7 +217,7 @@ def from_wire(wire: Any, *, dot: Dot | None = None) -> Event:
     if not isinstance(wire, list) or not wire:
         raise InvalidEvent("an event is a non-empty array")
     version = wire[0]
-    if not isinstance(version, int) or version < 1:
+    if type(version) is not int or version < 1:  # not a bool, which is an int too
         raise InvalidEvent(f"bad event format version {version!r}")
     if version > FORMAT_VERSION:
         raise UnknownFormatVersion(version)

@@ -100,6 +100,11 @@ def as_json_error(request: web.Request, exc: Exception) -> web.StreamResponse:
     if isinstance(exc, StorageFailed):
         status, code, message = storage_refusal(exc)
         return error_response(status, code, message, {"Retry-After": str(STORAGE_RETRY_AFTER_S)})
+    if isinstance(exc, ConnectionResetError):  # aiohttp's ClientConnectionResetError too
+        # The client went away before its body was read (or its answer written): nothing
+        # of it was written, and no one is left to answer; not an error of the node's.
+        logger.info("%s %s: the client closed the connection first", request.method, request.path)
+        return error_response(400, "connection_closed", "the connection closed mid-request")
     if isinstance(exc, web.HTTPException):
         if exc.status < 400:
             raise exc

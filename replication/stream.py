@@ -514,7 +514,11 @@ class StreamEndpoint:
             return error_response(400, "not_websocket", "open the stream with a WebSocket upgrade")
         if not self._fresh_opening(client_nonce):
             return error_response(401, "unauthorized", "replication stream refused: replayed")
-        await ws.prepare(request)
+        try:
+            await ws.prepare(request)
+        except ConnectionResetError:  # the peer went before the upgrade's answer (stopped)
+            logger.info("stream from %s closed before it opened", sender)
+            return error_response(400, "connection_closed", "the connection closed first")
         self.open[ws] = request
         before = self._of_sender.get(sender)
         self._of_sender[sender] = ws

@@ -109,3 +109,29 @@ def test_a_request_the_http_parser_refuses_gets_a_json_400_and_no_traceback(
     assert node.alive()
     assert node.call("GET", "/health").json() == {"status": "ok"}
     assert "Traceback" not in node.stderr()
+
+
+def test_a_client_that_closes_mid_body_is_not_an_error_of_the_node(nodes: Nodes) -> None:
+    """It was logged as an unexpected error, with a traceback, once per such client (a
+    review's slow clients left 20,000 of them); nothing of the request is written."""
+    node = nodes.start("eu", None)
+    seq = node.call("GET", "/status").json()["seq"]
+
+    async def cut_short() -> None:
+        _, writer = await asyncio.open_connection(node.host, node.port)
+        writer.write(
+            b"POST /users HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"id"'
+        )
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.close()
+        await writer.wait_closed()
+
+    asyncio.run(cut_short())
+    assert node.call("GET", "/health").json() == {"status": "ok"}
+    assert node.call("GET", "/status").json()["seq"] == seq
+    log = node.stderr()
+    assert "closed the connection first" in log, log
+    assert "Traceback" not in log, log
+    assert '"level": "error"' not in log, log

@@ -385,9 +385,26 @@ def test_a_method_a_path_does_not_allow_is_405_json_with_allow() -> None:
     async def body(a: Api) -> None:
         r, answer = await a.call("PUT", "/users", status=405)
         assert answer["error"] == "method_not_allowed"
-        assert set(r.headers["Allow"].split(",")) == {"GET", "POST"}
+        assert set(r.headers["Allow"].split(",")) == {"GET", "HEAD", "POST"}
         _, answer = await a.call("GET", "/no/such/path", status=404)
         assert answer["error"] == "not_found"
+
+    run(body)
+
+
+def test_head_answers_every_get_route_without_a_body() -> None:
+    """Load balancers' health checks send HEAD: it was 405 on every route (a review)."""
+
+    async def body(a: Api) -> None:
+        await a.create_user("ann", id="ann")
+        for path in ("/health", "/status", "/users/ann", "/users?limit=1"):
+            got = await a.client.get(path)
+            head = await a.client.head(path)
+            assert head.status == got.status == 200, path
+            assert head.headers["Content-Type"] == got.headers["Content-Type"], path
+            assert await head.read() == b"", path
+        head = await a.client.head("/users/nobody")
+        assert head.status == 404
 
     run(body)
 

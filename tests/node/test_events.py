@@ -190,6 +190,17 @@ BAD_WIRES: list[tuple[str, bytes, str]] = [
     ("empty array", msgpack.packb([]), "non-empty array"),
     ("wrong arity", msgpack.packb(ev.to_wire(GOOD)[:-1]), "malformed"),
     ("version 0", wire_of(GOOD, version=0), "bad event format version"),
+    ("version true", wire_of(GOOD, version=True), "bad event format version"),
+    (
+        "observed a dot of no origin",
+        wire_of(GOOD, observed=[["NOT AN ORIGIN \x00", 1]]),
+        "bad origin of an observed dot",
+    ),
+    (
+        "observed a dot past every counter",
+        wire_of(GOOD, observed=[[EU, ev.COUNTER_MAX + 1]]),
+        "observed counter out of range",
+    ),
     ("event too large", b"\x00" * (ev.EVENT_BYTES_MAX + 1), "too large"),
 ]
 
