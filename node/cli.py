@@ -63,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     node.add_argument("--config", type=Path, metavar="FILE", help="TOML config file")
     node.add_argument("--body-bytes-max", metavar="N", help="largest request body accepted")
+    node.add_argument(
+        "--request-head-wait-ms",
+        metavar="N",
+        help="close a connection whose first request's head has not arrived by then",
+    )
+    node.add_argument(
+        "--request-body-wait-ms", metavar="N", help="answer 408 to a body not in by then"
+    )
     node.add_argument("--max-drift-ms", metavar="N", help="largest clock drift accepted")
     node.add_argument(
         "--no-metasync",

@@ -34,6 +34,10 @@ class Settings:
     cluster_secret: str | None = field(default=None, repr=False)
     api_token: str | None = field(default=None, repr=False)
     body_bytes_max: int = 1_048_576
+    # A connection's first request must arrive (its head) within this, and any request's
+    # body within the other, or it is closed / answered 408 (``node.deadlines``).
+    request_head_wait_ms: int = 10_000
+    request_body_wait_ms: int = 30_000
     commit_batch_requests_max: int = 512
     write_queue_requests_max: int = 10_000
     consistency_wait_ms_default: int = 5_000
@@ -57,7 +61,7 @@ class Settings:
     sync_body_bytes_max: int = 8 * 1_048_576
     push_queue_events_max: int = 10_000
     backoff_max_ms: int = 1_000
-    auth_window_ms: int = 30_000
+    auth_window_ms: int = 60_000  # as max_drift_ms: a clock the HLC follows still replicates
     bootstrap_wait_ms_max: int = 120_000
     start_writes_wait_ms_max: int = 3_000
     # TLS between nodes: a certificate and key to serve and to present; with a CA, peers'

@@ -25,6 +25,7 @@ from aiohttp import web
 from node.api import build_app
 from node.config import Settings
 from node.counter_record import KEEP_INTERVAL_S, RunDirUnusable
+from node.deadlines import close_slow_openings
 from node.event_loop import run_on, running_loop_name
 from node.http_errors import answer_unparsable_requests_as_json
 from node.kv import StorageFailed
@@ -184,6 +185,7 @@ async def serve(replica: Replica, settings: Settings, extensions: Sequence[Exten
     replica.bind(loop)
     app = build_app(replica, settings)
     answer_unparsable_requests_as_json()
+    close_slow_openings(settings.request_head_wait_ms)
     for extension in extensions:
         extension.install(app)
     runner = web.AppRunner(

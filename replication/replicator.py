@@ -35,6 +35,7 @@ from replication.protocol import BadMessage, RawEvent, Sync, Tag
 from replication.transport import Transport, TransportError
 
 logger = logging.getLogger(__name__)
+FAILURES_WARNED_EVERY = 60  # a peer's failed rounds in a row logged at warning: 1st, 61st, ...
 
 
 # In ``meta`` while a node bootstraps: set before the first event of the history it pulls
@@ -390,7 +391,13 @@ class Replicator:
             base_ms=self.limits.backoff_base_ms,
             max_ms=self.limits.backoff_max_ms,
         )
-        logger.info("sync with %s failed (%s); next try in %d ms", name, error, delay)
+        failures = self.peers[name].failures
+        # A streak's first failure, and every FAILURES_WARNED_EVERY-th after it, at warning:
+        # an operator sees a peer cut off without a line a second (at most) for good.
+        level = logging.WARNING if failures % FAILURES_WARNED_EVERY == 1 else logging.DEBUG
+        if level == logging.WARNING and failures > 1:
+            error = f"{error}; {failures} failures in a row"
+        logger.log(level, "sync with %s failed (%s); next try in %d ms", name, error, delay)
         return delay
 
     async def sync_with(

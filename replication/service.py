@@ -3,6 +3,7 @@ the replicator's background tasks, and its lines in ``/status`` and ``/metrics``
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections.abc import Sequence
 from typing import Any
@@ -11,19 +12,28 @@ from aiohttp import web
 
 from node.api import GUARD
 from node.config import Settings
-from node.http_errors import error_body, error_response, storage_refusal
+from node.http_errors import error_body, error_response, fail, storage_refusal
 from node.kv import StorageFailed
 from node.replica import Replica, wall_clock_ms
 from node.server import Extension
 from node.server import run_node as run_plain_node
 from node.writer import Overloaded
-from replication.auth import AuthError, sign_response, verify_request
+from replication.auth import (
+    AuthError,
+    check_request_head,
+    log_refusal,
+    sign_response,
+    verify_request,
+)
 from replication.protocol import BadMessage
 from replication.replicator import Limits, Replicator
 from replication.stream import STREAM_PATH, StreamEndpoint, StreamTransport
 from replication.transport import SYNC_PATH, HttpTransport, Transport
 
 READ_CHUNK_BYTES = 64 * 1024
+# Sync bodies read at once (each up to sync_body_bytes_max); more are answered 503. A peer
+# sends one at a time over HTTP (the stream, its default, reads no body here).
+SYNC_BODIES_READ_MAX = 8
 
 
 def client_tls(settings: Settings) -> ssl.SSLContext | None:
@@ -61,6 +71,7 @@ class ReplicationService:
                 compression=settings.peer_compression,
             )
             transport = self.stream
+        self._reading = asyncio.Semaphore(SYNC_BODIES_READ_MAX)
         self.endpoint = StreamEndpoint(
             self.secret,
             self.answer,
@@ -188,25 +199,43 @@ class ReplicationService:
             ]
         return lines
 
-    async def _body(self, request: web.Request) -> bytes | None:
-        """The body, or None past ``sync_body_bytes_max`` (not read further)."""
+    def _too_large(self) -> web.Response:
         limit = self.settings.sync_body_bytes_max
-        if (request.content_length or 0) > limit:
-            return None
+        message = f"a replication request's body exceeds {limit} bytes"
+        return error_response(413, "body_too_large", message)
+
+    async def _body(self, request: web.Request) -> bytes | None:
+        """The body, or None past ``sync_body_bytes_max`` (not read further); 408 if it
+        has not all arrived within ``request_body_wait_ms``."""
+        limit = self.settings.sync_body_bytes_max
         chunks, size = [], 0
-        async for chunk in request.content.iter_chunked(READ_CHUNK_BYTES):
-            size += len(chunk)
-            if size > limit:
-                return None
-            chunks.append(chunk)
+        wait_ms = self.settings.request_body_wait_ms
+        try:
+            async with asyncio.timeout(wait_ms / 1000):
+                async for chunk in request.content.iter_chunked(READ_CHUNK_BYTES):
+                    size += len(chunk)
+                    if size > limit:
+                        return None
+                    chunks.append(chunk)
+        except TimeoutError:
+            fail(408, "request_timeout", f"the body did not arrive within {wait_ms} ms")
         return b"".join(chunks)
 
     async def handle(self, request: web.Request) -> web.Response:
-        body = await self._body(request)
+        if (request.content_length or 0) > self.settings.sync_body_bytes_max:
+            return self._too_large()
+        try:  # before the body is read: no one without the secret gets one held in memory
+            check_request_head(request.headers, window_ms=self.settings.auth_window_ms)
+        except AuthError as e:
+            log_refusal("replication request", request.remote, e)
+            return error_response(401, "unauthorized", f"replication request refused: {e}")
+        if self._reading.locked():
+            busy = "too many replication bodies on their way in"
+            return error_response(503, "overloaded", busy, {"Retry-After": "1"})
+        async with self._reading:  # at most SYNC_BODIES_READ_MAX bodies held at once
+            body = await self._body(request)
         if body is None:
-            limit = self.settings.sync_body_bytes_max
-            message = f"a replication request's body exceeds {limit} bytes"
-            return error_response(413, "body_too_large", message)
+            return self._too_large()
         try:
             verify_request(
                 self.secret,
@@ -217,6 +246,7 @@ class ReplicationService:
                 window_ms=self.settings.auth_window_ms,
             )
         except AuthError as e:
+            log_refusal("replication request", request.remote, e)
             return error_response(401, "unauthorized", f"replication request refused: {e}")
         status, answer = await self.answer(body)
         if status != 200:

@@ -56,8 +56,9 @@ from typing import Any
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from node.deadlines import request_began
 from node.http_errors import error_body, error_response
-from replication.auth import AuthError, now_ms, sign_request, verify_request
+from replication.auth import AuthError, log_refusal, now_ms, sign_request, verify_request
 from replication.transport import (
     REQUEST_TIMEOUT_MS,
     HttpTransport,
@@ -67,6 +68,10 @@ from replication.transport import (
 )
 
 logger = logging.getLogger(__name__)
+UNAUTHORIZED_HINT = (
+    " (it refused this node's signature: a cluster secret other than its own, or clocks "
+    "further apart than auth_window_ms; its log says which)"
+)
 
 STREAM_PATH = "/replication/stream"
 NONCE = "X-Replica-Nonce"
@@ -401,7 +406,10 @@ class StreamTransport:
                 )
                 self._http_until_ms[peer] = now_ms() + HTTP_FALLBACK_MS
                 return None
-            raise TransportError(f"{peer} refused the stream: {exc.status} {exc.message}") from exc
+            why = f"{exc.status} {exc.message}"
+            if exc.status == 401:
+                why += UNAUTHORIZED_HINT
+            raise TransportError(f"{peer} refused the stream: {why}") from exc
         except (aiohttp.ClientError, TimeoutError, OSError, RuntimeError) as exc:
             raise TransportError(f"{peer}: {type(exc).__name__}: {exc}") from exc
         try:
@@ -486,6 +494,7 @@ class StreamEndpoint:
         return True
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        request_began(request)
         if self.closed:
             return error_response(503, "stopping", "this node is stopping", {"Retry-After": "1"})
         try:
@@ -502,6 +511,7 @@ class StreamEndpoint:
                 window_ms=self.auth_window_ms,
             )
         except AuthError as exc:
+            log_refusal("replication stream", request.remote, exc)
             return error_response(401, "unauthorized", f"replication stream refused: {exc}")
         ws = web.WebSocketResponse(
             timeout=CLOSE_WAIT_MS / 1000,

@@ -91,7 +91,10 @@ def test_timestamps_within_the_window_are_fresh(offset_ms: int) -> None:
 
 @pytest.mark.parametrize("offset_ms", [-WINDOW_MS - 1, -10 * WINDOW_MS, WINDOW_MS + 1, 10**9])
 def test_stale_and_future_timestamps_are_refused(offset_ms: int) -> None:
-    with pytest.raises(AuthError, match="away from this node's clock"):
+    """The refusal says how far off the clock was, and which way: an operator's first
+    question when a peer cannot replicate (a review saw a bare 401)."""
+    way = "ahead of" if offset_ms > 0 else "behind"
+    with pytest.raises(AuthError, match=f"s {way} this node's clock.*check both machines' clocks"):
         verify(signed(at_ms=NOW_MS + offset_ms))
 
 
@@ -168,7 +171,7 @@ def test_a_tampered_response_is_refused(secret: str, status: int, body: bytes) -
 def test_a_stale_response_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     headers = auth.sign_response(SECRET, 200, BODY)
     monkeypatch.setattr(auth, "now_ms", lambda: NOW_MS + WINDOW_MS + 1)
-    with pytest.raises(AuthError, match="away from this node's clock"):
+    with pytest.raises(AuthError, match="behind this node's clock"):
         auth.verify_response(SECRET, 200, BODY, headers)
 
 

@@ -4,13 +4,16 @@ is away is not retried before its time (no busy loop), whether by gossip or eage
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from pathlib import Path
+
+import pytest
 
 from crdt import Dot, VersionVector
 from node import commands
 from replication.peers import BACKOFF_BASE_MS, BACKOFF_MAX_MS, PeerState
-from replication.replicator import Limits
+from replication.replicator import FAILURES_WARNED_EVERY, Limits
 from tests.replication.cluster import NOW_MS, Cluster, person, run
 
 
@@ -171,3 +174,23 @@ def test_an_unexpected_error_in_a_sync_backs_off_instead_of_spinning(tmp_path: P
         assert "a bug" in (replicator.peers["us"].last_error or "")
 
     run(tmp_path, ("eu", "us"), body, limits=Limits(gossip_interval_ms=3_600_000))
+
+
+def test_a_peer_failing_again_and_again_is_logged_at_warning_now_and_then(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unreachable peer was logged at info every second, for good: a streak's first
+    failure is a warning, then every FAILURES_WARNED_EVERY-th, with the count."""
+
+    async def body(c: Cluster) -> None:
+        replicator = c.replicator("eu")
+        with caplog.at_level(logging.DEBUG, logger="replication.replicator"):
+            for n in range(1, 2 * FAILURES_WARNED_EVERY + 2):
+                replicator.failed("us", f"failure {n}")
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warned) == 3, warned
+        assert "(failure 1)" in warned[0]
+        assert f"{FAILURES_WARNED_EVERY + 1} failures in a row" in warned[1]
+        assert f"{2 * FAILURES_WARNED_EVERY + 1} failures in a row" in warned[2]
+
+    run(tmp_path, ("eu", "us"), body)
