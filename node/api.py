@@ -6,6 +6,7 @@ catch up with it (up to ``X-Wait-Ms``), and answers 504 if it does not.
 
 from __future__ import annotations
 
+import base64
 import hmac
 import json
 import re
@@ -201,6 +202,25 @@ def _cursor(request: web.Request) -> str:
     if cursor and not ENTITY_ID_RE.fullmatch(cursor):
         fail(400, "bad_query", "not a cursor from this API")
     return cursor
+
+
+SEARCH_CURSOR_CHARS_MAX = 200  # a search index key, base64url: at most 64 + 1 + 64 bytes
+
+
+def _search_cursor(request: web.Request) -> bytes:
+    """A search's cursor: the index key its last page ended at, base64url (opaque)."""
+    cursor = request.query.get("cursor", "")
+    if not cursor:
+        return b""
+    try:
+        if len(cursor) > SEARCH_CURSOR_CHARS_MAX:
+            raise ValueError(cursor)
+        key = base64.urlsafe_b64decode(cursor.encode() + b"=" * (-len(cursor) % 4))
+    except ValueError:  # binascii.Error too
+        fail(400, "bad_query", "not a cursor from this search")
+    if b"\0" not in key:
+        fail(400, "bad_query", "not a cursor from this search")
+    return key
 
 
 async def _body(request: web.Request) -> Any:
@@ -468,15 +488,16 @@ def list_users_handler(replica: Replica) -> Handler:
                     _limit(request)
                     _cursor(request)
                 return _looked_up(replica, field, value, generation)
-        limit, after = _limit(request), _cursor(request)
+        limit = _limit(request)
+        cursor: str | None
         if "q" in params:
             query = params["q"]
             if len(query) > 200:
                 fail(400, "bad_query", "q is at most 200 characters")
-            ids = replica.search(query, after=after, limit=limit)
+            ids, key = replica.search(query, after=_search_cursor(request), limit=limit)
+            cursor = None if key is None else base64.urlsafe_b64encode(key).decode().rstrip("=")
         else:
-            ids = replica.entity_ids("user", after=after, limit=limit)
-        cursor = ids[-1] if len(ids) == limit else None
+            ids, cursor = replica.entity_ids("user", after=_cursor(request), limit=limit)
         views = zip(ids, replica.entity_views("user", ids), strict=True)
         return _users_page(_user_bodies(views, generation), cursor)
 

@@ -216,7 +216,12 @@ PARAMETERS: Json = {
     "id": param("id", "path", ID, "Entity id."),
     "user_id": param("user_id", "path", ID, "User id."),
     "limit": param("limit", "query", integer(minimum=1, maximum=1000, default=50), "Page size."),
-    "cursor": param("cursor", "query", ID, "`next_cursor` of the previous page."),
+    "cursor": param(
+        "cursor",
+        "query",
+        string("^[A-Za-z0-9_-]{1,200}$", maxLength=200),
+        "`next_cursor` of the previous page: an id, or with `q` the search's own.",
+    ),
     "at": param("at", "query", string(), "As of then: ISO-8601 time with zone, or a token."),
     "email": param("email", "query", string(), "Exact email, any case (one page)."),
     "username": param("username", "query", string(), "Exact username, any case (one page)."),

@@ -43,7 +43,7 @@ INDEX_DBS = {"email": "unique_email", "username": "unique_username"}
 FIELD_OF_INDEX = {db: field for field, db in INDEX_DBS.items()}
 # The unique indexes of data directories written before: one key per holder (value \0 id).
 LEGACY_INDEX_DBS = {"email": "idx_email", "username": "idx_username"}
-SEARCH_SCAN_KEYS_MAX = 20_000
+SEARCH_SCAN_KEYS_MAX = 2_000  # search keys one page walks (then short, with a cursor)
 SEARCHED_FIELDS = ("name", "username", "email")
 INDEXED_FIELDS = tuple(dict.fromkeys((*SEARCHED_FIELDS, *UNIQUE_FIELDS)))
 
@@ -498,29 +498,50 @@ def lookup(txn: ReadTxn, field: str, value: str) -> list[str]:
     return _holders(txn.get(INDEX_DBS[field], index_part(index_value(field, value))))
 
 
-def search(txn: ReadTxn, query: str, *, after: str, limit: int) -> list[str]:
-    """Users whose every query word prefixes some token of their name, username or email.
+def search(
+    txn: ReadTxn, query: str, *, after: bytes = b"", limit: int
+) -> tuple[list[str], bytes | None]:
+    """Up to ``limit`` users whose every query word prefixes some token of their name,
+    username or email, and the cursor the next page starts after (None: no more).
 
-    Ordered by id, ``after`` being the cursor; candidates come from the first word's
-    prefix range, bounded by SEARCH_SCAN_KEYS_MAX so one short query cannot scan all.
+    The search index is walked over the range of the longest word's prefix, from
+    ``after`` on: users come in the order of their matching token, then of their id, each
+    once (at its first key in the range), so the pages list every match once however
+    many there are. A page walks at most SEARCH_SCAN_KEYS_MAX keys, so one broad query
+    never holds the node for long: it may come back short, with a cursor. (It took the
+    first 20,000 keys' users and said no more: a common word's other matches were lost.)
     """
     words = TOKEN_RE.findall(query.casefold())
     if not words:
-        return []
-    first = max(words, key=len)
-    candidates: set[str] = set()
-    for n, (key, _) in enumerate(txn.scan("idx_search", prefix=search_part(first))):
-        if n >= SEARCH_SCAN_KEYS_MAX:
-            break
-        candidates.add(key[key.rindex(b"\0") + 1 :].decode())
-    found = []
-    for user_id in sorted(c for c in candidates if c > after):
-        tokens = search_tokens(entity(txn, stream_of("user", user_id)))
-        if all(any(t.startswith(w) for t in tokens) for w in words):
+        return [], None
+    prefix = search_part(max(words, key=len))
+    listed_at: dict[str, bytes | None] = {}  # a user's key in the range; None: no match
+    found: list[str] = []
+    n = 0
+    for key, _ in txn.scan("idx_search", prefix=prefix, start=after or None):
+        if key == after:
+            continue
+        n += 1
+        user_id = key[key.rindex(b"\0") + 1 :].decode()
+        if user_id not in listed_at:
+            listed_at[user_id] = _listed_at(txn, user_id, words, prefix)
+        if listed_at[user_id] == key:
             found.append(user_id)
             if len(found) >= limit:
-                break
-    return found
+                return found, key
+        if n >= SEARCH_SCAN_KEYS_MAX:
+            return found, key
+    return found, None
+
+
+def _listed_at(txn: ReadTxn, user_id: str, words: list[str], prefix: bytes) -> bytes | None:
+    """The key of the search index ``user_id`` is listed at in ``prefix``'s range (its
+    least there), or None if it does not match every word."""
+    tokens = search_tokens(entity(txn, stream_of("user", user_id)))
+    if not all(any(t.startswith(w) for t in tokens) for w in words):
+        return None
+    parts = [part for t in tokens if (part := search_part(t)).startswith(prefix)]
+    return min(parts) + b"\0" + user_id.encode() if parts else None
 
 
 def conflicts(txn: ReadTxn) -> Iterator[tuple[str, str, list[str]]]:

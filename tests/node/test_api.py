@@ -661,6 +661,41 @@ def test_search_and_listing_page_through_every_result_once() -> None:
     run(body)
 
 
+def test_a_broad_search_and_a_list_over_deleted_users_page_through_every_match_in_bounds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A search took the first 20,000 index keys' users and said there were no more (a
+    review's 25,000 smiths came back 20,000), and a list stepped over deleted users
+    without bound. A page now walks a bounded number of keys or entities and may come
+    back short with a cursor; walking the cursors lists every match once, a user with
+    several tokens in the word's range (Smith Smithers) too."""
+    monkeypatch.setattr(views, "SEARCH_SCAN_KEYS_MAX", 4)
+    monkeypatch.setattr(replica_module, "LIST_SCAN_MAX", 3)
+
+    async def body(a: Api) -> None:
+        smiths = set()
+        for n in range(9):
+            name = f"Smith{n} Smithers" if n % 3 == 0 else f"Jo Smith{n}"
+            smiths.add((await a.create_user(f"s{n}", id=f"s{n}", name=name))["id"])
+        others = {(await a.create_user(f"o{n}", id=f"o{n}"))["id"] for n in range(2)}
+        _, first = await a.call("GET", "/users?q=smith&limit=100", status=200)
+        assert len(first["users"]) < len(smiths)  # short: at most 4 keys walked
+        assert first["next_cursor"] is not None
+        found = [u["id"] for u in await walk(a, "/users?q=smith&limit=2", "users")]
+        assert sorted(found) == sorted(smiths), found  # each once
+        found = [u["id"] for u in await walk(a, "/users?q=smith+jo&limit=100", "users")]
+        assert sorted(found) == sorted(s for s in smiths if int(s[1:]) % 3)
+
+        for n in range(1, 8):  # deleted users stay in the views, for history
+            await a.call("DELETE", f"/users/s{n}", status=204)
+        _, page = await a.call("GET", "/users?limit=100&cursor=s0", status=200)
+        assert page == {"users": [], "next_cursor": "s3"}  # s1-s3 stepped over, none listed
+        listed = [u["id"] for u in await walk(a, "/users?limit=100", "users")]
+        assert listed == sorted(others | {"s0", "s8"})
+
+    run(body)
+
+
 # -- groups --------------------------------------------------------------------------
 
 

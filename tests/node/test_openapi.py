@@ -365,8 +365,11 @@ def test_a_session_covering_every_operation_fits_the_document() -> None:
         await s.send("PATCH", one, 409, json={"email": "BOB@example.com"})
         await s.send("PATCH", one, 422, json={}, valid=False)
         await s.send("PATCH", "/users/nobody", 404, json={"name": "N"})
-        await s.send("GET", "/users?limit=1", 200)
-        await s.send("GET", "/users?q=ann&limit=5&cursor=a", 200)
+        listed = await s.send("GET", "/users?limit=1", 200)
+        await s.send("GET", f"/users?limit=1&cursor={listed['next_cursor']}", 200)
+        found = await s.send("GET", "/users?q=example&limit=1", 200)
+        await s.send("GET", f"/users?q=example&limit=1&cursor={found['next_cursor']}", 200)
+        await s.send("GET", "/users?q=ann&cursor=Zm9v", 400)  # not a search's cursor
         await s.send("GET", "/users?email=ANN@example.com", 200)
         await s.send("GET", "/users?username=BOB", 200)
         await s.send("GET", "/users?limit=0", 400)

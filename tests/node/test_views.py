@@ -347,7 +347,7 @@ def check_indexes(txn: ReadTxn, known: Known) -> None:
             if exists(known, f"user/{u}")
             and any(t.startswith(word) for t in model_tokens(known, u))
         ]
-        assert views.search(txn, word, after="", limit=10) == sorted(expected), word
+        assert views.search(txn, word, limit=10) == (sorted(expected), None), word
 
 
 def model_tokens(known: Known, user: str) -> set[str]:
@@ -404,7 +404,7 @@ def test_a_field_write_after_a_delete_does_not_resurrect() -> None:
             assert not state.exists
             assert state.value("name") == "Homer"  # kept, for history, but not served
             assert views.lookup(txn, "email", "chunkylover53@aol.com") == []
-            assert views.search(txn, "homer", after="", limit=10) == []
+            assert views.search(txn, "homer", limit=10) == ([], None)
 
 
 def test_one_email_claimed_in_two_regions_is_a_conflict_until_one_changes() -> None:
@@ -453,8 +453,9 @@ def test_search_by_prefix_words_any_case_with_pages() -> None:
         eu.set(f"user/{user}", "email", email)
     with fold_events(everything(eu)).read() as txn:
 
-        def search(query: str, after: str = "", limit: int = 10) -> list[str]:
-            return views.search(txn, query, after=after, limit=limit)
+        def search(query: str, limit: int = 10) -> list[str]:
+            found, _ = views.search(txn, query, limit=limit)
+            return found
 
         assert search("simp") == ["bart", "homer", "lisa", "marge"]
         assert search("SIMPSON homer") == ["homer"]
@@ -463,9 +464,11 @@ def test_search_by_prefix_words_any_case_with_pages() -> None:
         assert search("elbar") == ["bart"]
         assert search("bart@school.us") == ["bart"]
         assert search("flanders simpson") == []
-        assert search("simpson", limit=2) == ["bart", "homer"]
-        assert search("simpson", after="homer", limit=2) == ["lisa", "marge"]
-        assert search("simpson", after="marge", limit=2) == []
+        first, cursor = views.search(txn, "simpson", limit=2)
+        assert (first, cursor) == (["bart", "homer"], b"simpson\0homer")
+        second = views.search(txn, "simpson", after=cursor or b"", limit=2)
+        assert second == (["lisa", "marge"], b"simpson\0marge")
+        assert views.search(txn, "simpson", after=b"simpson\0marge", limit=2) == ([], None)
         assert search("") == search("@@ --") == []
 
 

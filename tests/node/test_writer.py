@@ -288,7 +288,7 @@ def test_a_full_write_queue_refuses_at_once_and_writes_nothing_of_it() -> None:
             gate.set()
             await holder
             assert all(len(events) == 4 for events in await asyncio.gather(*queued))
-            assert replica.entity_ids("user", after="", limit=10) == ["u0", "u1", "u2"]
+            assert replica.entity_ids("user", after="", limit=10) == (["u0", "u1", "u2"], None)
             assert event_count(replica) == 12
         finally:
             gate.set()
@@ -366,7 +366,7 @@ def test_a_refused_commit_refuses_its_requests_each_once_and_the_state_outlives_
             assert failing.full
             assert failing.requests == 3
             assert writer.storage_failures == failing.commits  # not 1 + one a request
-            assert not replica.entity_ids("user", after="", limit=10)
+            assert not replica.entity_ids("user", after="", limit=10)[0]
 
             kv.refusing = None
             await replica.write(commands.create("user", "ok", homer(1)), actor="t")

@@ -220,8 +220,8 @@ def test_a_deleted_user_is_not_resurrected_by_a_concurrent_update(tmp_path: Path
             assert not replica.entity("user", "alice").exists
             assert replica.lookup("email", "alice@example.org") == []
             assert replica.lookup("username", "alice") == []
-            assert replica.entity_ids("user", after="", limit=10) == []
-            assert replica.search("alice", after="", limit=10) == []
+            assert replica.entity_ids("user", after="", limit=10) == ([], None)
+            assert replica.search("alice", after=b"", limit=10) == ([], None)
 
     run(tmp_path, ("eu", "us"), body)
 

@@ -96,7 +96,7 @@ def test_a_page_of_unreadable_events_does_not_stall_what_follows(
         eu = c.replica("eu")
         assert await c.sync("eu", "ap")
         assert eu.quarantine_count() == 7
-        assert [g for g in eu.entity_ids("group", after="", limit=10)] == [
+        assert [g for g in eu.entity_ids("group", after="", limit=10)[0]] == [
             f"g{n}" for n in range(6)
         ]
         # Later rounds do not carry the kept-aside events again.
