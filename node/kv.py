@@ -23,8 +23,8 @@ DATABASES = (
     "views",  # stream -> folded entity state
     "members",  # group \0 user -> the member's OR-set slice
     "user_groups",  # user \0 group -> b"": a user's groups
-    "unique_email",  # casefolded email -> the ids holding it, sorted, \0 between
-    "unique_username",  # casefolded username -> the ids holding it, sorted, \0 between
+    "unique_email",  # email as index_value folds it -> the ids holding it, sorted, \0 between
+    "unique_username",  # username, folded likewise -> the ids holding it, sorted, \0 between
     "idx_email",  # before: casefolded email \0 user -> b"" (converted at open, then empty)
     "idx_username",  # before: casefolded username \0 user -> b"" (likewise)
     "idx_search",  # token \0 user -> b""

@@ -223,7 +223,7 @@ PARAMETERS: Json = {
         "`next_cursor` of the previous page: an id, or with `q` the search's own.",
     ),
     "at": param("at", "query", string(), "As of then: ISO-8601 time with zone, or a token."),
-    "email": param("email", "query", string(), "Exact email, any case (one page)."),
+    "email": param("email", "query", string(), "Exact email, ASCII letters in any case (one page)."),
     "username": param("username", "query", string(), "Exact username, any case (one page)."),
     "q": param("q", "query", string(maxLength=200), "Each word prefixes a word of the user."),
     "since": param("since", "query", string("^[0-9]{1,19}$", default="0"), "A `next_cursor`."),
@@ -367,7 +367,10 @@ PATHS["/groups/{id}/members/{user_id}"] = {
     "put": op("Add the member (idempotent).", ok("Membership"), "id user_id", writes=True),
     "delete": op("Remove the member (idempotent).", REMOVED, "id user_id", writes=True),
 }
-LIST_USERS = "Look up by `email` or `username` (any case), search with `q`, or list all."
+LIST_USERS = (
+    "Look up by `email` or `username` (ASCII letters in any case), search with `q` (any case),"
+    " or list all."
+)
 FEED = "Events after `since` in this node's arrival order; `wait` long-polls for one."
 READS: dict[str, tuple[str, dict[int, Json], str]] = {
     "/users": (

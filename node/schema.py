@@ -10,6 +10,7 @@ shape or type, 422 for a well-formed value that breaks a rule.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -148,9 +149,22 @@ def _profile(value: object) -> dict[str, Value]:
     return writes
 
 
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
 def index_value(field: str, value: str) -> str:
-    """The form a unique or searched value is indexed under: case does not matter."""
-    return value.casefold()
+    """The form a unique value is indexed, looked up and claimed under: one spelling in
+    Unicode (NFC), ASCII letters in either case. No other character is folded: a full
+    case folding made a look-alike (``ſupport@``, a Kelvin sign) the same address as
+    ``support@``, so that a lookup of the one found the other's user and its owner was
+    refused it (found by a review). Usernames are ASCII already."""
+    return unicodedata.normalize("NFC", value).translate(_ASCII_LOWER)
+
+
+def search_fold(text: str) -> str:
+    """The form searched text and a query's words are compared in: any case, any
+    spelling (search finds; it claims nothing)."""
+    return unicodedata.normalize("NFKC", text).casefold()
 
 
 def render(kind: str, entity_id: str, fields: Mapping[str, Any]) -> dict[str, Any]:

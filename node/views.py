@@ -35,7 +35,7 @@ from node.fold import (
     remember_state,
 )
 from node.kv import ReadTxn, WriteTxn
-from node.schema import UNIQUE_FIELDS, index_value
+from node.schema import UNIQUE_FIELDS, index_value, search_fold
 
 T = TypeVar("T")
 TOKEN_RE = re.compile(r"[^\W_]+")
@@ -80,7 +80,7 @@ def search_tokens(state: EntityState) -> set[str]:
     for field in SEARCHED_FIELDS:
         value = state.value(field)
         if value:
-            folded = index_value(field, value)
+            folded = search_fold(value)
             tokens.add(folded)
             tokens.update(TOKEN_RE.findall(folded))
     return tokens
@@ -107,7 +107,7 @@ def search_part(token: str) -> bytes:
 def _index_entries(stream: str, state: EntityState) -> dict[tuple[str, bytes], str | None]:
     """Every index key this entity's state implies: each search key (token \0 id) with
     None, and the key of each unique value it holds (among whose holders it is) with that
-    value, casefolded."""
+    value, as the unique index holds it (``index_value``)."""
     kind, _, entity_id = stream.partition("/")
     if kind != "user" or not state.exists:
         return {}
@@ -511,7 +511,7 @@ def search(
     never holds the node for long: it may come back short, with a cursor. (It took the
     first 20,000 keys' users and said no more: a common word's other matches were lost.)
     """
-    words = TOKEN_RE.findall(query.casefold())
+    words = TOKEN_RE.findall(search_fold(query))
     if not words:
         return [], None
     prefix = search_part(max(words, key=len))

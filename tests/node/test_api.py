@@ -589,7 +589,9 @@ def test_long_unicode_names_and_emails_fit_lmdb_keys(tmp_path: Path) -> None:
             status=201,
             json={"name": name, "username": "kanji", "email": email},
         )
-        _, found = await a.call("GET", f"/users?email={email.upper()}", status=200)
+        _, found = await a.call("GET", "/users?email=" + "ΐ" * 64 + "@EXAMPLE.com", status=200)
+        assert [u["id"] for u in found["users"]] == [user["id"]]
+        _, found = await a.call("GET", "/users?q=" + "ΐ" * 64, status=200)  # search: any case
         assert [u["id"] for u in found["users"]] == [user["id"]]
         _, found = await a.call("GET", "/users?q=" + "漢" * 10, status=200)
         assert [u["id"] for u in found["users"]] == [user["id"]]
@@ -601,6 +603,36 @@ def test_long_unicode_names_and_emails_fit_lmdb_keys(tmp_path: Path) -> None:
         )
 
     run(body, tmp_path)
+
+
+def test_a_look_alike_email_is_another_address_and_one_spelling_is_one() -> None:
+    """Full case folding made ``ſupport@`` (long s) the ASCII ``support@``: a look-alike
+    address took ``support@``'s lookups and its owner got 409 (found by a review). ASCII
+    letters still match in either case, and the spellings Unicode holds for one text
+    (composed and decomposed, a Kelvin sign and K: canonically equivalent) are one."""
+
+    async def body(a: Api) -> None:
+        fake = await a.create_user("attacker", email="\u017fupport@corp.example")
+        real = await a.create_user("support", email="support@corp.example")
+        _, found = await a.call("GET", "/users?email=SUPPORT@Corp.Example", status=200)
+        assert [u["id"] for u in found["users"]] == [real["id"]]
+        _, found = await a.call("GET", "/users?email=\u017fupport@corp.example", status=200)
+        assert [u["id"] for u in found["users"]] == [fake["id"]]
+        kelvin = await a.create_user("kelvin", email="\u212aelvin@corp.example")
+        _, found = await a.call("GET", "/users?email=kelvin@corp.example", status=200)
+        assert [u["id"] for u in found["users"]] == [kelvin["id"]]
+        composed = await a.create_user("jose", email="jos\u00e9@corp.example")
+        _, taken = await a.call(
+            "POST",
+            "/users",
+            status=409,
+            json={"name": "J", "username": "jose2", "email": "jose\u0301@corp.example"},
+        )
+        assert taken["held_by"] == composed["id"]
+        _, conflicts = await a.call("GET", "/conflicts", status=200)
+        assert conflicts == {"conflicts": []}
+
+    run(body)
 
 
 def test_control_characters_are_refused_in_text_fields() -> None:
