@@ -468,12 +468,25 @@ def delete_handler(kind: str, replica: Replica) -> Handler:
 def history_handler(kind: str) -> Handler:
     async def handle(request: web.Request) -> web.Response:
         entity_id = _id(request)
+        limit, after = _limit(request), _seq_cursor(request)
         events = _replica(request).stream(kind, entity_id)
         if not events:
             fail(404, "not_found", f"no {kind} {entity_id!r} has ever existed here")
-        return _json({"id": entity_id, "kind": kind, "events": history(events)})
+        # Whether each write won is a matter of all of them; a page lists some.
+        trail = [item for item in history(events) if item["seq"] > after]
+        page = trail[:limit]
+        cursor = str(page[-1]["seq"]) if len(trail) > limit else None
+        return _json({"id": entity_id, "kind": kind, "events": page, "next_cursor": cursor})
 
     return handle
+
+
+def _seq_cursor(request: web.Request) -> int:
+    """A cursor that is a seq of this node's log (a history's), or 0 for the first page."""
+    raw = request.query.get("cursor", "") or "0"
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19:
+        fail(400, "bad_query", "not a cursor from this history")
+    return int(raw)
 
 
 def list_users_handler(replica: Replica) -> Handler:

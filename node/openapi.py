@@ -153,7 +153,12 @@ SCHEMAS: Json = {
         tuple(EVENT),
     ),
     "History": obj(
-        {"id": ID, "kind": string(enum=["user", "group"]), "events": array(ref("HistoryEvent"))}
+        {
+            "id": ID,
+            "kind": string(enum=["user", "group"]),
+            "events": array(ref("HistoryEvent")),
+            "next_cursor": nullable(string("^[0-9]+$")),
+        }
     ),
     "Change": obj(
         {
@@ -223,7 +228,7 @@ PARAMETERS: Json = {
         "`next_cursor` of the previous page: an id, or with `q` the search's own.",
     ),
     "at": param("at", "query", string(), "As of then: ISO-8601 time with zone, or a token."),
-    "email": param("email", "query", string(), "Exact email, ASCII letters in any case (one page)."),
+    "email": param("email", "query", string(), "Exact email, ASCII in any case (one page)."),
     "username": param("username", "query", string(), "Exact username, any case (one page)."),
     "q": param("q", "query", string(maxLength=200), "Each word prefixes a word of the user."),
     "since": param("since", "query", string("^[0-9]{1,19}$", default="0"), "A `next_cursor`."),
@@ -316,7 +321,7 @@ def entity_paths(kind: str, title: str) -> Json:
     one = response(f"The {kind}.", ref(title), "ETag")
     created = response("Created.", ref(title), "ETag", "Location")
     unchanged = response("Unchanged since the If-None-Match ETag; no body.", None, "ETag")
-    history = response("The events in local order.", ref("History"))
+    history = response("The events in local order, a page at a time.", ref("History"))
     unique = (409,) if kind == "user" else ()
     also = " and its memberships" if kind == "user" else ""
     return {
@@ -353,7 +358,12 @@ def entity_paths(kind: str, title: str) -> Json:
             ),
         },
         f"/{kind}s/{{id}}/history": {
-            "get": op(f"Every event of the {kind}, even deleted.", {200: history}, "id", reads=True)
+            "get": op(
+                f"Every event of the {kind}, even deleted.",
+                {200: history},
+                "id limit cursor",
+                reads=True,
+            )
         },
     }
 

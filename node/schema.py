@@ -27,6 +27,7 @@ NAME_CHARS_MAX = 200
 EMAIL_CHARS_MAX = 254
 PROFILE_VALUE_CHARS_MAX = 1_000
 PROFILE_KEYS_PER_WRITE_MAX = 64
+PROFILE_KEYS_MAX = 128  # held by one user at once (commands._check_profile_room)
 
 USER_FIELDS = ("name", "username", "email", "api_key")
 USER_REQUIRED = ("name", "username", "email")

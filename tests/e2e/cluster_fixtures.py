@@ -298,8 +298,14 @@ async def histories(client: Client, streams: Sequence[str]) -> dict[str, dict[st
     for region in client.cluster.regions:
         per_stream: dict[str, Any] = {}
         for stream in streams:
-            reply = await client.ok(region, "GET", entity_path(stream) + "/history")
-            per_stream[stream] = {e["dot"]: e for e in reply.body["events"]}
+            trail: dict[str, Any] = {}
+            cursor: str | None = "0"
+            while cursor is not None:  # a page at a time
+                path = f"{entity_path(stream)}/history?limit=1000&cursor={cursor}"
+                reply = await client.ok(region, "GET", path)
+                trail.update((e["dot"], e) for e in reply.body["events"])
+                cursor = reply.body["next_cursor"]
+            per_stream[stream] = trail
         found[region] = per_stream
     return found
 

@@ -23,6 +23,7 @@ from node.config import Settings
 from node.events import Event, Op
 from node.kv import MemoryKV
 from node.replica import Replica
+from node.schema import PROFILE_KEYS_MAX
 from node.tokens import decode_token, encode_token
 from tests.node.api_client import Api, api, run
 
@@ -631,6 +632,49 @@ def test_a_look_alike_email_is_another_address_and_one_spelling_is_one() -> None
         assert taken["held_by"] == composed["id"]
         _, conflicts = await a.call("GET", "/conflicts", status=200)
         assert conflicts == {"conflicts": []}
+
+    run(body)
+
+
+def test_a_user_holds_a_bounded_number_of_profile_keys() -> None:
+    """64 keys a write kept no user from growing without end over many writes (a review
+    made a 19 MB user, whose every read and write then stalled the node)."""
+
+    async def body(a: Api) -> None:
+        user = await a.create_user("fat", id="fat")
+        path = f"/users/{user['id']}"
+        for n in range(2):
+            keys = {f"k{n}_{i}": "v" for i in range(PROFILE_KEYS_MAX // 2)}
+            await a.call("PATCH", path, json={"profile": keys}, status=200)
+        _, refused = await a.call("PATCH", path, json={"profile": {"one_more": "v"}}, status=422)
+        assert refused["field"] == "profile"
+        assert str(PROFILE_KEYS_MAX) in refused["message"]
+        await a.call("PATCH", path, json={"profile": {"k0_0": "changed"}}, status=200)
+        swap = {"k0_1": None, "one_more": "v"}  # one unset, one set: still at the cap
+        await a.call("PATCH", path, json={"profile": swap}, status=200)
+        _, got = await a.call("GET", path, status=200)
+        assert len(got["profile"]) == PROFILE_KEYS_MAX
+        assert got["profile"]["one_more"] == "v"
+
+    run(body)
+
+
+def test_history_pages_through_every_event_and_each_page_knows_who_won() -> None:
+    """A history was one answer however long (a review's came to 23 MB)."""
+
+    async def body(a: Api) -> None:
+        user = await a.create_user("ned", id="ned")
+        for n in range(5):
+            await a.call("PATCH", f"/users/{user['id']}", json={"name": f"Ned {n}"}, status=200)
+        whole = await history(a, "/users/ned")
+        _, first = await a.call("GET", "/users/ned/history?limit=2", status=200)
+        assert first["events"] == whole[:2]
+        assert first["next_cursor"] == str(whole[1]["seq"])
+        paged = await walk(a, "/users/ned/history?limit=2", "events")
+        assert paged == whole
+        names = [e for e in paged if e.get("field") == "name"]
+        assert [e["won"] for e in names] == [False] * (len(names) - 1) + [True]
+        await a.call("GET", "/users/ned/history?cursor=x", status=400)
 
     run(body)
 
