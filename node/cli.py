@@ -41,9 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     node = commands.add_parser(
         "node",
         help="run this region's replica node",
-        description="Run a replica node. Every flag can also be set as REPLICA_<NAME>"
-        " (e.g. REPLICA_REGION, REPLICA_PEERS=us=http://h:8002,ap=http://h:8003) or in"
-        " the --config TOML file; flags win over the environment, which wins over the file.",
+        description="Run a replica node. Every setting is a flag, an environment variable"
+        " (REPLICA_ and the setting's name in capitals: REPLICA_REGION, REPLICA_DATA_DIR,"
+        " REPLICA_PEERS=us=http://h:8002,ap=http://h:8003, REPLICA_LMDB_METASYNC=false) and"
+        " a key of the --config TOML file (or REPLICA_CONFIG): region, data_dir, listen,"
+        " a [peers] table, ...; flags win over the environment, which wins over the file."
+        " An unknown REPLICA_ variable or key is refused. Listens on 127.0.0.1:8001 by"
+        " default.",
         argument_default=argparse.SUPPRESS,
     )
     node.add_argument("--region", help="this node's region name, e.g. eu")
@@ -188,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _node(flags: dict[str, object]) -> int:
     config_file = flags.pop("config", None)
+    if config_file is None and os.environ.get("REPLICA_CONFIG"):
+        config_file = Path(os.environ["REPLICA_CONFIG"])
     assert config_file is None or isinstance(config_file, Path)
     try:
         settings = load_settings(flags, environ=os.environ, config_file=config_file)

@@ -134,7 +134,21 @@ def _from_flags(flags: Mapping[str, object]) -> _Raw:
     return _split_listen(raw)
 
 
+ENVIRON_PREFIX = "REPLICA_"
+ENVIRON_OTHERS = ("REPLICA_CONFIG",)  # the --config file's path (replica node reads it)
+
+
 def _from_environ(environ: Mapping[str, str]) -> _Raw:
+    known = {f"{ENVIRON_PREFIX}{name.upper()}" for name in (*_FIELDS, "listen")}
+    unknown = sorted(
+        v for v in environ if v.startswith(ENVIRON_PREFIX) and v not in known | {*ENVIRON_OTHERS}
+    )
+    if unknown:  # a typo would leave a setting at its default without a word
+        raise ConfigError(
+            f"unknown environment variable(s) {', '.join(unknown)}: a setting's variable is "
+            f"REPLICA_ and its name in capitals ({setting_names()}; e.g. REPLICA_DATA_DIR, "
+            "REPLICA_LMDB_METASYNC=false), or REPLICA_CONFIG for --config"
+        )
     raw: _Raw = {}
     for name in (*_FIELDS, "listen"):
         variable = f"REPLICA_{name.upper()}"
@@ -154,10 +168,23 @@ def _from_file(path: Path) -> _Raw:
         raise ConfigError(f"cannot read config file {path}: {error.strerror}") from error
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"config file {path} is not valid TOML: {error}") from error
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {path} is not UTF-8 text: {error}") from error
     unknown = sorted(set(data) - {*_FIELDS, "listen"})
     if unknown:
-        raise ConfigError(f"unknown setting(s) in config file {path}: {', '.join(unknown)}")
+        raise ConfigError(
+            f"unknown setting(s) in config file {path}: {', '.join(unknown)} (the settings: "
+            f"{setting_names()})"
+        )
     return _split_listen({name: (value, f"config file {path}") for name, value in data.items()})
+
+
+def setting_names() -> str:
+    """Every setting's name, as a TOML key (``REPLICA_`` and it in capitals: its variable)."""
+    return ", ".join(["listen (HOST:PORT)", *(n for n in _FIELDS if n not in LISTEN_PARTS)])
+
+
+LISTEN_PARTS = ("listen_host", "listen_port")  # ``listen`` sets both
 
 
 def _split_listen(raw: _Raw) -> _Raw:

@@ -352,6 +352,41 @@ def test_cli_passes_merged_settings_to_the_runner(
     ]
 
 
+def test_an_unknown_replica_variable_or_a_file_not_utf8_is_refused_by_name(
+    tmp_path: Path,
+) -> None:
+    """A typo (REPLICA_NO_METASYNC, REPLICA_DATA) left the setting at its default without
+    a word, and a config file that is not text ended in a traceback (a review)."""
+    for typo in ("REPLICA_NO_METASYNC", "REPLICA_DATA"):
+        with pytest.raises(ConfigError, match=f"unknown environment variable.*{typo}.*data_dir"):
+            _load(environ={typo: "1"})
+    assert _load(environ={"REPLICA_LMDB_METASYNC": "false"}).lmdb_metasync is False
+    binary = tmp_path / "replica.toml"
+    binary.write_bytes(b'region = "\xff"\n')
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        _load(config_file=binary)
+    with pytest.raises(
+        ConfigError, match=r"unknown setting\(s\).*: data \(the settings: .*data_dir"
+    ):
+        _load(config_file=_toml(tmp_path, 'data = "x"\n'))
+
+
+def test_cli_reads_the_config_file_replica_config_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    received: list[Settings] = []
+
+    def run_node(settings: Settings) -> int:
+        received.append(settings)
+        return 0
+
+    monkeypatch.setattr(cli, "_load_runner", lambda: run_node)
+    config = _toml(tmp_path, f'region = "us"\ndata_dir = "{tmp_path}"\n')
+    monkeypatch.setenv("REPLICA_CONFIG", str(config))
+    assert cli.main(["node"]) == 0
+    assert [(s.region, s.data_dir) for s in received] == [("us", tmp_path)]
+
+
 def test_cli_returns_the_runners_exit_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cli, "_load_runner", lambda: lambda settings: 3)
     assert cli.main(["node", "--region", "eu", "--data", str(tmp_path)]) == 3
