@@ -102,6 +102,7 @@ class Replicator:
         self.pushes_dropped = 0
         self.batches_refused = 0
         self.bootstrap_received = 0
+        self._misnamed: set[str] = set()  # peers warned of answering as another region
         self._compaction_cursor = b""
         # The last whole summary each requester sent or proved (by its check): the base
         # its next changes are read over. And per peer, the last of ours it confirmed,
@@ -142,13 +143,18 @@ class Replicator:
         arrival = 0
         if request.check is None:
             arrival = self._whole_arrivals[sender] = self._whole_arrivals.get(sender, 0) + 1
-        await self._ingest(self._batch_of(request))
+        received = await self._ingest(self._batch_of(request))
         latest = arrival > 0 and self._whole_arrivals.get(sender) == arrival
         if latest:
             del self._whole_arrivals[sender]
         theirs = self._rebuilt(sender, request, replace=latest)
         peer = self.peers.get(sender.partition("~")[0])
+        # Events it pushed count as received as those of our own requests' answers do (a
+        # review's bootstrap said 24,020 received of 56,148 ingested).
+        if self.replica.not_ready is not None:
+            self.bootstrap_received += received
         if peer is not None:
+            peer.events_received += received
             # Unchecked, what the request alone shows is still a lower bound of theirs.
             peer.contacted(
                 self.now_ms(),
@@ -345,6 +351,7 @@ class Replicator:
         # summary comes over ours. Named although we sent a check, it could not read ours.
         if response.replica_id is not None:
             replica_id, theirs = response.replica_id, response.summary
+            self._check_named(name, replica_id)
         elif sent.receiver is not None:
             replica_id, theirs = sent.receiver, response.over(sent.summary)
         else:
@@ -569,6 +576,19 @@ class Replicator:
     def unheard(self) -> frozenset[str]:
         """Peers not heard from since the start (while client writes wait for them)."""
         return frozenset(self._unheard)
+
+    def _check_named(self, name: str, replica_id: str) -> None:
+        """Warn, once a peer, that the node at ``name``'s URL is another region's (a URL
+        pointed at the wrong node: its events still come, but ``name`` lacks its own)."""
+        region = replica_id.partition("~")[0]
+        if region != name and name not in self._misnamed:
+            self._misnamed.add(name)
+            logger.warning(
+                "the peer configured as %r answers as %s, a node of region %r: check its URL",
+                name,
+                replica_id,
+                region,
+            )
 
     def _heard_from(self, name: str) -> None:
         if name in self._unheard:

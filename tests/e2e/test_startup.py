@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import subprocess
+import time
 
 from node.process import free_port
 from tests.e2e.helpers import Nodes
+
+WARNED_WAIT_S = 10.0  # a node's first sync rounds with its peer
 
 
 def test_wrong_region_on_a_data_directory_is_refused(nodes: Nodes) -> None:
@@ -112,3 +115,17 @@ def test_a_run_directory_named_but_unusable_is_refused(nodes: Nodes) -> None:
     a_file.write_text("")
     _refused_plainly(nodes.run("eu", "eu", listen, "--run-dir", str(a_file)), "not a directory")
     assert not nodes.data_dir("eu").exists()
+
+
+def test_a_peer_url_pointing_at_another_region_is_warned_of(nodes: Nodes) -> None:
+    """``--peer us=<ap's URL>`` started without a word, and /status showed peer us with
+    ap's replica id (found by a review)."""
+    secret = ("--cluster-secret", "s3cret-of-the-cluster")
+    ap = nodes.start("ap", None, *secret)
+    eu = nodes.start("eu", None, *secret, "--peer", f"us={ap.url}")
+    deadline = time.monotonic() + WARNED_WAIT_S
+    while "answers as" not in eu.stderr() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    log = eu.stderr()
+    assert "the peer configured as 'us' answers as ap~" in log, log
+    assert log.count("answers as") == 1, log  # once, not every round
