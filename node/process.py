@@ -44,10 +44,11 @@ def node_command(region: str, data_dir: Path, listen: str, *extra: str) -> list[
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a child gets when its parent dies
 
 
-def _stopped_with_parent() -> Callable[[], None] | None:
-    """What a node child runs before its program: it is sent SIGTERM (drain, close LMDB)
-    when the process that started it dies, even by SIGKILL, so that a cluster, a
-    simulation or a test killed mid-run leaves no node behind on its ports and data.
+def stopped_with_parent() -> Callable[[], None] | None:
+    """What a child runs first (before its program, or as a worker pool's initializer):
+    it is sent SIGTERM (a node drains and closes LMDB) when the process that started it
+    dies, even by SIGKILL, so that a cluster, a simulation or a test killed mid-run
+    leaves no node behind on its ports and data, nor a worker running on.
     Linux only (elsewhere, None: nothing runs). The signal comes when the starting
     *thread* ends, so nodes are started by threads that outlive them (the event loop's,
     or its executor's)."""
@@ -107,7 +108,7 @@ class NodeProcess:
                 stderr=stderr,
                 text=True,
                 env=self.env,
-                preexec_fn=_stopped_with_parent(),
+                preexec_fn=stopped_with_parent(),
             )
         deadline = time.monotonic() + START_WAIT_S
         assert self.proc.stdout is not None

@@ -215,7 +215,8 @@ async def serve(replica: Replica, settings: Settings, extensions: Sequence[Exten
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     scheme = "http" if settings.tls_cert is None else "https"  # as server_tls() decides
-    url = f"{scheme}://{settings.listen_host}:{settings.listen_port}"
+    host = settings.listen_host
+    url = f"{scheme}://{f'[{host}]' if ':' in host else host}:{settings.listen_port}"  # IPv6
     logger.info(
         "listening",
         extra={

@@ -18,6 +18,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from node.process import stopped_with_parent
 from simulations.deterministic import Faults, Scenario, run_scenario
 from simulations.report import plot, seed_row, summary_table, write_json
 from simulations.workload import Mix
@@ -102,12 +103,18 @@ def run_deterministic(args: argparse.Namespace) -> int:
                 bar.update()
         else:
             context = multiprocessing.get_context("fork")
-            with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
+            with ProcessPoolExecutor(
+                max_workers=args.jobs, mp_context=context, initializer=stopped_with_parent()
+            ) as pool:
                 futures = [pool.submit(_one, s) for s in scenarios]
-                for future in as_completed(futures):
-                    rows.append(future.result())
-                    bar.update()
-                    bar.set_postfix(failed=sum(not r["ok"] for r in rows))
+                try:
+                    for future in as_completed(futures):
+                        rows.append(future.result())
+                        bar.update()
+                        bar.set_postfix(failed=sum(not r["ok"] for r in rows))
+                except KeyboardInterrupt:  # the seeds not begun are not run (Ctrl-C)
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
     wall_s = time.monotonic() - started
     rows.sort(key=lambda r: r["seed"])
     print(
@@ -132,9 +139,43 @@ def run_deterministic(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def main(args: argparse.Namespace) -> int:
-    if args.mode == "live":
-        from simulations.live import run_live
+def _wrong(args: argparse.Namespace) -> str | None:
+    """What is wrong with the flags, before anything runs."""
+    if args.seed is None:
+        first, dots, last = str(args.seeds).partition("..")
+        if not (first.isdigit() and (not dots or last.isdigit())):
+            return f"--seeds must be N or N..M, e.g. 1..300, got {args.seeds!r}"
+        if dots and int(first) > int(last):
+            return f"--seeds {args.seeds}: the first seed is past the last"
+    regions = [r.strip() for r in args.regions.split(",") if r.strip()]
+    if len(regions) < 2 or len(set(regions)) != len(regions):
+        return "--regions needs two or more distinct region names"
+    if args.ops < 0 or args.duration_ms < 0 or args.jobs < 1:
+        return "--ops and --duration-ms must be 0 or more, --jobs 1 or more"
+    for flag, parse in (("--faults", Faults.parse), ("--workload", Mix.parse)):
+        text = args.faults if flag == "--faults" else args.workload
+        if text:
+            try:
+                parse(text)
+            except ValueError as error:
+                return f"{flag}: {error}"
+    for flag, path in (("--plot", args.plot), ("--json", args.json)):
+        if path is not None and not path.absolute().parent.is_dir():
+            return f"{flag}: no directory {path.absolute().parent} to write {path.name} in"
+    return None
 
-        return run_live(args)
-    return run_deterministic(args)
+
+def main(args: argparse.Namespace) -> int:
+    wrong = _wrong(args)
+    if wrong is not None:
+        print(f"replica: error: {wrong}", file=sys.stderr)
+        return 2
+    try:
+        if args.mode == "live":
+            from simulations.live import run_live
+
+            return run_live(args)
+        return run_deterministic(args)
+    except KeyboardInterrupt:
+        print("\nreplica: interrupted; the seeds not finished were not run", file=sys.stderr)
+        return 130

@@ -101,8 +101,19 @@ class Faults:
                     f"unknown fault {name!r}; known: {', '.join(cls.__dataclass_fields__)}"
                 )
             kind = type(getattr(cls(), name))
-            values[name] = kind(raw)
-        return cls(**values)
+            chance = kind is float  # the float faults are chances; the others counts or ms
+            bounds = "a chance from 0 to 1" if chance else "a whole number, 0 or more"
+            try:
+                value = kind(raw)
+            except ValueError:
+                raise ValueError(f"{name} must be {bounds}, got {raw!r}") from None
+            if value < 0 or (chance and value > 1):
+                raise ValueError(f"{name} must be {bounds}, got {raw!r}")
+            values[name] = value
+        faults = cls(**values)
+        if faults.delay_ms_min > faults.delay_ms_max:
+            raise ValueError("delay_ms_min must not exceed delay_ms_max")
+        return faults
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,6 +340,7 @@ class Simulation:
         self.healed = False
         self._pending: dict[int, tuple[str, str, int]] = {}  # request id -> (from, to, gen)
         self._pushes: set[int] = set()  # eager pushes: one round trip, no follow-up
+        self._next_sample_ms: int | None = None  # the next divergence sample's time
         self.workload = Workload(
             list(scenario.regions), random.Random(self.rng.getrandbits(64)), scenario.mix
         )
@@ -349,6 +361,7 @@ class Simulation:
         if not self._queue:
             return False
         when, _, _, action = heapq.heappop(self._queue)
+        self._sample_until(when)
         self.now_ms = max(self.now_ms, when)
         await action()
         return True
@@ -604,13 +617,19 @@ class Simulation:
                 self._roll_back, region, down, same_boot=same_boot, record_lost=record_lost
             )
             self.at(when, "rollback", rollback)
-        if s.sample_ms:
-            self.at(EPOCH_MS, "sample", self._sample)
+        self._next_sample_ms = EPOCH_MS if s.sample_ms else None
 
-    async def _sample(self) -> None:
-        self.result.divergence.append((self.now_ms - EPOCH_MS, self.divergence()))
-        if self.now_ms - EPOCH_MS < self.scenario.duration_ms or not self.result.converged:
-            self.at(self.now_ms + self.scenario.sample_ms, "sample", self._sample)
+    def _sample_until(self, when_ms: int) -> None:
+        """Divergence at every sampling time up to ``when_ms``, the time of the next event:
+        the state then is the state now. Taken outside the event queue, so that a run with
+        samples (for a plot) steps, checks and ends as one without (the seed's trace
+        digest differed with --plot: samples moved when convergence was checked)."""
+        step = self.scenario.sample_ms
+        while self._next_sample_ms is not None and self._next_sample_ms <= when_ms:
+            at = self._next_sample_ms
+            self.result.divergence.append((at - EPOCH_MS, self.divergence()))
+            done = at - EPOCH_MS >= self.scenario.duration_ms and self.result.converged
+            self._next_sample_ms = None if done else at + step
 
     def divergence(self) -> int:
         """Entity and membership keys whose visible state is not the same on every live node."""
@@ -711,6 +730,8 @@ class Simulation:
         self._schedule()
         await self.advance(self.scenario.duration_ms)
         await self.settle()
+        if self._next_sample_ms is not None:  # the plot's last point: where it settled
+            self.result.divergence.append((self.now_ms - EPOCH_MS, self.divergence()))
         self.healed = True  # nothing more of the seed's faults after the final heal
         self.finish()
         self.result.wall_s = time.monotonic() - started

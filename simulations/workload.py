@@ -35,7 +35,12 @@ class Mix:
             name, _, weight = part.partition("=")
             if name not in weights:
                 raise ValueError(f"unknown workload kind {name!r}; known: {', '.join(weights)}")
-            weights[name] = float(weight)
+            try:
+                weights[name] = float(weight)
+            except ValueError:
+                raise ValueError(f"the weight of {name} must be a number, got {weight!r}") from None
+            if weights[name] < 0:
+                raise ValueError(f"the weight of {name} must be 0 or more, got {weight!r}")
         if sum(weights.values()) <= 0:
             raise ValueError("a workload needs at least one kind with a positive weight")
         return cls(**weights)

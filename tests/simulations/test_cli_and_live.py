@@ -114,3 +114,27 @@ def test_live_mode_in_network_namespaces_or_a_clear_refusal(
     else:
         assert code == 2
         assert why in captured.err
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--seeds", "5..1"], "first seed is past the last"),
+        (["--seeds", "abc"], "--seeds must be N or N..M"),
+        (["--faults", "bogus=1"], "unknown fault 'bogus'"),
+        (["--faults", "loss=2"], "loss must be a chance from 0 to 1"),
+        (["--faults", "crashes=x"], "crashes must be a whole number"),
+        (["--workload", "nope=1"], "unknown workload kind 'nope'"),
+        (["--workload", "churn=-1"], "must be 0 or more"),
+        (["--plot", "/no/such/dir/p.png"], "no directory /no/such/dir"),
+        (["--regions", "eu"], "two or more distinct region names"),
+    ],
+)
+def test_flags_it_cannot_use_are_one_line_errors(
+    flags: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each ended in a traceback (a review), or was taken (loss=2)."""
+    assert main(["simulate", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("replica: error: "), err
+    assert said in err, err
