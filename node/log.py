@@ -296,6 +296,12 @@ def _put_rows(
     txn.put_many("streams", streams)
 
 
+def event_bytes_of(txn: ReadTxn, dot: Dot) -> bytes | None:
+    """The stored bytes of the event of ``dot``, or None if it is not here."""
+    seq = txn.get("dots", dot_key(dot))
+    return None if seq is None else txn.get("events", seq)
+
+
 def read_event(txn: ReadTxn, seq: int) -> Event:
     data = txn.get("events", u64(seq))
     if data is None:

@@ -493,6 +493,11 @@ class Replica:
             get = txn.get
             return [views.stored_view(get, stream_of(kind, entity_id)) for entity_id in entity_ids]
 
+    def events_bytes_of(self, dots: Iterable[Dot]) -> list[bytes | None]:
+        """The stored bytes of each dot's event (None: not here), in one snapshot."""
+        with self.kv.read() as txn:
+            return [log.event_bytes_of(txn, dot) for dot in dots]
+
     def stream(self, kind: str, entity_id: str) -> list[tuple[int, Event]]:
         with self.kv.read() as txn:
             return list(log.stream_events(txn, stream_of(kind, entity_id)))

@@ -78,6 +78,8 @@ class Committed:
     # Renewals of the replica id (``Writer.renew``): the old id, and its highest counter
     # found beyond the log.
     renewed: list[tuple[str, int]] = field(default_factory=list)
+    # Counters moved past a claim instead (``Writer.renew``, after a renewal this run).
+    skipped: list[tuple[str, int]] = field(default_factory=list)
 
 
 Maintain = Callable[[WriteTxn, LogState], None]
@@ -153,7 +155,11 @@ class Writer:
         # Times this node's own events came back beyond its counter, or a peer's summary
         # showed them (``Replicator``): its last commits were undone. Each renewed its id.
         self.undone_found = 0
+        # Times a peer showed this node's id beyond its counter after it had renewed in
+        # this run: its counter moved past them (``renew``).
+        self.claims_skipped = 0
         self._renewed: list[tuple[str, int]] = []  # in the commit under way
+        self._skipped: list[tuple[str, int]] = []  # likewise
         # Commits the storage refused: every one ever, and those since the last success.
         self.storage_failures = 0
         self.failing: Failing | None = None
@@ -291,6 +297,16 @@ class Writer:
                 committed.state.replica_id,
                 old,
             )
+        for replica_id, highest in committed.skipped:
+            self.claims_skipped += 1
+            logger.error(
+                "a peer holds events of this node's id %s up to counter %d, beyond its own, "
+                "though the node renewed its id in this run: a faulty peer, or a copy of this "
+                "node running elsewhere; its counter moves past them (no dot is used twice "
+                "here) and they are taken as any peer's events",
+                replica_id,
+                highest,
+            )
         self.on_commit(committed)
         _settle(list(zip(batch, outcomes, strict=True)))
 
@@ -365,7 +381,7 @@ class Writer:
         self, txn: WriteTxn, batch: list[_Request]
     ) -> tuple[list[list[Event] | Exception], Committed]:
         state = self.committed.copy()
-        self._renewed = []
+        self._renewed, self._skipped = [], []
         appended: list[tuple[int, Event]] = []
         outcomes: list[list[Event] | Exception] = []
         drifted = 0
@@ -407,7 +423,7 @@ class Writer:
             outcomes.append(written)
         pending.flush(txn)
         log.save_state(txn, state)
-        return outcomes, Committed(appended, state, drifted, self._renewed)
+        return outcomes, Committed(appended, state, drifted, self._renewed, self._skipped)
 
     def _ingest(
         self,
@@ -441,7 +457,20 @@ class Writer:
     def renew(self, txn: WriteTxn, state: LogState, highest: int) -> None:
         """Serve as a new incarnation from this commit on (``log.renew``): the node's own
         events are known up to ``highest``, beyond its log. In the writer's thread, in a
-        commit (counted and logged once it is committed)."""
+        commit (counted and logged once it is committed).
+
+        Once it has renewed in this run, a claim of its new id's events beyond its
+        counter is no undone commit (the new id's commits cannot have been undone while it
+        runs): a faulty or forged peer's, or a copy of this node running elsewhere. The
+        counter moves past it then, so that no write here takes a dot a peer holds, and
+        the claimed events are taken as any peer's: every region holds the same. (They
+        were refused, which stopped replication to this node for good while its next
+        write took the claimed dot: a review.) Not a renewal each time: each would add an
+        origin to every summary and token."""
+        if self.undone_found or self._renewed:
+            state.counter = highest
+            self._skipped.append((state.replica_id, highest))
+            return
         old = log.renew(txn, state, incarnation=self.incarnations())
         self._renewed.append((old, highest))
 

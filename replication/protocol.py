@@ -303,6 +303,7 @@ class Batch:
 
     events: list[Event] = field(default_factory=list)
     quarantined: list[RawEvent] = field(default_factory=list)
+    again: list[RawEvent] = field(default_factory=list)  # of dots ``known``, undecoded
 
 
 def read_batch(message: Received, known: VersionVector | None = None) -> Batch:
@@ -315,6 +316,7 @@ def read_batch(message: Received, known: VersionVector | None = None) -> Batch:
     batch = Batch()
     for raw in message.events:
         if known is not None and raw.dot in known:
+            batch.again.append(raw)
             continue
         try:
             batch.events.append(read_event(raw))

@@ -180,6 +180,21 @@ class ReplicationService:
                 status["undone_found"],
             ),
             (
+                "replica_dot_collisions_total",
+                "counter",
+                "Events met under the dot of another event this node holds (two events "
+                "share a dot: a faulty or forged peer); the regions cannot agree on it.",
+                status["dot_collisions"],
+            ),
+            (
+                "replica_own_claims_skipped_total",
+                "counter",
+                "Times a peer showed this node's id beyond its counter after it had renewed "
+                "in this run (a faulty peer, or a copy of the node running elsewhere); each "
+                "time its counter moved past them.",
+                status["claims_skipped"],
+            ),
+            (
                 "replica_writes_held",
                 "gauge",
                 "1 while client writes wait for every peer's first answer after a start.",
