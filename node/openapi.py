@@ -227,7 +227,12 @@ PARAMETERS: Json = {
         string("^[A-Za-z0-9_-]{1,200}$", maxLength=200),
         "`next_cursor` of the previous page: an id, or with `q` the search's own.",
     ),
-    "at": param("at", "query", string(), "As of then: ISO-8601 time with zone, or a token."),
+    "at": param(
+        "at",
+        "query",
+        string(),
+        "As of then: ISO-8601 time with zone, or a token (its named origins' events only).",
+    ),
     "email": param("email", "query", string(), "Exact email, ASCII in any case (one page)."),
     "username": param("username", "query", string(), "Exact username, any case (one page)."),
     "q": param("q", "query", string(maxLength=200), "Each word prefixes a word of the user."),
