@@ -70,6 +70,8 @@ def request_began(request: web.BaseRequest) -> None:
 
 async def read_body(request: web.BaseRequest, wait_ms: int) -> bytes:
     """The whole body, or 408 if it has not arrived within ``wait_ms``."""
+    if request.content.is_eof():  # all here already (most bodies come with their head)
+        return await request.read()
     try:
         async with asyncio.timeout(wait_ms / 1000):
             return await request.read()

@@ -159,12 +159,16 @@ def index_value(field: str, value: str) -> str:
     case folding made a look-alike (``ſupport@``, a Kelvin sign) the same address as
     ``support@``, so that a lookup of the one found the other's user and its owner was
     refused it (found by a review). Usernames are ASCII already."""
+    if value.isascii():  # the common case, in one C call: ASCII is in NFC already
+        return value.lower()
     return unicodedata.normalize("NFC", value).translate(_ASCII_LOWER)
 
 
 def search_fold(text: str) -> str:
     """The form searched text and a query's words are compared in: any case, any
     spelling (search finds; it claims nothing)."""
+    if text.isascii():  # ASCII is in NFKC already, and casefolds as it lowers
+        return text.lower()
     return unicodedata.normalize("NFKC", text).casefold()
 
 
