@@ -32,6 +32,7 @@ from node.openapi import OPENAPI
 from node.replica import At, Replica, history, iso_of
 from node.schema import index_value, parse_fields, render
 from node.tokens import BadToken, decode_token, encode_token, etag_of
+from node.views import ID_CONFLICT
 from node.writer import Failing
 
 REPLICA = web.AppKey("replica", Replica)
@@ -630,7 +631,21 @@ async def changes(request: web.Request) -> web.Response:
 
 
 async def conflicts(request: web.Request) -> web.Response:
-    found = [{"field": f, "value": v, "ids": ids} for f, v, ids in _replica(request).conflicts()]
+    found: list[dict[str, Any]] = []
+    for field, value, held in _replica(request).conflicts():
+        if field == ID_CONFLICT:  # value: the stream; held: its concurrent creates' dots
+            kind, _, entity_id = value.partition("/")
+            found.append(
+                {
+                    "field": field,
+                    "kind": kind,
+                    "value": entity_id,
+                    "ids": [entity_id],
+                    "creates": held,
+                }
+            )
+        else:
+            found.append({"field": field, "value": value, "ids": held})
     return _json({"conflicts": found})
 
 

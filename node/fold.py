@@ -30,7 +30,8 @@ VIEW_FORMAT = 2
 # The rules the views are folded by, stored with them (``meta`` ``fold_rules``): views
 # folded by other rules are folded again when the node opens. 1: a delete raised the
 # floor; 2: a create raises it too; 3: unique values indexed in NFC with ASCII letters
-# folded only, searched text in NFKC case-folded (``schema.index_value``, ``search_fold``).
+# folded only, searched text in NFKC case-folded (``schema.index_value``, ``search_fold``),
+# and an id created twice at once recorded among the conflicts (``views._id_conflict``).
 FOLD_RULES = 3
 ENTITY = ""  # the single element of an existence set
 

@@ -109,7 +109,16 @@ EVENT: Json = {
     "op": string(enum=["create", "delete", "set", "add", "remove"]),
 }
 
-CONFLICT = obj({"field": string(enum=["email", "username"]), "value": string(), "ids": array(ID)})
+CONFLICT = obj(
+    {
+        "field": string(enum=["email", "username", "id"]),
+        "value": string(description="The value claimed; for `id`, the id created twice."),
+        "ids": array(ID),
+        "kind": string(enum=["user", "group"], description="`id`: the entity's kind."),
+        "creates": {**array(string()), "description": "`id`: its concurrent creates (dots)."},
+    },
+    required=("field", "value", "ids"),
+)
 
 SCHEMAS: Json = {
     "Error": obj(
@@ -400,7 +409,11 @@ READS: dict[str, tuple[str, dict[int, Json], str]] = {
         ok("ChangeList", "Pass `next_cursor` as the next `since`."),
         "since limit wait",
     ),
-    "/conflicts": ("Unique values claimed by several users after a merge.", ok("Conflicts"), ""),
+    "/conflicts": (
+        "Unique values claimed by several users, and ids created in two regions at once.",
+        ok("Conflicts"),
+        "",
+    ),
     "/health": ("Liveness; open without the API token.", ok("Health"), ""),
     "/status": ("Region, replica id, log position, summary, peers.", ok("Status"), ""),
     "/metrics": ("Prometheus metrics.", ok(string(), "Format 0.0.4.", "text/plain"), ""),

@@ -23,6 +23,7 @@ from crdt import ORSet, VersionVector
 from crdt import codec as crdt_codec
 from node.events import Event, Op, stream_of
 from node.fold import (
+    ENTITY,
     FOLD_RULES,
     EntityState,
     Folding,
@@ -147,6 +148,31 @@ def _refresh_conflict(txn: WriteTxn, db: str, key: bytes, value: str, holders: l
         txn.delete("conflicts", conflict_key)
 
 
+ID_CONFLICT = "id"  # the conflicts table's field for one id created concurrently
+
+
+def _id_conflict(stream: str, state: EntityState) -> bytes | None:
+    """The conflicts table's record of an id created in two regions at once (its live
+    creates: a create here is refused while the id exists, and a delete removes the
+    creates it saw, so two live ones never saw each other), or None. The later create
+    clears what the earlier one wrote: the README's rule; this says so where operators
+    look, until the id is deleted."""
+    dots = state.existence.dots(ENTITY)
+    if len(dots) < 2:
+        return None
+    return crdt_codec.pack([stream, sorted(str(d) for d in dots)])
+
+
+def _refresh_id_conflict(txn: WriteTxn, stream: str, old: EntityState, new: EntityState) -> None:
+    if new.existence is old.existence:
+        return
+    record, key = _id_conflict(stream, new), ID_CONFLICT.encode() + b"\0" + stream.encode()
+    if record is not None:
+        txn.put("conflicts", key, record)
+    elif _id_conflict(stream, old) is not None:
+        txn.delete("conflicts", key)
+
+
 def find_conflicts(txn: WriteTxn) -> None:
     """Record every uniqueness conflict the unique indexes hold, in one pass over them
     (a rebuild, whose ``Pending`` skips the check key by key)."""
@@ -268,7 +294,7 @@ def apply(txn: WriteTxn, event: Event, pending: Pending | None = None) -> None:
 # One entity of a rebuild, folded and ready to store (``replayed``, ``store_replayed``):
 # plain bytes, ints, lists and tuples, which a worker process hands over at little cost.
 # (stream, view, hash, search keys, unique (table, key)s, member slices (key, slice),
-# memberships (user_groups keys), events folded)
+# memberships (user_groups keys), events folded, its id conflict's record or None)
 Replayed = tuple[
     bytes,
     bytes,
@@ -278,6 +304,7 @@ Replayed = tuple[
     list[tuple[bytes, bytes]],
     list[bytes],
     int,
+    bytes | None,
 ]
 
 
@@ -306,7 +333,18 @@ def replayed(stream: str, wires: list[list[Any]]) -> Replayed:
                 if state.exists:
                     memberships.append(user_id.encode() + b"\0" + group_id.encode())
     view = encode_state(state)
-    return stream.encode(), view, change, search_keys, unique, slices, memberships, len(wires)
+    conflict = _id_conflict(stream, state)
+    return (
+        stream.encode(),
+        view,
+        change,
+        search_keys,
+        unique,
+        slices,
+        memberships,
+        len(wires),
+        conflict,
+    )
 
 
 def store_replayed(txn: WriteTxn, entities: Iterable[Replayed]) -> int:
@@ -314,8 +352,20 @@ def store_replayed(txn: WriteTxn, entities: Iterable[Replayed]) -> int:
     make; return the events they folded. Uniqueness conflicts are left to
     ``find_conflicts``, once, over the finished indexes."""
     change = events = 0
-    for stream, view, hashed, search_keys, unique, slices, memberships, folded in entities:
+    for (
+        stream,
+        view,
+        hashed,
+        search_keys,
+        unique,
+        slices,
+        memberships,
+        folded,
+        conflict,
+    ) in entities:
         txn.put("views", stream, view)
+        if conflict is not None:
+            txn.put("conflicts", ID_CONFLICT.encode() + b"\0" + stream, conflict)
         for key in search_keys:
             txn.put("idx_search", key, b"")
         if unique:
@@ -385,6 +435,7 @@ class Pending:
                 change ^= _derived(entity_digest, stream, old)
                 change ^= _derived(entity_digest, stream, new)
             _reindex(txn, stream, old, new)
+            _refresh_id_conflict(txn, stream, old, new)
         _update_digest(txn, change)
         self.states.clear()
         self.stored.clear()

@@ -20,6 +20,7 @@ from typing import Any
 
 from crdt import Dot
 from node.events import Event, Op
+from node.schema import index_value
 from simulations.snapshot import Snapshot, assemble, render
 
 Key = tuple[int, str, int]
@@ -50,6 +51,13 @@ def by_stream(events: Iterable[Event]) -> dict[str, list[Event]]:
 def exists(stream: list[Event]) -> bool:
     deleted = {dot for e in stream if e.op is Op.DELETE for dot in e.observed}
     return any(e.dot not in deleted for e in stream if e.op is Op.CREATE)
+
+
+def live_creates(stream: list[Event]) -> list[str]:
+    """The creates no delete observed, as dot strings, sorted: two or more were made in
+    two regions at once, a conflict reported (``views._id_conflict``)."""
+    deleted = {dot for e in stream if e.op is Op.DELETE for dot in e.observed}
+    return sorted(str(e.dot) for e in stream if e.op is Op.CREATE and e.dot not in deleted)
 
 
 def floor(stream: list[Event]) -> Key | None:
@@ -105,6 +113,12 @@ def oracle_snapshot(events: Iterable[Event]) -> Snapshot:
         for field in UNIQUE_FIELDS:
             value = user.get(field)
             if isinstance(value, str) and value:
-                holders.setdefault((field, value.casefold()), set()).add(user_id)
-    conflicts = [(f, v, ids) for (f, v), ids in holders.items() if len(ids) > 1]
+                holders.setdefault((field, index_value(field, value)), set()).add(user_id)
+    conflicts: list[tuple[str, str, Any]] = [
+        (f, v, ids) for (f, v), ids in holders.items() if len(ids) > 1
+    ]
+    for stream, evs in streams.items():
+        creates = live_creates(evs)
+        if len(creates) > 1:
+            conflicts.append(("id", stream, creates))
     return assemble(users, groups, user_groups, conflicts)

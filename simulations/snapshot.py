@@ -6,7 +6,8 @@ A snapshot holds only existing entities::
                     "profile": {key: value}}},          # a field only if it has a winner
      "groups": {id: {"name": ..., "members": [sorted user ids]}},
      "user_groups": {user id: [sorted group ids]},      # existing users with a group
-     "conflicts": [[field, casefolded value, [sorted ids]], ...]}  # sorted
+     "conflicts": [[field, folded value, [sorted ids]], ...]}  # sorted; for an id
+     # created in two regions at once: ["id", "<kind>/<id>", [sorted create dots]]
 
 It is read from an in-process replica through its public read methods, or from a node
 over its HTTP API; both read entity by entity, so take it once the cluster is quiet.
@@ -191,5 +192,10 @@ async def snapshot_over_http(
     await asyncio.gather(*(read(kind, i) for kind, i in sorted(set(kinds_ids))))
     answer = await _get(session, f"{base_url}/conflicts")
     assert answer is not None, "GET /conflicts answered 404"
-    conflicts = [(c["field"], c["value"], c["ids"]) for c in answer["conflicts"]]
+    conflicts = [
+        (c["field"], f"{c['kind']}/{c['value']}", c["creates"])  # an id created twice
+        if c["field"] == "id"
+        else (c["field"], c["value"], c["ids"])
+        for c in answer["conflicts"]
+    ]
     return assemble(users, groups, user_groups, conflicts)

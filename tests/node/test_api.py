@@ -1191,6 +1191,29 @@ def test_conflicts_list_a_value_claimed_in_two_regions() -> None:
     run(body)
 
 
+def test_an_id_created_in_two_regions_at_once_is_a_conflict_until_deleted() -> None:
+    """Both creates stand (add wins) and the later one clears what the earlier wrote,
+    the README's rule: that was said nowhere an operator looks (found by a review)."""
+
+    async def body(a: Api) -> None:
+        mine = await a.create_user("same", id="same", name="Made in eu")
+        await a.replica.ingest(remote_events("user/same", {"name": "Made in us"}))
+        _, found = await a.call("GET", "/conflicts", status=200)
+        [conflict] = found["conflicts"]
+        assert conflict["field"] == "id"
+        assert (conflict["kind"], conflict["value"], conflict["ids"]) == ("user", "same", ["same"])
+        assert len(conflict["creates"]) == 2
+        assert any(c.startswith(REMOTE) for c in conflict["creates"])
+        _, got = await a.call("GET", "/users/same", status=200)
+        assert got["name"] == "Made in us"  # the later create cleared the earlier's writes
+        assert mine["name"] == "Made in eu"
+        await a.call("DELETE", "/users/same", status=204)  # seeing both creates
+        _, none = await a.call("GET", "/conflicts", status=200)
+        assert none == {"conflicts": []}
+
+    run(body)
+
+
 # -- operations ----------------------------------------------------------------------
 
 

@@ -339,6 +339,10 @@ def check_indexes(txn: ReadTxn, known: Known) -> None:
             assert value is not None
             assert views.lookup(txn, name, value) == sorted(held.get(value.casefold(), []))
         expected_conflicts += [(name, v, sorted(us)) for v, us in held.items() if len(us) > 1]
+    for stream in STREAMS:  # an id with creates that did not see each other
+        creates = live_creates(known, stream)
+        if len(creates) > 1:
+            expected_conflicts.append(("id", stream, sorted(str(d) for d in creates)))
     assert list(views.conflicts(txn)) == sorted(expected_conflicts)
     for word in ("homer", "simp", "x", "marge"):
         expected = [
