@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument(
         "--request-body-wait-ms", metavar="N", help="answer 408 to a body not in by then"
     )
+    node.add_argument(
+        "--idle-connection-wait-ms", metavar="N", help="close a kept-alive connection idle so long"
+    )
+    node.add_argument("--connections-max", metavar="N", help="connections open at once")
     node.add_argument("--max-drift-ms", metavar="N", help="largest clock drift accepted")
     node.add_argument(
         "--no-metasync",

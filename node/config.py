@@ -38,6 +38,8 @@ class Settings:
     # body within the other, or it is closed / answered 408 (``node.deadlines``).
     request_head_wait_ms: int = 10_000
     request_body_wait_ms: int = 30_000
+    idle_connection_wait_ms: int = 15_000  # a kept-alive connection idle this long closes
+    connections_max: int = 8_192  # open at once (fewer if RLIMIT_NOFILE allows fewer)
     commit_batch_requests_max: int = 512
     write_queue_requests_max: int = 10_000
     consistency_wait_ms_default: int = 5_000

@@ -6,46 +6,75 @@ head within ``request_head_wait_ms`` is closed, and a body not in within
 aiohttp has neither. Its keep-alive timer, armed when a connection opens, does nothing
 before the first request, so one header line every few seconds held a connection for
 good, and about 20,000 such connections took every file descriptor of the node, its
-peers' connections too (found by a review). Between requests on a kept-alive connection
-aiohttp's own ``keepalive_timeout`` (75 s) closes it.
+peers' connections too (found by a review). Between requests on a kept-alive connection,
+an idle one and one whose next head trickles in alike, aiohttp's ``keepalive_timeout``
+closes it: ``idle_connection_wait_ms`` (its default was an hour). And at most
+``connections_max`` connections are open at once (fewer if the process may open fewer
+files): one more is closed as it opens, so that a flood of them cannot take the
+descriptors LMDB and the peers need.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import resource
+import time
 from typing import Any
 
 from aiohttp import web, web_protocol
 
-from node.http_errors import fail
+from node.http_errors import ApiError, fail
 
 logger = logging.getLogger(__name__)
 
 # The first request's head, per connection not yet past it: the timer that closes it.
 _opening: dict[web_protocol.RequestHandler, asyncio.TimerHandle] = {}
+_open: set[web_protocol.RequestHandler] = set()  # every connection open now
 _head_wait_s: list[float] = []  # set once, by close_slow_openings
+_connections_max: list[int] = []  # likewise
+FILES_KEPT_FREE = 256  # descriptors left to LMDB, logs and peers under RLIMIT_NOFILE
+REFUSALS_LOGGED_EVERY_S = 10.0
+_refusal_logged = [-REFUSALS_LOGGED_EVERY_S]
 _CONNECTION_MADE = web_protocol.RequestHandler.connection_made
 _CONNECTION_LOST = web_protocol.RequestHandler.connection_lost
 
 
-def close_slow_openings(head_wait_ms: int) -> None:
+def close_slow_openings(head_wait_ms: int, connections_max: int) -> int:
     """Close every connection of this process's servers whose first request's head has
-    not arrived ``head_wait_ms`` after it opened (``request_began`` marks it arrived).
-    aiohttp makes its protocol objects itself: their methods are wrapped, once."""
+    not arrived ``head_wait_ms`` after it opened (``request_began`` marks it arrived),
+    and any beyond ``connections_max`` open at once (or what RLIMIT_NOFILE leaves);
+    return that cap. aiohttp makes its protocol objects itself: their methods are
+    wrapped, once."""
+    files, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if files != resource.RLIM_INFINITY:
+        connections_max = min(connections_max, max(1, files - FILES_KEPT_FREE))
     _head_wait_s[:] = [head_wait_ms / 1000]
+    _connections_max[:] = [connections_max]
     web_protocol.RequestHandler.connection_made = _connection_made  # type: ignore[method-assign,assignment]
     web_protocol.RequestHandler.connection_lost = _connection_lost  # type: ignore[method-assign,assignment]
+    return connections_max
 
 
 def _connection_made(handler: web_protocol.RequestHandler, transport: Any) -> None:
     _CONNECTION_MADE(handler, transport)
+    if _connections_max and len(_open) >= _connections_max[0]:
+        now = time.monotonic()
+        if now - _refusal_logged[0] >= REFUSALS_LOGGED_EVERY_S:
+            _refusal_logged[0] = now
+            logger.warning(
+                "closed a connection as it opened: %d are open, connections_max", len(_open)
+            )
+        handler.force_close()
+        return
+    _open.add(handler)
     if _head_wait_s:
         loop = asyncio.get_running_loop()
         _opening[handler] = loop.call_later(_head_wait_s[0], _too_slow, handler)
 
 
 def _connection_lost(handler: web_protocol.RequestHandler, exc: BaseException | None) -> None:
+    _open.discard(handler)
     timer = _opening.pop(handler, None)
     if timer is not None:
         timer.cancel()
@@ -68,12 +97,29 @@ def request_began(request: web.BaseRequest) -> None:
         timer.cancel()
 
 
+# Bodies on their way in, read at once: each is held in memory as it arrives (up to
+# body_bytes_max), and 4,000 clients sending 1 MB bodies but their last byte held 8 GB
+# (a review). More are answered 503 at once. A body all here with its head takes none.
+BODIES_ARRIVING_MAX = 64
+_arriving = [0]
+
+
 async def read_body(request: web.BaseRequest, wait_ms: int) -> bytes:
-    """The whole body, or 408 if it has not arrived within ``wait_ms``."""
+    """The whole body; 408 if it has not arrived within ``wait_ms``, 503 if
+    BODIES_ARRIVING_MAX others are still arriving."""
     if request.content.is_eof():  # all here already (most bodies come with their head)
         return await request.read()
+    if _arriving[0] >= BODIES_ARRIVING_MAX:
+        raise ApiError(
+            503,
+            "overloaded",
+            f"{BODIES_ARRIVING_MAX} request bodies are on their way in already; retry shortly",
+        )
+    _arriving[0] += 1
     try:
         async with asyncio.timeout(wait_ms / 1000):
             return await request.read()
     except TimeoutError:
         fail(408, "request_timeout", f"the body did not arrive within {wait_ms} ms")
+    finally:
+        _arriving[0] -= 1

@@ -93,7 +93,11 @@ class NodeProcess:
         self.region, self.data_dir, self.port = region, data_dir, port
         self.url = f"http://{host}:{port}"
         self.args = [*prefix, *node_command(region, data_dir, f"{host}:{port}", *extra_args)]
-        self.env = {**os.environ, **(env or {})}
+        # Settings come from the arguments and ``env``, not from the shell's REPLICA_*
+        # variables: a cluster's nodes are its own (an exported API token, or config
+        # file, made its readiness checks fail: a review).
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("REPLICA_")}
+        self.env = {**inherited, **(env or {})}
         self.proc: subprocess.Popen[str] | None = None
         self.returncode: int | None = None
 

@@ -28,6 +28,7 @@ EMAIL_CHARS_MAX = 254
 PROFILE_VALUE_CHARS_MAX = 1_000
 PROFILE_KEYS_PER_WRITE_MAX = 64
 PROFILE_KEYS_MAX = 128  # held by one user at once (commands._check_profile_room)
+PROFILE_REGISTERS_MAX = 512  # kept by one user, unset keys included (likewise)
 
 USER_FIELDS = ("name", "username", "email", "api_key")
 USER_REQUIRED = ("name", "username", "email")
@@ -156,9 +157,10 @@ _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrst
 def index_value(field: str, value: str) -> str:
     """The form a unique value is indexed, looked up and claimed under: one spelling in
     Unicode (NFC), ASCII letters in either case. No other character is folded: a full
-    case folding made a look-alike (``ſupport@``, a Kelvin sign) the same address as
-    ``support@``, so that a lookup of the one found the other's user and its owner was
-    refused it (found by a review). Usernames are ASCII already."""
+    case folding made a look-alike (``ſupport@``) the same address as ``support@``, so
+    that a lookup of the one found the other's user and its owner was refused it (found
+    by a review). Signs Unicode holds for a letter (Kelvin K, Ångström Å: canonically
+    equivalent) stay that letter. Usernames are ASCII already."""
     if value.isascii():  # the common case, in one C call: ASCII is in NFC already
         return value.lower()
     return unicodedata.normalize("NFC", value).translate(_ASCII_LOWER)

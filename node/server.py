@@ -185,11 +185,15 @@ async def serve(replica: Replica, settings: Settings, extensions: Sequence[Exten
     replica.bind(loop)
     app = build_app(replica, settings)
     answer_unparsable_requests_as_json()
-    close_slow_openings(settings.request_head_wait_ms)
+    close_slow_openings(settings.request_head_wait_ms, settings.connections_max)
     for extension in extensions:
         extension.install(app)
     runner = web.AppRunner(
-        app, handle_signals=False, access_log=None, lingering_time=UNREAD_BODY_DRAIN_S
+        app,
+        handle_signals=False,
+        access_log=None,
+        lingering_time=UNREAD_BODY_DRAIN_S,
+        keepalive_timeout=settings.idle_connection_wait_ms / 1000,
     )
     await runner.setup()
     tune_gc()

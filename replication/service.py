@@ -20,10 +20,12 @@ from node.server import run_node as run_plain_node
 from node.writer import Overloaded
 from replication.auth import (
     AuthError,
+    body_matches,
     check_request_head,
     log_refusal,
     sign_response,
     verify_request,
+    verify_request_head,
 )
 from replication.protocol import BadMessage
 from replication.replicator import Limits, Replicator
@@ -239,27 +241,38 @@ class ReplicationService:
     async def handle(self, request: web.Request) -> web.Response:
         if (request.content_length or 0) > self.settings.sync_body_bytes_max:
             return self._too_large()
+        window_ms = self.settings.auth_window_ms
         try:  # before the body is read: no one without the secret gets one held in memory
-            check_request_head(request.headers, window_ms=self.settings.auth_window_ms)
+            proven = verify_request_head(
+                self.secret, request.method, request.path, request.headers, window_ms=window_ms
+            )
+            if proven is None:  # a sender of an older version: its form and time only
+                check_request_head(request.headers, window_ms=window_ms)
         except AuthError as e:
             log_refusal("replication request", request.remote, e)
             return error_response(401, "unauthorized", f"replication request refused: {e}")
-        if self._reading.locked():
+        if proven is not None:
+            body = await self._body(request)
+        elif self._reading.locked():
             busy = "too many replication bodies on their way in"
             return error_response(503, "overloaded", busy, {"Retry-After": "1"})
-        async with self._reading:  # at most SYNC_BODIES_READ_MAX bodies held at once
-            body = await self._body(request)
+        else:
+            async with self._reading:  # at most SYNC_BODIES_READ_MAX unproven bodies at once
+                body = await self._body(request)
         if body is None:
             return self._too_large()
         try:
-            verify_request(
-                self.secret,
-                request.method,
-                request.path,
-                body,
-                request.headers,
-                window_ms=self.settings.auth_window_ms,
-            )
+            if proven is None:
+                verify_request(
+                    self.secret,
+                    request.method,
+                    request.path,
+                    body,
+                    request.headers,
+                    window_ms=window_ms,
+                )
+            elif not body_matches(body, proven[1]):
+                raise AuthError("the body does not hash to its signed hash")
         except AuthError as e:
             log_refusal("replication request", request.remote, e)
             return error_response(401, "unauthorized", f"replication request refused: {e}")

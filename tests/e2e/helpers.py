@@ -201,13 +201,15 @@ def call(
     )
     sent = dict(headers or {})
     data = None
-    if body is not None:
+    if isinstance(body, bytes):  # as it is (a replication request's msgpack)
+        data = body
+    elif body is not None:
         data = json.dumps(body).encode()
         sent.setdefault("Content-Type", "application/json")
     try:
         connection.request(method, path, body=data, headers=sent)
         response = connection.getresponse()
-        text = response.read().decode()
+        text = response.read().decode(errors="replace")
         return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, text)
     finally:
         connection.close()

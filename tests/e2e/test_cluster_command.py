@@ -92,13 +92,18 @@ def test_a_node_that_cannot_start_stops_the_ones_that_did(tmp_path: Path) -> Non
 
 
 def test_a_killed_cluster_command_takes_its_nodes_down(tmp_path: Path) -> None:
-    """kill -9 of the command (no handler can run) still stops every node cleanly."""
+    """kill -9 of the command (no handler can run) still stops every node cleanly. The
+    shell's REPLICA_ settings are not its nodes' (an exported API token failed their
+    readiness checks: a review)."""
+    config = tmp_path / "prod.toml"
+    config.write_text('api_token = "from-the-config"\n')
+    shell = {"REPLICA_API_TOKEN": "tok12345", "REPLICA_CONFIG": str(config)}
     command = subprocess.Popen(
         _cluster("--regions", "eu,us", "--data", str(tmp_path)),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
-        env=node_env(),
+        env={**node_env(), **shell},
     )
     try:
         assert command.stdout is not None

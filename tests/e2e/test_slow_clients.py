@@ -5,10 +5,18 @@ held 2 GB)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import time
 
+from crdt import VersionVector
+from node.deadlines import BODIES_ARRIVING_MAX
+from replication import protocol
+from replication.auth import now_ms, sign_request
+from replication.protocol import Sync, Tag
+from replication.service import SYNC_BODIES_READ_MAX
+from replication.transport import SYNC_PATH
 from tests.e2e.helpers import Node, Nodes
 
 WAIT_MS = 500  # the node's deadlines in these tests
@@ -23,10 +31,13 @@ def _connect(node: Node) -> socket.socket:
 
 
 def _answer(conn: socket.socket) -> bytes:
-    """Everything the node sends until it closes the connection."""
+    """Everything the node sends until it closes (or resets) the connection."""
     data = b""
-    while chunk := conn.recv(65536):
-        data += chunk
+    try:
+        while chunk := conn.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
     return data
 
 
@@ -54,6 +65,37 @@ def test_a_first_request_that_trickles_in_is_cut_off(nodes: Nodes) -> None:
         assert closed, "the node kept a connection whose first request never came"
     assert node.call("GET", "/health").json() == {"status": "ok"}  # a prompt one is served
     assert "first request had not arrived" in node.stderr()
+
+
+def test_a_next_request_that_trickles_in_is_cut_off_too(nodes: Nodes) -> None:
+    """After a first request, aiohttp's keep-alive timer (an hour by default) let an idle
+    connection, or one whose next head trickled in, stay: a review's 20,000 such held
+    every descriptor."""
+    node = nodes.start("eu", None, "--idle-connection-wait-ms", str(WAIT_MS))
+    with _connect(node) as conn:
+        conn.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert conn.recv(65536).startswith(b"HTTP/1.1 200")
+        conn.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # and no more
+        started = time.monotonic()
+        assert _answer(conn) == b""  # closed by the node
+        assert time.monotonic() - started < CLOSED_WAIT_S
+
+
+def test_connections_past_the_cap_are_closed_as_they_open(nodes: Nodes) -> None:
+    node = nodes.start("eu", None, "--connections-max", "3")
+    held = [_connect(node) for _ in range(3)]
+    try:
+        time.sleep(TRICKLE_S)
+        with _connect(node) as extra:
+            with contextlib.suppress(OSError):  # closed already
+                extra.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert _answer(extra) == b""
+    finally:
+        for conn in held:
+            conn.close()
+    time.sleep(TRICKLE_S)
+    assert node.call("GET", "/health").json() == {"status": "ok"}  # room again
+    assert "connections_max" in node.stderr()
 
 
 def test_a_body_that_does_not_arrive_in_time_is_answered_408(nodes: Nodes) -> None:
@@ -89,3 +131,65 @@ def test_an_unsigned_replication_body_is_refused_before_it_is_read(nodes: Nodes)
         head, _, body = _answer(conn).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 401"), head
     assert "check both machines' clocks" in json.loads(body)["message"]
+
+
+def test_bodies_arriving_at_once_are_bounded(nodes: Nodes) -> None:
+    """Each client body on its way in is held as it arrives: 4,000 clients sending 1 MB
+    bodies but their last byte held 8 GB (a review). Past BODIES_ARRIVING_MAX, 503."""
+    node = nodes.start("eu", None, "--request-body-wait-ms", "20000")
+    head = (
+        b"POST /users HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 100\r\n\r\n{"id": "slow"'
+    )
+    held = [_connect(node) for _ in range(BODIES_ARRIVING_MAX)]
+    try:
+        for conn in held:
+            conn.sendall(head)
+        time.sleep(1.0)  # every one of them in its handler, waiting for the rest
+        with _connect(node) as extra:
+            extra.sendall(head)
+            status, _, body = _answer(extra).partition(b"\r\n\r\n")
+        assert status.startswith(b"HTTP/1.1 503"), status
+        assert json.loads(body)["error"] == "overloaded"
+    finally:
+        for conn in held:
+            conn.close()
+    assert node.call("GET", "/health").json() == {"status": "ok"}
+
+
+def test_unproven_replication_bodies_cannot_keep_a_peer_out(nodes: Nodes) -> None:
+    """A well-formed but unsigned head passed the check before the body, took one of the
+    8 places for bodies and held it trickling: a review kept real peers out so (503) for
+    as long as it went on. A peer's request now carries its body's hash under the MAC,
+    proven before the body is read, and takes no place; a forged one is refused unread."""
+    secret = "s3cret-of-the-cluster"
+    node = nodes.start("eu", None, "--cluster-secret", secret, "--request-body-wait-ms", "20000")
+    fresh = str(now_ms()).encode()
+    held = [_connect(node) for _ in range(SYNC_BODIES_READ_MAX)]
+    try:
+        for conn in held:  # an older sender's form: no body hash, so not proven yet
+            conn.sendall(
+                b"POST /replication/sync HTTP/1.1\r\nHost: x\r\n"
+                b"X-Replica-Auth: us~0badc0de " + fresh + b" AAAAAAAAAAAAAAAAAAAAAA\r\n"
+                b"Content-Length: 8000000\r\n\r\nxx"
+            )
+        time.sleep(1.0)
+        with _connect(node) as forged:  # a hash, but no MAC of the secret's: unread
+            forged.sendall(
+                b"POST /replication/sync HTTP/1.1\r\nHost: x\r\n"
+                b"X-Replica-Auth: us~0badc0de " + fresh + b" AAAAAAAAAAAAAAAAAAAAAA\r\n"
+                b"X-Replica-Body-Sha256: " + b"A" * 43 + b"\r\nContent-Length: 8000000\r\n\r\n"
+            )
+            status, _, _ = _answer(forged).partition(b"\r\n\r\n")
+        assert status.startswith(b"HTTP/1.1 401"), status
+        request = protocol.encode(Sync(Tag.SYNC_REQUEST, "us~0badc0de", VersionVector(), ()))
+        signed = sign_request(secret, "POST", SYNC_PATH, request, "us~0badc0de")
+        msgpack_head = {**signed, "Content-Type": "application/msgpack"}
+        answer = node.call("POST", SYNC_PATH, request, msgpack_head)
+        assert answer.status == 200, answer.text  # a peer's request goes through
+        tampered = node.call("POST", SYNC_PATH, request + b"\x00", msgpack_head)
+        assert tampered.status == 401
+        assert "does not hash to its signed hash" in tampered.text
+    finally:
+        for conn in held:
+            conn.close()

@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from crdt import Dot
 from crdt.clock import make_stamp, physical_ms
 from node import api as api_module
+from node import commands as commands_module
 from node import events as events_module
 from node import replica as replica_module
 from node import views
@@ -655,6 +656,34 @@ def test_a_user_holds_a_bounded_number_of_profile_keys() -> None:
         _, got = await a.call("GET", path, status=200)
         assert len(got["profile"]) == PROFILE_KEYS_MAX
         assert got["profile"]["one_more"] == "v"
+
+    run(body)
+
+
+def test_unset_profile_keys_cannot_grow_a_user_without_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Unsetting keys never set stored a register for each, which counted nowhere: a
+    review grew a user to 11 MB that way, and a GET of it took 0.5 s. Such an unset now
+    writes nothing, and a user keeps at most PROFILE_REGISTERS_MAX keys, unset included."""
+    monkeypatch.setattr(commands_module, "PROFILE_REGISTERS_MAX", 4)
+
+    async def body(a: Api) -> None:
+        user = await a.create_user("tomb", id="tomb")
+        path = f"/users/{user['id']}"
+        seq = a.replica.state.seq
+        await a.call("PATCH", path, json={"profile": {"never": None, "set": None}}, status=200)
+        assert a.replica.state.seq == seq  # nothing written
+        await a.call("PATCH", path, json={"profile": {"k1": "v", "k2": "v", "k3": "v"}}, status=200)
+        await a.call(
+            "PATCH", path, json={"profile": {"k1": None, "k2": None, "k3": None}}, status=200
+        )
+        await a.call("PATCH", path, json={"profile": {"k4": "v"}}, status=200)
+        _, refused = await a.call("PATCH", path, json={"profile": {"k5": "v"}}, status=422)
+        assert "unset ones included" in refused["message"]
+        await a.call("PATCH", path, json={"profile": {"k1": "again"}}, status=200)  # kept one
+        _, got = await a.call("GET", path, status=200)
+        assert got["profile"] == {"k1": "again", "k4": "v"}
 
     run(body)
 

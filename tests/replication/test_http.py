@@ -241,9 +241,9 @@ def test_a_body_over_the_sync_limit_gets_413_naming_that_limit(tmp_path: Path) -
 
     async def main() -> None:
         async with served_pair(tmp_path, sync_body_bytes_max=1_000) as (_, us, _, base):
-            # Signed in form and time (an unsigned body is refused unread: 401); the size
-            # is what is checked before the signature's MAC, which needs the whole body.
-            head = auth.sign_request("any secret", "POST", SYNC_PATH, b"", "us~0badc0de")
+            # Signed (an unsigned body is refused unread: 401), and over another body's
+            # hash: the size is checked as the body is read, before it is hashed.
+            head = auth.sign_request(SECRET, "POST", SYNC_PATH, b"", "us~0badc0de")
             for body in (b"x" * 1_001, chunks()):
                 async with (
                     aiohttp.ClientSession() as session,
