@@ -117,18 +117,13 @@ def verify_request_head(
     declared = headers.get(BODY_HASH)
     if declared is None:
         return None
-    sender, timestamp, mac = _fields(headers, "sender timestamp mac")
-    _fresh(timestamp, window_ms)
     try:
         digest = base64.urlsafe_b64decode(declared.encode() + b"=" * (-len(declared) % 4))
     except ValueError:  # binascii.Error too; not ASCII
         raise AuthError(f"{BODY_HASH} malformed") from None
     if len(digest) != hashlib.sha256().digest_size:
         raise AuthError(f"{BODY_HASH} malformed")
-    expected = _mac_of_digest(secret, method.upper(), path, timestamp, sender, digest=digest)
-    if not hmac.compare_digest(expected, mac):
-        raise AuthError("bad signature")
-    return sender, digest
+    return _verified(secret, method, path, digest, headers, window_ms), digest
 
 
 def body_matches(body: bytes, digest: bytes) -> bool:
@@ -156,9 +151,22 @@ def verify_request(
     window_ms: int = AUTH_WINDOW_MS,
 ) -> str:
     """Return the authenticated sender id, or raise AuthError."""
+    return _verified(secret, method, path, hashlib.sha256(body).digest(), headers, window_ms)
+
+
+def _verified(
+    secret: str,
+    method: str,
+    path: str,
+    digest: bytes,
+    headers: Mapping[str, str],
+    window_ms: int,
+) -> str:
+    """The sender a request's header names, once its time and its MAC over ``digest``
+    (its body's hash) hold; else AuthError."""
     sender, timestamp, mac = _fields(headers, "sender timestamp mac")
     _fresh(timestamp, window_ms)
-    expected = _mac(secret, method.upper(), path, timestamp, sender, body=body)
+    expected = _mac_of_digest(secret, method.upper(), path, timestamp, sender, digest=digest)
     if not hmac.compare_digest(expected, mac):  # constant-time; ASCII, as _fields made sure
         raise AuthError("bad signature")
     return sender
