@@ -228,7 +228,8 @@ async def _body(request: web.Request) -> Any:
     if request.content_type != "application/json":
         fail(415, "unsupported_media_type", "send Content-Type: application/json")
     # larger than body_bytes_max: aiohttp answers 413; slower than its wait: 408
-    raw = await read_body(request, _settings(request).request_body_wait_ms)
+    settings = _settings(request)
+    raw = await read_body(request, settings.request_body_wait_ms, settings.body_bytes_max)
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError) as e:

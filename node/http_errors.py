@@ -85,7 +85,8 @@ def storage_refusal(exc: StorageFailed) -> tuple[int, str, str]:
 def as_json_error(request: web.Request, exc: Exception) -> web.StreamResponse:
     """The JSON answer to what a handler raised; an HTTP redirect is raised again."""
     if isinstance(exc, ApiError | Rejected):
-        return error_response(exc.status, exc.code, exc.message, **exc.extra)
+        retry = {"Retry-After": "1"} if exc.status == 503 else None  # overloaded, stopping
+        return error_response(exc.status, exc.code, exc.message, retry, **exc.extra)
     if isinstance(exc, FieldError):
         if exc.field is None:
             return error_response(exc.status, exc.code, exc.message)

@@ -14,6 +14,7 @@ from pathlib import Path
 from types import TracebackType
 
 START_WAIT_S = 20.0
+SHELL_SETTINGS_DROPPED = ("REPLICA_API_TOKEN", "REPLICA_CONFIG")
 STOP_WAIT_S = 15.0
 
 
@@ -93,10 +94,10 @@ class NodeProcess:
         self.region, self.data_dir, self.port = region, data_dir, port
         self.url = f"http://{host}:{port}"
         self.args = [*prefix, *node_command(region, data_dir, f"{host}:{port}", *extra_args)]
-        # Settings come from the arguments and ``env``, not from the shell's REPLICA_*
-        # variables: a cluster's nodes are its own (an exported API token, or config
-        # file, made its readiness checks fail: a review).
-        inherited = {k: v for k, v in os.environ.items() if not k.startswith("REPLICA_")}
+        # The shell's REPLICA_ settings tune the nodes (REPLICA_PEER_TRANSPORT=http, say),
+        # but not its API token nor config file: a cluster's nodes answer the cluster's
+        # own requests (an exported token made its readiness checks fail: a review).
+        inherited = {k: v for k, v in os.environ.items() if k not in SHELL_SETTINGS_DROPPED}
         self.env = {**inherited, **(env or {})}
         self.proc: subprocess.Popen[str] | None = None
         self.returncode: int | None = None

@@ -36,6 +36,7 @@ READ_CHUNK_BYTES = 64 * 1024
 # Sync bodies read at once (each up to sync_body_bytes_max); more are answered 503. A peer
 # sends one at a time over HTTP (the stream, its default, reads no body here).
 SYNC_BODIES_READ_MAX = 8
+SYNC_PROVEN_BODIES_READ_MAX = 32  # those whose head the MAC proved (a peer's, or a replay)
 
 
 def client_tls(settings: Settings) -> ssl.SSLContext | None:
@@ -74,6 +75,7 @@ class ReplicationService:
             )
             transport = self.stream
         self._reading = asyncio.Semaphore(SYNC_BODIES_READ_MAX)
+        self._reading_proven = asyncio.Semaphore(SYNC_PROVEN_BODIES_READ_MAX)
         self.endpoint = StreamEndpoint(
             self.secret,
             self.answer,
@@ -252,7 +254,13 @@ class ReplicationService:
             log_refusal("replication request", request.remote, e)
             return error_response(401, "unauthorized", f"replication request refused: {e}")
         if proven is not None:
-            body = await self._body(request)
+            # Proven by the MAC, yet a head captured on a link without TLS could be sent
+            # again within the window: bounded too, apart from the unproven ones.
+            if self._reading_proven.locked():
+                busy = "too many replication bodies on their way in"
+                return error_response(503, "overloaded", busy, {"Retry-After": "1"})
+            async with self._reading_proven:
+                body = await self._body(request)
         elif self._reading.locked():
             busy = "too many replication bodies on their way in"
             return error_response(503, "overloaded", busy, {"Retry-After": "1"})

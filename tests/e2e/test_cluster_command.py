@@ -93,11 +93,15 @@ def test_a_node_that_cannot_start_stops_the_ones_that_did(tmp_path: Path) -> Non
 
 def test_a_killed_cluster_command_takes_its_nodes_down(tmp_path: Path) -> None:
     """kill -9 of the command (no handler can run) still stops every node cleanly. The
-    shell's REPLICA_ settings are not its nodes' (an exported API token failed their
-    readiness checks: a review)."""
+    shell's API token and config file are not its nodes' (an exported token failed their
+    readiness checks: a review); its other REPLICA_ settings tune them."""
     config = tmp_path / "prod.toml"
     config.write_text('api_token = "from-the-config"\n')
-    shell = {"REPLICA_API_TOKEN": "tok12345", "REPLICA_CONFIG": str(config)}
+    shell = {
+        "REPLICA_API_TOKEN": "tok12345",
+        "REPLICA_CONFIG": str(config),
+        "REPLICA_GOSSIP_INTERVAL_MS": "777",
+    }
     command = subprocess.Popen(
         _cluster("--regions", "eu,us", "--data", str(tmp_path)),
         stdout=subprocess.PIPE,
@@ -118,6 +122,7 @@ def test_a_killed_cluster_command_takes_its_nodes_down(tmp_path: Path) -> None:
                 ports.append(int(found.group(1)))
         assert len(ports) == 2, f"the command did not say where its nodes listen: {ports}"
         assert all(_listening(p) for p in ports)
+        assert '"gossip_interval_ms": 777' in (tmp_path / "eu.log").read_text()
         command.send_signal(signal.SIGKILL)
         command.wait(COMMAND_WAIT_S)
         _wait_gone(ports, [tmp_path / "eu.log", tmp_path / "us.log"])

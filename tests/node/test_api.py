@@ -664,26 +664,40 @@ def test_unset_profile_keys_cannot_grow_a_user_without_bound(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Unsetting keys never set stored a register for each, which counted nowhere: a
-    review grew a user to 11 MB that way, and a GET of it took 0.5 s. Such an unset now
-    writes nothing, and a user keeps at most PROFILE_REGISTERS_MAX keys, unset included."""
+    review grew a user to 11 MB that way, and a GET of it took 0.5 s. An unset is still
+    written (a set made in another region and not here yet must lose to it), and a user
+    keeps at most PROFILE_REGISTERS_MAX keys, unset ones included."""
     monkeypatch.setattr(commands_module, "PROFILE_REGISTERS_MAX", 4)
 
     async def body(a: Api) -> None:
         user = await a.create_user("tomb", id="tomb")
         path = f"/users/{user['id']}"
-        seq = a.replica.state.seq
-        await a.call("PATCH", path, json={"profile": {"never": None, "set": None}}, status=200)
-        assert a.replica.state.seq == seq  # nothing written
-        await a.call("PATCH", path, json={"profile": {"k1": "v", "k2": "v", "k3": "v"}}, status=200)
-        await a.call(
-            "PATCH", path, json={"profile": {"k1": None, "k2": None, "k3": None}}, status=200
-        )
-        await a.call("PATCH", path, json={"profile": {"k4": "v"}}, status=200)
-        _, refused = await a.call("PATCH", path, json={"profile": {"k5": "v"}}, status=422)
+        await a.call("PATCH", path, json={"profile": {"n1": None, "n2": None}}, status=200)
+        await a.call("PATCH", path, json={"profile": {"k1": "v", "k2": "v"}}, status=200)
+        _, refused = await a.call("PATCH", path, json={"profile": {"n3": None}}, status=422)
         assert "unset ones included" in refused["message"]
-        await a.call("PATCH", path, json={"profile": {"k1": "again"}}, status=200)  # kept one
+        _, refused = await a.call("PATCH", path, json={"profile": {"k3": "v"}}, status=422)
+        await a.call("PATCH", path, json={"profile": {"n1": "now set", "k2": None}}, status=200)
         _, got = await a.call("GET", path, status=200)
-        assert got["profile"] == {"k1": "again", "k4": "v"}
+        assert got["profile"] == {"k1": "v", "n1": "now set"}
+
+    run(body)
+
+
+def test_an_unset_of_a_key_not_here_yet_still_wins_a_set_made_before_it() -> None:
+    """Last writer wins: an unset written before the set it follows arrives here still
+    beats it (a review found the unset dropped, and the earlier set kept everywhere)."""
+
+    async def body(a: Api) -> None:
+        await a.create_user("ann", id="ann")
+        stamp = a.replica.state.hlc + 1  # a set made elsewhere after the create
+        await asyncio.sleep(0.01)  # and the unset here after that
+        await a.call("PATCH", "/users/ann", json={"profile": {"q": None}}, status=200)
+        await a.replica.ingest(
+            [Event(Dot(REMOTE, 1), stamp, "user/ann", Op.SET, "profile.q", "set elsewhere")]
+        )
+        _, got = await a.call("GET", "/users/ann", status=200)
+        assert "q" not in got.get("profile", {})
 
     run(body)
 
