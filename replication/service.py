@@ -251,22 +251,16 @@ class ReplicationService:
             if proven is None:  # a sender of an older version: its form and time only
                 check_request_head(request.headers, window_ms=window_ms)
         except AuthError as e:
-            log_refusal("replication request", request.remote, e)
-            return error_response(401, "unauthorized", f"replication request refused: {e}")
-        if proven is not None:
-            # Proven by the MAC, yet a head captured on a link without TLS could be sent
-            # again within the window: bounded too, apart from the unproven ones.
-            if self._reading_proven.locked():
-                busy = "too many replication bodies on their way in"
-                return error_response(503, "overloaded", busy, {"Retry-After": "1"})
-            async with self._reading_proven:
-                body = await self._body(request)
-        elif self._reading.locked():
+            return _refused(request, e)
+        # Unproven bodies (an older sender's) share SYNC_BODIES_READ_MAX places; proven
+        # ones have theirs apart, bounded too: a head captured on a link without TLS
+        # could be sent again within the window.
+        reading = self._reading if proven is None else self._reading_proven
+        if reading.locked():
             busy = "too many replication bodies on their way in"
             return error_response(503, "overloaded", busy, {"Retry-After": "1"})
-        else:
-            async with self._reading:  # at most SYNC_BODIES_READ_MAX unproven bodies at once
-                body = await self._body(request)
+        async with reading:
+            body = await self._body(request)
         if body is None:
             return self._too_large()
         try:
@@ -282,8 +276,7 @@ class ReplicationService:
             elif not body_matches(body, proven[1]):
                 raise AuthError("the body does not hash to its signed hash")
         except AuthError as e:
-            log_refusal("replication request", request.remote, e)
-            return error_response(401, "unauthorized", f"replication request refused: {e}")
+            return _refused(request, e)
         status, answer = await self.answer(body)
         if status != 200:
             headers = {"Retry-After": "1"} if status in (503, 507) else None
@@ -310,6 +303,11 @@ class ReplicationService:
             return _error(503, "overloaded", "the write queue is full")
         except StorageFailed as refused:
             return _error(*storage_refusal(refused))
+
+
+def _refused(request: web.Request, error: AuthError) -> web.Response:
+    log_refusal("replication request", request.remote, error)
+    return error_response(401, "unauthorized", f"replication request refused: {error}")
 
 
 def _error(status: int, code: str, message: str) -> tuple[int, bytes]:

@@ -317,16 +317,22 @@ def test_cli_without_a_command_prints_help(capsys: pytest.CaptureFixture[str]) -
     assert "usage: replica" in capsys.readouterr().err
 
 
-def test_cli_passes_merged_settings_to_the_runner(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    received: list[Settings] = []
+@pytest.fixture
+def received(monkeypatch: pytest.MonkeyPatch) -> list[Settings]:
+    """The settings ``replica node`` runs a node with, in place of running it."""
+    runs: list[Settings] = []
 
     def fake_run_node(settings: Settings) -> int:
-        received.append(settings)
+        runs.append(settings)
         return 0
 
     monkeypatch.setattr(cli, "_load_runner", lambda: fake_run_node)
+    return runs
+
+
+def test_cli_passes_merged_settings_to_the_runner(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, received: list[Settings]
+) -> None:
     monkeypatch.setenv("REPLICA_API_TOKEN", "t0ken")
     monkeypatch.setenv("REPLICA_BODY_BYTES_MAX", "999")  # the flag below wins
     config = _toml(tmp_path, "page_items_max = 50\n")
@@ -372,15 +378,8 @@ def test_an_unknown_replica_variable_or_a_file_not_utf8_is_refused_by_name(
 
 
 def test_cli_reads_the_config_file_replica_config_names(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, received: list[Settings]
 ) -> None:
-    received: list[Settings] = []
-
-    def run_node(settings: Settings) -> int:
-        received.append(settings)
-        return 0
-
-    monkeypatch.setattr(cli, "_load_runner", lambda: run_node)
     config = _toml(tmp_path, f'region = "us"\ndata_dir = "{tmp_path}"\n')
     monkeypatch.setenv("REPLICA_CONFIG", str(config))
     assert cli.main(["node"]) == 0
