@@ -21,6 +21,7 @@ from multidict import istr
 
 from crdt.clock import make_stamp
 from node import commands
+from node.audit import iso_of
 from node.config import Settings
 from node.deadlines import read_body, request_began
 from node.events import ENTITY_ID_RE, Event, stream_of
@@ -29,9 +30,9 @@ from node.http_errors import BODY_BYTES_MAX, Handler, as_json_error, fail
 from node.kv import StorageFailed
 from node.metrics import render_metrics
 from node.openapi import OPENAPI
-from node.replica import At, Replica, history, iso_of
+from node.replica import At, Replica
 from node.schema import index_value, parse_fields, render
-from node.tokens import BadToken, decode_token, encode_token, etag_of
+from node.tokens import BadToken, Token, decode_token, encode_token, etag_of
 from node.views import ID_CONFLICT
 from node.writer import Failing
 
@@ -97,18 +98,26 @@ async def _catch_up(request: web.Request, replica: Replica, settings: Settings) 
             wanted = decode_token(given)
         except BadToken as e:
             fail(400, "bad_token", str(e))
-        wait_ms = _int_header(request, "X-Wait-Ms", settings.consistency_wait_ms_default)
-        if wait_ms > settings.consistency_wait_ms_max:
-            fail(400, "bad_header", f"X-Wait-Ms is at most {settings.consistency_wait_ms_max}")
-        if not await replica.wait_for_token(wanted, wait_ms / 1000):
-            if replica.stopping:
-                fail(503, "stopping", STOPPING_MESSAGE, token=replica.token_text())
-            fail(
-                504,
-                "not_caught_up",
-                f"this node has not seen that token's writes after {wait_ms} ms",
-                token=replica.token_text(),
-            )
+        await _wait_for_token(request, replica, settings, wanted)
+
+
+async def _wait_for_token(
+    request: web.Request, replica: Replica, settings: Settings, wanted: Token
+) -> None:
+    """Wait until this node has seen what ``wanted`` covers, up to ``X-Wait-Ms``; else
+    answer 504 (503 if the node stops meanwhile)."""
+    wait_ms = _int_header(request, "X-Wait-Ms", settings.consistency_wait_ms_default)
+    if wait_ms > settings.consistency_wait_ms_max:
+        fail(400, "bad_header", f"X-Wait-Ms is at most {settings.consistency_wait_ms_max}")
+    if not await replica.wait_for_token(wanted, wait_ms / 1000):
+        if replica.stopping:
+            fail(503, "stopping", STOPPING_MESSAGE, token=replica.token_text())
+        fail(
+            504,
+            "not_caught_up",
+            f"this node has not seen that token's writes after {wait_ms} ms",
+            token=replica.token_text(),
+        )
 
 
 STOPPING_MESSAGE = "this node is stopping; ask another region, or this one once it is back"
@@ -392,6 +401,23 @@ def _parse_at(raw: str) -> At:
     return At.time_ms(max(0, int(moment.timestamp() * 1000)))  # before 1970: before all
 
 
+async def _entity_at(
+    request: web.Request, replica: Replica, kind: str, entity_id: str
+) -> web.Response:
+    """The entity as of ``?at=``. A token's cut is answered only once this node has
+    seen all of it (waiting as for ``X-Consistency-Token``, else 504): a cut it has not
+    seen would be another state on each node that answered it."""
+    raw = request.query["at"]
+    at = _parse_at(raw)
+    if at.token is not None:
+        await _wait_for_token(request, replica, request.app[SETTINGS], at.token)
+    state = await replica.entity_at(kind, entity_id, at)
+    if state is None or not state.exists:
+        fail(404, "not_found", f"no {kind} {entity_id!r} at that time")
+    then = {**_entity_json(kind, entity_id, state), "as_of": raw}
+    return _json(then, headers={hdrs.ETAG: etag_of(state.etag)})
+
+
 def create_handler(kind: str, replica: Replica) -> Handler:
     async def handle(request: web.Request) -> web.Response:
         requested_id, writes = parse_fields(kind, await _body(request), creating=True)
@@ -424,11 +450,7 @@ def get_handler(kind: str, replica: Replica) -> Handler:
         if not ENTITY_ID_RE.fullmatch(entity_id):  # _id, without its call
             fail(404, "not_found", "no such id")
         if request.query_string and "at" in request.query:
-            state, _ = replica.entity_at(kind, entity_id, _parse_at(request.query["at"]))
-            if not state.exists:
-                fail(404, "not_found", f"no {kind} {entity_id!r} at that time")
-            then = {**_entity_json(kind, entity_id, state), "as_of": request.query["at"]}
-            return _json(then, headers={hdrs.ETAG: etag_of(state.etag)})
+            return await _entity_at(request, replica, kind, entity_id)
         stream = prefix + entity_id
         generation = writer.generation  # before anything is read
         hit = rendered(stream)
@@ -471,14 +493,13 @@ def history_handler(kind: str) -> Handler:
     async def handle(request: web.Request) -> web.Response:
         entity_id = _id(request)
         limit, after = _limit(request), _seq_cursor(request)
-        events = _replica(request).stream(kind, entity_id)
-        if not events:
-            fail(404, "not_found", f"no {kind} {entity_id!r} has ever existed here")
         # Whether each write won is a matter of all of them; a page lists some.
-        trail = [item for item in history(events) if item["seq"] > after]
-        page = trail[:limit]
-        cursor = str(page[-1]["seq"]) if len(trail) > limit else None
-        return _json({"id": entity_id, "kind": kind, "events": page, "next_cursor": cursor})
+        trail = await _replica(request).trail(kind, entity_id)
+        if trail is None:
+            fail(404, "not_found", f"no {kind} {entity_id!r} has ever existed here")
+        page, cursor = trail.page(after, limit)
+        next_cursor = None if cursor is None else str(cursor)
+        return _json({"id": entity_id, "kind": kind, "events": page, "next_cursor": next_cursor})
 
     return handle
 

@@ -353,6 +353,18 @@ def stored_streams(
         yield block, stream.decode(), wires
 
 
+def stream_event_bytes(txn: ReadTxn, stream: str) -> list[tuple[int, bytes]]:
+    """The events of one stream, in order, as stored (seq, bytes)."""
+    found = []
+    get = txn.get
+    for key, _ in txn.scan("streams", prefix=stream.encode() + b"\0"):
+        data = get("events", key[-8:])
+        if data is None:
+            raise KeyError(from_u64(key[-8:]))
+        found.append((from_u64(key[-8:]), data))
+    return found
+
+
 def stream_events(txn: ReadTxn, stream: str) -> Iterator[tuple[int, Event]]:
     for key, _ in txn.scan("streams", prefix=stream.encode() + b"\0"):
         seq = from_u64(key[-8:])

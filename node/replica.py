@@ -8,7 +8,6 @@ once durable. Commits wake whoever waits for a consistency token or the change f
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -18,12 +17,13 @@ from typing import Any
 
 from crdt import Dot, HybridLogicalClock, ORSet, VersionVector
 from crdt import codec as crdt_codec
-from crdt.clock import LOGICAL_MASK, make_stamp, physical_ms
+from crdt.clock import LOGICAL_MASK, make_stamp
 from node import log, views
+from node.audit import Audits, Trail
 from node.counter_record import CounterRecord
-from node.events import Event, InvalidEvent, Op, stream_of
+from node.events import Event, InvalidEvent, stream_of
 from node.events import decode as decode_event
-from node.fold import EntityState, decode_state, fold_all
+from node.fold import EntityState, decode_state
 from node.kv import KV, StorageFailed, WriteTxn
 from node.lmdb_kv import MAP_BYTES_INITIAL, LmdbKV
 from node.log import Identity, LogState
@@ -35,17 +35,6 @@ from node.writer import Committed, Decide, Overloaded, Rejected, Writer, call_so
 
 def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-def iso_of(stamp: int) -> str:
-    ms = physical_ms(stamp)
-    return _iso_seconds(ms // 1000) + f".{ms % 1000:03d}Z"
-
-
-@functools.lru_cache(maxsize=4096)
-def _iso_seconds(seconds: int) -> str:
-    """Formatting a time costs more than the rest of an entity's JSON: stamps repeat."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +98,7 @@ class Replica:
         ``incarnation`` (of a new directory) and ``incarnations`` (of each renewal while it
         runs, ``Writer.renew``): chosen by simulations; otherwise random."""
         self.kv = kv
+        self.audits = Audits(kv)  # histories and past states, decoded between turns
         # On a known boot: a clean close syncs, and clears the mark of a run under way.
         self._run_marked = boot is not None
         self._closed = False
@@ -502,8 +492,13 @@ class Replica:
         with self.kv.read() as txn:
             return list(log.stream_events(txn, stream_of(kind, entity_id)))
 
-    def entity_at(self, kind: str, entity_id: str, at: At) -> tuple[EntityState, ORSet[str]]:
-        return fold_all(e for _, e in self.stream(kind, entity_id) if at.includes(e))
+    async def entity_at(self, kind: str, entity_id: str, at: At) -> EntityState | None:
+        """The entity as of ``at`` (None: no event of it here); see ``node.audit``."""
+        return await self.audits.state_at(stream_of(kind, entity_id), at.includes)
+
+    async def trail(self, kind: str, entity_id: str) -> Trail | None:
+        """The entity's audit trail (None: no event of it here); see ``node.audit``."""
+        return await self.audits.trail(stream_of(kind, entity_id))
 
     def entity_ids(self, kind: str, *, after: str, limit: int) -> tuple[list[str], str | None]:
         """Up to ``limit`` ids of the entities of ``kind`` that exist, in id order after
@@ -598,66 +593,3 @@ class Replica:
     def changes(self, after_seq: int, *, limit: int) -> list[tuple[int, Event]]:
         with self.kv.read() as txn:
             return list(log.events_after(txn, after_seq, limit=limit))
-
-
-def history(events: Iterable[tuple[int, Event]]) -> list[dict[str, Any]]:
-    """The audit trail of one entity, each field write saying whether it won and why not."""
-    listed = list(events)
-    by_dot = {e.dot: e for _, e in listed}
-    winners: dict[str, Event] = {}
-    lives = [e for _, e in listed if e.op in (Op.CREATE, Op.DELETE)]  # each raises a floor
-    floor = max(lives, key=lambda d: (d.hlc, d.dot), default=None)
-
-    def cleared(e: Event) -> bool:
-        return floor is not None and (e.hlc, e.dot) <= (floor.hlc, floor.dot)
-
-    for _, e in listed:
-        if e.op is Op.SET and e.field is not None and not cleared(e):
-            best = winners.get(e.field)
-            if best is None or (e.hlc, e.dot) > (best.hlc, best.dot):
-                winners[e.field] = e
-
-    def overwrote(later: Event, earlier: Dot) -> bool:
-        """Whether ``later`` was written knowing ``earlier`` (a chain of observed winners)."""
-        seen: set[Dot] = set()
-        frontier = set(later.observed)
-        while frontier:
-            dot = frontier.pop()
-            if dot == earlier:
-                return True
-            if dot not in seen and dot in by_dot:
-                seen.add(dot)
-                frontier |= by_dot[dot].observed
-        return False
-
-    trail = []
-    for seq, e in listed:
-        item: dict[str, Any] = {
-            "seq": seq,
-            "dot": str(e.dot),
-            "origin": e.dot.origin,
-            "time": iso_of(e.hlc),
-            "hlc": e.hlc,
-            "actor": e.actor,
-            "op": e.op.name.lower(),
-        }
-        if e.field is not None:
-            item["field"] = e.field
-            item["value"] = e.value
-        if e.op is Op.SET and e.field is not None and cleared(e):
-            assert floor is not None
-            item["won"] = False
-            item["why"] = f"cleared by the {floor.op.name.lower()} {floor.dot}"
-        elif e.op is Op.SET and e.field is not None:
-            winner = winners[e.field]
-            item["won"] = winner.dot == e.dot
-            if winner.dot != e.dot:
-                item["why"] = (
-                    f"overwritten by {winner.dot}"
-                    if overwrote(winner, e.dot)
-                    else f"concurrent with {winner.dot}, which has the greater (clock, origin)"
-                )
-        if e.observed and e.op in (Op.REMOVE, Op.DELETE):
-            item["observed"] = sorted(str(d) for d in e.observed)
-        trail.append(item)
-    return trail

@@ -26,9 +26,10 @@ from crdt import Dot, OriginSeen, VersionVector
 from crdt.clock import physical_ms
 from node import events as ev
 from node import log, views
+from node.audit import iso_of
 from node.kv import StorageFailed, WriteTxn
 from node.log import LogState
-from node.replica import Replica, iso_of
+from node.replica import Replica
 from node.writer import Committed, Overloaded, call_soon
 from replication import protocol
 from replication.peers import BACKOFF_BASE_MS, BACKOFF_MAX_MS, PeerState

@@ -1009,7 +1009,7 @@ def test_history_lists_every_event_with_who_when_and_which_write_won() -> None:
         assert "why" not in second_name
         local_username = trail[3]
         assert local_username["won"] is False
-        assert local_username["why"].startswith(f"concurrent with {REMOTE}:1")
+        assert local_username["why"].startswith(f"lost to {REMOTE}:1")
         assert trail[5]["won"] is True
         _, now = await a.call("GET", "/users/ann")
         assert now["username"] == "ann-us"
@@ -1048,6 +1048,67 @@ def test_time_travel_by_time_and_by_consistency_token() -> None:
         for bad in ("yesterday", "2026-01-01T00:00:00", ""):
             _, answer = await a.call("GET", "/users/ann", params={"at": bad}, status=400)
             assert answer["error"] == "bad_query"
+
+    run(body)
+
+
+def test_time_travel_to_a_token_this_node_has_not_seen_waits_for_it_then_answers() -> None:
+    async def body(a: Api) -> None:
+        await a.create_user("ann", id="ann")
+        stamp = a.replica.clock.last + (10 << 16)
+        remote = Event(Dot(REMOTE, 1), stamp, "user/ann", Op.SET, "name", "Ann-us", actor="us")
+        cut = encode_token({**decode_token(a.replica.token_text()), REMOTE: 1})
+        # Not seen here: no answer of a cut this node lacks (another node would differ).
+        _, answer = await a.call(
+            "GET", "/users/ann", params={"at": cut}, headers={"X-Wait-Ms": "50"}, status=504
+        )
+        assert answer["error"] == "not_caught_up"
+        # Arriving while the read waits: the read answers the whole cut.
+        waiting = asyncio.ensure_future(a.call("GET", "/users/ann", params={"at": cut}))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        await a.replica.ingest([remote])
+        r, then = await waiting
+        assert (r.status, then["name"]) == (200, "Ann-us")
+
+    run(body)
+
+
+def test_history_pages_follow_writes_made_between_them() -> None:
+    async def body(a: Api) -> None:
+        await a.create_user("ann", id="ann")
+        for i in range(30):
+            await a.call("PATCH", "/users/ann", json={"name": f"Ann {i}"}, status=200)
+        _, first = await a.call("GET", "/users/ann/history", params={"limit": "10"}, status=200)
+        names = [e for e in await history(a, "/users/ann") if e.get("field") == "name"]
+        assert [e["won"] for e in names] == [False] * 30 + [True]
+        # Each write overwrote the one before it: every loser names the winner so.
+        assert {e["why"] for e in names[:-1]} == {f"overwritten by {names[-1]['dot']}"}
+        await a.call("PATCH", "/users/ann", json={"name": "Ann last"}, status=200)
+        cursor = first["next_cursor"]
+        pages = first["events"]
+        while cursor is not None:
+            _, page = await a.call(
+                "GET", "/users/ann/history", params={"limit": "10", "cursor": cursor}, status=200
+            )
+            pages += page["events"]
+            cursor = page["next_cursor"]
+        assert pages[-1]["value"] == "Ann last"
+        assert pages[-1]["won"] is True
+        assert pages[-2]["won"] is False  # the page read after the write judges it anew
+        assert len({e["seq"] for e in pages}) == len(pages) == 4 + 30 + 1  # create, 3 fields
+
+    run(body)
+
+
+def test_a_group_as_of_a_past_time_with_many_members_answers() -> None:
+    async def body(a: Api) -> None:
+        await a.call("POST", "/groups", json={"id": "g", "name": "G"}, status=201)
+        for i in range(50):
+            await a.create_user(f"u{i}", id=f"u{i}")
+            await a.call("PUT", f"/groups/g/members/u{i}", status=200)
+        _, group = await a.call("GET", "/groups/g", params={"at": "2999-01-01T00:00:00Z"})
+        assert group["name"] == "G"
 
     run(body)
 

@@ -11,8 +11,8 @@ import pytest
 from crdt import Dot
 from node import commands, views
 from node import events as ev
+from node.audit import history as history_of
 from node.events import Event, Op
-from node.replica import history as history_of
 from replication.protocol import RawEvent
 from tests.replication.cluster import Cluster, person, raw_add, run
 

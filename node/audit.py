@@ -1,0 +1,250 @@
+"""An entity's audit trail and its past states, read off its stream of events.
+
+Both need every event of the entity: whether a write won is a matter of all the others,
+and a past state is a fold of those before it. So neither may hold the event loop for
+the length of a long stream (a user written at every login, a group of 50,000 members):
+a stream's events are read in one snapshot (bytes, a short read), then decoded a chunk
+at a time, the loop serving other requests in between; the verdicts (won, why) cost one
+pass, and are kept for the next page while the entity has not changed (its stored view,
+which every event folded into it changes, is the same).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from bisect import bisect_right
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from crdt import Dot
+from crdt.clock import physical_ms
+from node import log
+from node.events import Event, Op
+from node.events import decode as decode_event
+from node.fold import EntityState, Folding
+from node.kv import KV
+
+# Events decoded (or folded) between two turns of the event loop.
+DECODE_CHUNK_EVENTS = 2_000
+# Trails kept for the next page: at most this many entities, and this many of their
+# events all together (a longer stream's trail is not kept; each page reads it again).
+TRAILS_KEPT_MAX = 8
+TRAIL_EVENTS_KEPT_MAX = 200_000
+
+# Per event: None (not a field write), or whether it won and, if not, why not.
+Verdict = tuple[bool, str | None] | None
+
+
+def iso_of(stamp: int) -> str:
+    ms = physical_ms(stamp)
+    return _iso_seconds(ms // 1000) + f".{ms % 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=4096)
+def _iso_seconds(seconds: int) -> str:
+    """Formatting a time costs more than the rest of an entity's JSON: stamps repeat."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+
+
+def verdicts(events: Sequence[Event]) -> list[Verdict]:
+    """Whether each field write won and why not, in one pass and one walk per field.
+
+    A write at or below the entity's floor (its greatest create or delete, as the fold
+    keeps it) was cleared by that event; of the others, the greatest write of each field
+    won. A loser was *overwritten* when the winner's chain of observed winners reaches
+    it (the winner was written knowing it), and otherwise lost on (clock, origin).
+    """
+    state = _fold(events)
+    floor = state.floor
+    floor_event = None
+    by_dot: dict[Dot, Event] = {}
+    for e in events:
+        by_dot[e.dot] = e
+        if floor is not None and (e.hlc, e.dot.origin, e.dot.counter) == floor:
+            floor_event = e
+    winners: dict[str, Event] = {}
+    for e in events:
+        if e.op is Op.SET and e.field is not None and _above(floor, e):
+            best = winners.get(e.field)
+            if best is None or (e.hlc, e.dot) > (best.hlc, best.dot):
+                winners[e.field] = e
+    reached: dict[str, set[Dot]] = {}  # per field: the dots its winner's chain reaches
+
+    def overwrote(name: str, dot: Dot) -> bool:
+        known = reached.get(name)
+        if known is None:
+            known = reached[name] = set()
+            frontier = list(winners[name].observed)
+            while frontier:
+                seen = frontier.pop()
+                if seen not in known:
+                    known.add(seen)
+                    earlier = by_dot.get(seen)
+                    if earlier is not None:
+                        frontier.extend(earlier.observed)
+        return dot in known
+
+    found: list[Verdict] = []
+    for e in events:
+        if e.op is not Op.SET or e.field is None:
+            found.append(None)
+        elif not _above(floor, e):
+            what = "the floor" if floor_event is None else f"the {floor_event.op.name.lower()}"
+            dot = "" if floor_event is None else f" {floor_event.dot}"
+            found.append((False, f"cleared by {what}{dot}"))
+        else:
+            winner = winners[e.field]
+            if winner.dot == e.dot:
+                found.append((True, None))
+            elif overwrote(e.field, e.dot):
+                found.append((False, f"overwritten by {winner.dot}"))
+            else:
+                # Not provably concurrent: the winner's region may have seen this write
+                # without it being the value the winner replaced.
+                why = f"lost to {winner.dot}, which has the greater (clock, origin)"
+                found.append((False, why))
+    return found
+
+
+def _above(floor: tuple[int, str, int] | None, e: Event) -> bool:
+    return floor is None or (e.hlc, e.dot.origin, e.dot.counter) > floor
+
+
+def _fold(events: Iterable[Event]) -> EntityState:
+    folding = Folding(EntityState())
+    for e in events:
+        folding.add(e)
+    return folding.state()
+
+
+def item(seq: int, e: Event, verdict: Verdict) -> dict[str, Any]:
+    """One entry of an audit trail, as the history answers it."""
+    entry: dict[str, Any] = {
+        "seq": seq,
+        "dot": str(e.dot),
+        "origin": e.dot.origin,
+        "time": iso_of(e.hlc),
+        "hlc": e.hlc,
+        "actor": e.actor,
+        "op": e.op.name.lower(),
+    }
+    if e.field is not None:
+        entry["field"] = e.field
+        entry["value"] = e.value
+    if verdict is not None:
+        entry["won"] = verdict[0]
+        if verdict[1] is not None:
+            entry["why"] = verdict[1]
+    if e.observed and e.op in (Op.REMOVE, Op.DELETE):
+        entry["observed"] = sorted(str(d) for d in e.observed)
+    return entry
+
+
+def history(events: Iterable[tuple[int, Event]]) -> list[dict[str, Any]]:
+    """The whole audit trail of one entity (every entry ``item`` makes), at once."""
+    listed = list(events)
+    found = verdicts([e for _, e in listed])
+    return [item(seq, e, v) for (seq, e), v in zip(listed, found, strict=True)]
+
+
+@dataclass(frozen=True, slots=True)
+class Trail:
+    """An entity's stream as read in one snapshot, with its verdicts."""
+
+    view: bytes | None  # the entity's stored view then: while it is the same, so is this
+    seqs: list[int]
+    raws: list[bytes]
+    verdicts: list[Verdict]
+
+    def page(self, after: int, limit: int) -> tuple[list[dict[str, Any]], int | None]:
+        """The entries after seq ``after``, at most ``limit``, and the next cursor."""
+        start = bisect_right(self.seqs, after)
+        end = min(len(self.seqs), start + limit)
+        entries = [
+            item(self.seqs[i], decode_event(self.raws[i]), self.verdicts[i])
+            for i in range(start, end)
+        ]
+        return entries, (self.seqs[end - 1] if end < len(self.seqs) and end > start else None)
+
+
+async def decoded(raws: Sequence[bytes]) -> list[Event]:
+    """Events from their stored bytes, a chunk at a time between turns of the loop."""
+    events: list[Event] = []
+    for start in range(0, len(raws), DECODE_CHUNK_EVENTS):
+        events.extend(decode_event(raw) for raw in raws[start : start + DECODE_CHUNK_EVENTS])
+        if start + DECODE_CHUNK_EVENTS < len(raws):
+            await asyncio.sleep(0)
+    return events
+
+
+class Audits:
+    """Trails and past states of the entities of one replica (see the module)."""
+
+    def __init__(self, kv: KV) -> None:
+        self.kv = kv
+        self._trails: OrderedDict[str, Trail] = OrderedDict()
+        self._events_kept = 0
+
+    def _read(self, stream: str) -> tuple[bytes | None, list[tuple[int, bytes]]]:
+        with self.kv.read() as txn:
+            return txn.get("views", stream.encode()), log.stream_event_bytes(txn, stream)
+
+    async def trail(self, stream: str) -> Trail | None:
+        """The entity's trail (None: no event of it here), kept while it is unchanged."""
+        kept = self._kept(stream)
+        if kept is not None:
+            return kept
+        view, stored = self._read(stream)
+        if not stored:
+            return None
+        seqs = [seq for seq, _ in stored]
+        raws = [raw for _, raw in stored]
+        events = await decoded(raws)
+        made = Trail(view, seqs, raws, verdicts(events))
+        self._keep(stream, made)
+        return made
+
+    def _kept(self, stream: str) -> Trail | None:
+        """The trail kept of the entity, if it has not changed since."""
+        kept = self._trails.get(stream)
+        if kept is None or kept.view != self.kv.get("views", stream.encode()):
+            return None
+        self._trails.move_to_end(stream)
+        return kept
+
+    def _keep(self, stream: str, made: Trail) -> None:
+        old = self._trails.pop(stream, None)
+        if old is not None:
+            self._events_kept -= len(old.seqs)
+        if made.view is None or len(made.seqs) > TRAIL_EVENTS_KEPT_MAX:
+            return
+        self._trails[stream] = made
+        self._events_kept += len(made.seqs)
+        while len(self._trails) > TRAILS_KEPT_MAX or self._events_kept > TRAIL_EVENTS_KEPT_MAX:
+            _, dropped = self._trails.popitem(last=False)
+            self._events_kept -= len(dropped.seqs)
+
+    async def state_at(self, stream: str, includes: Any) -> EntityState | None:
+        """The entity folded from its events that ``includes`` takes (None: no event of
+        it here), a chunk at a time between turns of the loop."""
+        kept = self._kept(stream)
+        if kept is not None:
+            raws: Sequence[bytes] = kept.raws
+        else:
+            _, stored = self._read(stream)
+            if not stored:
+                return None
+            raws = [raw for _, raw in stored]
+        folding = Folding(EntityState())
+        for start in range(0, len(raws), DECODE_CHUNK_EVENTS):
+            for raw in raws[start : start + DECODE_CHUNK_EVENTS]:
+                e = decode_event(raw)
+                if includes(e):
+                    folding.add(e)
+            if start + DECODE_CHUNK_EVENTS < len(raws):
+                await asyncio.sleep(0)
+        return folding.state()
