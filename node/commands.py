@@ -135,7 +135,7 @@ def delete(kind: str, entity_id: str, if_match: str | None) -> Decide:
         _check_match(state, if_match)
         drafts = [Draft(stream, Op.DELETE, observed=state.existence.dots(""))]
         if kind == "user":  # deleting a user removes the memberships this replica sees
-            for group_id in views.groups_of(txn, entity_id):
+            for group_id in views.groups_of(txn, entity_id, existing=False):
                 drafts += _remove_member(txn, group_id, entity_id)
         else:  # deleting a group removes the members it has here; a re-created one starts empty
             for user_id in views.members(txn, entity_id):

@@ -31,8 +31,10 @@ VIEW_FORMAT = 2
 # folded by other rules are folded again when the node opens. 1: a delete raised the
 # floor; 2: a create raises it too; 3: unique values indexed in NFC with ASCII letters
 # folded only, searched text in NFKC case-folded (``schema.index_value``, ``search_fold``),
-# and an id created twice at once recorded among the conflicts (``views._id_conflict``).
-FOLD_RULES = 3
+# and an id created twice at once recorded among the conflicts (``views._id_conflict``);
+# 4: a user's memberships (``user_groups``) list every live add of it, whatever its
+# group's existence, so that a delete of the user removes them all.
+FOLD_RULES = 4
 ENTITY = ""  # the single element of an existence set
 
 

@@ -22,7 +22,7 @@ DATABASES = (
     "quarantine",  # origin \0 counter -> raw bytes of events too new to read
     "views",  # stream -> folded entity state
     "members",  # group \0 user -> the member's OR-set slice
-    "user_groups",  # user \0 group -> b"": a user's groups
+    "user_groups",  # user \0 group -> b"": a live add of the user (the group may not exist)
     "unique_email",  # email as index_value folds it -> the ids holding it, sorted, \0 between
     "unique_username",  # username, folded likewise -> the ids holding it, sorted, \0 between
     "idx_email",  # before: casefolded email \0 user -> b"" (converted at open, then empty)

@@ -274,7 +274,6 @@ def apply(txn: WriteTxn, event: Event, pending: Pending | None = None) -> None:
     if op is Op.SET:  # most events: a field write changes no existence and no membership
         folding.add(event)
         return
-    existed = folding.exists
     folding.add(event)
     group_id = event.entity_id
     if op is Op.ADD or op is Op.REMOVE:
@@ -284,11 +283,8 @@ def apply(txn: WriteTxn, event: Event, pending: Pending | None = None) -> None:
         txn.put("members", member_key(group_id, event.value), crdt_codec.encode(member))
         if (event.value in before) != (event.value in member):
             pending.digest_change ^= _hash(b"member", member_key(group_id, event.value))
-        present = folding.exists and event.value in member
-        _refresh_membership(txn, group_id, event.value, present)
-    elif event.kind == "group" and existed != folding.exists:
-        for user_id in members(txn, group_id):
-            _refresh_membership(txn, group_id, user_id, folding.exists)
+            # Whatever the group's existence: a delete of the user removes them all.
+            _refresh_membership(txn, group_id, event.value, event.value in member)
 
 
 # One entity of a rebuild, folded and ready to store (``replayed``, ``store_replayed``):
@@ -330,8 +326,7 @@ def replayed(stream: str, wires: list[list[Any]]) -> Replayed:
             slices.append((key, crdt_codec.encode(member)))
             if user_id in member:
                 change ^= _hash(b"member", key)
-                if state.exists:
-                    memberships.append(user_id.encode() + b"\0" + group_id.encode())
+                memberships.append(user_id.encode() + b"\0" + group_id.encode())
     view = encode_state(state)
     conflict = _id_conflict(stream, state)
     return (
@@ -539,9 +534,16 @@ def member_slices(txn: ReadTxn, group_id: str, *, after: str = "") -> Iterator[t
         yield key[len(prefix) :].decode(), bool(crdt_codec.decode_as(raw, ORSet).entries)
 
 
-def groups_of(txn: ReadTxn, user_id: str) -> list[str]:
+def groups_of(txn: ReadTxn, user_id: str, *, existing: bool = True) -> list[str]:
+    """The groups holding a live add of the user: those that exist (what a client sees),
+    or with ``existing`` false every one, whatever its group's existence (a group not
+    here yet, or deleted concurrently with the add: a delete of the user removes them
+    all, or the add would list a new user of the same id once the group is there)."""
     prefix = user_id.encode() + b"\0"
-    return [key[len(prefix) :].decode() for key, _ in txn.scan("user_groups", prefix=prefix)]
+    held = [key[len(prefix) :].decode() for key, _ in txn.scan("user_groups", prefix=prefix)]
+    if not existing:
+        return held
+    return [group_id for group_id in held if entity(txn, stream_of("group", group_id)).exists]
 
 
 def lookup(txn: ReadTxn, field: str, value: str) -> list[str]:

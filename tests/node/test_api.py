@@ -922,6 +922,36 @@ def test_a_member_put_again_and_again_keeps_one_add_and_can_always_be_removed(
     run(body)
 
 
+def test_deleting_a_user_removes_its_adds_in_groups_not_here_yet_or_deleted() -> None:
+    """A delete of a user removes every add of it this replica holds: an add to a group
+    whose create has not arrived here (or that was deleted concurrently) used to stay,
+    and a new user created later under the same id was listed in that group (found by
+    a review)."""
+
+    async def body(a: Api) -> None:
+        await a.create_user("u1", id="u1")
+        await a.create_group("gone")
+        await a.replica.ingest(_adds("later", "u1", range(1, 2)))  # group "later" not here
+        await a.replica.ingest(_adds("gone", "u1", range(2, 3)))
+        await a.call("DELETE", "/groups/gone", status=204)  # observed no add of u1 there
+        _, groups = await a.call("GET", "/users/u1/groups", status=200)
+        assert groups["groups"] == []  # neither exists here: not listed
+        await a.call("DELETE", "/users/u1", status=204)
+        assert _member_dots(a.replica, "later", "u1") == frozenset()
+        assert _member_dots(a.replica, "gone", "u1") == frozenset()
+        # The group arrives, and a new person is created as u1: in no group.
+        stamp = make_stamp(physical_ms(time.time_ns()))
+        create = Event(Dot(REMOTE, 3), stamp, "group/later", Op.CREATE, actor="us")
+        await a.replica.ingest([create])
+        await a.create_user("u1again", id="u1")
+        _, groups = await a.call("GET", "/users/u1/groups", status=200)
+        assert groups["groups"] == []
+        _, members = await a.call("GET", "/groups/later/members", status=200)
+        assert members["members"] == []
+
+    run(body)
+
+
 def test_members_that_do_not_exist_are_stepped_over_a_bounded_number_a_page(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
