@@ -3,9 +3,12 @@
 An entity's existence is an add-wins OR-set of its ``create`` dots (a ``delete``
 removes the creates it observed, so a concurrent create wins); each scalar field is
 an LWW register; a group's members are OR-set slices kept per member elsewhere. A
-create or a delete also clears every field write ordered before it (a floor on the
-registers), so an id created again after a delete does not show what its previous
-life wrote, not even a write that raced the delete and is ordered after it. The same
+create also clears every field write ordered before it (a floor on the registers), so
+an id created again after a delete does not show what its previous life wrote, not
+even a write that raced the delete and is ordered before the new create. A delete
+clears no field: a create it did not observe survives it (add-wins) with what that
+create's life wrote, whatever their stamps, and an entity no create survives shows
+nothing anyway. The same
 functions build live views, rebuilt views and any entity as of a past time.
 No clock and no randomness is read here: time enters only through event stamps.
 """
@@ -33,7 +36,9 @@ VIEW_FORMAT = 2
 # folded only, searched text in NFKC case-folded (``schema.index_value``, ``search_fold``),
 # and an id created twice at once recorded among the conflicts (``views._id_conflict``);
 # 4: a user's memberships (``user_groups``) list every live add of it, whatever its
-# group's existence, so that a delete of the user removes them all.
+# group's existence, so that a delete of the user removes them all; a delete no longer
+# raises the floor (one ordered after a create it did not observe, which survives it,
+# cleared what that create's life wrote: an acknowledged create kept no field).
 FOLD_RULES = 4
 ENTITY = ""  # the single element of an existence set
 
@@ -71,8 +76,8 @@ Winner = tuple[Key, Value]
 class EntityState:
     existence: ORSet[str] = field(default_factory=ORSet)
     fields: Mapping[str, Winner] = field(default_factory=dict)  # each field's LWW register
-    # Every field write ordered at or below the greatest create or delete is cleared: a
-    # re-created id starts from scratch instead of showing what its previous life had.
+    # Every field write ordered at or below the greatest create is cleared: a re-created
+    # id starts from scratch instead of showing what its previous life had.
     floor: Key | None = None
     create_stamps: Mapping[Dot, int] = field(default_factory=dict)  # create dot -> its stamp
     etag: int = 0  # XOR of the hashes of every applied dot: same events, same tag
@@ -126,8 +131,8 @@ class Folding:
     """One entity's state while events fold into it, frozen into an ``EntityState`` once.
 
     Folding n events costs n cheap steps and one new state, not n states: a field keeps
-    only its greatest write until the end, where the writes at or below the delete
-    floor are dropped. That is the same state as folding the events one at a time,
+    only its greatest write until the end, where the writes at or below the floor
+    (the greatest create) are dropped. That is the same state as folding the events one at a time,
     whatever their order (``test_fold`` checks it): a register holds the greatest write
     above the floor, and the floor only rises.
     """
@@ -173,11 +178,8 @@ class Folding:
             key = (hlc, origin, counter)  # a new life starts from scratch (see the floor)
             if self.floor is None or key > self.floor:
                 self.floor = key
-        elif op == _DELETE:
+        elif op == _DELETE:  # no floor: see the module
             self.existence = self.existence.apply(Remove(ENTITY, observed))
-            key = (hlc, origin, counter)
-            if self.floor is None or key > self.floor:
-                self.floor = key
         # add/remove change member slices (fold_member); the entity records that it changed.
 
     def add(self, event: Event) -> None:

@@ -7,8 +7,7 @@ there cannot hide by being repeated here. It is slow on purpose; it is obviously
 
 - An entity exists iff some create of its stream no delete of that stream observed.
 - A field's value is that of its greatest write by (hlc, origin, counter), among the
-  writes greater than the stream's greatest create or delete; with none such, the field
-  is absent.
+  writes greater than the stream's greatest create; with none such, the field is absent.
 - A user is a member of a group iff it exists and some add of that user no remove of that
   user observed.
 """
@@ -61,12 +60,13 @@ def live_creates(stream: list[Event]) -> list[str]:
 
 
 def floor(stream: list[Event]) -> Key | None:
-    """The greatest create or delete: every field write at or below it is cleared."""
-    return max((key(e) for e in stream if e.op in (Op.CREATE, Op.DELETE)), default=None)
+    """The greatest create: every field write at or below it is cleared. (A delete
+    clears none: a create it did not observe survives it with its life's writes.)"""
+    return max((key(e) for e in stream if e.op is Op.CREATE), default=None)
 
 
 def cleared(event: Event, low: Key | None) -> bool:
-    """Whether a create or delete at ``low`` (the stream's floor) cleared this write."""
+    """Whether the create at ``low`` (the stream's floor) cleared this write."""
     return low is not None and key(event) <= low
 
 

@@ -952,6 +952,33 @@ def test_deleting_a_user_removes_its_adds_in_groups_not_here_yet_or_deleted() ->
     run(body)
 
 
+def test_a_create_another_region_made_outlives_a_later_delete_here_with_its_fields() -> None:
+    """us deleted u1 and created it anew (201 to its client); eu, not having seen that,
+    deleted the old u1 with a greater stamp. The new create survives (add-wins), and so
+    do its fields: the delete's floor used to clear them, leaving a user with no name,
+    username or email (found by a review)."""
+
+    async def body(a: Api) -> None:
+        await a.create_user("u1", id="u1")
+        old_create = next(iter(a.replica.entity("user", "u1").existence.dots("")))
+        stamp = a.replica.clock.last + (1 << 16)
+        remote = [
+            Event(Dot(REMOTE, 1), stamp, "user/u1", Op.DELETE, observed=frozenset({old_create})),
+            Event(Dot(REMOTE, 2), stamp + 1, "user/u1", Op.CREATE),
+            Event(Dot(REMOTE, 3), stamp + 2, "user/u1", Op.SET, "name", "New"),
+            Event(Dot(REMOTE, 4), stamp + 3, "user/u1", Op.SET, "email", "new@example.com"),
+        ]
+        await asyncio.sleep(0.01)  # this region's delete comes later, by the clock too
+        await a.call("DELETE", "/users/u1", status=204)
+        await a.replica.ingest(remote)
+        _, user = await a.call("GET", "/users/u1", status=200)
+        assert (user["name"], user["email"]) == ("New", "new@example.com")
+        _, found = await a.call("GET", "/users", params={"email": "new@example.com"})
+        assert [u["id"] for u in found["users"]] == ["u1"]
+
+    run(body)
+
+
 def test_members_that_do_not_exist_are_stepped_over_a_bounded_number_a_page(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

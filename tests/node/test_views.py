@@ -69,13 +69,13 @@ def exists(known: Known, stream: str) -> bool:
 
 
 def winner(known: Known, stream: str, name: str) -> Event | None:
-    """The write with the greatest (hlc, origin, counter), unless a create or delete
-    ordered after it cleared it: each clears every field write ordered before it."""
+    """The write with the greatest (hlc, origin, counter), unless a create ordered after
+    it cleared it: each clears every field write ordered before it (a delete none)."""
 
     def key(e: Event) -> tuple[int, str, int]:
         return (e.hlc, e.dot.origin, e.dot.counter)
 
-    floor = max((key(d) for d in of(known, stream, Op.CREATE, Op.DELETE)), default=None)
+    floor = max((key(c) for c in of(known, stream, Op.CREATE)), default=None)
     writes = [e for e in of(known, stream, Op.SET) if e.field == name]
     best = max(writes, key=key, default=None)
     return None if best is None or (floor is not None and key(best) <= floor) else best

@@ -110,20 +110,25 @@ def test_equal_stamps_are_ordered_by_origin_then_counter() -> None:
     assert name_of([*events, *by_counter]) == "c12"
 
 
-def test_a_delete_clears_every_write_up_to_its_own_key() -> None:
+def test_a_create_a_delete_did_not_observe_keeps_what_its_life_wrote() -> None:
     first = user(EU, 1, 10, "homer", name="Homer", email="homer@x.us", profile__city="Springfield")
     delete = ev(EU, 10, 100, "user/homer", Op.DELETE, observed=[first[0].dot])
-    # A create the delete did not observe (concurrent with it) keeps the user: add-wins.
+    # A create the delete did not observe (concurrent with it) keeps the user: add-wins,
+    # and with it every write above it, though the delete's stamp is greater: its floor
+    # would have cleared an acknowledged create's fields (found by a review).
     concurrent = ev(US, 1, 95, "user/homer", Op.CREATE)
-    # concurrent with the delete: a write above its key survives, one below is cleared
     above = ev(AP, 1, 150, "user/homer", Op.SET, "name", "above")
-    below = ev(AP, 2, 90, "user/homer", Op.SET, "email", "below@x.us")
-    # the same stamp as the delete: the key decides (origin "us~" > "eu~" survives)
-    tie = ev(US, 2, 100, "user/homer", Op.SET, "username", "tie")
-    tie_lost = ev(AP, 3, 100, "user/homer", Op.SET, "profile.city", "Shelbyville")
-    events = [*first, delete, concurrent, above, below, tie, tie_lost]
+    between = ev(US, 2, 96, "user/homer", Op.SET, "username", "between")
+    below = ev(AP, 2, 90, "user/homer", Op.SET, "email", "below@x.us")  # below the create
+    events = [*first, delete, concurrent, above, between, below]
     homer = oracle_snapshot(events)["users"]["homer"]
-    assert homer == {"name": "above", "username": "tie", "profile": {}}
+    assert homer == {"name": "above", "username": "between", "profile": {}}
+    # The same create, recreating the id after a delete it had seen, on a region that
+    # then sees a delete from a region that had not seen it: the same.
+    again = user(US, 5, 120, "homer", name="New Homer", email="new@x.us")
+    stale = ev(EU, 11, 130, "user/homer", Op.DELETE, observed=[first[0].dot])
+    homer = oracle_snapshot([*first, delete, *again, stale])["users"]["homer"]
+    assert homer == {"name": "New Homer", "email": "new@x.us", "profile": {}}
 
 
 def test_a_create_clears_every_write_up_to_its_own_key_a_new_life_starts_from_scratch() -> None:
