@@ -93,8 +93,13 @@ def _sets(stream: str, state: EntityState, writes: Mapping[str, Value]) -> list[
     for field, value in sorted(writes.items()):
         # The register's winning write, ((hlc, origin, counter), value): its dot is observed.
         held = state.fields.get(field)
-        observed = frozenset() if held is None else frozenset({Dot(held[0][1], held[0][2])})
-        drafts.append(Draft(stream, Op.SET, field, value, observed))
+        if held is None:
+            drafts.append(Draft(stream, Op.SET, field, value))
+        else:
+            (hlc, origin, counter), _ = held
+            drafts.append(
+                Draft(stream, Op.SET, field, value, frozenset({Dot(origin, counter)}), hlc)
+            )
     return drafts
 
 
@@ -109,7 +114,14 @@ def create(kind: str, entity_id: str, writes: Mapping[str, Value]) -> Decide:
         # Memberships this replica holds for the id stay: whether an add was made for an
         # earlier, deleted life (racing its delete) or for a live one whose create has not
         # arrived here yet, nothing here tells apart. Add wins (see the README's table).
-        return [Draft(stream, Op.CREATE), *_sets(stream, state, writes)]
+        # After every write of the id it knows: a new life clears them all (the floor).
+        known = [key[0] for key, _ in state.fields.values()]
+        if state.floor is not None:
+            known.append(state.floor[0])
+        return [
+            Draft(stream, Op.CREATE, after=max(known, default=0)),
+            *_sets(stream, state, writes),
+        ]
 
     return decide
 

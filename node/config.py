@@ -340,6 +340,10 @@ _CONVERTERS: dict[str, Callable[[str, object, str], Any]] = {
     **{name: _file for name in ("tls_cert", "tls_key", "tls_ca")},
     "run_dir": lambda name, value, where: Path(_text(name, value, where)),
     **{name: _int for name in _LIMITS},
-    "start_writes_wait_ms_max": lambda name, value, where: _int(name, value, where, low=0),
+    # 0: no wait (a cluster's first region, nothing to catch up on)
+    **{
+        name: lambda name, value, where: _int(name, value, where, low=0)
+        for name in ("start_writes_wait_ms_max", "bootstrap_wait_ms_max")
+    },
 }
 assert set(_CONVERTERS) == set(_FIELDS), "every setting needs exactly one converter"

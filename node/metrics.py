@@ -68,6 +68,12 @@ def render_metrics(replica: Replica) -> str:
             "Remote stamps beyond max drift (not followed).",
             m.stamps_drifted,
         ),
+        (
+            "replica_stamps_past_clock_total",
+            "counter",
+            "Local events stamped past the clock, after a write they observed that was ahead.",
+            writer.stamped_past_clock,
+        ),
         ("replica_commits_total", "counter", "Durable LMDB commits.", writer.commits),
         (
             "replica_commits_refused_total",

@@ -231,10 +231,13 @@ async def serve(replica: Replica, settings: Settings, extensions: Sequence[Exten
             }
         },
     )
-    print(
-        f"replica {replica.identity.replica_id} listening on {url} ({running_loop_name()})",
-        flush=True,
-    )
+    try:
+        print(
+            f"replica {replica.identity.replica_id} listening on {url} ({running_loop_name()})",
+            flush=True,
+        )
+    except OSError as exc:  # stdout on a full disk: the node serves all the same
+        logger.warning("cannot write the listening line to stdout: %s", exc)
     keeper = asyncio.ensure_future(_housekeeping(replica))
     gave_up = asyncio.ensure_future(replica.storage_gave_up.wait())
     stopped = asyncio.ensure_future(stop.wait())

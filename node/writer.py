@@ -63,6 +63,10 @@ class Draft:
     field: str | None = None
     value: Value = None
     observed: frozenset[Dot] = frozenset()
+    # The greatest stamp of what it observed: it is stamped after it, even where that
+    # stamp is ahead of this node's clock (beyond the drift it follows), so that a write
+    # made knowing a value never loses to it.
+    after: int = 0
 
 
 Decide = Callable[[ReadTxn], list[Draft]]
@@ -158,6 +162,7 @@ class Writer:
         # Times a peer showed this node's id beyond its counter after it had renewed in
         # this run: its counter moved past them (``renew``).
         self.claims_skipped = 0
+        self.stamped_past_clock = 0  # events stamped after what they observed (``Draft``)
         self._renewed: list[tuple[str, int]] = []  # in the commit under way
         self._skipped: list[tuple[str, int]] = []  # likewise
         # Commits the storage refused: every one ever, and those since the last success.
@@ -307,7 +312,10 @@ class Writer:
                 replica_id,
                 highest,
             )
-        self.on_commit(committed)
+        try:
+            self.on_commit(committed)
+        except Exception:  # durable all the same: its requests are answered, not left hanging
+            logger.exception("publishing a commit failed")
         _settle(list(zip(batch, outcomes, strict=True)))
 
     def storage_quiet(self) -> bool:
@@ -405,9 +413,15 @@ class Writer:
                 outcomes.append(rejection)
                 continue
             written = []
+            least = 0  # a request's events in the order it drafted them
             for draft in drafts:
                 state.counter += 1
                 stamp = self.clock.tick()
+                if stamp <= draft.after or stamp <= least:
+                    # Past the clock, for this event alone: the clock does not follow it.
+                    stamp = max(draft.after, least) + 1
+                    self.stamped_past_clock += 1
+                least = stamp
                 event = Event(
                     Dot(state.replica_id, state.counter),
                     stamp,

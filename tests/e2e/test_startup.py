@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import time
 
-from node.process import free_port
-from tests.e2e.helpers import Nodes
+from node.process import free_port, node_command
+from tests.e2e.helpers import Nodes, call, node_env
 
 WARNED_WAIT_S = 10.0  # a node's first sync rounds with its peer
+READY_WAIT_S = 20.0  # a node's start, and its stop
 
 
 def test_wrong_region_on_a_data_directory_is_refused(nodes: Nodes) -> None:
@@ -129,3 +131,26 @@ def test_a_peer_url_pointing_at_another_region_is_warned_of(nodes: Nodes) -> Non
     log = eu.stderr()
     assert "the peer configured as 'us' answers as ap~" in log, log
     assert log.count("answers as") == 1, log  # once, not every round
+
+
+def test_a_node_whose_stdout_is_a_full_disk_serves_all_the_same(nodes: Nodes) -> None:
+    """The 'listening' line is the one thing a node prints; on a full disk (a log file
+    beside the data, on the disk that filled) printing it killed every start (found by
+    a review). Now it is a warning on stderr, and the node serves."""
+    port = free_port()
+    log = nodes.root / "full.stderr"
+    command = node_command("eu", nodes.data_dir("eu"), f"127.0.0.1:{port}")
+    with log.open("wb") as stderr, open("/dev/full", "wb") as full:
+        proc = subprocess.Popen(command, stdout=full, stderr=stderr, env=node_env())
+    try:
+        deadline = time.monotonic() + READY_WAIT_S
+        while "cannot write the listening line" not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{port}"
+        assert call(url, "POST", "/groups", {"id": "homer", "name": "Homer"}).status == 201
+        assert call(url, "GET", "/groups/homer").json()["name"] == "Homer"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=READY_WAIT_S) == 0, log.read_text()

@@ -979,6 +979,34 @@ def test_a_create_another_region_made_outlives_a_later_delete_here_with_its_fiel
     run(body)
 
 
+def test_a_write_made_knowing_a_value_stamped_ahead_of_the_clock_wins_over_it() -> None:
+    """A node's clock does not follow a stamp beyond max_drift_ms (a node whose clock ran
+    ahead): a PATCH over a value so stamped used to be stamped below it, answered 200 and
+    lost to it everywhere (found by a review). A write is stamped after what it observed;
+    the clock itself still does not follow."""
+
+    async def body(a: Api) -> None:
+        await a.create_user("ann", id="ann")
+        ahead = make_stamp(physical_ms(time.time_ns()) + 600_000)  # 10 minutes ahead
+        remote = Event(Dot(REMOTE, 1), ahead, "user/ann", Op.SET, "name", "Ahead", actor="us")
+        await a.replica.ingest([remote])
+        _, user = await a.call("GET", "/users/ann", status=200)
+        assert user["name"] == "Ahead"
+        _, user = await a.call("PATCH", "/users/ann", json={"name": "Mine"}, status=200)
+        assert user["name"] == "Mine"
+        assert a.replica.clock.last < ahead  # the clock did not follow
+        # Deleted and created again: the new life clears what it knew, ahead or not.
+        await a.call("PATCH", "/users/ann", json={"profile": {"city": "Ahead"}}, status=200)
+        await a.call("DELETE", "/users/ann", status=204)
+        await a.create_user("ann2", id="ann")
+        _, user = await a.call("GET", "/users/ann", status=200)
+        assert user["name"] == "Ann2"
+        assert user["profile"] == {}
+        assert a.replica.writer.stamped_past_clock >= 2  # the PATCH, the create and its sets
+
+    run(body)
+
+
 def test_members_that_do_not_exist_are_stepped_over_a_bounded_number_a_page(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

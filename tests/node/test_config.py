@@ -407,3 +407,11 @@ def test_cli_rebuild_views_calls_the_rebuilder(
     with pytest.raises(SystemExit) as refused:
         cli.main(["rebuild-views", "--data", str(tmp_path), "--workers", "0"])
     assert refused.value.code == 2
+
+
+def test_waits_at_start_may_be_zero_as_the_readme_tells_a_first_region() -> None:
+    # README: start a new cluster's first region with REPLICA_BOOTSTRAP_WAIT_MS_MAX=0
+    # (refused as "must be at least 1" before, found by a review).
+    env = {"REPLICA_BOOTSTRAP_WAIT_MS_MAX": "0", "REPLICA_START_WRITES_WAIT_MS_MAX": "0"}
+    settings = _load(REQUIRED, env, None)
+    assert (settings.bootstrap_wait_ms_max, settings.start_writes_wait_ms_max) == (0, 0)

@@ -297,6 +297,39 @@ def test_a_full_write_queue_refuses_at_once_and_writes_nothing_of_it() -> None:
     asyncio.run(body())
 
 
+def test_a_commit_whose_publishing_fails_still_answers_and_the_writer_goes_on() -> None:
+    """What runs after a commit (the replica's state, waiters, peers' pushes) failing
+    used to end the writer thread: the batch's requests, and every write after, would
+    wait for good. The commit is durable: its requests are answered, and writes go on."""
+    from node.kv import MemoryKV
+
+    async def body() -> None:
+        replica = Replica(MemoryKV(), "eu")
+        published = replica.writer.on_commit
+        failures = [RuntimeError("a listener failed")]
+
+        def failing_once(committed: Any) -> None:
+            if failures:
+                raise failures.pop()
+            published(committed)
+
+        replica.writer.on_commit = failing_once
+        try:
+            first = await asyncio.wait_for(
+                replica.write(commands.create("user", "u0", homer(0)), actor="t"), GATE_WAIT_S
+            )
+            assert len(first) == 4
+            second = await asyncio.wait_for(
+                replica.write(commands.create("user", "u1", homer(1)), actor="t"), GATE_WAIT_S
+            )
+            assert len(second) == 4
+            assert event_count(replica) == 8
+        finally:
+            replica.close()
+
+    asyncio.run(body())
+
+
 def test_an_inline_writer_commits_in_the_callers_thread_with_contiguous_dots() -> None:
     """Simulations run the writer without its thread; it must behave the same."""
     import threading
