@@ -26,10 +26,11 @@ from typing import Literal, Protocol, runtime_checkable
 
 from crdt import Dot
 from node.events import Event, Op
+from node.schema import GROUP_REQUIRED, USER_REQUIRED
 from simulations import oracle
 from simulations.snapshot import Snapshot
 
-ViolationKind = Literal["diverged", "missing_ack", "oracle_mismatch"]
+ViolationKind = Literal["diverged", "missing_ack", "oracle_mismatch", "fields_lost"]
 EXAMPLES_MAX = 5  # differing keys or missing dots quoted per violation
 VALUE_CHARS_MAX = 60
 
@@ -196,6 +197,24 @@ def _oracle_mismatches(snapshots: Mapping[str, Snapshot], expected: Snapshot) ->
     ]
 
 
+def _fields_lost(snapshots: Mapping[str, Snapshot]) -> list[Violation]:
+    """An existing entity lacking a field every create of it writes (and no write can
+    unset): the create that keeps it alive had its own writes cleared, though it was
+    acknowledged with them (as a delete ordered after a create it did not observe did)."""
+    found = []
+    for region, snapshot in sorted(snapshots.items()):
+        for kind, required in (("users", USER_REQUIRED), ("groups", GROUP_REQUIRED)):
+            lacking = [
+                f"{entity_id} lacks {', '.join(f for f in required if entity.get(f) is None)}"
+                for entity_id, entity in snapshot[kind].items()  # type: ignore[literal-required]
+                if any(entity.get(f) is None for f in required)
+            ]
+            if lacking:
+                shown = "; ".join(lacking[:EXAMPLES_MAX])
+                found.append(Violation("fields_lost", region, f"{kind}: {shown}"))
+    return found
+
+
 def check(
     snapshots: Mapping[str, Snapshot],
     summaries: Mapping[str, Summary],
@@ -232,6 +251,7 @@ def check(
             for e in replaced[:EXAMPLES_MAX]
         ),
         *_oracle_mismatches(snapshots, expected),
+        *_fields_lost({**snapshots, "oracle": expected}),
     ]
 
     streams = oracle.by_stream(events)

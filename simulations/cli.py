@@ -41,7 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         ",rollbacks=1,rollback_ms_max=2000,same_boot=0.5 (deterministic mode); or none",
     )
     parser.add_argument(
-        "--workload", default="", help="weights, e.g. profile=4,churn=3,create_delete=1.5,collide=1"
+        "--workload",
+        default="",
+        help="weights, e.g. profile=4,churn=3,create_delete=1.5,collide=1,lifecycle=1.5",
     )
     parser.add_argument(
         "--netns",

@@ -192,6 +192,7 @@ class SimNode:
         self.writes_wait_until_ms = 0
         self.snapshot: Path | None = None  # the copy a rollback puts back
         self.snapshot_acknowledged = 0  # how many writes the run had acknowledged then
+        self.snapshot_id = ""  # the id it ran as then
 
     def now_ms(self) -> int:
         return self.sim.now_ms + self.skew_ms
@@ -283,6 +284,7 @@ class SimNode:
         self.snapshot.mkdir()
         self.replica.kv.env.copy(str(self.snapshot))  # type: ignore[attr-defined]
         self.snapshot_acknowledged = acknowledged
+        self.snapshot_id = self.replica.identity.replica_id  # renewed since, it comes back
 
     def roll_back(self, *, same_boot: bool, record_lost: bool = False) -> None:
         """Put the data directory back to the snapshot (the node must be down), as a
@@ -293,6 +295,7 @@ class SimNode:
         assert self.snapshot is not None
         shutil.copyfile(self.snapshot / "data.mdb", self.data_dir / "data.mdb")
         self.snapshot = None
+        self._replica_id = self.snapshot_id  # the id on disk now: a restart renews from it
         if not same_boot:
             self.boot = self._boots.randbytes(16)
         if record_lost:

@@ -3,8 +3,10 @@
 Each is a context manager that patches one piece of the real code for the duration of
 a run (in this process only): a replication that skips events, an LWW tie-break that
 ignores the origin, a remove that deletes adds it never observed, a node that
-acknowledges writes before they are durable, and one that goes on under its old id after
-its disk was put back to a snapshot. None of them is ever used by a node.
+acknowledges writes before they are durable, one that goes on under its old id after
+its disk was put back to a snapshot, and a delete that clears field writes up to its
+stamp (the rule before, which cleared a surviving create's own fields). None of them is
+ever used by a node.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 from crdt import ORSet, Remove, Write
 from node import fold, log
+from node.events import Op
 from node.kv import WriteTxn
 from node.log import Identity
 from replication import protocol
@@ -86,10 +89,27 @@ def no_renewal_after_a_reboot() -> AbstractContextManager[None]:
     return _patched(log, "renew_after_reboot", never)
 
 
+def delete_raises_the_floor() -> AbstractContextManager[None]:
+    """A delete clears every field write ordered before it, as a create does: a create
+    it did not observe survives it (add-wins) without the fields it was written with."""
+    original = fold.Folding.event
+
+    def raising(
+        self: fold.Folding, origin: str, counter: int, hlc: int, op: int, *rest: Any
+    ) -> None:
+        original(self, origin, counter, hlc, op, *rest)
+        key = (hlc, origin, counter)
+        if op == int(Op.DELETE) and (self.floor is None or key > self.floor):
+            self.floor = key
+
+    return _patched(fold.Folding, "event", raising)
+
+
 VARIANTS: dict[str, Callable[[], AbstractContextManager[None]]] = {
     "replication_skips_an_event": replication_skips_an_event,
     "lww_tie_ignores_origin": lww_tie_ignores_origin,
     "remove_deletes_unobserved_adds": remove_deletes_unobserved_adds,
     "ack_before_commit": ack_before_commit,
     "no_renewal_after_a_reboot": no_renewal_after_a_reboot,
+    "delete_raises_the_floor": delete_raises_the_floor,
 }

@@ -1,8 +1,10 @@
 """Workloads: the client operations a simulation sends to regions, drawn from a seed.
 
 A mix of profile writes, membership churn on a few hot groups (the same members added
-and removed concurrently in many regions), creates and deletes, and username/email
-collisions across regions. Operations name entities that may not exist (yet) at the
+and removed concurrently in many regions), creates and deletes, username/email
+collisions across regions, and lives of ids: an id created again after its delete or in
+two regions at once, groups deleted and created again, names, emails and usernames
+changed, profile keys unset. Operations name entities that may not exist (yet) at the
 region they hit; the node then refuses them (404/409), as it would a real client.
 """
 
@@ -16,6 +18,8 @@ from node import commands
 from node.writer import Decide
 
 PROFILE_KEYS = ("city", "team", "shift", "title")
+KINDS = ("profile", "churn", "create_delete", "collide", "lifecycle")
+POOL_IDS = 4  # ids r0..r3, created again and again, in any region: lives and id conflicts
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,11 +30,13 @@ class Mix:
     churn: float = 3.0
     create_delete: float = 1.5
     collide: float = 1.0
+    lifecycle: float = 1.5
 
     @classmethod
     def parse(cls, text: str) -> Mix:
-        """``profile=4,churn=3,create_delete=1.5,collide=1``; missing kinds weigh 0."""
-        weights = {name: 0.0 for name in ("profile", "churn", "create_delete", "collide")}
+        """``profile=4,churn=3,create_delete=1.5,collide=1,lifecycle=1.5``; missing kinds
+        weigh 0."""
+        weights = dict.fromkeys(KINDS, 0.0)
         for part in filter(None, (p.strip() for p in text.split(","))):
             name, _, weight = part.partition("=")
             if name not in weights:
@@ -51,9 +57,11 @@ class Operation:
     """One client operation, as a node command (deterministic) or an HTTP request (live)."""
 
     region: str
-    kind: str  # create_user, create_group, patch_profile, add_member, remove_member, delete_user
+    # create_user, create_group, patch_profile, patch_user, add_member, remove_member,
+    # delete_user, delete_group
+    kind: str
     target: str  # the user or group id
-    fields: tuple[tuple[str, str], ...] = ()
+    fields: tuple[tuple[str, str | None], ...] = ()  # None: unset
     member: str = ""
 
     @property
@@ -68,12 +76,14 @@ class Operation:
             return commands.create("user", self.target, fields)
         if self.kind == "create_group":
             return commands.create("group", self.target, fields)
-        if self.kind == "patch_profile":
+        if self.kind in ("patch_profile", "patch_user"):
             return commands.patch("user", self.target, fields, None)
         if self.kind == "add_member":
             return commands.add_member(self.target, self.member)
         if self.kind == "remove_member":
             return commands.remove_member(self.target, self.member)
+        if self.kind == "delete_group":
+            return commands.delete("group", self.target, None)
         assert self.kind == "delete_user", self.kind
         return commands.delete("user", self.target, None)
 
@@ -85,13 +95,18 @@ class Operation:
             return "POST", "/users", {"id": self.target, **fields}
         if self.kind == "create_group":
             return "POST", "/groups", {"id": self.target, **fields}
-        if self.kind == "patch_profile":
-            profile = {k.removeprefix("profile."): v for k, v in fields.items()}
-            return "PATCH", f"/users/{self.target}", {"profile": profile}
+        if self.kind in ("patch_profile", "patch_user"):
+            body: dict[str, Any] = {k: v for k, v in fields.items() if "." not in k}
+            profile = {k.removeprefix("profile."): v for k, v in fields.items() if "." in k}
+            if profile:
+                body["profile"] = profile
+            return "PATCH", f"/users/{self.target}", body
         if self.kind == "add_member":
             return "PUT", f"/groups/{self.target}/members/{self.member}", None
         if self.kind == "remove_member":
             return "DELETE", f"/groups/{self.target}/members/{self.member}", None
+        if self.kind == "delete_group":
+            return "DELETE", f"/groups/{self.target}", None
         return "DELETE", f"/users/{self.target}", None
 
 
@@ -132,8 +147,7 @@ class Workload:
 
     def next(self) -> Operation:
         rng, region = self.rng, self.rng.choice(self.regions)
-        kinds = ("profile", "churn", "create_delete", "collide")
-        kind = rng.choices(kinds, weights=[getattr(self.mix, k) for k in kinds])[0]
+        kind = rng.choices(KINDS, weights=[getattr(self.mix, k) for k in KINDS])[0]
         self.writes += 1
         if kind == "profile":
             user, key = rng.choice(self.users), rng.choice(PROFILE_KEYS)
@@ -143,6 +157,8 @@ class Workload:
             group, user = rng.choice(self.groups), rng.choice(self.hot_members)
             kind = "add_member" if rng.random() < 0.5 else "remove_member"
             return Operation(region, kind, group, member=user)
+        if kind == "lifecycle":
+            return self._lifecycle(region)
         if kind == "create_delete":
             if rng.random() < 0.5:
                 self.created += 1
@@ -156,3 +172,32 @@ class Workload:
         self.users.append(user)
         email = f"shared{rng.randrange(3)}@springfield.example"
         return self._create_user(region, user, email=email)
+
+    def _lifecycle(self, region: str) -> Operation:
+        rng = self.rng
+        roll = rng.random()
+        if roll < 0.4:  # from a small pool: again after its delete, or in two regions at once
+            user = f"r{rng.randrange(POOL_IDS)}"
+            if user not in self.users:
+                self.users.append(user)
+            if roll < 0.15:
+                return Operation(region, "delete_user", user)
+            return self._create_user(region, user)
+        if roll < 0.45:
+            return Operation(region, "delete_group", rng.choice(self.groups))
+        if roll < 0.5:
+            group = rng.choice(self.groups)
+            return Operation(region, "create_group", group, (("name", f"Group {group} again"),))
+        user = rng.choice(self.users)
+        if roll < 0.85:  # a scalar field; an email sometimes one another user may hold
+            name = rng.choice(("name", "username", "email"))
+            value = {
+                "name": f"User {user} {region}-{self.writes}",
+                "username": f"{user}-{region}-{self.writes}",
+                "email": f"{user}-{self.writes}@springfield.example"
+                if rng.random() < 0.7
+                else f"shared{rng.randrange(3)}@springfield.example",
+            }[name]
+            return Operation(region, "patch_user", user, ((name, value),))
+        key = rng.choice(PROFILE_KEYS)
+        return Operation(region, "patch_user", user, ((f"profile.{key}", None),))

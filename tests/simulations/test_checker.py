@@ -19,11 +19,13 @@ REGIONS = ("eu", "us", "ap")
 
 def history() -> list[Event]:
     """Two users, one group; homer's name written twice in eu, then concurrently in us."""
-    events = user(EU, 1, 10, "homer", name="Homer", email="homer@x.us")
-    events += user(US, 1, 10, "marge", name="Marge", email="HOMER@x.us")  # a uniqueness conflict
+    events = user(EU, 1, 10, "homer", name="Homer", email="homer@x.us", username="homer")
+    # a uniqueness conflict
+    events += user(US, 1, 10, "marge", name="Marge", email="HOMER@x.us", username="marge")
     events += [
         ev(EU, 10, 100, "group/staff", Op.CREATE),
         ev(EU, 11, 101, "group/staff", Op.ADD, "members", "homer"),
+        ev(EU, 13, 102, "group/staff", Op.SET, "name", "Staff"),
         ev(EU, 12, 200, "user/homer", Op.SET, "name", "Homer J"),  # overwrites "Homer"
         ev(AP, 1, 300, "user/homer", Op.SET, "name", "Max Power"),  # concurrent with it, wins
     ]
@@ -139,6 +141,6 @@ def test_divergence_counts_users_groups_and_memberships_that_differ() -> None:
     _, snapshots = run_check({r: events for r in REGIONS}, acknowledged=events)
     changed = copy.deepcopy(snapshots)
     changed["eu"]["groups"]["staff"]["members"] = ["marge"]  # homer out, marge in: 2 keys
-    changed["us"]["groups"]["staff"]["name"] = "Staff"  # the group itself: 1 key
+    changed["us"]["groups"]["staff"]["name"] = "Staff 2"  # the group itself: 1 key
     del changed["ap"]["users"]["marge"]  # 1 key
     assert divergence(changed) == 4

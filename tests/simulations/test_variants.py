@@ -17,13 +17,19 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "lww_tie_ignores_origin": {
         "ops": 300,
         "duration_ms": 100,
-        "mix": Mix(profile=1, churn=0, create_delete=0, collide=0),
+        "mix": Mix(profile=1, churn=0, create_delete=0, collide=0, lifecycle=0),
         "faults": Faults(skew_ms_max=0, partitions=0, crashes=0),
     },
     "remove_deletes_unobserved_adds": {"ops": 200},
     "ack_before_commit": {"ops": 200, "faults": Faults(crashes=4)},
     # Peers showing the node its own events renew it in most runs all the same, while
     # its writes wait for them: it takes a partition that outlasts the wait.
+    # A delete after a create elsewhere that it did not observe: ids created and deleted
+    # again and again, in any region (the workload's lifecycle).
+    "delete_raises_the_floor": {
+        "ops": 600,
+        "mix": Mix(profile=1, churn=0, create_delete=0, collide=0, lifecycle=3),
+    },
     "no_renewal_after_a_reboot": {
         "ops": 200,
         "faults": Faults(rollbacks=6, partitions=6, crashes=0),
