@@ -215,22 +215,34 @@ def _cursor(request: web.Request) -> str:
 
 
 SEARCH_CURSOR_CHARS_MAX = 200  # a search index key, base64url: at most 64 + 1 + 64 bytes
+# A conflict's key, base64url: its field, and a value of at most 254 characters (1,016
+# bytes of UTF-8) or an id's stream.
+CONFLICTS_CURSOR_CHARS_MAX = 1_400
 
 
 def _search_cursor(request: web.Request) -> bytes:
     """A search's cursor: the index key its last page ended at, base64url (opaque)."""
+    return _key_cursor(request, "this search", SEARCH_CURSOR_CHARS_MAX)
+
+
+def _key_cursor(request: web.Request, what: str, chars_max: int) -> bytes:
+    """A cursor that is the key a page ended at, base64url (opaque); b"" for the first."""
     cursor = request.query.get("cursor", "")
     if not cursor:
         return b""
     try:
-        if len(cursor) > SEARCH_CURSOR_CHARS_MAX:
+        if len(cursor) > chars_max:
             raise ValueError(cursor)
         key = base64.urlsafe_b64decode(cursor.encode() + b"=" * (-len(cursor) % 4))
     except ValueError:  # binascii.Error too
-        fail(400, "bad_query", "not a cursor from this search")
+        fail(400, "bad_query", f"not a cursor from {what}")
     if b"\0" not in key:
-        fail(400, "bad_query", "not a cursor from this search")
+        fail(400, "bad_query", f"not a cursor from {what}")
     return key
+
+
+def _key_cursor_of(key: bytes | None) -> str | None:
+    return None if key is None else base64.urlsafe_b64encode(key).decode().rstrip("=")
 
 
 async def _body(request: web.Request) -> Any:
@@ -654,7 +666,11 @@ async def changes(request: web.Request) -> web.Response:
 
 async def conflicts(request: web.Request) -> web.Response:
     found: list[dict[str, Any]] = []
-    for field, value, held in _replica(request).conflicts():
+    page, last = _replica(request).conflicts_page(
+        after=_key_cursor(request, "this list of conflicts", CONFLICTS_CURSOR_CHARS_MAX),
+        limit=_limit(request),
+    )
+    for field, value, held in page:
         if field == ID_CONFLICT:  # value: the stream; held: its concurrent creates' dots
             kind, _, entity_id = value.partition("/")
             found.append(
@@ -668,7 +684,7 @@ async def conflicts(request: web.Request) -> web.Response:
             )
         else:
             found.append({"field": field, "value": value, "ids": held})
-    return _json({"conflicts": found})
+    return _json({"conflicts": found, "next_cursor": _key_cursor_of(last)})
 
 
 async def health(request: web.Request) -> web.Response:

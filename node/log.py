@@ -391,9 +391,14 @@ def origin_events(txn: ReadTxn, origin: str, first: int, last: int) -> Iterator[
         yield ev.decode(data)
 
 
-def quarantine(txn: WriteTxn, dot: Dot, data: bytes) -> None:
-    """Keep an event this node cannot read yet; it is applied once the node can."""
-    txn.put("quarantine", dot_key(dot), data)
+def quarantine(txn: WriteTxn, dot: Dot, data: bytes) -> bool:
+    """Keep an event this node cannot read yet; it is applied once the node can. Whether
+    it was not kept already."""
+    key = dot_key(dot)
+    if txn.get("quarantine", key) is not None:
+        return False
+    txn.put("quarantine", key, data)
+    return True
 
 
 def quarantined(txn: ReadTxn) -> Iterator[tuple[Dot, bytes]]:

@@ -179,7 +179,7 @@ SCHEMAS: Json = {
         }
     ),
     "ChangeList": obj({"changes": array(ref("Change")), "next_cursor": string("^[0-9]+$")}),
-    "Conflicts": obj({"conflicts": array(CONFLICT)}),
+    "Conflicts": obj({"conflicts": array(CONFLICT), "next_cursor": nullable(string())}),
     "Health": obj({"status": string(enum=["ok"])}),
     "Status": obj(
         {
@@ -235,6 +235,12 @@ PARAMETERS: Json = {
         "query",
         string("^[A-Za-z0-9_-]{1,200}$", maxLength=200),
         "`next_cursor` of the previous page: an id, or with `q` the search's own.",
+    ),
+    "conflicts_cursor": param(
+        "cursor",
+        "query",
+        string("^[A-Za-z0-9_-]{1,1400}$", maxLength=1400),
+        "`next_cursor` of the previous page.",
     ),
     "at": param(
         "at",
@@ -411,8 +417,8 @@ READS: dict[str, tuple[str, dict[int, Json], str]] = {
     ),
     "/conflicts": (
         "Unique values claimed by several users, and ids created in two regions at once.",
-        ok("Conflicts"),
-        "",
+        ok("Conflicts", "`next_cursor` null: last page."),
+        "limit conflicts_cursor",
     ),
     "/health": ("Liveness; open without the API token.", ok("Health"), ""),
     "/status": ("Region, replica id, log position, summary, peers.", ok("Status"), ""),

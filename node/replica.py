@@ -99,6 +99,12 @@ class Replica:
         runs, ``Writer.renew``): chosen by simulations; otherwise random."""
         self.kv = kv
         self.audits = Audits(kv)  # histories and past states, decoded between turns
+        # The events kept in quarantine (``log.quarantine``), known here once: a summary
+        # advertised to peers counts them as held, in every sync round.
+        with kv.read() as txn:
+            kept = [dot for dot, _ in log.quarantined(txn)]
+        self.quarantine_dots = VersionVector().add_all(kept)
+        self.quarantine_size = len(kept)
         # On a known boot: a clean close syncs, and clears the mark of a run under way.
         self._run_marked = boot is not None
         self._closed = False
@@ -378,8 +384,7 @@ class Replica:
         return len(readable)
 
     def quarantine_count(self) -> int:
-        with self.kv.read() as txn:
-            return sum(1 for _ in log.quarantined(txn))
+        return self.quarantine_size
 
     def read_missing(
         self,
@@ -432,6 +437,12 @@ class Replica:
             self.counter_record.note(committed.state.replica_id, committed.state.counter)
         self.metrics.events_appended += len(committed.events)
         self.metrics.stamps_drifted += committed.drifted
+        if committed.quarantined or committed.released:
+            size = self.quarantine_size + len(committed.quarantined) - committed.released
+            self.quarantine_dots = (
+                self.quarantine_dots.add_all(committed.quarantined) if size else VersionVector()
+            )
+            self.quarantine_size = size
         for listener in self.listeners:
             listener(committed)
         loop = self._loop
@@ -589,6 +600,20 @@ class Replica:
     def conflicts(self) -> list[tuple[str, str, list[str]]]:
         with self.kv.read() as txn:
             return list(views.conflicts(txn))
+
+    def conflicts_page(
+        self, *, after: bytes, limit: int
+    ) -> tuple[list[tuple[str, str, list[str]]], bytes | None]:
+        """Up to ``limit`` conflicts after the key ``after``, and the next page's key."""
+        page: list[tuple[str, str, list[str]]] = []
+        last = b""
+        with self.kv.read() as txn:
+            for key, field, value, holders in views.conflict_entries(txn, after=after):
+                if len(page) == limit:
+                    return page, last
+                page.append((field, value, holders))
+                last = key
+        return page, None
 
     def changes(self, after_seq: int, *, limit: int) -> list[tuple[int, Event]]:
         with self.kv.read() as txn:

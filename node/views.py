@@ -598,9 +598,18 @@ def _listed_at(txn: ReadTxn, user_id: str, words: list[str], prefix: bytes) -> b
 
 
 def conflicts(txn: ReadTxn) -> Iterator[tuple[str, str, list[str]]]:
-    for key, raw in txn.scan("conflicts"):
+    for _, field, value, holders in conflict_entries(txn):
+        yield field, value, holders
+
+
+def conflict_entries(
+    txn: ReadTxn, *, after: bytes = b""
+) -> Iterator[tuple[bytes, str, str, list[str]]]:
+    """Each conflict after the key ``after``, with its key (a page's cursor)."""
+    start = after + b"\0" if after else None  # the key's successor
+    for key, raw in txn.scan("conflicts", start=start):
         value, holders = msgpack.unpackb(raw)
-        yield key.partition(b"\0")[0].decode(), value, list(holders)
+        yield key, key.partition(b"\0")[0].decode(), value, list(holders)
 
 
 COMPACTION_KEYS_MAX = 10_000

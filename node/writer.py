@@ -84,6 +84,9 @@ class Committed:
     renewed: list[tuple[str, int]] = field(default_factory=list)
     # Counters moved past a claim instead (``Writer.renew``, after a renewal this run).
     skipped: list[tuple[str, int]] = field(default_factory=list)
+    # Events put in quarantine (a format this node cannot read), and taken out of it.
+    quarantined: list[Dot] = field(default_factory=list)
+    released: int = 0
 
 
 Maintain = Callable[[WriteTxn, LogState], None]
@@ -165,6 +168,8 @@ class Writer:
         self.stamped_past_clock = 0  # events stamped after what they observed (``Draft``)
         self._renewed: list[tuple[str, int]] = []  # in the commit under way
         self._skipped: list[tuple[str, int]] = []  # likewise
+        self._quarantined: list[Dot] = []  # likewise
+        self._released = 0  # likewise
         # Commits the storage refused: every one ever, and those since the last success.
         self.storage_failures = 0
         self.failing: Failing | None = None
@@ -389,7 +394,7 @@ class Writer:
         self, txn: WriteTxn, batch: list[_Request]
     ) -> tuple[list[list[Event] | Exception], Committed]:
         state = self.committed.copy()
-        self._renewed, self._skipped = [], []
+        self._renewed, self._skipped, self._quarantined, self._released = [], [], [], 0
         appended: list[tuple[int, Event]] = []
         outcomes: list[list[Event] | Exception] = []
         drifted = 0
@@ -437,7 +442,15 @@ class Writer:
             outcomes.append(written)
         pending.flush(txn)
         log.save_state(txn, state)
-        return outcomes, Committed(appended, state, drifted, self._renewed, self._skipped)
+        return outcomes, Committed(
+            appended,
+            state,
+            drifted,
+            self._renewed,
+            self._skipped,
+            self._quarantined,
+            self._released,
+        )
 
     def _ingest(
         self,
@@ -451,10 +464,12 @@ class Writer:
             for event in request.incoming:
                 validate(event)  # the whole batch is refused before anything of it is put
         for dot, data in request.quarantined:
-            if dot not in state.summary:
-                log.quarantine(txn, dot, data)
+            if dot not in state.summary and log.quarantine(txn, dot, data):
+                self._quarantined.append(dot)
         for dot in request.released:
-            txn.delete("quarantine", log.dot_key(dot))
+            if txn.get("quarantine", log.dot_key(dot)) is not None:
+                txn.delete("quarantine", log.dot_key(dot))
+                self._released += 1
         fresh = log.append_all(txn, state, request.incoming, validated=True)
         for _, event in fresh:
             views.apply(txn, event, pending)  # folds read no table the appends wrote

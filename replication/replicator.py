@@ -25,7 +25,7 @@ from typing import Any
 from crdt import Dot, OriginSeen, VersionVector
 from crdt.clock import physical_ms
 from node import events as ev
-from node import log, views
+from node import views
 from node.audit import iso_of
 from node.kv import StorageFailed, WriteTxn
 from node.log import LogState
@@ -259,9 +259,10 @@ class Replicator:
         """Our summary plus the dots kept in quarantine: we hold those too. Left out, a
         peer would send them again in every round, ahead of all else, and a page full of
         them would stall anti-entropy."""
-        with self.replica.kv.read() as txn:
-            kept = [dot for dot, _ in log.quarantined(txn)]
-        return self.replica.summary.add_all(kept) if kept else self.replica.summary
+        replica = self.replica
+        if not replica.quarantine_size:
+            return replica.summary
+        return replica.summary.merge(replica.quarantine_dots)
 
     def _missing(
         self,

@@ -65,9 +65,16 @@ def _seeds(args: argparse.Namespace) -> list[int]:
 
 def _one(scenario: Scenario) -> dict[str, Any]:
     # What a node logs of the seed's faults (a renewal after a rollback) is in its trace.
-    for name in ("node", "replication"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    return seed_row(run_scenario(scenario))
+    # Put back after: a process running seeds in turn may log for itself (a test's).
+    loggers = [logging.getLogger(name) for name in ("node", "replication")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        return seed_row(run_scenario(scenario))
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def run_deterministic(args: argparse.Namespace) -> int:

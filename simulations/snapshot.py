@@ -190,12 +190,21 @@ async def snapshot_over_http(
                     groups[entity_id] = dict(sorted({**seen, "members": sorted(members)}.items()))
 
     await asyncio.gather(*(read(kind, i) for kind, i in sorted(set(kinds_ids))))
-    answer = await _get(session, f"{base_url}/conflicts")
-    assert answer is not None, "GET /conflicts answered 404"
+    listed: list[dict[str, Any]] = []
+    cursor = ""
+    for _ in range(MEMBER_PAGES_MAX):  # a page at a time, as a client reads them
+        answer = await _get(
+            session, f"{base_url}/conflicts", **({"cursor": cursor} if cursor else {})
+        )
+        assert answer is not None, "GET /conflicts answered 404"
+        listed += answer["conflicts"]
+        cursor = answer["next_cursor"]
+        if cursor is None:
+            break
     conflicts = [
         (c["field"], f"{c['kind']}/{c['value']}", c["creates"])  # an id created twice
         if c["field"] == "id"
         else (c["field"], c["value"], c["ids"])
-        for c in answer["conflicts"]
+        for c in listed
     ]
     return assemble(users, groups, user_groups, conflicts)

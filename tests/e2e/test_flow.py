@@ -127,7 +127,7 @@ def test_scripted_flow(node: Node) -> None:
     feed = node.call("GET", "/changes?since=0&limit=1000").json()
     assert len(feed["changes"]) == status["seq"]
     assert feed["next_cursor"] == str(status["seq"])
-    assert node.call("GET", "/conflicts").json() == {"conflicts": []}
+    assert node.call("GET", "/conflicts").json() == {"conflicts": [], "next_cursor": None}
     metrics = node.call("GET", "/metrics")
     assert metrics.status == 200
     assert metrics.headers["content-type"].startswith("text/plain")

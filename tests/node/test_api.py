@@ -632,7 +632,7 @@ def test_a_look_alike_email_is_another_address_and_one_spelling_is_one() -> None
         )
         assert taken["held_by"] == composed["id"]
         _, conflicts = await a.call("GET", "/conflicts", status=200)
-        assert conflicts == {"conflicts": []}
+        assert conflicts == {"conflicts": [], "next_cursor": None}
 
     run(body)
 
@@ -1357,7 +1357,7 @@ def test_changes_wait_long_polls_until_a_write_lands() -> None:
 def test_conflicts_list_a_value_claimed_in_two_regions() -> None:
     async def body(a: Api) -> None:
         _, none = await a.call("GET", "/conflicts", status=200)
-        assert none == {"conflicts": []}
+        assert none == {"conflicts": [], "next_cursor": None}
         ann = await a.create_user("ann")
         fields = {"name": "Ann US", "username": "ann-us", "email": "ANN@example.com"}
         await a.replica.ingest(remote_events("user/ann-us", fields))
@@ -1366,7 +1366,8 @@ def test_conflicts_list_a_value_claimed_in_two_regions() -> None:
         assert found == {
             "conflicts": [
                 {"field": "email", "value": "ann@example.com", "ids": sorted([ann["id"], "ann-us"])}
-            ]
+            ],
+            "next_cursor": None,
         }
         _, both = await a.call("GET", "/users?email=ann@example.com", status=200)
         assert {u["id"] for u in both["users"]} == {ann["id"], "ann-us"}
@@ -1375,7 +1376,34 @@ def test_conflicts_list_a_value_claimed_in_two_regions() -> None:
         # Resolving it here: the remote user takes another email, the conflict is gone.
         await a.call("PATCH", "/users/ann-us", json={"email": "ann@us.example.com"}, status=200)
         _, none = await a.call("GET", "/conflicts", status=200)
-        assert none == {"conflicts": []}
+        assert none == {"conflicts": [], "next_cursor": None}
+
+    run(body)
+
+
+def test_conflicts_come_a_page_at_a_time_and_every_one_once() -> None:
+    """50,000 of them were one 6.4 MB answer that held the node 0.2-0.3 s (found by a
+    review): a page holds at most ``limit``, with a cursor to the next."""
+
+    async def body(a: Api) -> None:
+        for n in range(7):
+            await a.create_user(f"ann{n}", email=f"ann{n}@example.com")
+            fields = {"name": "Ann", "username": f"ann{n}-us", "email": f"ANN{n}@example.com"}
+            await a.replica.ingest(remote_events(f"user/ann{n}-us", fields, first=10 * n + 1))
+        seen: list[str] = []
+        cursor = None
+        for _ in range(5):
+            params = {"limit": "3", **({"cursor": cursor} if cursor else {})}
+            _, page = await a.call("GET", "/conflicts", params=params, status=200)
+            assert len(page["conflicts"]) <= 3
+            seen += [c["value"] for c in page["conflicts"]]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert seen == [f"ann{n}@example.com" for n in range(7)]
+        for bad in ("!!", "A" * 1401, "YWJj"):  # not base64url, too long, no key in it
+            _, answer = await a.call("GET", "/conflicts", params={"cursor": bad}, status=400)
+            assert answer["error"] == "bad_query"
 
     run(body)
 
@@ -1398,7 +1426,7 @@ def test_an_id_created_in_two_regions_at_once_is_a_conflict_until_deleted() -> N
         assert mine["name"] == "Made in eu"
         await a.call("DELETE", "/users/same", status=204)  # seeing both creates
         _, none = await a.call("GET", "/conflicts", status=200)
-        assert none == {"conflicts": []}
+        assert none == {"conflicts": [], "next_cursor": None}
 
     run(body)
 

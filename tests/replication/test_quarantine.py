@@ -111,3 +111,40 @@ def test_a_page_of_unreadable_events_does_not_stall_what_follows(
         assert views["entities"]["user/marge"]["fields"]["name"] == "M2"
 
     run(tmp_path, ("ap", "eu"), body, limits=Limits(batch_events_max=3))
+
+
+def test_the_quarantine_is_counted_in_memory_and_again_at_open(tmp_path: Path) -> None:
+    """Every sync round advertises the quarantined dots, and /status and /metrics count
+    them: each used to scan the whole table (300,000 kept events held a node's loop a
+    second a round during a rolling upgrade). They are kept in memory from the commits
+    that change them, and read once when the node opens."""
+    import asyncio
+
+    from node.replica import Replica
+
+    dots = [Dot(NEWER, n) for n in range(1, 4)]
+    kept = [(dot, v2_event(dot.counter, 1 << 16, "user/homer", "name", "v2")) for dot in dots]
+
+    async def first() -> None:
+        replica = Replica.open(tmp_path / "eu", "eu")
+        try:
+            replica.bind(asyncio.get_running_loop())
+            await replica.ingest([], quarantined=kept)
+            await replica.ingest([], quarantined=kept[:1])  # again: counted once
+            assert replica.quarantine_count() == 3
+            assert all(dot in replica.quarantine_dots for dot in dots)
+        finally:
+            replica.close()
+
+    async def again() -> None:
+        replica = Replica.open(tmp_path / "eu", "eu")
+        try:
+            replica.bind(asyncio.get_running_loop())
+            assert replica.quarantine_count() == 3
+            assert all(dot in replica.quarantine_dots for dot in dots)
+            assert all(dot not in replica.summary for dot in dots)
+        finally:
+            replica.close()
+
+    asyncio.run(first())
+    asyncio.run(again())
