@@ -34,6 +34,10 @@ DECODE_CHUNK_EVENTS = 2_000
 # events all together (a longer stream's trail is not kept; each page reads it again).
 TRAILS_KEPT_MAX = 8
 TRAIL_EVENTS_KEPT_MAX = 200_000
+TRAIL_BYTES_KEPT_MAX = 64 * 1024 * 1024  # of their events as stored
+# Streams read and decoded at once (for histories and past states): each holds its whole
+# stream meanwhile; more wait. Requests for the history of one stream share one reading.
+READINGS_MAX = 2
 
 # Per event: None (not a field write), or whether it won and, if not, why not.
 Verdict = tuple[bool, str | None] | None
@@ -53,10 +57,10 @@ def _iso_seconds(seconds: int) -> str:
 def verdicts(events: Sequence[Event]) -> list[Verdict]:
     """Whether each field write won and why not, in one pass and one walk per field.
 
-    A write at or below the entity's floor (its greatest create or delete, as the fold
-    keeps it) was cleared by that event; of the others, the greatest write of each field
-    won. A loser was *overwritten* when the winner's chain of observed winners reaches
-    it (the winner was written knowing it), and otherwise lost on (clock, origin).
+    A write at or below the entity's floor (its greatest create, as the fold keeps it)
+    was cleared by that event; of the others, the greatest write of each field won. A
+    loser was *overwritten* when the winner's chain of observed winners reaches it (the
+    winner was written knowing it), and otherwise lost on (clock, origin).
     """
     state = _fold(events)
     floor = state.floor
@@ -159,6 +163,7 @@ class Trail:
     seqs: list[int]
     raws: list[bytes]
     verdicts: list[Verdict]
+    bytes: int  # of its events as stored
 
     def page(self, after: int, limit: int) -> tuple[list[dict[str, Any]], int | None]:
         """The entries after seq ``after``, at most ``limit``, and the next cursor."""
@@ -188,6 +193,9 @@ class Audits:
         self.kv = kv
         self._trails: OrderedDict[str, Trail] = OrderedDict()
         self._events_kept = 0
+        self._bytes_kept = 0
+        self._reading: dict[str, asyncio.Future[Trail | None]] = {}  # by stream
+        self._readings: asyncio.Semaphore | None = None  # made on the loop that reads
 
     def _read(self, stream: str) -> tuple[bytes | None, list[tuple[int, bytes]]]:
         with self.kv.read() as txn:
@@ -198,15 +206,36 @@ class Audits:
         kept = self._kept(stream)
         if kept is not None:
             return kept
-        view, stored = self._read(stream)
-        if not stored:
-            return None
-        seqs = [seq for seq, _ in stored]
-        raws = [raw for _, raw in stored]
-        events = await decoded(raws)
-        made = Trail(view, seqs, raws, verdicts(events))
-        self._keep(stream, made)
-        return made
+        reading = self._reading.get(stream)
+        if reading is not None:  # another request reads it: one copy, not one each
+            return await asyncio.shield(reading)
+        future: asyncio.Future[Trail | None] = asyncio.get_running_loop().create_future()
+        self._reading[stream] = future
+        try:
+            async with self._gate():
+                view, stored = self._read(stream)
+                made = None
+                if stored:
+                    seqs = [seq for seq, _ in stored]
+                    raws = [raw for _, raw in stored]
+                    del stored
+                    events = await decoded(raws)
+                    made = Trail(view, seqs, raws, verdicts(events), sum(map(len, raws)))
+                    del events
+                    self._keep(stream, made)
+            future.set_result(made)
+            return made
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: no one else may be waiting
+            raise
+        finally:
+            del self._reading[stream]
+
+    def _gate(self) -> asyncio.Semaphore:
+        if self._readings is None:
+            self._readings = asyncio.Semaphore(READINGS_MAX)
+        return self._readings
 
     def _kept(self, stream: str) -> Trail | None:
         """The trail kept of the entity, if it has not changed since."""
@@ -220,31 +249,43 @@ class Audits:
         old = self._trails.pop(stream, None)
         if old is not None:
             self._events_kept -= len(old.seqs)
-        if made.view is None or len(made.seqs) > TRAIL_EVENTS_KEPT_MAX:
+            self._bytes_kept -= old.bytes
+        if (
+            made.view is None
+            or len(made.seqs) > TRAIL_EVENTS_KEPT_MAX
+            or made.bytes > TRAIL_BYTES_KEPT_MAX
+        ):
             return
         self._trails[stream] = made
         self._events_kept += len(made.seqs)
-        while len(self._trails) > TRAILS_KEPT_MAX or self._events_kept > TRAIL_EVENTS_KEPT_MAX:
+        self._bytes_kept += made.bytes
+        while (
+            len(self._trails) > TRAILS_KEPT_MAX
+            or self._events_kept > TRAIL_EVENTS_KEPT_MAX
+            or self._bytes_kept > TRAIL_BYTES_KEPT_MAX
+        ):
             _, dropped = self._trails.popitem(last=False)
             self._events_kept -= len(dropped.seqs)
+            self._bytes_kept -= dropped.bytes
 
     async def state_at(self, stream: str, includes: Any) -> EntityState | None:
         """The entity folded from its events that ``includes`` takes (None: no event of
         it here), a chunk at a time between turns of the loop."""
-        kept = self._kept(stream)
-        if kept is not None:
-            raws: Sequence[bytes] = kept.raws
-        else:
-            _, stored = self._read(stream)
-            if not stored:
-                return None
-            raws = [raw for _, raw in stored]
-        folding = Folding(EntityState())
-        for start in range(0, len(raws), DECODE_CHUNK_EVENTS):
-            for raw in raws[start : start + DECODE_CHUNK_EVENTS]:
-                e = decode_event(raw)
-                if includes(e):
-                    folding.add(e)
-            if start + DECODE_CHUNK_EVENTS < len(raws):
-                await asyncio.sleep(0)
-        return folding.state()
+        async with self._gate():
+            kept = self._kept(stream)
+            if kept is not None:
+                raws: Sequence[bytes] = kept.raws
+            else:
+                _, stored = self._read(stream)
+                if not stored:
+                    return None
+                raws = [raw for _, raw in stored]
+            folding = Folding(EntityState())
+            for start in range(0, len(raws), DECODE_CHUNK_EVENTS):
+                for raw in raws[start : start + DECODE_CHUNK_EVENTS]:
+                    e = decode_event(raw)
+                    if includes(e):
+                        folding.add(e)
+                if start + DECODE_CHUNK_EVENTS < len(raws):
+                    await asyncio.sleep(0)
+            return folding.state()

@@ -92,14 +92,17 @@ def _sets(stream: str, state: EntityState, writes: Mapping[str, Value]) -> list[
     drafts = []
     for field, value in sorted(writes.items()):
         # The register's winning write, ((hlc, origin, counter), value): its dot is observed.
+        # After the write it replaces and the create it is written under (the floor):
+        # it was written knowing them, and must not lose to them, however far ahead
+        # their stamps are.
+        floor = 0 if state.floor is None else state.floor[0]
         held = state.fields.get(field)
         if held is None:
-            drafts.append(Draft(stream, Op.SET, field, value))
+            drafts.append(Draft(stream, Op.SET, field, value, after=floor))
         else:
             (hlc, origin, counter), _ = held
-            drafts.append(
-                Draft(stream, Op.SET, field, value, frozenset({Dot(origin, counter)}), hlc)
-            )
+            observed = frozenset({Dot(origin, counter)})
+            drafts.append(Draft(stream, Op.SET, field, value, observed, max(hlc, floor)))
     return drafts
 
 
@@ -114,14 +117,9 @@ def create(kind: str, entity_id: str, writes: Mapping[str, Value]) -> Decide:
         # Memberships this replica holds for the id stay: whether an add was made for an
         # earlier, deleted life (racing its delete) or for a live one whose create has not
         # arrived here yet, nothing here tells apart. Add wins (see the README's table).
-        # After every write of the id it knows: a new life clears them all (the floor).
-        known = [key[0] for key, _ in state.fields.values()]
-        if state.floor is not None:
-            known.append(state.floor[0])
-        return [
-            Draft(stream, Op.CREATE, after=max(known, default=0)),
-            *_sets(stream, state, writes),
-        ]
+        # Stamped by the clock, not after the writes of the id it knows: one stamped far
+        # ahead (a peer's clock) would carry the new life's every stamp there with it.
+        return [Draft(stream, Op.CREATE), *_sets(stream, state, writes)]
 
     return decide
 

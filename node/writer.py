@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from crdt import Dot, HybridLogicalClock
+from crdt.clock import STAMP_MAX
 from node import log, views
 from node.events import Event, Op, Value, validate
 from node.kv import KV, ReadTxn, StorageFailed, WriteTxn
@@ -424,7 +425,8 @@ class Writer:
                 stamp = self.clock.tick()
                 if stamp <= draft.after or stamp <= least:
                     # Past the clock, for this event alone: the clock does not follow it.
-                    stamp = max(draft.after, least) + 1
+                    # (Never past the greatest stamp: a peer's event stamped there ties.)
+                    stamp = min(max(draft.after, least) + 1, STAMP_MAX)
                     self.stamped_past_clock += 1
                 least = stamp
                 event = Event(
