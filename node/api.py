@@ -494,8 +494,12 @@ def patch_handler(kind: str, replica: Replica) -> Handler:
 def delete_handler(kind: str, replica: Replica) -> Handler:
     async def handle(request: web.Request) -> web.Response:
         entity_id = _id(request)
-        decide = commands.delete(kind, entity_id, request.headers.get(hdrs.IF_MATCH))
-        written = await replica.write(decide, actor=_actor(request))
+        if_match = request.headers.get(hdrs.IF_MATCH)
+        if kind == "group":  # its members' removes a commit at a time
+            written = await replica.delete_group(entity_id, if_match, actor=_actor(request))
+        else:
+            decide = commands.delete(kind, entity_id, if_match)
+            written = await replica.write(decide, actor=_actor(request))
         return web.Response(status=204, headers=_write_token(replica, written))
 
     return handle

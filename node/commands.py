@@ -7,16 +7,18 @@ will land on. A check that fails raises ``Rejected`` before any event is drafted
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+
+import msgpack
 
 from crdt import Dot
-from node import events, views
+from node import events, log, views
 from node.events import Op, Value, stream_of
 from node.fold import EntityState
-from node.kv import ReadTxn
+from node.kv import ReadTxn, WriteTxn
 from node.schema import PROFILE_KEYS_MAX, PROFILE_REGISTERS_MAX, UNIQUE_FIELDS
 from node.tokens import etag_of
-from node.writer import Decide, Draft, Rejected
+from node.writer import Decide, Draft, Rejected, Then
 
 
 def _existing(txn: ReadTxn, kind: str, entity_id: str) -> EntityState:
@@ -159,12 +161,113 @@ def _remove_member(txn: ReadTxn, group_id: str, user_id: str) -> list[Draft]:
     """The removes of every add of the member this replica holds: none if there is none,
     else one per OBSERVED_DOTS_MAX of them (an event observes no more), so a member
     whose adds piled up (an older version added one per PUT) can still be removed."""
-    observed = sorted(views.member_slice(txn, group_id, user_id).dots(user_id))
+    return _removes(group_id, user_id, views.member_slice(txn, group_id, user_id).dots(user_id))
+
+
+def _removes(group_id: str, user_id: str, dots: frozenset[Dot]) -> list[Draft]:
+    observed = sorted(dots)
     stream, most = stream_of("group", group_id), events.OBSERVED_DOTS_MAX
     return [
         Draft(stream, Op.REMOVE, "members", user_id, frozenset(observed[i : i + most]))
         for i in range(0, len(observed), most)
     ]
+
+
+# A group's delete through the API removes its members about GROUP_REMOVES_PER_COMMIT
+# adds a commit, other writes going on between them (one commit of 50,000 removes held
+# every other write 3 s): the first commit holds the delete and the first removes and
+# records in ``meta`` the delete's seq and the last member done; each commit after takes
+# the next ones, until none is left, also after a stop (``Replica.finish_group_deletes``).
+# Only adds this node held when it deleted (seq below the delete's) are removed then: one
+# that came after (made elsewhere at the same time as the delete, or to the group
+# created again) stays, as it would have.
+GROUP_REMOVES_PER_COMMIT = 1_000
+GROUP_CLEANUP = b"group_cleanup\0"  # + group id -> [the delete's seq, the last member done]
+
+
+def group_cleanup_key(group_id: str) -> bytes:
+    return GROUP_CLEANUP + group_id.encode()
+
+
+def group_of_cleanup_key(key: bytes) -> str:
+    return key[len(GROUP_CLEANUP) :].decode()
+
+
+def cleanups(txn: ReadTxn) -> Iterator[tuple[bytes, bytes]]:
+    return txn.scan("meta", prefix=GROUP_CLEANUP)
+
+
+def delete_group(group_id: str, if_match: str | None) -> tuple[Decide, Then]:
+    """A group's delete and the removes of its first members (see above)."""
+    stream = stream_of("group", group_id)
+    left: list[str | None] = [None]  # the last member done, if more are left
+
+    def decide(txn: ReadTxn) -> list[Draft]:
+        state = _existing(txn, "group", group_id)
+        _check_match(state, if_match)
+        removes, left[0] = _member_removes(txn, group_id, after="", before_seq=None)
+        return [Draft(stream, Op.DELETE, observed=state.existence.dots("")), *removes]
+
+    def then(txn: WriteTxn, written: list[tuple[int, events.Event]]) -> None:
+        _record_cleanup(txn, group_id, written[0][0], left[0])
+
+    return decide, then
+
+
+def finish_group_delete(group_id: str) -> tuple[Decide, Then]:
+    """The next removes a group's delete left, by its record (none: nothing)."""
+    record: list[tuple[int, str | None] | None] = [None]
+
+    def decide(txn: ReadTxn) -> list[Draft]:
+        raw = txn.get("meta", group_cleanup_key(group_id))
+        if raw is None:
+            record[0] = None
+            return []
+        delete_seq, after = msgpack.unpackb(raw)
+        removes, left = _member_removes(txn, group_id, after=after, before_seq=delete_seq)
+        record[0] = (delete_seq, left)
+        return removes
+
+    def then(txn: WriteTxn, written: list[tuple[int, events.Event]]) -> None:
+        if record[0] is not None:
+            _record_cleanup(txn, group_id, *record[0])
+
+    return decide, then
+
+
+def _record_cleanup(txn: WriteTxn, group_id: str, delete_seq: int, left: str | None) -> None:
+    key = group_cleanup_key(group_id)
+    if left is None:
+        txn.delete("meta", key)  # done (an earlier delete's record too: this one took all)
+    else:
+        txn.put("meta", key, msgpack.packb([delete_seq, left]))
+
+
+def _member_removes(
+    txn: ReadTxn, group_id: str, *, after: str, before_seq: int | None
+) -> tuple[list[Draft], str | None]:
+    """Removes of the adds of the group's members after member ``after`` (with
+    ``before_seq``, of those appended before it), whole members until there are
+    GROUP_REMOVES_PER_COMMIT or more, and the last member done if more are left."""
+    drafts: list[Draft] = []
+    last = after
+    for user_id, live in views.member_slices(txn, group_id, after=after):
+        if len(drafts) >= GROUP_REMOVES_PER_COMMIT:
+            return drafts, last
+        last = user_id
+        if not live:
+            continue
+        dots = views.member_slice(txn, group_id, user_id).dots(user_id)
+        if before_seq is not None:
+            dots = frozenset(d for d in dots if _seq_of(txn, d) < before_seq)
+        drafts += _removes(group_id, user_id, dots)
+    return drafts, None
+
+
+def _seq_of(txn: ReadTxn, dot: Dot) -> int:
+    """Where the event of ``dot`` is in this node's log (past the end if it is not)."""
+    raw = txn.get("dots", log.dot_key(dot))
+    return log.SEQ_MAX if raw is None else log.from_u64(raw)
 
 
 def add_member(group_id: str, user_id: str) -> Decide:

@@ -38,6 +38,9 @@ class WrongRegion(RuntimeError):
 u64: Callable[[int], bytes] = _U64.pack
 
 
+SEQ_MAX = (1 << 64) - 1
+
+
 def from_u64(b: bytes) -> int:
     return int(_U64.unpack(b)[0])
 

@@ -18,7 +18,7 @@ from typing import Any
 from crdt import Dot, HybridLogicalClock, ORSet, VersionVector
 from crdt import codec as crdt_codec
 from crdt.clock import LOGICAL_MASK, make_stamp
-from node import log, views
+from node import commands, log, views
 from node.audit import Audits, Trail
 from node.counter_record import CounterRecord
 from node.events import Event, InvalidEvent, stream_of
@@ -30,7 +30,7 @@ from node.log import Identity, LogState
 from node.rebuild import replay_views, replay_workers
 from node.replay_workers import ReplayFailed
 from node.tokens import Token, covers, encode_token, token_of
-from node.writer import Committed, Decide, Overloaded, Rejected, Writer, call_soon
+from node.writer import Committed, Decide, Overloaded, Rejected, Then, Writer, call_soon
 
 
 def wall_clock_ms() -> int:
@@ -56,6 +56,8 @@ class At:
 
 
 logger = logging.getLogger(__name__)
+# Who writes the removes a group's delete left when a stop cut it short.
+GROUP_DELETE_ACTOR = "replica:group-delete"
 
 
 @dataclass
@@ -341,7 +343,7 @@ class Replica:
         self.writes_held = None
         self._writes_released.set()
 
-    async def write(self, decide: Decide, *, actor: str) -> list[Event]:
+    async def write(self, decide: Decide, *, actor: str, then: Then | None = None) -> list[Event]:
         if self.writes_held is not None:
             if self._held + self.writer.queued >= self.writer.queue_requests_max:
                 raise Overloaded  # as a full write queue: they wait in memory alike
@@ -352,9 +354,42 @@ class Replica:
                 self._held -= 1
             if self._refuse_held is not None:
                 raise Rejected(503, "stopping", self._refuse_held, headers={"Retry-After": "1"})
-        written = await self.writer.write(decide, actor=actor)
+        written = await self.writer.write(decide, actor=actor, then=then)
         self.metrics.writes += 1
         return written
+
+    async def delete_group(self, group_id: str, if_match: str | None, *, actor: str) -> list[Event]:
+        """Delete a group and remove its members, ``GROUP_REMOVES_PER_COMMIT`` a commit
+        (``commands.delete_group``): other writes go on between them."""
+        decide, then = commands.delete_group(group_id, if_match)
+        written = await self.write(decide, actor=actor, then=then)
+        try:
+            written += await self.finish_group_delete(group_id, actor=actor)
+        except (StorageFailed, Overloaded, Rejected) as exc:  # the delete itself is done
+            logger.warning("the member removes of group %s wait: %s", group_id, exc)
+        return written
+
+    async def finish_group_delete(self, group_id: str, *, actor: str) -> list[Event]:
+        """Write the removes a group's delete has left (none if none is left)."""
+        written: list[Event] = []
+        while self.kv.get("meta", commands.group_cleanup_key(group_id)) is not None:
+            decide, then = commands.finish_group_delete(group_id)
+            # As a client's write: held at start as they are (see ``writes_held``).
+            written += await self.write(decide, actor=actor, then=then)
+        return written
+
+    def group_deletes_left(self) -> bool:
+        with self.kv.read() as txn:
+            return any(True for _ in commands.cleanups(txn))
+
+    async def finish_group_deletes(self) -> int:
+        """The removes of group deletes cut short (a stop, a client gone, a refused
+        commit). How many groups."""
+        with self.kv.read() as txn:
+            left = [commands.group_of_cleanup_key(key) for key, _ in commands.cleanups(txn)]
+        for group_id in left:
+            await self.finish_group_delete(group_id, actor=GROUP_DELETE_ACTOR)
+        return len(left)
 
     async def ingest(
         self,

@@ -33,7 +33,7 @@ from node.lmdb_kv import DataDirBusy, DataFileTruncated, DataFileUnreadable
 from node.log import WrongRegion
 from node.metrics import GC_PAUSES
 from node.replica import Replica
-from node.writer import Overloaded
+from node.writer import Overloaded, Rejected
 
 SHUTDOWN_WAIT_S = 10.0
 logger = logging.getLogger("replica")
@@ -166,7 +166,8 @@ async def _housekeeping(replica: Replica) -> None:
     """Every ``KEEP_INTERVAL_S``: make the node's counter record again if its file was
     removed while it runs (``CounterRecord.keep``); while the storage refuses commits and
     none was tried for a while, try one (``Writer.probe_storage``): an idle node's
-    ``writes_failing`` ends once the storage takes commits again."""
+    ``writes_failing`` ends once the storage takes commits again; and finish the member
+    removes of group deletes left (``commands.delete_group``)."""
     record, writer = replica.counter_record, replica.writer
     while True:
         await asyncio.sleep(KEEP_INTERVAL_S)
@@ -178,6 +179,13 @@ async def _housekeeping(replica: Replica) -> None:
         if writer.storage_quiet():
             with contextlib.suppress(StorageFailed, Overloaded):
                 await writer.probe_storage()
+        # The removes of group deletes cut short (a stop, a client gone, a refused commit).
+        if replica.group_deletes_left():
+            try:
+                finished = await replica.finish_group_deletes()
+                logger.info("finished the member removes of %d deleted groups", finished)
+            except (StorageFailed, Overloaded, Rejected) as exc:
+                logger.warning("member removes of deleted groups wait: %s", exc)
 
 
 async def serve(replica: Replica, settings: Settings, extensions: Sequence[Extension] = ()) -> int:

@@ -71,6 +71,9 @@ class Draft:
 
 
 Decide = Callable[[ReadTxn], list[Draft]]
+# Run in the same commit after a decision's events are appended, with them and their
+# seqs: what a decision records beside its events (``commands.delete_group``).
+Then = Callable[[WriteTxn, list[tuple[int, Event]]], None]
 
 
 @dataclass
@@ -117,6 +120,7 @@ class _Request:
     released: Sequence[Dot] = ()
     validated: bool = False  # every incoming event has passed ``validate`` already
     maintain: Maintain | None = None
+    then: Then | None = None
 
 
 _STOP = object()
@@ -189,9 +193,11 @@ class Writer:
     def queued(self) -> int:
         return self._queue.qsize()
 
-    async def write(self, decide: Decide, *, actor: str) -> list[Event]:
-        """Run ``decide`` and commit its drafts; raise ``Rejected`` if it refused."""
-        return await self._submit(_Request(asyncio.get_running_loop(), _future(), decide, actor))
+    async def write(self, decide: Decide, *, actor: str, then: Then | None = None) -> list[Event]:
+        """Run ``decide`` and commit its drafts (and ``then``, in the same commit); raise
+        ``Rejected`` if it refused."""
+        request = _Request(asyncio.get_running_loop(), _future(), decide, actor, then=then)
+        return await self._submit(request)
 
     async def ingest(
         self,
@@ -419,6 +425,7 @@ class Writer:
                 outcomes.append(rejection)
                 continue
             written = []
+            first = len(appended)
             least = 0  # a request's events in the order it drafted them
             for draft in drafts:
                 state.counter += 1
@@ -441,6 +448,8 @@ class Writer:
                 )
                 self._append(txn, state, event, appended, pending)
                 written.append(event)
+            if request.then is not None:
+                request.then(txn, appended[first:])
             outcomes.append(written)
         pending.flush(txn)
         log.save_state(txn, state)
