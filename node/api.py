@@ -785,5 +785,6 @@ def build_app(replica: Replica, settings: Settings) -> web.Application:
         app.router.add_route(method, path, guarded(handler))
         if method == "GET":  # the same answer without its body (load balancers' checks)
             app.router.add_route("HEAD", path, guarded(handler))
-    app.router.add_route("*", "/{path:.*}", guarded(unmatched), name=UNMATCHED)
+    # Every path, a newline in it too (``.`` alone stops at one: aiohttp's plain-text 404).
+    app.router.add_route("*", "/{path:[\\s\\S]*}", guarded(unmatched), name=UNMATCHED)
     return app

@@ -146,7 +146,10 @@ SCHEMAS: Json = {
         "here; a user whose events are still arriving from a peer may lack some.",
     ),
     "Group": obj({"id": ID, "name": string(), **STAMPS}, AS_SEEN),
-    "UserList": obj({"users": array(ref("User")), "next_cursor": nullable(ID)}),
+    # An id, or with ``q`` the search's own cursor (base64url of an index key).
+    "UserList": obj(
+        {"users": array(ref("User")), "next_cursor": nullable(string("^[A-Za-z0-9_-]{1,200}$"))}
+    ),
     "UserGroups": obj({"user": ID, "groups": array(ID)}),
     "MemberList": obj({"group": ID, "members": array(ID), "next_cursor": nullable(ID)}),
     "Membership": obj({"group": ID, "user": ID, "member": {"type": "boolean", "enum": [True]}}),

@@ -404,6 +404,9 @@ BAD_INPUTS: list[Bad] = [
     Bad("wait-abc", "GET", "/changes?wait=abc", 400, "bad_query"),
     Bad("wait-too-large", "GET", "/changes?wait=30001", 400, "bad_query"),
     Bad("at-garbage", "GET", "/users/homer?at=garbage", 400, "bad_query"),
+    # a newline in a path (aiohttp's plain-text 404 and 405 answered it, found by a fuzzer)
+    Bad("path-newline", "GET", "/nope%0A", 404, "not_found"),
+    Bad("path-newline-method", "DELETE", "/users/homer%0a/groups", 405, "method_not_allowed"),
     Bad("at-empty", "GET", "/groups/springfield?at=", 400, "bad_query"),
     Bad("at-no-zone", "GET", "/users/homer?at=2026-01-01T12:00:00", 400, "bad_query"),
     Bad("at-before-1970", "GET", "/users/homer?at=1969-12-31T23:59:59Z", 404, "not_found"),
