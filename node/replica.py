@@ -101,6 +101,7 @@ class Replica:
         runs, ``Writer.renew``): chosen by simulations; otherwise random."""
         self.kv = kv
         self.audits = Audits(kv)  # histories and past states, decoded between turns
+        self._finishing: set[str] = set()  # groups whose delete's removes are under way
         # The events kept in quarantine (``log.quarantine``), known here once: a summary
         # advertised to peers counts them as held, in every sync round.
         with kv.read() as txn:
@@ -372,21 +373,29 @@ class Replica:
     async def finish_group_delete(self, group_id: str, *, actor: str) -> list[Event]:
         """Write the removes a group's delete has left (none if none is left)."""
         written: list[Event] = []
-        while self.kv.get("meta", commands.group_cleanup_key(group_id)) is not None:
-            decide, then = commands.finish_group_delete(group_id)
-            # As a client's write: held at start as they are (see ``writes_held``).
-            written += await self.write(decide, actor=actor, then=then)
+        self._finishing.add(group_id)
+        try:
+            while self.kv.get("meta", commands.group_cleanup_key(group_id)) is not None:
+                decide, then = commands.finish_group_delete(group_id)
+                # As a client's write: held at start as they are (see ``writes_held``).
+                written += await self.write(decide, actor=actor, then=then)
+        finally:
+            self._finishing.discard(group_id)
         return written
 
     def group_deletes_left(self) -> bool:
+        """Whether a group's delete left removes that no request is writing now."""
+        return bool(self._group_deletes_left())
+
+    def _group_deletes_left(self) -> list[str]:
         with self.kv.read() as txn:
-            return any(True for _ in commands.cleanups(txn))
+            found = [commands.group_of_cleanup_key(key) for key, _ in commands.cleanups(txn)]
+        return [group_id for group_id in found if group_id not in self._finishing]
 
     async def finish_group_deletes(self) -> int:
         """The removes of group deletes cut short (a stop, a client gone, a refused
-        commit). How many groups."""
-        with self.kv.read() as txn:
-            left = [commands.group_of_cleanup_key(key) for key, _ in commands.cleanups(txn)]
+        commit) that no request is writing now. How many groups."""
+        left = self._group_deletes_left()
         for group_id in left:
             await self.finish_group_delete(group_id, actor=GROUP_DELETE_ACTOR)
         return len(left)
