@@ -143,16 +143,22 @@ def _unparsable_as_json(
         raise ConnectionError("a response was sent already")
     code = _CODES.get(status, "bad_request")
     response = error_response(status, code, f"the request cannot be parsed: {reason}")
+    if _token_text is not None:  # as every answer carries it
+        response.headers["X-Consistency-Token"] = _token_text()
     response.force_close()
     return response
 
 
 _AIOHTTP_HANDLE_ERROR = web_protocol.RequestHandler.handle_error
+_token_text: Callable[[], str] | None = None  # the node's consistency token, now
 
 
-def answer_unparsable_requests_as_json() -> None:
-    """Make aiohttp answer a request its parser refuses as ``_unparsable_as_json`` does.
+def answer_unparsable_requests_as_json(token_text: Callable[[], str] | None = None) -> None:
+    """Make aiohttp answer a request its parser refuses as ``_unparsable_as_json`` does,
+    with the node's consistency token (``token_text``) as every other answer.
 
     aiohttp has no setting for it, and creates its request handlers itself: its method
     is replaced, once, in the serving process (``node.server.serve``)."""
+    global _token_text
+    _token_text = token_text
     web_protocol.RequestHandler.handle_error = _unparsable_as_json  # type: ignore[method-assign,assignment]

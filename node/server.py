@@ -192,7 +192,7 @@ async def serve(replica: Replica, settings: Settings, extensions: Sequence[Exten
     loop = asyncio.get_running_loop()
     replica.bind(loop)
     app = build_app(replica, settings)
-    answer_unparsable_requests_as_json()
+    answer_unparsable_requests_as_json(replica.token_text)
     close_slow_openings(settings.request_head_wait_ms, settings.connections_max)
     for extension in extensions:
         extension.install(app)
