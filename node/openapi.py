@@ -159,7 +159,10 @@ SCHEMAS: Json = {
             "field": string(description="set/add/remove: the field."),
             "value": nullable(string(description="set: the value (null unsets); add/remove: id")),
             "won": {"type": "boolean", "description": "set: whether this write is the value."},
-            "why": string(description="set that lost: overwritten, or lost a concurrent race."),
+            "why": string(
+                description="A set that lost: overwritten by, lost to (the greater clock and "
+                "origin), or cleared by a create."
+            ),
             "observed": array(string(description="remove/delete: the dots it removed.")),
         },
         tuple(EVENT),

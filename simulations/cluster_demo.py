@@ -169,7 +169,7 @@ async def session(cluster: LocalCluster) -> None:
         print("    homer's name, from ap's audit trail:")
         for e in trail["events"]:
             if e.get("field") == "name":
-                outcome = "WON" if e["won"] else f"lost: {e['why']}"
+                outcome = "WON" if e["won"] else e["why"]  # overwritten, lost or cleared
                 value, origin = repr(e["value"]), e["origin"]
                 print(f"      {value:26} written by {origin:14} at {e['time']}  {outcome}")
         _, then, _ = await c.call("ap", "GET", f"/users/homer?at={before_partition}", quiet=True)
