@@ -16,7 +16,7 @@ import functools
 import time
 from bisect import bisect_right
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,14 +176,17 @@ class Trail:
         return entries, (self.seqs[end - 1] if end < len(self.seqs) and end > start else None)
 
 
-async def decoded(raws: Sequence[bytes]) -> list[Event]:
-    """Events from their stored bytes, a chunk at a time between turns of the loop."""
-    events: list[Event] = []
+async def decoded_chunks(raws: Sequence[bytes]) -> AsyncIterator[list[Event]]:
+    """Events from their stored bytes, a chunk at a time, the loop turning between."""
     for start in range(0, len(raws), DECODE_CHUNK_EVENTS):
-        events.extend(decode_event(raw) for raw in raws[start : start + DECODE_CHUNK_EVENTS])
-        if start + DECODE_CHUNK_EVENTS < len(raws):
+        if start:
             await asyncio.sleep(0)
-    return events
+        yield [decode_event(raw) for raw in raws[start : start + DECODE_CHUNK_EVENTS]]
+
+
+async def decoded(raws: Sequence[bytes]) -> list[Event]:
+    """Events from their stored bytes (``decoded_chunks``), all of them."""
+    return [e async for chunk in decoded_chunks(raws) for e in chunk]
 
 
 class Audits:
@@ -281,11 +284,8 @@ class Audits:
                     return None
                 raws = [raw for _, raw in stored]
             folding = Folding(EntityState())
-            for start in range(0, len(raws), DECODE_CHUNK_EVENTS):
-                for raw in raws[start : start + DECODE_CHUNK_EVENTS]:
-                    e = decode_event(raw)
+            async for chunk in decoded_chunks(raws):
+                for e in chunk:
                     if includes(e):
                         folding.add(e)
-                if start + DECODE_CHUNK_EVENTS < len(raws):
-                    await asyncio.sleep(0)
             return folding.state()

@@ -251,13 +251,13 @@ def _member_removes(
     GROUP_REMOVES_PER_COMMIT or more, and the last member done if more are left."""
     drafts: list[Draft] = []
     last = after
-    for user_id, live in views.member_slices(txn, group_id, after=after):
+    for user_id, member in views.member_sets(txn, group_id, after=after):
         if len(drafts) >= GROUP_REMOVES_PER_COMMIT:
             return drafts, last
         last = user_id
-        if not live:
+        dots = member.dots(user_id)  # none: removed, its slice kept until compacted
+        if not dots:
             continue
-        dots = views.member_slice(txn, group_id, user_id).dots(user_id)
         if before_seq is not None:
             dots = frozenset(d for d in dots if _seq_of(txn, d) < before_seq)
         drafts += _removes(group_id, user_id, dots)

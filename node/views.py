@@ -528,10 +528,18 @@ def members(txn: ReadTxn, group_id: str, *, after: str = "") -> Iterator[str]:
 def member_slices(txn: ReadTxn, group_id: str, *, after: str = "") -> Iterator[tuple[str, bool]]:
     """Every member slice the group keeps, in id order after ``after``: its user and
     whether an add of it is live (a removed one's slice stays until compacted)."""
+    for user_id, member in member_sets(txn, group_id, after=after):
+        yield user_id, bool(member.entries)
+
+
+def member_sets(
+    txn: ReadTxn, group_id: str, *, after: str = ""
+) -> Iterator[tuple[str, ORSet[str]]]:
+    """``member_slices`` with each slice itself."""
     prefix = group_id.encode() + b"\0"
     start = prefix + after.encode() + b"\0" if after else None
     for key, raw in txn.scan("members", prefix=prefix, start=start):
-        yield key[len(prefix) :].decode(), bool(crdt_codec.decode_as(raw, ORSet).entries)
+        yield key[len(prefix) :].decode(), crdt_codec.decode_as(raw, ORSet)
 
 
 def groups_of(txn: ReadTxn, user_id: str, *, existing: bool = True) -> list[str]:
