@@ -561,8 +561,14 @@ def call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], object]) -
         running = None
     if running is loop:
         loop.call_soon(callback)
-    else:
+        return
+    try:
         loop.call_soon_threadsafe(callback)
+    except RuntimeError:
+        # The loop closed while the commit was under way (the node stopped): no one is
+        # left to answer, and the commit stands. The writer must go on to drain the rest.
+        if not loop.is_closed():
+            raise
 
 
 Outcome = list[Event] | BaseException

@@ -427,3 +427,44 @@ def test_a_refused_commit_refuses_its_requests_each_once_and_the_state_outlives_
             replica.close()
 
     asyncio.run(body())
+
+
+def test_a_commit_whose_loop_closed_meanwhile_stands_and_the_writer_drains_the_rest() -> None:
+    """A node stopped right after it started: its loop closed while a write was still
+    queued (a task cancelled at the stop). Answering it raised ``RuntimeError: Event loop
+    is closed`` in the writer thread, which died with a traceback in the node's log after
+    its "stopped" line, leaving the requests after it uncommitted. The commit stands, no
+    one is left to answer, and the writer drains what follows."""
+    replica = Replica(MemoryKV(), "eu")
+    taken, gate = threading.Event(), threading.Event()
+    died: list[BaseException | None] = []
+    hook = threading.excepthook
+
+    def held(txn: ReadTxn) -> list[Draft]:
+        taken.set()
+        assert gate.wait(GATE_WAIT_S)
+        return []
+
+    async def body() -> None:
+        waiting = [asyncio.ensure_future(replica.write(held, actor="gate"))]
+        assert await asyncio.to_thread(taken.wait, GATE_WAIT_S)  # the writer holds it
+        waiting += [
+            asyncio.ensure_future(
+                replica.write(commands.create("user", f"u{n}", homer(n)), actor="t")
+            )
+            for n in range(2)
+        ]
+        await asyncio.sleep(0)
+        assert replica.writer.queued == 2
+
+    threading.excepthook = lambda args: died.append(args.exc_value)
+    try:
+        asyncio.run(body())  # cancels the waiting tasks and closes the loop
+        gate.set()
+        replica.writer.stop()
+    finally:
+        threading.excepthook = hook
+        gate.set()
+        assert died == []
+        assert replica.entity_ids("user", after="", limit=10) == (["u0", "u1"], None)
+        replica.close()
