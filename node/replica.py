@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +72,9 @@ class Metrics:
 # The member slices a page of a group's members steps over at most (see ``members_page``).
 MEMBERS_SCAN_MAX = 10_000
 LIST_SCAN_MAX = 10_000  # entities a page of a list steps over (then short, with a cursor)
+# Events a peer's page is read by between turns of the event loop (``read_missing_paced``):
+# some 1.7 ms of reading on the 2-core machine this project is measured on.
+READ_SLICE_EVENTS = 1_000
 
 
 class Replica:
@@ -446,20 +449,68 @@ class Replica:
         counter order: what only this replica may hold goes before what the requester
         is likely pulling from the other origins themselves at the same time.
         """
+        slices = self._missing_slices(theirs, bytes_max, events_max, only)
+        while True:
+            try:
+                next(slices)
+            except StopIteration as done:
+                found: tuple[list[tuple[Dot, bytes]], bool] = done.value
+                return found
+
+    async def read_missing_paced(
+        self,
+        theirs: VersionVector,
+        *,
+        bytes_max: int,
+        events_max: int,
+        only: str | None = None,
+    ) -> tuple[list[tuple[Dot, bytes]], bool]:
+        """``read_missing``, letting the event loop run between slices of
+        ``READ_SLICE_EVENTS``: a page of a peer's catch-up (10,000 events, some 17 ms of
+        reading) no longer holds every request of the node that long."""
+        slices = self._missing_slices(theirs, bytes_max, events_max, only)
+        while True:
+            try:
+                next(slices)
+            except StopIteration as done:
+                found: tuple[list[tuple[Dot, bytes]], bool] = done.value
+                return found
+            await asyncio.sleep(0)
+
+    def _missing_slices(
+        self, theirs: VersionVector, bytes_max: int, events_max: int, only: str | None
+    ) -> Generator[None, None, tuple[list[tuple[Dot, bytes]], bool]]:
+        """``read_missing``'s reading, stopping (with no read transaction open) after every
+        ``READ_SLICE_EVENTS`` events: the log only grows while the node runs, so a range
+        read on in a new transaction goes on where the last one stopped."""
         found: list[tuple[Dot, bytes]] = []
         size = 0
         own = self.identity.replica_id
         lacking = self.summary.missing_from(theirs)
         if only is not None:
             lacking = {only: lacking[only]} if only in lacking else {}
-        with self.kv.read() as txn:
-            for origin in sorted(lacking, key=lambda origin: (origin != own, origin)):
-                for first, last in lacking[origin]:
+        ranges = [
+            (origin, first, last)
+            for origin in sorted(lacking, key=lambda origin: (origin != own, origin))
+            for first, last in lacking[origin]
+        ]
+        ranges.reverse()  # taken from the end
+        while ranges:
+            read = 0
+            with self.kv.read() as txn:
+                while ranges and read < READ_SLICE_EVENTS:
+                    origin, first, last = ranges.pop()
                     for counter, data in log.origin_event_bytes(txn, origin, first, last):
                         if found and (size + len(data) > bytes_max or len(found) >= events_max):
                             return found, True
                         found.append((Dot(origin, counter), data))
                         size += len(data)
+                        read += 1
+                        if read >= READ_SLICE_EVENTS and counter < last:
+                            ranges.append((origin, counter + 1, last))  # the rest: next slice
+                            break
+            if ranges:
+                yield
         return found, False
 
     def oldest_missing_hlc(self, theirs: VersionVector) -> int | None:
