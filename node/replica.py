@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from node.fold import EntityState, decode_state
 from node.kv import KV, StorageFailed, WriteTxn
 from node.lmdb_kv import MAP_BYTES_INITIAL, LmdbKV
 from node.log import Identity, LogState
+from node.pacing import Slices, run_paced, run_through
 from node.rebuild import replay_views, replay_workers
 from node.replay_workers import ReplayFailed
 from node.tokens import Token, covers, encode_token, token_of
@@ -449,13 +450,7 @@ class Replica:
         counter order: what only this replica may hold goes before what the requester
         is likely pulling from the other origins themselves at the same time.
         """
-        slices = self._missing_slices(theirs, bytes_max, events_max, only)
-        while True:
-            try:
-                next(slices)
-            except StopIteration as done:
-                found: tuple[list[tuple[Dot, bytes]], bool] = done.value
-                return found
+        return run_through(self._missing_slices(theirs, bytes_max, events_max, only))
 
     async def read_missing_paced(
         self,
@@ -468,18 +463,11 @@ class Replica:
         """``read_missing``, letting the event loop run between slices of
         ``READ_SLICE_EVENTS``: a page of a peer's catch-up (10,000 events, some 17 ms of
         reading) no longer holds every request of the node that long."""
-        slices = self._missing_slices(theirs, bytes_max, events_max, only)
-        while True:
-            try:
-                next(slices)
-            except StopIteration as done:
-                found: tuple[list[tuple[Dot, bytes]], bool] = done.value
-                return found
-            await asyncio.sleep(0)
+        return await run_paced(self._missing_slices(theirs, bytes_max, events_max, only))
 
     def _missing_slices(
         self, theirs: VersionVector, bytes_max: int, events_max: int, only: str | None
-    ) -> Generator[None, None, tuple[list[tuple[Dot, bytes]], bool]]:
+    ) -> Slices[tuple[list[tuple[Dot, bytes]], bool]]:
         """``read_missing``'s reading, stopping (with no read transaction open) after every
         ``READ_SLICE_EVENTS`` events: the log only grows while the node runs, so a range
         read on in a new transaction goes on where the last one stopped."""

@@ -58,9 +58,14 @@ from node.events import (
     UnknownFormatVersion,
 )
 from node.events import decode as decode_event
+from node.pacing import Slices, run_through
 
 PROTOCOL_VERSION = 2
 BATCH_EVENTS_MAX = 50_000
+# Events a message's reading takes between turns of the event loop (``decode_slices``,
+# ``batch_slices``): some 1.5 ms of finding dots, or 3 ms of decoding events, on the
+# 2-core machine this project is measured on.
+EVENTS_SLICE = 1_000
 NOTHING = OriginSeen()
 
 
@@ -164,6 +169,11 @@ def encode(message: Sync) -> bytes:
 
 
 def decode(data: bytes, *, expect: Tag) -> Received:
+    return run_through(decode_slices(data, expect=expect))
+
+
+def decode_slices(data: bytes, *, expect: Tag) -> Slices[Received]:
+    """``decode``, stopping after every ``EVENTS_SLICE`` events read (``node.pacing``)."""
     try:
         wire = msgpack.unpackb(data)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
@@ -184,13 +194,13 @@ def decode(data: bytes, *, expect: Tag) -> Received:
         # has no int past 64 bits).
         if check is not None and (type(check) is not int or check < 0):
             raise BadMessage(f"bad check {check!r}")
-        return Received(
-            expect, replica_id, _read_changes(changes), _read_events(events), check=check
-        )
+        seen = _read_changes(changes)
+        return Received(expect, replica_id, seen, (yield from _read_events(events)), check=check)
     changes, events, more = wire[3:]
     if not isinstance(more, bool):
         raise BadMessage("more must be a boolean")
-    return Received(expect, replica_id, _read_changes(changes), _read_events(events), more)
+    seen = _read_changes(changes)
+    return Received(expect, replica_id, seen, (yield from _read_events(events)), more)
 
 
 def _is_counter(value: Any, *, least: int) -> bool:
@@ -215,7 +225,7 @@ def _read_changes(changes: Any) -> dict[str, OriginSeen]:
     return read
 
 
-def _read_events(items: Any) -> tuple[RawEvent, ...]:
+def _read_events(items: Any) -> Slices[tuple[RawEvent, ...]]:
     if not isinstance(items, list):
         raise BadMessage("events must be an array")
     if len(items) > BATCH_EVENTS_MAX:
@@ -223,7 +233,12 @@ def _read_events(items: Any) -> tuple[RawEvent, ...]:
     for data in items:
         if not isinstance(data, bytes) or len(data) > EVENT_BYTES_MAX:
             raise BadMessage("event bytes missing or too large")
-    return tuple(RawEvent(dot_of(data), data) for data in items)
+    read: list[RawEvent] = []
+    for start in range(0, len(items), EVENTS_SLICE):
+        if start:
+            yield
+        read += [RawEvent(dot_of(data), data) for data in items[start : start + EVENTS_SLICE]]
+    return tuple(read)
 
 
 def dot_of(data: bytes) -> Dot:
@@ -313,15 +328,22 @@ def read_batch(message: Received, known: VersionVector | None = None) -> Batch:
     log would skip them anyway, and a peer resending what crossed its request costs
     one dot read, not a decode.
     """
+    return run_through(batch_slices(message, known))
+
+
+def batch_slices(message: Received, known: VersionVector | None = None) -> Slices[Batch]:
+    """``read_batch``, stopping after every ``EVENTS_SLICE`` events (``node.pacing``)."""
     batch = Batch()
-    for raw in message.events:
+    for n, raw in enumerate(message.events, 1):
         if known is not None and raw.dot in known:
             batch.again.append(raw)
-            continue
-        try:
-            batch.events.append(read_event(raw))
-        except UnknownFormatVersion:
-            batch.quarantined.append(raw)
-        except InvalidEvent as exc:
-            raise BadMessage(f"event {raw.dot}: {exc}") from exc
+        else:
+            try:
+                batch.events.append(read_event(raw))
+            except UnknownFormatVersion:
+                batch.quarantined.append(raw)
+            except InvalidEvent as exc:
+                raise BadMessage(f"event {raw.dot}: {exc}") from exc
+        if n % EVENTS_SLICE == 0:
+            yield
     return batch

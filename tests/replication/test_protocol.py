@@ -400,3 +400,49 @@ def test_events_already_known_are_left_out_undecoded() -> None:
     assert [e.dot for e in batch.events] == [new.dot]
     with pytest.raises(BadMessage, match=f"event {EU}:1"):
         protocol.read_batch(carried([garbled, new]))  # unknown, it is read and refused
+
+
+def _slices_of(slices: Any) -> tuple[int, Any]:
+    """How many times ``slices`` paused, and what it returned."""
+    pauses = 0
+    while True:
+        try:
+            next(slices)
+        except StopIteration as done:
+            return pauses, done.value
+        pauses += 1
+
+
+@hsettings(max_examples=100)
+@given(syncs(), st.integers(min_value=1, max_value=7), st.none() | summaries)
+def test_a_message_read_in_slices_is_the_message_read_at_once(
+    message: Sync, slice_events: int, known: VersionVector | None
+) -> None:
+    """A node reads a peer's page a slice of events at a time, the event loop running in
+    between: whatever the slice, it reads the same message and the same batch, pausing
+    once per slice."""
+    data = protocol.encode(message)
+    whole = protocol.decode(data, expect=message.tag)
+    batch = protocol.read_batch(whole, known)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(protocol, "EVENTS_SLICE", slice_events)
+        pauses, sliced = _slices_of(protocol.decode_slices(data, expect=message.tag))
+        assert sliced == whole
+        assert pauses == max(0, -(-len(message.events) // slice_events) - 1)
+        pauses, sliced_batch = _slices_of(protocol.batch_slices(whole, known))
+        assert sliced_batch == batch
+        assert pauses == len(message.events) // slice_events
+
+
+def test_a_bad_event_in_a_later_slice_still_refuses_the_whole_batch() -> None:
+    good = [
+        raw(Event(Dot(EU, n), STAMP + n, "user/homer", Op.SET, "name", "H")) for n in range(1, 8)
+    ]
+    bad = RawEvent(
+        Dot(EU, 8), ev.encode(Event(Dot(EU, 8), STAMP, "user/bart", Op.ADD, "members", "x"))
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(protocol, "EVENTS_SLICE", 2)
+        slices = protocol.batch_slices(carried([*good, bad]))
+        with pytest.raises(BadMessage, match=f"event {EU}:8"):
+            _slices_of(slices)
