@@ -76,6 +76,10 @@ class Limits:
     answered_hold_ms: int = 2_000
 
 
+def _not_in(pairs: list[tuple[Dot, bytes]], held: VersionVector) -> list[tuple[Dot, bytes]]:
+    return [(dot, data) for dot, data in pairs if dot not in held]
+
+
 def _raw(pairs: Sequence[tuple[Dot, bytes]]) -> tuple[RawEvent, ...]:
     return tuple(RawEvent(dot, data) for dot, data in pairs)
 
@@ -136,6 +140,7 @@ class Replicator:
         self._marked = False
         # Per sender, the whole requests that came in while some are being taken.
         self._whole_arrivals: dict[str, int] = {}
+        self._arrivals = 0  # requests taken so far: each one's number, as it arrives
         # Peers that have not yet answered this node since it started (``gate_clients``).
         self._unheard: set[str] = set()
         self._release_timer: asyncio.TimerHandle | None = None
@@ -145,6 +150,10 @@ class Replicator:
 
     async def handle(self, body: bytes) -> bytes:
         """Answer one sync request. Raises BadMessage (nothing written) or Overloaded."""
+        # Numbered as it arrives, before its decode lets others run: a smaller request
+        # that came after it may be decoded first, and is still the later one.
+        self._arrivals += 1
+        arrived = self._arrivals
         request = await run_paced(protocol.decode_slices(body, expect=Tag.SYNC_REQUEST))
         sender = request.replica_id
         assert sender is not None, "decode refuses a request without its sender"
@@ -156,7 +165,8 @@ class Replicator:
         # is newer, and is only added to.
         arrival = 0
         if request.check is None:
-            arrival = self._whole_arrivals[sender] = self._whole_arrivals.get(sender, 0) + 1
+            arrival = arrived
+            self._whole_arrivals[sender] = max(self._whole_arrivals.get(sender, 0), arrived)
         received = await self._ingest(await self._batch_of(request, sender))
         latest = arrival > 0 and self._whole_arrivals.get(sender) == arrival
         if latest:
@@ -193,6 +203,11 @@ class Replicator:
         pairs, more = await self._missing_paced(
             self._on_the_way(holds, peer, answers=False), sender, own_seen=own_seen
         )
+        if peer is not None:
+            # What went on its way to the peer while the page was read (a request of
+            # ours, as both ends sync each other after a heal) does not go twice.
+            gone = self._on_the_way(peer.summary or holds, peer, answers=False)
+            pairs = _not_in(pairs, self._lacks(gone, sender, own_seen))
         if peer is not None:
             # Not learned() here: the answer may be lost; the peer's next request says.
             peer.events_sent += len(pairs)
@@ -394,7 +409,10 @@ class Replicator:
         if not push and peer.summary is not None:
             lacks = self._on_the_way(peer.summary, peer, answers=True)
             pairs, _ = await self._missing_paced(lacks, peer.replica_id, own_only=not answered)
-            push = _raw(pairs)
+            # What went on its way to the peer while the page was read (an answer of
+            # ours to its own request, as both ends sync each other) does not go twice.
+            gone = self._on_the_way(peer.summary, peer, answers=True)
+            push = _raw(_not_in(pairs, self._lacks(gone, peer.replica_id, None)))
         return self._request(name, push)
 
     def _request(self, name: str, push: Sequence[RawEvent]) -> Sync:
