@@ -23,7 +23,7 @@ def fold(wires: Iterable[list[Any]]) -> tuple[dict[Any, Any], dict[str, bool], d
     registers: dict[tuple[str, str], tuple[tuple[int, str, int], Any]] = {}
     exists: dict[str, bool] = {}
     members: dict[tuple[str, str], bool] = {}
-    for _, origin, counter, hlc, stream, op, field, value, _observed, _actor in wires:
+    for _, origin, counter, hlc, stream, op, field, value, *_ in wires:
         if op == SET:
             key = (hlc, origin, counter)
             held = registers.get((stream, field))

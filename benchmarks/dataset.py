@@ -30,6 +30,7 @@ def events(n: int, *, seed: int = 6) -> Iterator[Event]:
     user_creates: dict[str, Dot] = {}
     groups: list[str] = []
     winners: dict[tuple[str, str], Dot] = {}  # (stream, field) -> last dot written
+    creates: dict[str, Dot] = {}  # stream -> its create
     member_dots: dict[tuple[str, str], Dot] = {}  # (group, user) -> its live add dot
     made = 0
 
@@ -45,9 +46,12 @@ def events(n: int, *, seed: int = 6) -> Iterator[Event]:
         origin = origin or rng.choice(ORIGINS)
         counters[origin] += 1
         stamp += rng.randint(1, 3) << 16  # ~2 ms apart
-        return Event(
-            Dot(origin, counters[origin]), stamp, stream, op, field, value, observed, ACTOR
-        )
+        dot = Dot(origin, counters[origin])
+        if op is Op.CREATE:
+            creates[stream] = dot
+        # A field write names the create it is written under, as a node writes it.
+        lives = frozenset({creates[stream]}) if op is Op.SET else frozenset()
+        return Event(dot, stamp, stream, op, field, value, observed, ACTOR, lives)
 
     def set_field(stream: str, field: str, value: str, origin: str | None = None) -> Event:
         prior = winners.get((stream, field))

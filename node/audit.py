@@ -25,7 +25,7 @@ from crdt.clock import physical_ms
 from node import log
 from node.events import Event, Op
 from node.events import decode as decode_event
-from node.fold import EntityState, Folding
+from node.fold import EntityState, Folding, shows
 from node.kv import KV
 
 # Events decoded (or folded) between two turns of the event loop.
@@ -57,32 +57,34 @@ def _iso_seconds(seconds: int) -> str:
 def verdicts(events: Sequence[Event]) -> list[Verdict]:
     """Whether each field write won and why not, in one pass and one walk per field.
 
-    A write at or below the entity's floor (its greatest create, as the fold keeps it)
-    was cleared by that event; of the others, the greatest write of each field won. A
-    loser was *overwritten* when the winner's chain of observed winners reaches it (the
-    winner was written knowing it), and otherwise lost on (clock, origin).
+    A write that does not show was cleared: with the life it was written under (every
+    create it names was deleted), or, naming none, by the floor (the entity's greatest
+    create). Of those that show, the greatest of each field won. A loser was
+    *overwritten* when the winner's chain of observed winners reaches it (the winner was
+    written knowing it), and otherwise lost on (clock, origin).
     """
     state = _fold(events)
     floor = state.floor
     floor_event = None
     by_dot: dict[Dot, Event] = {}
+    deleted_by: dict[Dot, Event] = {}  # a create -> a delete that removed it
     for e in events:
         by_dot[e.dot] = e
         if floor is not None and (e.hlc, e.dot.origin, e.dot.counter) == floor:
             floor_event = e
-    winners: dict[str, Event] = {}
-    for e in events:
-        if e.op is Op.SET and e.field is not None and _above(floor, e):
-            best = winners.get(e.field)
-            if best is None or (e.hlc, e.dot) > (best.hlc, best.dot):
-                winners[e.field] = e
+        if e.op is Op.DELETE:
+            for removed in e.observed:
+                deleted_by.setdefault(removed, e)
+    winners = {
+        name: Dot(origin, counter) for name, ((_, origin, counter), _) in state.fields.items()
+    }
     reached: dict[str, set[Dot]] = {}  # per field: the dots its winner's chain reaches
 
     def overwrote(name: str, dot: Dot) -> bool:
         known = reached.get(name)
         if known is None:
             known = reached[name] = set()
-            frontier = list(winners[name].observed)
+            frontier = list(by_dot[winners[name]].observed)
             while frontier:
                 seen = frontier.pop()
                 if seen not in known:
@@ -96,26 +98,33 @@ def verdicts(events: Sequence[Event]) -> list[Verdict]:
     for e in events:
         if e.op is not Op.SET or e.field is None:
             found.append(None)
-        elif not _above(floor, e):
-            what = "the floor" if floor_event is None else f"the {floor_event.op.name.lower()}"
-            dot = "" if floor_event is None else f" {floor_event.dot}"
-            found.append((False, f"cleared by {what}{dot}"))
+        elif not shows(state, e):
+            found.append((False, _cleared(e, floor_event, deleted_by)))
         else:
             winner = winners[e.field]
-            if winner.dot == e.dot:
+            if winner == e.dot:
                 found.append((True, None))
             elif overwrote(e.field, e.dot):
-                found.append((False, f"overwritten by {winner.dot}"))
+                found.append((False, f"overwritten by {winner}"))
             else:
                 # Not provably concurrent: the winner's region may have seen this write
                 # without it being the value the winner replaced.
-                why = f"lost to {winner.dot}, which has the greater (clock, origin)"
+                why = f"lost to {winner}, which has the greater (clock, origin)"
                 found.append((False, why))
     return found
 
 
-def _above(floor: tuple[int, str, int] | None, e: Event) -> bool:
-    return floor is None or (e.hlc, e.dot.origin, e.dot.counter) > floor
+def _cleared(e: Event, floor_event: Event | None, deleted_by: dict[Dot, Event]) -> str:
+    """Why a write that does not show was cleared."""
+    if not e.lives:
+        what = "the floor" if floor_event is None else f"the {floor_event.op.name.lower()}"
+        dot = "" if floor_event is None else f" {floor_event.dot}"
+        return f"cleared by {what}{dot}"
+    waiting = sorted(life for life in e.lives if life not in deleted_by)
+    if waiting:  # a create it names has not arrived here yet (the others were deleted)
+        return f"written under the create {waiting[0]}, which is not here yet"
+    life = min(e.lives)
+    return f"cleared by the delete {deleted_by[life].dot} of the create {life} it was written under"
 
 
 def _fold(events: Iterable[Event]) -> EntityState:

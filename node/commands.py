@@ -14,7 +14,7 @@ import msgpack
 from crdt import Dot
 from node import events, log, views
 from node.events import Op, Value, stream_of
-from node.fold import EntityState
+from node.fold import ENTITY, EntityState
 from node.kv import ReadTxn, WriteTxn
 from node.schema import PROFILE_KEYS_MAX, PROFILE_REGISTERS_MAX, UNIQUE_FIELDS
 from node.tokens import etag_of
@@ -90,7 +90,12 @@ def _check_profile_room(state: EntityState, writes: Mapping[str, Value]) -> None
         )
 
 
-def _sets(stream: str, state: EntityState, writes: Mapping[str, Value]) -> list[Draft]:
+def _sets(
+    stream: str, state: EntityState, writes: Mapping[str, Value], *, new_life: bool = False
+) -> list[Draft]:
+    """Each write drafted under the creates live here (``new_life``: under the create
+    drafted just before): it shows while one of them lives, and goes with the last."""
+    lives = frozenset() if new_life else _lives(state)
     drafts = []
     for field, value in sorted(writes.items()):
         # The register's winning write, ((hlc, origin, counter), value): its dot is observed.
@@ -100,12 +105,21 @@ def _sets(stream: str, state: EntityState, writes: Mapping[str, Value]) -> list[
         floor = 0 if state.floor is None else state.floor[0]
         held = state.fields.get(field)
         if held is None:
-            drafts.append(Draft(stream, Op.SET, field, value, after=floor))
+            observed, after = frozenset[Dot](), floor
         else:
             (hlc, origin, counter), _ = held
-            observed = frozenset({Dot(origin, counter)})
-            drafts.append(Draft(stream, Op.SET, field, value, observed, max(hlc, floor)))
+            observed, after = frozenset({Dot(origin, counter)}), max(hlc, floor)
+        drafts.append(Draft(stream, Op.SET, field, value, observed, after, lives, new_life))
     return drafts
+
+
+def _lives(state: EntityState) -> frozenset[Dot]:
+    """The creates live here (the greatest ``LIVES_MAX`` of them: an id created in more
+    regions at once than that is written under some of them)."""
+    live = state.existence.dots(ENTITY)
+    if len(live) > events.LIVES_MAX:
+        live = frozenset(sorted(live)[-events.LIVES_MAX :])
+    return live
 
 
 def create(kind: str, entity_id: str, writes: Mapping[str, Value]) -> Decide:
@@ -121,7 +135,7 @@ def create(kind: str, entity_id: str, writes: Mapping[str, Value]) -> Decide:
         # arrived here yet, nothing here tells apart. Add wins (see the README's table).
         # Stamped by the clock, not after the writes of the id it knows: one stamped far
         # ahead (a peer's clock) would carry the new life's every stamp there with it.
-        return [Draft(stream, Op.CREATE), *_sets(stream, state, writes)]
+        return [Draft(stream, Op.CREATE), *_sets(stream, state, writes, new_life=True)]
 
     return decide
 

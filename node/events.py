@@ -25,11 +25,15 @@ from node.schema import ENTITY_ID_RE as ENTITY_ID_RE
 from node.schema import SET_FIELDS, FieldError, check_value, settable
 from node.schema import Value as Value
 
-FORMAT_VERSION = 1
+# 2: a field write names the creates it was written under (``lives``); version 1 bytes
+# stay as they are (every event that names none is still written so), read as naming none.
+FORMAT_VERSION = 2
 
 ORIGIN_RE = re.compile(r"[a-z][a-z0-9-]{0,31}~[0-9a-z]{4,16}")
 COUNTER_MAX = (1 << 63) - 1
 OBSERVED_DOTS_MAX = 10_000
+# Creates a field write names (those live where it was written: one, or a few made at once)
+LIVES_MAX = 64
 VALUE_CHARS_MAX = 4_096
 ACTOR_CHARS_MAX = 128
 EVENT_BYTES_MAX = 256 * 1024
@@ -68,6 +72,10 @@ class Event:
         frozenset()
     )  # remove/delete: the dots removed; set: the winner it overwrote
     actor: str = ""
+    # set: the creates of the entity live where it was written (the lives it was written
+    # under): it shows while one of them is live, and is cleared with the last of them.
+    # None named (an event of format 1): the floor alone clears it (see ``node.fold``).
+    lives: frozenset[Dot] = frozenset()
     # The event's encoding, kept once made (an event is immutable), or the bytes it was
     # decoded from when they are in the current format: appending it, then pushing it to
     # peers, encodes it once at most. Not an argument, so ``dataclasses.replace`` never
@@ -176,13 +184,28 @@ def validate(event: Event) -> Event:
     actor = event.actor
     if not isinstance(actor, str) or len(actor) > ACTOR_CHARS_MAX:
         raise InvalidEvent("actor must be a string of at most 128 characters")
+    lives = event.lives
+    if lives:
+        if op is not Op.SET:
+            raise InvalidEvent(f"{op.name.lower()} is written under no create")
+        if len(lives) > LIVES_MAX:
+            raise InvalidEvent(f"a write names at most {LIVES_MAX} creates")
+        for life in lives:
+            if life.origin not in _GOOD_ORIGINS:
+                if not ORIGIN_RE.fullmatch(life.origin):
+                    raise InvalidEvent(f"bad origin of a create written under {life.origin!r}")
+                _passed(_GOOD_ORIGINS, life.origin)
+            if life.counter > COUNTER_MAX:
+                raise InvalidEvent(f"counter of a create written under too great: {life.counter}")
     return event
 
 
 def to_wire(event: Event) -> list[Any]:
-    dot, observed = event.dot, event.observed
-    return [
-        FORMAT_VERSION,
+    """The event's wire: format 2 if it names the creates it was written under, else 1
+    (what a node of an older version reads: only what needs the new format has it)."""
+    dot, observed, lives = event.dot, event.observed, event.lives
+    wire = [
+        2 if lives else 1,
         dot.origin,
         dot.counter,
         event.hlc,
@@ -193,6 +216,9 @@ def to_wire(event: Event) -> list[Any]:
         [[d.origin, d.counter] for d in sorted(observed)] if observed else [],
         event.actor,
     ]
+    if lives:
+        wire.append([[d.origin, d.counter] for d in sorted(lives)])
+    return wire
 
 
 def encode(event: Event) -> bytes:
@@ -203,9 +229,11 @@ def encode(event: Event) -> bytes:
     return data
 
 
-# Upcasters turn the wire of format version N into that of N + 1. Version 1 is the
-# first, so there is none yet; a reader meeting version N < FORMAT_VERSION chains them.
+# Upcasters turn the wire of format version N into that of N + 1; a reader meeting
+# version N < FORMAT_VERSION chains them. None yet: version 1 is read as it is (version 2
+# only adds a trailing item, which version 1 leaves out when it is empty).
 UPCASTERS: dict[int, Callable[[list[Any]], list[Any]]] = {}
+READ_AS_IS = frozenset((1, 2))  # versions whose wire ``from_wire`` reads without upcasting
 
 
 _OPS: dict[object, Op] = {int(op): op for op in Op}  # a dict lookup, not an Enum call
@@ -221,11 +249,20 @@ def from_wire(wire: Any, *, dot: Dot | None = None) -> Event:
         raise InvalidEvent(f"bad event format version {version!r}")
     if version > FORMAT_VERSION:
         raise UnknownFormatVersion(version)
-    while version < FORMAT_VERSION:
+    while version not in READ_AS_IS:
         wire = UPCASTERS[version](wire)
         version = wire[0]
     try:
-        _, origin, counter, hlc, stream, op, field, value, observed, actor = wire
+        if version == 1:
+            _, origin, counter, hlc, stream, op, field, value, observed, actor = wire
+            lives = NO_DOTS
+        else:
+            _, origin, counter, hlc, stream, op, field, value, observed, actor, named = wire
+            if type(named) is not list or not named:  # empty: written as version 1
+                raise TypeError("the creates written under must be a non-empty array")
+            lives = frozenset([Dot(o, c) for o, c in named])
+            if len(lives) != len(named):
+                raise ValueError("the creates written under repeat")
         if type(op) is not int:  # a bool or a float would find an op among the ints
             raise KeyError(op)
         if type(observed) is not list:
@@ -240,7 +277,7 @@ def from_wire(wire: Any, *, dot: Dot | None = None) -> Event:
             or counter != dot.counter
         ):
             dot = Dot(origin, counter)
-        event = Event(dot, hlc, stream, _OPS[op], field, value, dots, actor)
+        event = Event(dot, hlc, stream, _OPS[op], field, value, dots, actor, lives)
     except KeyError:
         raise InvalidEvent(f"malformed event: unknown op {op!r}") from None
     except (TypeError, ValueError) as exc:
@@ -259,6 +296,6 @@ def decode(data: bytes, *, dot: Dot | None = None) -> Event:
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
         raise InvalidEvent(f"event is not msgpack: {exc}") from exc
     event = from_wire(wire, dot=dot)
-    if wire[0] == FORMAT_VERSION:  # read as it stands, not upcast: its bytes are its encoding
+    if wire[0] in READ_AS_IS:  # read as it stands, not upcast: its bytes are its encoding
         object.__setattr__(event, "encoded", data)
     return event

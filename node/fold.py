@@ -3,12 +3,14 @@
 An entity's existence is an add-wins OR-set of its ``create`` dots (a ``delete``
 removes the creates it observed, so a concurrent create wins); each scalar field is
 an LWW register; a group's members are OR-set slices kept per member elsewhere. A
-create also clears every field write ordered before it (a floor on the registers), so
-an id created again after a delete does not show what its previous life wrote, not
-even a write that raced the delete and is ordered before the new create. A delete
-clears no field: a create it did not observe survives it (add-wins) with what that
-create's life wrote, whatever their stamps, and an entity no create survives shows
-nothing anyway. The same
+field write names the creates live where it was written (its lives): it shows while one
+of them is live, and is cleared with the last, so an id created again after a delete
+does not show what its previous life wrote, not even a write that raced the delete,
+whatever its stamp; and of an id created in two regions at once and deleted where one
+create alone was seen, the other shows what its own life wrote and nothing of the
+deleted one's. A register holds the greatest write of each life, and shows the greatest
+of those whose life is live. A write of format 1 names no create: a create clears every
+such write ordered before it (a floor on the registers). The same
 functions build live views, rebuilt views and any entity as of a past time.
 No clock and no randomness is read here: time enters only through event stamps.
 """
@@ -28,8 +30,9 @@ from crdt import Add, Dot, ORSet, Remove, VersionVector, Write
 from crdt import codec as crdt_codec
 from node.events import NO_DOTS, Event, Op, Value
 
-# 2: the existence set is embedded as its encoded bytes (1: as its wire form, still read).
-VIEW_FORMAT = 2
+# 3: each field's writes per life beside those that name none (2: the existence set is
+# embedded as its encoded bytes; 1: as its wire form; both still read).
+VIEW_FORMAT = 3
 # The rules the views are folded by, stored with them (``meta`` ``fold_rules``): views
 # folded by other rules are folded again when the node opens. 1: a delete raised the
 # floor; 2: a create raises it too; 3: unique values indexed in NFC with ASCII letters
@@ -38,8 +41,9 @@ VIEW_FORMAT = 2
 # 4: a user's memberships (``user_groups``) list every live add of it, whatever its
 # group's existence, so that a delete of the user removes them all; a delete no longer
 # raises the floor (one ordered after a create it did not observe, which survives it,
-# cleared what that create's life wrote: an acknowledged create kept no field).
-FOLD_RULES = 4
+# cleared what that create's life wrote: an acknowledged create kept no field); 5: a
+# field write shows while a create it was written under lives (``Event.lives``).
+FOLD_RULES = 5
 ENTITY = ""  # the single element of an existence set
 
 
@@ -70,14 +74,24 @@ Key = tuple[int, str, int]  # (hlc, origin, counter): the total order of writes
 # An LWW register's state: its winning write, as its key and its value. Plain tuples,
 # not ``crdt.Write``s: a view holds and decodes many, and the key compares as it is.
 Winner = tuple[Key, Value]
+# A create's dot as the registers key a life by: (origin, counter), a plain tuple (a dict
+# lookup by ``Dot`` calls its Python hash; a fold makes several per write).
+Life = tuple[str, int]
 
 
 @dataclass(frozen=True, slots=True)
 class EntityState:
     existence: ORSet[str] = field(default_factory=ORSet)
-    fields: Mapping[str, Winner] = field(default_factory=dict)  # each field's LWW register
-    # Every field write ordered at or below the greatest create is cleared: a re-created
-    # id starts from scratch instead of showing what its previous life had.
+    # Each field's value: the greatest write that shows (of ``unbound`` and of ``bound``'s
+    # live lives). Derived from the rest, neither stored nor compared.
+    fields: Mapping[str, Winner] = field(default_factory=dict, compare=False)
+    # Per field, the greatest write naming no create (format 1) above the floor.
+    unbound: Mapping[str, Winner] = field(default_factory=dict)
+    # Per create written under (a life), each field's greatest write naming it; none of a
+    # create removed (its life is over: no write of it shows again).
+    bound: Mapping[Life, Mapping[str, Winner]] = field(default_factory=dict)
+    # Every write naming no create ordered at or below the greatest create is cleared: a
+    # re-created id starts from scratch instead of showing what its previous life had.
     floor: Key | None = None
     create_stamps: Mapping[Dot, int] = field(default_factory=dict)  # create dot -> its stamp
     etag: int = 0  # XOR of the hashes of every applied dot: same events, same tag
@@ -130,18 +144,30 @@ _ADD, _REMOVE = int(Op.ADD), int(Op.REMOVE)
 class Folding:
     """One entity's state while events fold into it, frozen into an ``EntityState`` once.
 
-    Folding n events costs n cheap steps and one new state, not n states: a field keeps
-    only its greatest write until the end, where the writes at or below the floor
-    (the greatest create) are dropped. That is the same state as folding the events one at a time,
-    whatever their order (``test_fold`` checks it): a register holds the greatest write
-    above the floor, and the floor only rises.
+    Folding n events costs n cheap steps and one new state, not n states: a register
+    keeps only its greatest write (of each life) until the end, where the writes naming
+    no create at or below the floor (the greatest create) are dropped, and those of
+    removed creates. That is the same state as folding the events one at a time,
+    whatever their order (``test_fold`` checks it): each kept write is the greatest of
+    its kind, the floor only rises, and a removed create is never live again.
     """
 
-    __slots__ = ("base", "creates", "etag", "events", "existence", "floor", "updated", "writes")
+    __slots__ = (
+        "base",
+        "bound",
+        "creates",
+        "etag",
+        "events",
+        "existence",
+        "floor",
+        "updated",
+        "writes",
+    )
 
     def __init__(self, base: EntityState) -> None:
         self.base = base
-        self.writes: dict[str, Winner] = {}  # field -> greatest write folded here
+        self.writes: dict[str, Winner] = {}  # field -> greatest write naming no create
+        self.bound: dict[tuple[Life, str], Winner] = {}  # (create, field) -> greatest write
         self.existence = base.existence
         self.floor = base.floor
         self.creates: dict[Dot, int] | None = None  # copied from the base at the first create
@@ -158,6 +184,7 @@ class Folding:
         field: str | None,
         value: Value,
         observed: frozenset[Dot],
+        lives: Iterable[Life] = (),
     ) -> None:
         self.etag ^= dot_hash(origin, counter)
         self.events += 1
@@ -166,6 +193,13 @@ class Folding:
         if op == _SET:
             assert field is not None
             key = (hlc, origin, counter)
+            if lives:
+                bound = self.bound
+                for life in lives:
+                    held = bound.get((life, field))
+                    if held is None or later(key, held[0]):
+                        bound[life, field] = (key, value)
+                return
             held = self.writes.get(field)
             if held is None or later(key, held[0]):
                 self.writes[field] = (key, value)
@@ -186,7 +220,14 @@ class Folding:
         """Fold one event (``fold``, without making a state of it yet)."""
         dot = event.dot
         self.event(
-            dot.origin, dot.counter, event.hlc, event.op, event.field, event.value, event.observed
+            dot.origin,
+            dot.counter,
+            event.hlc,
+            event.op,
+            event.field,
+            event.value,
+            event.observed,
+            [(life.origin, life.counter) for life in event.lives],
         )
 
     @property
@@ -194,32 +235,27 @@ class Folding:
         return ENTITY in self.existence
 
     def state(self) -> EntityState:
-        base, floor = self.base, self.floor
-        fields = base.fields
-        if floor != base.floor:
-            fields = {name: held for name, held in fields.items() if _above(floor, held[0])}
-        grown: dict[str, Winner] | None = None
-        named = False  # a field with no write before
-        for name, write in self.writes.items():
-            key = write[0]
-            if floor is not None and key <= floor:
-                continue
-            held = fields.get(name)
-            if held is None or later(key, held[0]):
-                if grown is None:
-                    grown = dict(fields)
-                grown[name] = write
-                named = named or held is None
-        # Fields and creates stay in key order, as a decoded state has them.
-        if grown is not None and named:
-            grown = dict(sorted(grown.items()))
+        base, floor, existence = self.base, self.floor, self.existence
+        unbound = _unbound(base.unbound, self.writes, floor, base.floor)
+        bound = _bound(base.bound, self.bound, existence, base.existence)
+        if unbound is base.unbound and bound is base.bound and existence is base.existence:
+            shown = base.fields
+        elif existence is base.existence and base.fields is not None:
+            changed = self.writes.keys() | {name for _, name in self.bound}
+            if floor != base.floor:
+                changed |= base.unbound.keys()
+            shown = _shown(unbound, bound, existence, base.fields, changed)
+        else:
+            shown = _shown(unbound, bound, existence)
         creates = self.creates
         derived: dict[tuple[str, str], Any] = {}
-        if self.existence is base.existence and EXISTENCE_BYTES in base.derived:
+        if existence is base.existence and EXISTENCE_BYTES in base.derived:
             derived[EXISTENCE_BYTES] = base.derived[EXISTENCE_BYTES]  # most events leave it be
         return EntityState(
-            existence=self.existence,
-            fields=fields if grown is None else grown,
+            existence=existence,
+            fields=shown,
+            unbound=unbound,
+            bound=bound,
             floor=floor,
             create_stamps=base.create_stamps if creates is None else dict(sorted(creates.items())),
             etag=self.etag,
@@ -227,6 +263,130 @@ class Folding:
             updated_hlc=self.updated,
             derived=derived,
         )
+
+
+def _unbound(
+    held: Mapping[str, Winner], writes: dict[str, Winner], floor: Key | None, was: Key | None
+) -> Mapping[str, Winner]:
+    """The greatest write of each field naming no create, above the floor (``held``, the
+    registers under floor ``was``, and ``writes`` folded since)."""
+    fields = held
+    if floor != was:
+        fields = {name: kept for name, kept in held.items() if _above(floor, kept[0])}
+    grown: dict[str, Winner] | None = None
+    named = False  # a field with no write before
+    for name, write in writes.items():
+        key = write[0]
+        if floor is not None and key <= floor:
+            continue
+        kept = fields.get(name)
+        if kept is None or later(key, kept[0]):
+            if grown is None:
+                grown = dict(fields)
+            grown[name] = write
+            named = named or kept is None
+    if grown is None:
+        return fields
+    return dict(sorted(grown.items())) if named else grown  # in key order, as decoded
+
+
+def _lives(existence: ORSet[str]) -> tuple[set[Life], VersionVector]:
+    """The live creates (as lives), and every create seen (a removed one too)."""
+    return {(d.origin, d.counter) for d in existence.dots(ENTITY)}, existence.context
+
+
+def _over(life: Life, live: set[Life], seen: VersionVector) -> bool:
+    """Whether a life is over: its create was removed (seen, and not live)."""
+    if life in live:
+        return False
+    origin = seen.origins.get(life[0])
+    return origin is not None and origin.contains(life[1])
+
+
+def _bound(
+    held: Mapping[Life, Mapping[str, Winner]],
+    writes: dict[tuple[Life, str], Winner],
+    existence: ORSet[str],
+    was: ORSet[str],
+) -> Mapping[Life, Mapping[str, Winner]]:
+    """Each life's greatest write of each field (``held``, and ``writes`` folded since),
+    none of a create removed: its life is over for good. Fields in key order."""
+    if not writes and existence is was:
+        return held
+    live, seen = _lives(existence)
+    grown = dict(held)
+    copied: dict[Life, dict[str, Winner]] = {}  # the lives copied here, to change
+    named: set[Life] = set()  # lives given a field they had no write of
+    for (life, name), write in writes.items():
+        if _over(life, live, seen):
+            continue
+        fields = copied.get(life)
+        if fields is None:
+            fields = copied[life] = dict(grown.get(life, {}))
+        kept = fields.get(name)
+        if kept is None or later(write[0], kept[0]):
+            fields[name] = write
+            if kept is None:
+                named.add(life)
+    for life, fields in copied.items():
+        grown[life] = dict(sorted(fields.items())) if life in named else fields
+    if existence is not was:  # creates removed since: their lives' writes go
+        for life in [life for life in grown if _over(life, live, seen)]:
+            del grown[life]
+    return grown
+
+
+def _shown(
+    unbound: Mapping[str, Winner],
+    bound: Mapping[Life, Mapping[str, Winner]],
+    existence: ORSet[str],
+    was: Mapping[str, Winner] | None = None,
+    changed: set[str] | None = None,
+) -> Mapping[str, Winner]:
+    """Each field's greatest write that shows: of those naming no create, and of those
+    naming a live one. With ``was`` (what showed under the same existence), only the
+    ``changed`` fields are looked at again. One live life and nothing else (most
+    entities): its fields, as they are."""
+    if bound:
+        live = _lives(existence)[0]
+        lives = [fields for life, fields in bound.items() if life in live]
+    else:
+        lives = []
+    if not unbound and len(lives) == 1:
+        return lives[0]
+    if not lives:
+        return unbound
+
+    def greatest(name: str) -> Winner | None:
+        best = unbound.get(name)
+        for fields in lives:
+            write = fields.get(name)
+            if write is not None and (best is None or later(write[0], best[0])):
+                best = write
+        return best
+
+    if was is None or changed is None:
+        names = sorted(set(unbound).union(*lives))
+        return {name: w for name in names if (w := greatest(name)) is not None}
+    shown = dict(was)
+    for name in changed:
+        best = greatest(name)
+        if best is None:
+            shown.pop(name, None)
+        else:
+            shown[name] = best
+    if shown.keys() != was.keys():
+        return dict(sorted(shown.items()))
+    return shown
+
+
+def shows(state: EntityState, event: Event) -> bool:
+    """Whether a field write can show in ``state`` (folded from events including it):
+    it names a live create, or names none and is above the floor."""
+    if event.lives:
+        live = state.existence.dots(ENTITY)
+        return any(life in live for life in event.lives)
+    return _above(state.floor, (event.hlc, event.dot.origin, event.dot.counter))
 
 
 def fold(state: EntityState, event: Event) -> EntityState:
@@ -246,9 +406,11 @@ def fold_stored(state: EntityState, wires: Iterable[list[Any]]) -> EntityState:
     """Apply events as this node's log holds them, decoded but not made ``Event``s (each
     was validated when it was appended, and is in the current format): the rebuild."""
     folding = Folding(state)
-    for _, origin, counter, hlc, _stream, op, name, value, observed, _actor in wires:
+    for wire in wires:
+        _, origin, counter, hlc, _stream, op, name, value, observed = wire[:9]
         dots = NO_DOTS if op != _DELETE else frozenset(Dot(o, c) for o, c in observed)
-        folding.event(origin, counter, hlc, op, name, value, dots)
+        lives = () if len(wire) < 11 else [(o, c) for o, c in wire[10]]
+        folding.event(origin, counter, hlc, op, name, value, dots, lives)
     return folding.state()
 
 
@@ -264,7 +426,7 @@ def fold_stored_members(wires: Iterable[list[Any]]) -> dict[str, ORSet[str]]:
     """Each element's OR-set slice from a group's adds and removes, as the log holds them
     (see ``fold_stored``); every other event is passed over."""
     changes: dict[str, list[Add[str] | Remove[str]]] = {}
-    for _, origin, counter, _hlc, _stream, op, _field, element, observed, _actor in wires:
+    for _, origin, counter, _hlc, _stream, op, _field, element, observed, *_ in wires:
         if op == _ADD:
             changes.setdefault(element, []).append(Add(element, Dot(origin, counter)))
         elif op == _REMOVE:
@@ -310,9 +472,20 @@ def encode_state(state: EntityState) -> bytes:
         existence = state.derived[EXISTENCE_BYTES] = crdt_codec.encode(state.existence)
     fields = {
         name: [value, hlc, origin, counter]
-        for name, ((hlc, origin, counter), value) in sorted(state.fields.items())
+        for name, ((hlc, origin, counter), value) in sorted(state.unbound.items())
     }
     creates = [[d.origin, d.counter, hlc] for d, hlc in sorted(state.create_stamps.items())]
+    bound = [
+        [
+            life[0],
+            life[1],
+            {
+                name: [value, hlc, origin, counter]
+                for name, ((hlc, origin, counter), value) in sorted(written.items())
+            },
+        ]
+        for life, written in sorted(state.bound.items())
+    ]
     return crdt_codec.pack(
         [
             VIEW_FORMAT,
@@ -323,8 +496,16 @@ def encode_state(state: EntityState) -> bytes:
             state.etag,
             state.events,
             state.updated_hlc,
+            bound,
         ]
     )
+
+
+def _life(origin: Any, counter: Any) -> Life:
+    """A stored life, with the checks ``_winner`` makes of a dot."""
+    if not isinstance(origin, str) or not origin or not isinstance(counter, int) or counter < 1:
+        raise CorruptView("a life is [str, int >= 1]")
+    return origin, counter
 
 
 def _winner(wire: Any) -> Winner:
@@ -450,16 +631,24 @@ def decode_state(data: bytes) -> EntityState:
 
 def _decode_state(data: bytes) -> EntityState:
     try:
-        version, existence, fields, floor, creates, etag, events, updated = msgpack.unpackb(data)
+        version, existence, fields, floor, creates, etag, events, updated, *rest = msgpack.unpackb(
+            data
+        )
         if version == 1:  # the set's wire form, as views stored it before
             existence = crdt_codec.pack(existence)
-        elif version != VIEW_FORMAT:
+        elif version not in (2, VIEW_FORMAT) or len(rest) != (version == VIEW_FORMAT):
             raise CorruptView(f"view format {version!r}")
         exists = crdt_codec.decode_as(existence, ORSet)
         registers = {name: _winner(wire) for name, wire in fields.items()}
+        bound = {
+            _life(life_origin, life_counter): {name: _winner(w) for name, w in written.items()}
+            for life_origin, life_counter, written in (rest[0] if rest else ())
+        }
         return EntityState(
             existence=exists,
-            fields=registers,
+            fields=_shown(registers, bound, exists),
+            unbound=registers,
+            bound=bound,
             floor=None if floor is None else (floor[0], floor[1], floor[2]),
             create_stamps={Dot(o, c): hlc for o, c, hlc in creates},
             etag=etag,

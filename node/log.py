@@ -351,7 +351,7 @@ def stored_streams(
         if data is None:
             raise KeyError(from_u64(key[-8:]))
         wire = msgpack.unpackb(data)
-        wires.append(wire if wire[0] == ev.FORMAT_VERSION else ev.to_wire(ev.decode(data)))
+        wires.append(wire if wire[0] in ev.READ_AS_IS else ev.to_wire(ev.decode(data)))
     if mine:
         yield block, stream.decode(), wires
 

@@ -161,7 +161,9 @@ SCHEMAS: Json = {
             "won": {"type": "boolean", "description": "set: whether this write is the value."},
             "why": string(
                 description="A set that lost: overwritten by, lost to (the greater clock and "
-                "origin), or cleared by a create."
+                "origin), cleared by the delete of the create it was written under (or, "
+                "for a write naming no create, by a create), or written under a create "
+                "not here yet."
             ),
             "observed": array(string(description="remove/delete: the dots it removed.")),
         },

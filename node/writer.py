@@ -68,6 +68,10 @@ class Draft:
     # stamp is ahead of this node's clock (beyond the drift it follows), so that a write
     # made knowing a value never loses to it.
     after: int = 0
+    # set: the creates it is written under (``Event.lives``); ``new_life``: under the
+    # create drafted before it in the same decision, whose dot the writer gives.
+    lives: frozenset[Dot] = frozenset()
+    new_life: bool = False
 
 
 Decide = Callable[[ReadTxn], list[Draft]]
@@ -427,6 +431,7 @@ class Writer:
             written = []
             first = len(appended)
             least = 0  # a request's events in the order it drafted them
+            created: dict[str, Dot] = {}  # stream -> the create drafted for it here
             for draft in drafts:
                 state.counter += 1
                 stamp = self.clock.tick()
@@ -436,8 +441,11 @@ class Writer:
                     stamp = min(max(draft.after, least) + 1, STAMP_MAX)
                     self.stamped_past_clock += 1
                 least = stamp
+                dot = Dot(state.replica_id, state.counter)
+                if draft.op is Op.CREATE:
+                    created[draft.stream] = dot
                 event = Event(
-                    Dot(state.replica_id, state.counter),
+                    dot,
                     stamp,
                     draft.stream,
                     draft.op,
@@ -445,6 +453,7 @@ class Writer:
                     draft.value,
                     draft.observed,
                     request.actor,
+                    frozenset((created[draft.stream],)) if draft.new_life else draft.lives,
                 )
                 self._append(txn, state, event, appended, pending)
                 written.append(event)

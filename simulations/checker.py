@@ -255,7 +255,7 @@ def check(
     ]
 
     streams = oracle.by_stream(events)
-    floors = {stream: oracle.floor(stream_events) for stream, stream_events in streams.items()}
+    shown = {e.dot for stream_events in streams.values() for e in oracle.showing(stream_events)}
     winner_of = {
         (stream, name): winner.dot
         for stream, stream_events in streams.items()
@@ -282,7 +282,7 @@ def check(
         1
         for e in events
         if e.op is Op.SET
-        and not oracle.cleared(e, floors.get(e.stream))
+        and e.dot in shown
         and (w := beaten(e)) is not None
         and w.origin != e.dot.origin
     )

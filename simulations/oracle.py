@@ -6,8 +6,10 @@ and comprehensions over the whole event set at once. It shares no code with ``no
 there cannot hide by being repeated here. It is slow on purpose; it is obviously right.
 
 - An entity exists iff some create of its stream no delete of that stream observed.
-- A field's value is that of its greatest write by (hlc, origin, counter), among the
-  writes greater than the stream's greatest create; with none such, the field is absent.
+- A field's value is that of its greatest write by (hlc, origin, counter) among those
+  that show: a write naming the creates it was written under shows iff one of them
+  exists (no delete observed it); one naming none (format 1) iff it is greater than the
+  stream's greatest create. With none that shows, the field is absent.
 - A user is a member of a group iff it exists and some add of that user no remove of that
   user observed.
 """
@@ -60,20 +62,27 @@ def live_creates(stream: list[Event]) -> list[str]:
 
 
 def floor(stream: list[Event]) -> Key | None:
-    """The greatest create: every field write at or below it is cleared. (A delete
-    clears none: a create it did not observe survives it with its life's writes.)"""
+    """The greatest create: every field write naming no create at or below it is
+    cleared. (A delete clears none.)"""
     return max((key(e) for e in stream if e.op is Op.CREATE), default=None)
 
 
-def cleared(event: Event, low: Key | None) -> bool:
-    """Whether the create at ``low`` (the stream's floor) cleared this write."""
-    return low is not None and key(event) <= low
+def showing(stream: list[Event]) -> list[Event]:
+    """The field writes that show: those naming a create no delete observed, and those
+    naming none that are greater than the floor."""
+    deleted = {dot for e in stream if e.op is Op.DELETE for dot in e.observed}
+    live = {e.dot for e in stream if e.op is Op.CREATE and e.dot not in deleted}
+    low = floor(stream)
+    return [
+        e
+        for e in stream
+        if e.op is Op.SET and (e.lives & live if e.lives else low is None or key(e) > low)
+    ]
 
 
 def winners(stream: list[Event]) -> dict[str, Event]:
     """Field -> the set event that wins it, for the fields that have a winner."""
-    low = floor(stream)
-    writes = [e for e in stream if e.op is Op.SET and not cleared(e, low)]
+    writes = showing(stream)
     fields = {e.field for e in writes if e.field is not None}
     return {f: max((e for e in writes if e.field == f), key=key) for f in fields}
 

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -68,17 +69,23 @@ def exists(known: Known, stream: str) -> bool:
     return bool(live_creates(known, stream))
 
 
-def winner(known: Known, stream: str, name: str) -> Event | None:
-    """The write with the greatest (hlc, origin, counter), unless a create ordered after
-    it cleared it: each clears every field write ordered before it (a delete none)."""
-
-    def key(e: Event) -> tuple[int, str, int]:
-        return (e.hlc, e.dot.origin, e.dot.counter)
-
+def shows(known: Known, stream: str, write: Event) -> bool:
+    """A write naming the creates it was written under shows while one of them lives;
+    one naming none (format 1) unless a create ordered after it cleared it."""
+    if write.lives:
+        return bool(write.lives & live_creates(known, stream))
     floor = max((key(c) for c in of(known, stream, Op.CREATE)), default=None)
+    return floor is None or key(write) > floor
+
+
+def key(e: Event) -> tuple[int, str, int]:
+    return (e.hlc, e.dot.origin, e.dot.counter)
+
+
+def winner(known: Known, stream: str, name: str) -> Event | None:
+    """The greatest (hlc, origin, counter) of the writes that show."""
     writes = [e for e in of(known, stream, Op.SET) if e.field == name]
-    best = max(writes, key=key, default=None)
-    return None if best is None or (floor is not None and key(best) <= floor) else best
+    return max((e for e in writes if shows(known, stream, e)), key=key, default=None)
 
 
 def live_adds(known: Known, group: str, user: str) -> set[Dot]:
@@ -128,10 +135,12 @@ class Origin:
         name: str | None = None,
         value: str | None = None,
         observed: Iterable[Dot] = (),
+        lives: frozenset[Dot] = frozenset(),
     ) -> Event:
         self.counter += 1
         dot = Dot(self.replica_id, self.counter)
-        event = Event(dot, self.clock.tick(), stream, op, name, value, frozenset(observed))
+        stamp = self.clock.tick()
+        event = Event(dot, stamp, stream, op, name, value, frozenset(observed), lives=lives)
         self.known[dot] = event
         return event
 
@@ -140,11 +149,15 @@ class Origin:
             return []
         return [self._write(stream, Op.CREATE)]
 
-    def set(self, stream: str, name: str, value: str | None) -> list[Event]:
+    def set(self, stream: str, name: str, value: str | None, *, bound: bool = True) -> list[Event]:
+        """A field write, under the creates live here (``bound``) or, as a node of the
+        version before wrote it, under none."""
         if not exists(self.known, stream):
             return []
         w = winner(self.known, stream, name)
-        return [self._write(stream, Op.SET, name, value, [] if w is None else [w.dot])]
+        lives = frozenset(live_creates(self.known, stream)) if bound else frozenset()
+        observed = [] if w is None else [w.dot]
+        return [self._write(stream, Op.SET, name, value, observed, lives)]
 
     def delete(self, stream: str) -> list[Event]:
         if not exists(self.known, stream):
@@ -214,7 +227,8 @@ def replay(history: list[Step]) -> History:
         if kind == "set" and (stream := pick(alive, k)):
             values = USER_VALUES if stream.startswith("user/") else GROUP_VALUES
             name = sorted(values)[(k // 7) % len(values)]
-            written += me.set(stream, name, values[name][(k // 31) % len(values[name])])
+            value = values[name][(k // 31) % len(values[name])]
+            written += me.set(stream, name, value, bound=k % 5 != 0)
         elif kind == "delete" and (stream := pick(alive, k)):
             written += me.delete(stream)
         elif kind == "add" and (pair := pick(pairs, k)):
@@ -406,8 +420,54 @@ def test_a_field_write_after_a_delete_does_not_resurrect() -> None:
         with fold_events(events).read() as txn:
             state = views.entity(txn, "user/homer")
             assert not state.exists
-            assert state.value("name") == "Homer"  # kept, for history, but not served
+            # Written under the create the delete removed: cleared with its life (the
+            # history still lists it, from the log).
+            assert state.value("name") is None
             assert views.lookup(txn, "email", "chunkylover53@aol.com") == []
+            assert views.search(txn, "homer", limit=10) == ([], None)
+
+
+@pytest.mark.parametrize("deleted_is_later", [True, False])
+def test_an_id_created_in_two_regions_and_deleted_where_one_was_seen_keeps_the_other_life(
+    deleted_is_later: bool,
+) -> None:
+    """One id created in eu and in us at once (a client's own id); eu edits its user and
+    deletes it, having seen its own create alone. us's create outlives the delete (add
+    wins), and shows what us's life wrote, nothing of eu's: not its name, and not an
+    email or API key us never set (the rule before, a floor at the greatest create,
+    showed eu's deleted life's writes in us's user when eu's create was the later)."""
+    eu, us, _ = cluster()
+    (eu if deleted_is_later else us).now_ms[0] += 5  # whose create is stamped later
+    us.create("user/alice")
+    us.set("user/alice", "name", "Alice of us")
+    eu.create("user/alice")
+    eu.set("user/alice", "name", "Alice of eu")
+    eu.now_ms[0] += 10
+    eu.set("user/alice", "email", "alice@eu.example")
+    eu.set("user/alice", "api_key", "eu-secret-key-0001")
+    eu.delete("user/alice")
+    for events in (everything(eu, us), everything(eu, us)[::-1]):
+        with fold_events(events).read() as txn:
+            state = views.entity(txn, "user/alice")
+            assert state.exists
+            assert state.values() == {"name": "Alice of us"}
+            assert views.lookup(txn, "email", "alice@eu.example") == []
+
+
+def test_writes_that_name_no_create_are_kept_under_the_floor_rule() -> None:
+    """Writes of format 1 (a node of the version before) name no create: the floor, the
+    greatest create, clears those ordered before it, and a delete none."""
+    eu, us, _ = cluster()
+    eu.create("user/homer")
+    eu.set("user/homer", "email", "homer@x.us", bound=False)
+    sync(us, eu)
+    eu.delete("user/homer")
+    us.set("user/homer", "name", "Homer", bound=False)  # us has not seen the delete yet
+    for events in (everything(eu, us), everything(eu, us)[::-1]):
+        with fold_events(events).read() as txn:
+            state = views.entity(txn, "user/homer")
+            assert not state.exists
+            assert state.value("name") == "Homer"  # kept, but not served
             assert views.search(txn, "homer", limit=10) == ([], None)
 
 

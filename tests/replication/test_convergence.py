@@ -231,8 +231,9 @@ def test_a_user_created_again_shows_nothing_of_a_write_that_raced_the_delete(
 ) -> None:
     """Found by review: a profile written in us while eu deleted the user is ordered
     after the delete, so the delete does not clear it; the user created again under
-    that id showed it, a previous person's data. A create clears every write ordered
-    before it, as a delete does: a new life starts from scratch everywhere."""
+    that id showed it, a previous person's data. The write names the create it was
+    written under, which the delete removed: it is cleared with its life, whatever its
+    stamp, and a new life starts from scratch everywhere."""
 
     async def body(c: Cluster) -> None:
         await c.write("eu", commands.create("user", "zed", person("zed")))
@@ -255,7 +256,7 @@ def test_a_user_created_again_shows_nothing_of_a_write_that_raced_the_delete(
             history = c.replica(region).stream("user", "zed")
             cleared = [e for e in history_of(history) if e.get("field") == "profile.phone"]
             assert [e["won"] for e in cleared] == [False]
-            assert cleared[0]["why"].startswith("cleared by the create ")
+            assert cleared[0]["why"].startswith("cleared by the delete ")
 
     run(tmp_path, ("eu", "us"), body)
 
@@ -377,5 +378,61 @@ def test_one_email_claimed_in_two_regions_is_reported_as_a_conflict(tmp_path: Pa
         assert views["conflicts"] == [("email", "pat@example.org", ["pat-eu", "pat-us"])]
         for region in ("eu", "us"):
             assert c.replica(region).lookup("email", "PAT@example.org") == ["pat-eu", "pat-us"]
+
+    run(tmp_path, ("eu", "us"), body)
+
+
+@pytest.mark.parametrize("deleted_is_later", [True, False])
+def test_an_id_created_in_two_regions_and_deleted_in_one_shows_the_survivor_alone(
+    tmp_path: Path, deleted_is_later: bool
+) -> None:
+    """A client's own id created in eu and in us while they are cut off; eu edits its
+    user (an email, an API key) and deletes it, having seen its own create alone. After
+    the heal, us's create stands (add wins) and every region shows what us's life wrote,
+    nothing of eu's: the deleted account's email and API key do not surface in us's
+    user. Its history says why each of eu's writes is gone."""
+
+    async def body(c: Cluster) -> None:
+        c.cut("eu", "us")
+        c.skew_ms.update({"eu": 5} if deleted_is_later else {"us": 5})
+        await c.write(
+            "us",
+            commands.create(
+                "user",
+                "alice",
+                {"name": "Alice of us", "username": "alice.us", "email": "alice@us.example"},
+            ),
+        )
+        await c.write(
+            "eu",
+            commands.create(
+                "user",
+                "alice",
+                {"name": "Alice of eu", "username": "alice.eu", "email": "alice@eu.example"},
+            ),
+        )
+        c.advance(10)
+        edit = {"email": "alice2@eu.example", "api_key": "eu-secret-key-0001"}
+        await c.write("eu", commands.patch("user", "alice", edit, None))
+        [delete, *_] = await c.write("eu", commands.delete("user", "alice", None))
+        c.heal()
+        await c.sync_all_until_quiet()
+        for region in ("eu", "us"):
+            state = c.replica(region).entity("user", "alice")
+            assert state.exists
+            assert state.values() == {
+                "name": "Alice of us",
+                "username": "alice.us",
+                "email": "alice@us.example",
+            }
+        c.assert_converged()
+        trail = await c.replica("us").trail("user", "alice")
+        assert trail is not None
+        entries, _ = trail.page(0, 100)
+        eu_writes = [e for e in entries if e["op"] == "set" and e["origin"] == delete.dot.origin]
+        assert len(eu_writes) == 5
+        for entry in eu_writes:
+            assert entry["won"] is False
+            assert entry["why"].startswith(f"cleared by the delete {delete.dot} of the create")
 
     run(tmp_path, ("eu", "us"), body)

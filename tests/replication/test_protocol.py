@@ -341,7 +341,7 @@ def test_an_invalid_event_refuses_the_whole_batch(data: bytes) -> None:
 
 def test_an_event_of_a_newer_format_is_quarantined_not_refused() -> None:
     good = raw(Event(Dot(EU, 1), STAMP, "user/homer", Op.CREATE))
-    newer = msgpack.packb([2, AP, 1, {"a": "field this node has never heard of"}])
+    newer = msgpack.packb([3, AP, 1, {"a": "field this node has never heard of"}])
     message = protocol.decode(msgpack.packb(carrying(good.data, newer)), expect=Tag.SYNC_REQUEST)
     batch = protocol.read_batch(message)
     assert [e.dot for e in batch.events] == [good.dot]

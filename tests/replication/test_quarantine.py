@@ -24,18 +24,25 @@ from tests.replication.cluster import Cluster, person, run
 NEWER = "ap~0123abcd"  # a replica already running the next format version
 
 
-def v2_event(counter: int, hlc: int, stream: str, field: str, value: str) -> bytes:
-    """Version 2 bytes (the layout of version 1 behind a new version number)."""
-    wire: list[Any] = [2, NEWER, counter, hlc, stream, int(Op.SET), field, value, [], "newer"]
+def newer_event(counter: int, hlc: int, stream: str, field: str, value: str) -> bytes:
+    """Version 3 bytes (the layout of version 1 behind a new version number)."""
+    wire: list[Any] = [3, NEWER, counter, hlc, stream, int(Op.SET), field, value, [], "newer"]
     return bytes(msgpack.packb(wire))
 
 
 @contextmanager
 def upgraded(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """This process now reads (and writes) format 2: an upcaster lifts version 1."""
+    """This process now reads (and writes) format 3: the layout of format 1 or 2 (by its
+    length) behind a new version number."""
+    to_wire = ev.to_wire
+
+    def read(wire: list[Any]) -> list[Any]:
+        return [1 if len(wire) == 10 else 2, *wire[1:]]
+
     with monkeypatch.context() as patch:
-        patch.setattr(ev, "FORMAT_VERSION", 2)
-        patch.setitem(ev.UPCASTERS, 1, lambda wire: [2, *wire[1:]])
+        patch.setattr(ev, "FORMAT_VERSION", 3)
+        patch.setitem(ev.UPCASTERS, 3, read)
+        patch.setattr(ev, "to_wire", lambda event: [3, *to_wire(event)[1:]])
         yield
 
 
@@ -46,7 +53,7 @@ def test_an_unreadable_event_is_kept_aside_and_applied_after_the_upgrade(
         created = await c.write("eu", commands.create("user", "homer", person("homer")))
         eu_id = c.replica("eu").identity.replica_id
         newer = RawEvent(
-            Dot(NEWER, 1), v2_event(1, (c.now_ms[0] + 5) << 16, "user/homer", "name", "Homer v2")
+            Dot(NEWER, 1), newer_event(1, (c.now_ms[0] + 5) << 16, "user/homer", "name", "Homer v2")
         )
         carried = (newer, *(RawEvent(e.dot, ev.encode(e)) for e in created))
         request = protocol.encode(Sync(Tag.SYNC_REQUEST, eu_id, VersionVector(), carried))
@@ -86,11 +93,11 @@ def test_a_page_of_unreadable_events_does_not_stall_what_follows(
     filled a page, nothing after them ever arrived and anti-entropy stalled."""
 
     async def body(c: Cluster) -> None:
-        with upgraded(monkeypatch):  # ap runs the newer version and writes format 2
+        with upgraded(monkeypatch):  # ap runs the newer version and writes format 3
             await c.write("ap", commands.create("user", "marge", person("marge")))
             for n in range(3):
                 await c.write("ap", commands.patch("user", "marge", {"name": f"M{n}"}, None))
-        # ap's log now holds 7 events in format 2; it serves them as stored.
+        # ap's log now holds 7 events in format 3; it serves them as stored.
         for n in range(6):
             await c.write("ap", commands.create("group", f"g{n}", {"name": f"G{n}"}))
         eu = c.replica("eu")
@@ -123,7 +130,7 @@ def test_the_quarantine_is_counted_in_memory_and_again_at_open(tmp_path: Path) -
     from node.replica import Replica
 
     dots = [Dot(NEWER, n) for n in range(1, 4)]
-    kept = [(dot, v2_event(dot.counter, 1 << 16, "user/homer", "name", "v2")) for dot in dots]
+    kept = [(dot, newer_event(dot.counter, 1 << 16, "user/homer", "name", "v3")) for dot in dots]
 
     async def first() -> None:
         replica = Replica.open(tmp_path / "eu", "eu")

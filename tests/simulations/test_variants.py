@@ -24,9 +24,9 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "ack_before_commit": {"ops": 200, "faults": Faults(crashes=4)},
     # Peers showing the node its own events renew it in most runs all the same, while
     # its writes wait for them: it takes a partition that outlasts the wait.
-    # A delete after a create elsewhere that it did not observe: ids created and deleted
-    # again and again, in any region (the workload's lifecycle).
-    "delete_raises_the_floor": {
+    # Ids created and deleted again and again, in any region (the workload's lifecycle):
+    # created in two regions at once, deleted where one create was seen.
+    "a_write_outlives_its_life": {
         "ops": 600,
         "mix": Mix(profile=1, churn=0, create_delete=0, collide=0, lifecycle=3),
     },
