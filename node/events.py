@@ -239,6 +239,28 @@ READ_AS_IS = frozenset((1, 2))  # versions whose wire ``from_wire`` reads withou
 _OPS: dict[object, Op] = {int(op): op for op in Op}  # a dict lookup, not an Enum call
 
 
+# The creates field writes name, by the one they name (most name one, and the writes of
+# an entity name the same): one set for all of them, made once, not one per write.
+_LIVES: dict[tuple[str, int], frozenset[Dot]] = {}
+
+
+def _lives_of(named: list[Any]) -> frozenset[Dot]:
+    if len(named) == 1 and type(named[0]) is list and len(named[0]) == 2:
+        origin, counter = named[0]
+        if type(origin) is str and type(counter) is int:  # not a bool: Dot refuses one
+            lives = _LIVES.get((origin, counter))
+            if lives is None:
+                lives = frozenset((Dot(origin, counter),))
+                if len(_LIVES) >= GOOD_NAMES_MAX:
+                    _LIVES.clear()
+                _LIVES[origin, counter] = lives
+            return lives
+    lives = frozenset([Dot(o, c) for o, c in named])
+    if len(lives) != len(named):
+        raise ValueError("the creates written under repeat")
+    return lives
+
+
 def from_wire(wire: Any, *, dot: Dot | None = None) -> Event:
     """The event of a decoded wire, validated. ``dot``: the dot the caller expects (read
     from the bytes' head); the event takes that very object when the wire names it."""
@@ -260,9 +282,7 @@ def from_wire(wire: Any, *, dot: Dot | None = None) -> Event:
             _, origin, counter, hlc, stream, op, field, value, observed, actor, named = wire
             if type(named) is not list or not named:  # empty: written as version 1
                 raise TypeError("the creates written under must be a non-empty array")
-            lives = frozenset([Dot(o, c) for o, c in named])
-            if len(lives) != len(named):
-                raise ValueError("the creates written under repeat")
+            lives = _lives_of(named)
         if type(op) is not int:  # a bool or a float would find an op among the ints
             raise KeyError(op)
         if type(observed) is not list:
