@@ -25,7 +25,7 @@ from crdt.clock import physical_ms
 from node import log
 from node.events import Event, Op
 from node.events import decode as decode_event
-from node.fold import EntityState, Folding, shows
+from node.fold import ENTITY, EntityState, Folding, showing_life, shows
 from node.kv import KV
 
 # Events decoded (or folded) between two turns of the event loop.
@@ -58,7 +58,8 @@ def verdicts(events: Sequence[Event]) -> list[Verdict]:
     """Whether each field write won and why not, in one pass and one walk per field.
 
     A write that does not show was cleared: with the life it was written under (every
-    create it names was deleted), or, naming none, by the floor (the entity's greatest
+    create it names was deleted), by a later create of the id made elsewhere at the same
+    time (whose life shows), or, naming none, by the floor (the entity's greatest
     create). Of those that show, the greatest of each field won. A loser was
     *overwritten* when the winner's chain of observed winners reaches it (the winner was
     written knowing it), and otherwise lost on (clock, origin).
@@ -99,7 +100,7 @@ def verdicts(events: Sequence[Event]) -> list[Verdict]:
         if e.op is not Op.SET or e.field is None:
             found.append(None)
         elif not shows(state, e):
-            found.append((False, _cleared(e, floor_event, deleted_by)))
+            found.append((False, _cleared(e, floor_event, deleted_by, state)))
         else:
             winner = winners[e.field]
             if winner == e.dot:
@@ -114,12 +115,17 @@ def verdicts(events: Sequence[Event]) -> list[Verdict]:
     return found
 
 
-def _cleared(e: Event, floor_event: Event | None, deleted_by: dict[Dot, Event]) -> str:
+def _cleared(
+    e: Event, floor_event: Event | None, deleted_by: dict[Dot, Event], state: EntityState
+) -> str:
     """Why a write that does not show was cleared."""
     if not e.lives:
         what = "the floor" if floor_event is None else f"the {floor_event.op.name.lower()}"
         dot = "" if floor_event is None else f" {floor_event.dot}"
         return f"cleared by {what}{dot}"
+    shown = showing_life(state.existence, state.create_stamps)
+    if shown is not None and e.lives & state.existence.dots(ENTITY):  # a live one, not shown
+        return f"cleared by the later create {Dot(*shown)}"
     waiting = sorted(life for life in e.lives if life not in deleted_by)
     if waiting:  # a create it names has not arrived here yet (the others were deleted)
         return f"written under the create {waiting[0]}, which is not here yet"

@@ -3,14 +3,14 @@
 An entity's existence is an add-wins OR-set of its ``create`` dots (a ``delete``
 removes the creates it observed, so a concurrent create wins); each scalar field is
 an LWW register; a group's members are OR-set slices kept per member elsewhere. A
-field write names the creates live where it was written (its lives): it shows while one
-of them is live, and is cleared with the last, so an id created again after a delete
-does not show what its previous life wrote, not even a write that raced the delete,
-whatever its stamp; and of an id created in two regions at once and deleted where one
-create alone was seen, the other shows what its own life wrote and nothing of the
-deleted one's. A register holds the greatest write of each life, and shows the greatest
-of those whose life is live. A write of format 1 names no create: a create clears every
-such write ordered before it (a floor on the registers). The same
+field write names the creates live where it was written (its lives). The life that
+shows is the greatest live create's: the writes naming it show, so an id created again
+after a delete does not show what its previous life wrote, not even a write that raced
+the delete, whatever its stamp; one created in two regions at once shows the later
+create's life (the earlier's again if the later is deleted, where that delete had seen
+it alone), never a mix of the two people's writes. A register holds the greatest write
+of each life. A write of format 1 names no create: a create clears every such write
+ordered before it (a floor on the registers). The same
 functions build live views, rebuilt views and any entity as of a past time.
 No clock and no randomness is read here: time enters only through event stamps.
 """
@@ -82,8 +82,8 @@ Life = tuple[str, int]
 @dataclass(frozen=True, slots=True)
 class EntityState:
     existence: ORSet[str] = field(default_factory=ORSet)
-    # Each field's value: the greatest write that shows (of ``unbound`` and of ``bound``'s
-    # live lives). Derived from the rest, neither stored nor compared.
+    # Each field's value: the greatest write that shows (of ``unbound``, and of the life
+    # that shows in ``bound``). Derived from the rest, neither stored nor compared.
     fields: Mapping[str, Winner] = field(default_factory=dict, compare=False)
     # Per field, the greatest write naming no create (format 1) above the floor.
     unbound: Mapping[str, Winner] = field(default_factory=dict)
@@ -238,16 +238,13 @@ class Folding:
         base, floor, existence = self.base, self.floor, self.existence
         unbound = _unbound(base.unbound, self.writes, floor, base.floor)
         bound = _bound(base.bound, self.bound, existence, base.existence)
+        creates = self.creates
         if unbound is base.unbound and bound is base.bound and existence is base.existence:
             shown = base.fields
-        elif existence is base.existence and base.fields is not None:
-            changed = self.writes.keys() | {name for _, name in self.bound}
-            if floor != base.floor:
-                changed |= base.unbound.keys()
-            shown = _shown(unbound, bound, existence, base.fields, changed)
         else:
-            shown = _shown(unbound, bound, existence)
-        creates = self.creates
+            shown = _shown(
+                unbound, bound, existence, base.create_stamps if creates is None else creates
+            )
         derived: dict[tuple[str, str], Any] = {}
         if existence is base.existence and EXISTENCE_BYTES in base.derived:
             derived[EXISTENCE_BYTES] = base.derived[EXISTENCE_BYTES]  # most events leave it be
@@ -336,56 +333,49 @@ def _bound(
     return grown
 
 
+_NO_FIELDS: Mapping[str, Winner] = {}  # shared: a state's fields are never changed
+
+
+def showing_life(existence: ORSet[str], creates: Mapping[Dot, int]) -> Life | None:
+    """The life that shows: the greatest live create's, by (stamp, origin, counter)."""
+    live = existence.dots(ENTITY)
+    if not live:
+        return None
+    if len(live) == 1:
+        (only,) = live
+        return only.origin, only.counter
+    top = max(live, key=lambda d: (creates.get(d, 0), d.origin, d.counter))
+    return top.origin, top.counter
+
+
 def _shown(
     unbound: Mapping[str, Winner],
     bound: Mapping[Life, Mapping[str, Winner]],
     existence: ORSet[str],
-    was: Mapping[str, Winner] | None = None,
-    changed: set[str] | None = None,
+    creates: Mapping[Dot, int],
 ) -> Mapping[str, Winner]:
     """Each field's greatest write that shows: of those naming no create, and of those
-    naming a live one. With ``was`` (what showed under the same existence), only the
-    ``changed`` fields are looked at again. One live life and nothing else (most
-    entities): its fields, as they are."""
-    if bound:
-        live = _lives(existence)[0]
-        lives = [fields for life, fields in bound.items() if life in live]
-    else:
-        lives = []
-    if not unbound and len(lives) == 1:
-        return lives[0]
-    if not lives:
+    naming the life that shows. Most entities: that life's fields, as they are."""
+    life = showing_life(existence, creates) if bound else None
+    fields = _NO_FIELDS if life is None else bound.get(life, _NO_FIELDS)
+    if not unbound:
+        return fields
+    if not fields:
         return unbound
-
-    def greatest(name: str) -> Winner | None:
-        best = unbound.get(name)
-        for fields in lives:
-            write = fields.get(name)
-            if write is not None and (best is None or later(write[0], best[0])):
-                best = write
-        return best
-
-    if was is None or changed is None:
-        names = sorted(set(unbound).union(*lives))
-        return {name: w for name in names if (w := greatest(name)) is not None}
-    shown = dict(was)
-    for name in changed:
-        best = greatest(name)
-        if best is None:
-            shown.pop(name, None)
-        else:
-            shown[name] = best
-    if shown.keys() != was.keys():
-        return dict(sorted(shown.items()))
-    return shown
+    shown = dict(unbound)
+    for name, write in fields.items():
+        kept = shown.get(name)
+        if kept is None or later(write[0], kept[0]):
+            shown[name] = write
+    return dict(sorted(shown.items()))
 
 
 def shows(state: EntityState, event: Event) -> bool:
     """Whether a field write can show in ``state`` (folded from events including it):
-    it names a live create, or names none and is above the floor."""
+    it names the life that shows, or names none and is above the floor."""
     if event.lives:
-        live = state.existence.dots(ENTITY)
-        return any(life in live for life in event.lives)
+        life = showing_life(state.existence, state.create_stamps)
+        return life is not None and Dot(*life) in event.lives
     return _above(state.floor, (event.hlc, event.dot.origin, event.dot.counter))
 
 
@@ -640,17 +630,18 @@ def _decode_state(data: bytes) -> EntityState:
             raise CorruptView(f"view format {version!r}")
         exists = crdt_codec.decode_as(existence, ORSet)
         registers = {name: _winner(wire) for name, wire in fields.items()}
+        stamps = {Dot(o, c): hlc for o, c, hlc in creates}
         bound = {
             _life(life_origin, life_counter): {name: _winner(w) for name, w in written.items()}
             for life_origin, life_counter, written in (rest[0] if rest else ())
         }
         return EntityState(
             existence=exists,
-            fields=_shown(registers, bound, exists),
+            fields=_shown(registers, bound, exists, stamps),
             unbound=registers,
             bound=bound,
             floor=None if floor is None else (floor[0], floor[1], floor[2]),
-            create_stamps={Dot(o, c): hlc for o, c, hlc in creates},
+            create_stamps=stamps,
             etag=etag,
             events=events,
             updated_hlc=updated,

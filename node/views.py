@@ -154,9 +154,9 @@ ID_CONFLICT = "id"  # the conflicts table's field for one id created concurrentl
 def _id_conflict(stream: str, state: EntityState) -> bytes | None:
     """The conflicts table's record of an id created in two regions at once (its live
     creates: a create here is refused while the id exists, and a delete removes the
-    creates it saw, so two live ones never saw each other), or None. Their lives' writes
-    merge field by field (the README's rule); this says so where operators look, while
-    both live."""
+    creates it saw, so two live ones never saw each other), or None. The later create's
+    life shows, the earlier's writes cleared (the README's rule); this says so where
+    operators look, while both live."""
     dots = state.existence.dots(ENTITY)
     if len(dots) < 2:
         return None

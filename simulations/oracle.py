@@ -7,9 +7,10 @@ there cannot hide by being repeated here. It is slow on purpose; it is obviously
 
 - An entity exists iff some create of its stream no delete of that stream observed.
 - A field's value is that of its greatest write by (hlc, origin, counter) among those
-  that show: a write naming the creates it was written under shows iff one of them
-  exists (no delete observed it); one naming none (format 1) iff it is greater than the
-  stream's greatest create. With none that shows, the field is absent.
+  that show: a write naming the creates it was written under shows iff it names the
+  greatest (by hlc, origin, counter) of the creates no delete observed; one naming none
+  (format 1) iff it is greater than the stream's greatest create. With none that shows,
+  the field is absent.
 - A user is a member of a group iff it exists and some add of that user no remove of that
   user observed.
 """
@@ -68,15 +69,16 @@ def floor(stream: list[Event]) -> Key | None:
 
 
 def showing(stream: list[Event]) -> list[Event]:
-    """The field writes that show: those naming a create no delete observed, and those
-    naming none that are greater than the floor."""
+    """The field writes that show: those naming the greatest create no delete observed,
+    and those naming none that are greater than the floor."""
     deleted = {dot for e in stream if e.op is Op.DELETE for dot in e.observed}
-    live = {e.dot for e in stream if e.op is Op.CREATE and e.dot not in deleted}
+    live = [e for e in stream if e.op is Op.CREATE and e.dot not in deleted]
+    shown = max(live, key=key).dot if live else None
     low = floor(stream)
     return [
         e
         for e in stream
-        if e.op is Op.SET and (e.lives & live if e.lives else low is None or key(e) > low)
+        if e.op is Op.SET and (shown in e.lives if e.lives else low is None or key(e) > low)
     ]
 
 

@@ -70,10 +70,13 @@ def exists(known: Known, stream: str) -> bool:
 
 
 def shows(known: Known, stream: str, write: Event) -> bool:
-    """A write naming the creates it was written under shows while one of them lives;
-    one naming none (format 1) unless a create ordered after it cleared it."""
+    """A write naming the creates it was written under shows if it names the greatest
+    live one (of an id created in two regions at once, the later's life shows); one
+    naming none (format 1) unless a create ordered after it cleared it."""
     if write.lives:
-        return bool(write.lives & live_creates(known, stream))
+        alive = live_creates(known, stream)
+        live = [e for e in of(known, stream, Op.CREATE) if e.dot in alive]
+        return bool(live) and max(live, key=key).dot in write.lives
     floor = max((key(c) for c in of(known, stream, Op.CREATE)), default=None)
     return floor is None or key(write) > floor
 

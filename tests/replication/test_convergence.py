@@ -436,3 +436,38 @@ def test_an_id_created_in_two_regions_and_deleted_in_one_shows_the_survivor_alon
             assert entry["why"].startswith(f"cleared by the delete {delete.dot} of the create")
 
     run(tmp_path, ("eu", "us"), body)
+
+
+def test_an_id_created_in_two_regions_at_once_shows_the_later_create_s_life_alone(
+    tmp_path: Path,
+) -> None:
+    """Two people given one id in eu and us at once: eu's create (the earlier) sets an
+    API key and a phone, us's sets neither. Every region shows us's person alone, none
+    of eu's writes (they were merged field by field for a while: a review found eu's key
+    in us's account). Deleted where it alone was seen, us's life would end and eu's
+    show (``..._shows_the_survivor_alone``)."""
+
+    async def body(c: Cluster) -> None:
+        c.cut("eu", "us")
+        eu_fields = {**person("alice"), "api_key": "eu-secret-key-0001", "profile.phone": "1"}
+        await c.write("eu", commands.create("user", "alice", eu_fields))
+        c.advance(5)
+        us_fields = {"name": "Alice Us", "username": "alice.us", "email": "alice@us.example"}
+        [us_create, *_] = await c.write("us", commands.create("user", "alice", us_fields))
+        c.heal()
+        await c.sync_all_until_quiet()
+        for region in ("eu", "us"):
+            assert c.replica(region).entity("user", "alice").values() == us_fields
+        c.assert_converged()
+        entries = history_of(c.replica("eu").stream("user", "alice"))
+        eu_writes = [e for e in entries if e["op"] == "set" and e["origin"] != us_create.dot.origin]
+        assert {e["why"] for e in eu_writes} == {f"cleared by the later create {us_create.dot}"}
+
+        # A PATCH where both creates are seen names both: it shows whichever life does.
+        await c.write("eu", commands.patch("user", "alice", {"profile.city": "Paris"}, None))
+        await c.sync_all_until_quiet()
+        for region in ("eu", "us"):
+            shown = c.replica(region).entity("user", "alice").values()
+            assert shown == {**us_fields, "profile.city": "Paris"}
+
+    run(tmp_path, ("eu", "us"), body)
