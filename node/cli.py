@@ -86,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="faster commits; an OS crash may lose the last commit",
     )
+    node.add_argument(
+        "--previous-format",
+        action="store_true",
+        help="write events the version before reads (during a rolling upgrade from it)",
+    )
     node.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning or error")
     node.add_argument(
         "--event-loop", metavar="LOOP", help="uvloop (the default) or asyncio's own loop"

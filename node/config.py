@@ -49,6 +49,9 @@ class Settings:
     max_drift_ms: int = 60_000
     lmdb_map_bytes_initial: int = MAP_BYTES_INITIAL
     lmdb_metasync: bool = True  # False: faster commits; an OS crash may lose the last one
+    # Write events as the version before does (field writes naming no create, event format
+    # 1), which it reads: for a rolling upgrade from it, until every region runs this one.
+    previous_format: bool = False
     log_level: str = "info"
     event_loop: str = EVENT_LOOP_DEFAULT  # "uvloop" or "asyncio" (see node/event_loop.py)
     gossip_interval_ms: int = 500
@@ -333,6 +336,7 @@ _CONVERTERS: dict[str, Callable[[str, object, str], Any]] = {
     "cluster_secret": _text,
     "api_token": _text,
     "lmdb_metasync": _bool,
+    "previous_format": _bool,
     "log_level": _one_of(_LOG_LEVELS),
     "event_loop": _one_of(EVENT_LOOPS),
     "peer_transport": _one_of(PEER_TRANSPORTS),

@@ -93,6 +93,7 @@ class Replica:
         threaded_writer: bool = True,
         boot: bytes | None = None,
         counter_record: CounterRecord | None = None,
+        previous_format: bool = False,
     ) -> None:
         """``boot`` (``log.current_boot``): the boot this run is on; a node whose last run
         did not stop cleanly and ran on another boot comes back as a new incarnation
@@ -244,6 +245,7 @@ class Replica:
             incarnations=incarnations,
             on_fatal=self._storage_fatal,
         )
+        self.writer.name_lives = not previous_format
 
     @classmethod
     def open(

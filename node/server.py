@@ -116,6 +116,7 @@ def open_replica(settings: Settings) -> Replica:
         run_dir=settings.run_dir,
         map_bytes_initial=settings.lmdb_map_bytes_initial,
         metasync=settings.lmdb_metasync,
+        previous_format=settings.previous_format,
         max_drift_ms=settings.max_drift_ms,
         batch_requests_max=settings.commit_batch_requests_max,
         queue_requests_max=settings.write_queue_requests_max,

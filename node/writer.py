@@ -175,6 +175,9 @@ class Writer:
         # this run: its counter moved past them (``renew``).
         self.claims_skipped = 0
         self.stamped_past_clock = 0  # events stamped after what they observed (``Draft``)
+        # Whether field writes name the creates they are written under (event format 2);
+        # not while a rolling upgrade from the version before goes on (``previous_format``).
+        self.name_lives = True
         self._renewed: list[tuple[str, int]] = []  # in the commit under way
         self._skipped: list[tuple[str, int]] = []  # likewise
         self._quarantined: list[Dot] = []  # likewise
@@ -453,7 +456,11 @@ class Writer:
                     draft.value,
                     draft.observed,
                     request.actor,
-                    frozenset((created[draft.stream],)) if draft.new_life else draft.lives,
+                    frozenset()
+                    if not self.name_lives
+                    else frozenset((created[draft.stream],))
+                    if draft.new_life
+                    else draft.lives,
                 )
                 self._append(txn, state, event, appended, pending)
                 written.append(event)

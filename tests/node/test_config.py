@@ -66,6 +66,13 @@ def test_defaults_fill_everything_but_region_and_data_dir() -> None:
             [False, True, False, True],
         ),
         (
+            "previous_format",
+            ("previous_format", True),
+            ("REPLICA_PREVIOUS_FORMAT", "false"),
+            "previous_format = true",
+            [True, False, True, False],
+        ),
+        (
             "log_level",
             ("log_level", "debug"),
             ("REPLICA_LOG_LEVEL", "WARNING"),

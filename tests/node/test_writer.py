@@ -468,3 +468,36 @@ def test_a_commit_whose_loop_closed_meanwhile_stands_and_the_writer_drains_the_r
         assert died == []
         assert replica.entity_ids("user", after="", limit=10) == (["u0", "u1"], None)
         replica.close()
+
+
+@pytest.mark.parametrize("previous_format", [False, True])
+def test_field_writes_name_their_creates_unless_the_previous_format_is_asked_for(
+    previous_format: bool,
+) -> None:
+    """A create's own writes name it, a PATCH's the creates live where it is written
+    (event format 2). During a rolling upgrade (``previous_format``) a node writes what
+    the version before reads: no create named, every event in format 1, which an old
+    node applies instead of keeping aside (it showed a new user there with no field)."""
+    import msgpack
+
+    from node.events import encode
+
+    async def body() -> None:
+        replica = Replica(MemoryKV(), "eu", previous_format=previous_format)
+        try:
+            created = await replica.write(commands.create("user", "u0", homer(0)), actor="t")
+            patched = await replica.write(
+                commands.patch("user", "u0", {"name": "Homer J"}, None), actor="t"
+            )
+        finally:
+            replica.close()
+        create, *sets = created
+        written = [*sets, *patched]
+        if previous_format:
+            assert all(not e.lives for e in written)
+        else:
+            assert all(e.lives == frozenset({create.dot}) for e in written)
+        formats = {msgpack.unpackb(encode(e))[0] for e in [create, *written]}
+        assert formats == ({1} if previous_format else {1, 2})
+
+    asyncio.run(body())
