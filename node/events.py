@@ -174,13 +174,7 @@ def validate(event: Event) -> Event:
             raise InvalidEvent("too many observed dots")
         if op in _UNOBSERVING_OPS:
             raise InvalidEvent(f"{op.name.lower()} observes nothing")
-        for seen in observed:  # a dot of some event: the rules of the event's own
-            if seen.origin not in _GOOD_ORIGINS:
-                if not ORIGIN_RE.fullmatch(seen.origin):
-                    raise InvalidEvent(f"bad origin of an observed dot {seen.origin!r}")
-                _passed(_GOOD_ORIGINS, seen.origin)
-            if seen.counter > COUNTER_MAX:
-                raise InvalidEvent(f"observed counter out of range: {seen.counter}")
+        _check_dots(observed, "an observed dot")
     actor = event.actor
     if not isinstance(actor, str) or len(actor) > ACTOR_CHARS_MAX:
         raise InvalidEvent("actor must be a string of at most 128 characters")
@@ -190,14 +184,19 @@ def validate(event: Event) -> Event:
             raise InvalidEvent(f"{op.name.lower()} is written under no create")
         if len(lives) > LIVES_MAX:
             raise InvalidEvent(f"a write names at most {LIVES_MAX} creates")
-        for life in lives:
-            if life.origin not in _GOOD_ORIGINS:
-                if not ORIGIN_RE.fullmatch(life.origin):
-                    raise InvalidEvent(f"bad origin of a create written under {life.origin!r}")
-                _passed(_GOOD_ORIGINS, life.origin)
-            if life.counter > COUNTER_MAX:
-                raise InvalidEvent(f"counter of a create written under too great: {life.counter}")
+        _check_dots(lives, "a create written under")
     return event
+
+
+def _check_dots(dots: frozenset[Dot], what: str) -> None:
+    """Dots of other events (observed, or creates written under): their events' rules."""
+    for dot in dots:
+        if dot.origin not in _GOOD_ORIGINS:
+            if not ORIGIN_RE.fullmatch(dot.origin):
+                raise InvalidEvent(f"bad origin of {what} {dot.origin!r}")
+            _passed(_GOOD_ORIGINS, dot.origin)
+        if dot.counter > COUNTER_MAX:
+            raise InvalidEvent(f"counter of {what} out of range: {dot.counter}")
 
 
 def to_wire(event: Event) -> list[Any]:

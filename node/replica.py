@@ -27,7 +27,7 @@ from node.fold import EntityState, decode_state
 from node.kv import KV, StorageFailed, WriteTxn
 from node.lmdb_kv import MAP_BYTES_INITIAL, LmdbKV
 from node.log import Identity, LogState
-from node.pacing import Slices, run_paced, run_through
+from node.pacing import Slices, run_through
 from node.rebuild import replay_views, replay_workers
 from node.replay_workers import ReplayFailed
 from node.tokens import Token, covers, encode_token, token_of
@@ -73,7 +73,7 @@ class Metrics:
 # The member slices a page of a group's members steps over at most (see ``members_page``).
 MEMBERS_SCAN_MAX = 10_000
 LIST_SCAN_MAX = 10_000  # entities a page of a list steps over (then short, with a cursor)
-# Events a peer's page is read by between turns of the event loop (``read_missing_paced``):
+# Events a peer's page is read by between turns of the event loop (``missing_slices``):
 # some 1.7 ms of reading on the 2-core machine this project is measured on.
 READ_SLICE_EVENTS = 1_000
 
@@ -452,27 +452,16 @@ class Replica:
         counter order: what only this replica may hold goes before what the requester
         is likely pulling from the other origins themselves at the same time.
         """
-        return run_through(self._missing_slices(theirs, bytes_max, events_max, only))
+        return run_through(self.missing_slices(theirs, bytes_max, events_max, only))
 
-    async def read_missing_paced(
-        self,
-        theirs: VersionVector,
-        *,
-        bytes_max: int,
-        events_max: int,
-        only: str | None = None,
-    ) -> tuple[list[tuple[Dot, bytes]], bool]:
-        """``read_missing``, letting the event loop run between slices of
-        ``READ_SLICE_EVENTS``: a page of a peer's catch-up (10,000 events, some 17 ms of
-        reading) no longer holds every request of the node that long."""
-        return await run_paced(self._missing_slices(theirs, bytes_max, events_max, only))
-
-    def _missing_slices(
+    def missing_slices(
         self, theirs: VersionVector, bytes_max: int, events_max: int, only: str | None
     ) -> Slices[tuple[list[tuple[Dot, bytes]], bool]]:
         """``read_missing``'s reading, stopping (with no read transaction open) after every
-        ``READ_SLICE_EVENTS`` events: the log only grows while the node runs, so a range
-        read on in a new transaction goes on where the last one stopped."""
+        ``READ_SLICE_EVENTS`` events, for ``node.pacing.run_paced``: a page of a peer's
+        catch-up (10,000 events, some 17 ms of reading) no longer holds every request of
+        the node that long. The log only grows while the node runs, so a range read on in
+        a new transaction goes on where the last one stopped."""
         found: list[tuple[Dot, bytes]] = []
         size = 0
         own = self.identity.replica_id

@@ -29,7 +29,7 @@ from node import views
 from node.audit import iso_of
 from node.kv import StorageFailed, WriteTxn
 from node.log import LogState
-from node.pacing import run_paced
+from node.pacing import Slices, run_paced, run_through
 from node.replica import Replica
 from node.writer import Committed, Overloaded, call_soon
 from replication import protocol
@@ -295,12 +295,7 @@ class Replicator:
         its last commits were undone, and what we know of it may be older than its
         latest writes, which would all be sent back.
         """
-        return self.replica.read_missing(
-            self._lacks(theirs, peer_id, own_seen),
-            bytes_max=self.limits.batch_bytes_max,
-            events_max=self.limits.batch_events_max,
-            only=self.replica.identity.replica_id if own_only else None,
-        )
+        return run_through(self._page(theirs, peer_id, own_only, own_seen))
 
     async def _missing_paced(
         self,
@@ -312,11 +307,20 @@ class Replicator:
     ) -> tuple[list[tuple[Dot, bytes]], bool]:
         """``_missing``, read in slices between turns of the event loop (a page of a
         catch-up held every request of the node some 17 ms)."""
-        return await self.replica.read_missing_paced(
+        return await run_paced(self._page(theirs, peer_id, own_only, own_seen))
+
+    def _page(
+        self,
+        theirs: VersionVector,
+        peer_id: str | None,
+        own_only: bool,
+        own_seen: OriginSeen | None,
+    ) -> Slices[tuple[list[tuple[Dot, bytes]], bool]]:
+        return self.replica.missing_slices(
             self._lacks(theirs, peer_id, own_seen),
-            bytes_max=self.limits.batch_bytes_max,
-            events_max=self.limits.batch_events_max,
-            only=self.replica.identity.replica_id if own_only else None,
+            self.limits.batch_bytes_max,
+            self.limits.batch_events_max,
+            self.replica.identity.replica_id if own_only else None,
         )
 
     def _lacks(
@@ -404,7 +408,7 @@ class Replicator:
         self, name: str, push: Sequence[RawEvent] = (), *, answered: bool = False
     ) -> Sync:
         """``request_for``, the events it pushes read in slices between turns of the event
-        loop (``Replica.read_missing_paced``)."""
+        loop (``Replica.missing_slices``)."""
         peer = self.peers[name]
         if not push and peer.summary is not None:
             lacks = self._on_the_way(peer.summary, peer, answers=True)

@@ -206,7 +206,7 @@ BAD_WIRES: list[tuple[str, bytes, str]] = [
     (
         "observed a dot past every counter",
         wire_of(GOOD, observed=[[EU, ev.COUNTER_MAX + 1]]),
-        "observed counter out of range",
+        "counter of an observed dot out of range",
     ),
     ("event too large", b"\x00" * (ev.EVENT_BYTES_MAX + 1), "too large"),
 ]

@@ -16,6 +16,7 @@ from node import commands, log
 from node import replica as replica_module
 from node.events import COUNTER_MAX, Event, Op
 from node.kv import MemoryKV
+from node.pacing import run_paced
 from node.replica import Replica
 from node.writer import Decide
 
@@ -110,7 +111,7 @@ def test_a_page_read_in_slices_is_the_page_read_at_once(
         patch.setattr(replica_module, "READ_SLICE_EVENTS", slice_events)
         kwargs = {"bytes_max": bytes_max, "events_max": events_max, "only": only}
         assert held.read_missing(theirs, **kwargs) == expected  # type: ignore[arg-type]
-        paced = asyncio.run(held.read_missing_paced(theirs, **kwargs))  # type: ignore[arg-type]
+        paced = asyncio.run(run_paced(held.missing_slices(theirs, bytes_max, events_max, only)))
         assert paced == expected
 
 
@@ -130,9 +131,7 @@ def test_the_event_loop_runs_between_the_slices_of_a_page(held: Replica) -> None
         others = asyncio.ensure_future(other_requests())
         await asyncio.sleep(0)
         started = turns
-        page, _ = await held.read_missing_paced(
-            VersionVector(), bytes_max=1 << 20, events_max=1_000
-        )
+        page, _ = await run_paced(held.missing_slices(VersionVector(), 1 << 20, 1_000, None))
         others.cancel()
         return turns - started, len(page)
 
