@@ -394,7 +394,8 @@ def fold_many(state: EntityState, events: Iterable[Event]) -> EntityState:
 
 def fold_stored(state: EntityState, wires: Iterable[list[Any]]) -> EntityState:
     """Apply events as this node's log holds them, decoded but not made ``Event``s (each
-    was validated when it was appended, and is in the current format): the rebuild."""
+    was validated when it was appended; format 1, or 2 with the creates it names last):
+    the rebuild."""
     folding = Folding(state)
     for wire in wires:
         _, origin, counter, hlc, _stream, op, name, value, observed = wire[:9]
