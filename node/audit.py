@@ -68,14 +68,18 @@ def verdicts(events: Sequence[Event]) -> list[Verdict]:
     floor = state.floor
     floor_event = None
     by_dot: dict[Dot, Event] = {}
-    deleted_by: dict[Dot, Event] = {}  # a create -> a delete that removed it
+    deleted_by: dict[Dot, Event] = {}  # a create -> the first delete that removed it
     for e in events:
         by_dot[e.dot] = e
         if floor is not None and (e.hlc, e.dot.origin, e.dot.counter) == floor:
             floor_event = e
         if e.op is Op.DELETE:
             for removed in e.observed:
-                deleted_by.setdefault(removed, e)
+                kept = deleted_by.get(removed)
+                # The first by the order of writes, not this node's log: every replica
+                # names the same one.
+                if kept is None or (e.hlc, e.dot) < (kept.hlc, kept.dot):
+                    deleted_by[removed] = e
     winners = {
         name: Dot(origin, counter) for name, ((_, origin, counter), _) in state.fields.items()
     }

@@ -14,7 +14,7 @@ import msgpack
 from crdt import Dot
 from node import events, log, views
 from node.events import Op, Value, stream_of
-from node.fold import ENTITY, EntityState
+from node.fold import EntityState, showing_life
 from node.kv import ReadTxn, WriteTxn
 from node.schema import PROFILE_KEYS_MAX, PROFILE_REGISTERS_MAX, UNIQUE_FIELDS
 from node.tokens import etag_of
@@ -114,12 +114,12 @@ def _sets(
 
 
 def _lives(state: EntityState) -> frozenset[Dot]:
-    """The creates live here (the greatest ``LIVES_MAX`` of them: an id created in more
-    regions at once than that is written under some of them)."""
-    live = state.existence.dots(ENTITY)
-    if len(live) > events.LIVES_MAX:
-        live = frozenset(sorted(live)[-events.LIVES_MAX :])
-    return live
+    """The create whose life shows here: the person whose data (and ETag) the client saw
+    and wrote to. Of an id created in two regions at once, a write made where both are
+    seen is that person's alone: named under both, it showed in the other's account once
+    the later create was deleted where it alone was seen (a review: an API key so)."""
+    life = showing_life(state.existence, state.create_stamps)
+    return frozenset() if life is None else frozenset((Dot(*life),))
 
 
 def create(kind: str, entity_id: str, writes: Mapping[str, Value]) -> Decide:

@@ -463,7 +463,7 @@ def test_an_id_created_in_two_regions_at_once_shows_the_later_create_s_life_alon
         eu_writes = [e for e in entries if e["op"] == "set" and e["origin"] != us_create.dot.origin]
         assert {e["why"] for e in eu_writes} == {f"cleared by the later create {us_create.dot}"}
 
-        # A PATCH where both creates are seen names both: it shows whichever life does.
+        # A PATCH where both creates are seen is written to the person it showed.
         await c.write("eu", commands.patch("user", "alice", {"profile.city": "Paris"}, None))
         await c.sync_all_until_quiet()
         for region in ("eu", "us"):
@@ -471,3 +471,37 @@ def test_an_id_created_in_two_regions_at_once_shows_the_later_create_s_life_alon
             assert shown == {**us_fields, "profile.city": "Paris"}
 
     run(tmp_path, ("eu", "us"), body)
+
+
+def test_a_write_made_where_both_creates_are_seen_stays_with_the_person_it_was_made_to(
+    tmp_path: Path,
+) -> None:
+    """eu and us create alice at once (us's the later); ap sees both, shows us's person,
+    and a client there sets its API key. Then us deletes its alice, having seen its own
+    create alone: eu's person stands, and must not get us's person's key (it did while a
+    write named every live create: a review)."""
+
+    async def body(c: Cluster) -> None:
+        for region in c.regions:
+            c.isolate(region)
+        eu_fields = {"name": "Alice EU", "username": "alice.eu", "email": "a@eu.example"}
+        await c.write("eu", commands.create("user", "alice", eu_fields))
+        c.advance(5)
+        us_fields = {"name": "Alice US", "username": "alice.us", "email": "a@us.example"}
+        [us_create, *_] = await c.write("us", commands.create("user", "alice", us_fields))
+        for a, b in (("us", "ap"), ("eu", "ap")):  # ap hears us, then eu; us hears no one
+            c.links[(a, b)].cut = c.links[(b, a)].cut = False
+            await c.sync_all_until_quiet()
+            c.cut(a, b)
+        assert c.replica("ap").entity("user", "alice").values() == us_fields
+        key = {"api_key": "us-person-secret-01"}
+        [written] = await c.write("ap", commands.patch("user", "alice", key, None))
+        assert written.lives == {us_create.dot}  # the person it showed, alone
+        await c.write("us", commands.delete("user", "alice", None))
+        c.heal()
+        await c.sync_all_until_quiet()
+        for region in ("eu", "us", "ap"):
+            assert c.replica(region).entity("user", "alice").values() == eu_fields, region
+        c.assert_converged()
+
+    run(tmp_path, ("eu", "us", "ap"), body)
