@@ -59,20 +59,16 @@ def verdicts(events: Sequence[Event]) -> list[Verdict]:
 
     A write that does not show was cleared: with the life it was written under (every
     create it names was deleted), by a later create of the id made elsewhere at the same
-    time (whose life shows), or, naming none, by the floor (the entity's greatest
-    create). Of those that show, the greatest of each field won. A loser was
+    time (whose life shows), or, naming none, by the create whose life shows (it is
+    ordered before it). Of those that show, the greatest of each field won. A loser was
     *overwritten* when the winner's chain of observed winners reaches it (the winner was
     written knowing it), and otherwise lost on (clock, origin).
     """
     state = _fold(events)
-    floor = state.floor
-    floor_event = None
     by_dot: dict[Dot, Event] = {}
     deleted_by: dict[Dot, Event] = {}  # a create -> the first delete that removed it
     for e in events:
         by_dot[e.dot] = e
-        if floor is not None and (e.hlc, e.dot.origin, e.dot.counter) == floor:
-            floor_event = e
         if e.op is Op.DELETE:
             for removed in e.observed:
                 kept = deleted_by.get(removed)
@@ -104,7 +100,7 @@ def verdicts(events: Sequence[Event]) -> list[Verdict]:
         if e.op is not Op.SET or e.field is None:
             found.append(None)
         elif not shows(state, e):
-            found.append((False, _cleared(e, floor_event, deleted_by, state)))
+            found.append((False, _cleared(e, deleted_by, state)))
         else:
             winner = winners[e.field]
             if winner == e.dot:
@@ -119,15 +115,11 @@ def verdicts(events: Sequence[Event]) -> list[Verdict]:
     return found
 
 
-def _cleared(
-    e: Event, floor_event: Event | None, deleted_by: dict[Dot, Event], state: EntityState
-) -> str:
+def _cleared(e: Event, deleted_by: dict[Dot, Event], state: EntityState) -> str:
     """Why a write that does not show was cleared."""
-    if not e.lives:
-        what = "the floor" if floor_event is None else f"the {floor_event.op.name.lower()}"
-        dot = "" if floor_event is None else f" {floor_event.dot}"
-        return f"cleared by {what}{dot}"
     shown = showing_life(state.existence, state.create_stamps)
+    if not e.lives:  # ordered before the create whose life shows
+        return f"cleared by the create {Dot(*shown)}" if shown else "cleared by a create"
     if shown is not None and e.lives & state.existence.dots(ENTITY):  # a live one, not shown
         return f"cleared by the later create {Dot(*shown)}"
     waiting = sorted(life for life in e.lives if life not in deleted_by)

@@ -3,14 +3,16 @@
 An entity's existence is an add-wins OR-set of its ``create`` dots (a ``delete``
 removes the creates it observed, so a concurrent create wins); each scalar field is
 an LWW register; a group's members are OR-set slices kept per member elsewhere. A
-field write names the creates live where it was written (its lives). The life that
-shows is the greatest live create's: the writes naming it show, so an id created again
-after a delete does not show what its previous life wrote, not even a write that raced
-the delete, whatever its stamp; one created in two regions at once shows the later
+field write names the create whose life it was made to (its life). The life that shows
+is the greatest live create's: the writes naming it show, so an id created again after
+a delete does not show what its previous life wrote, not even a write that raced the
+delete, whatever its stamp; one created in two regions at once shows the later
 create's life (the earlier's again if the later is deleted, where that delete had seen
 it alone), never a mix of the two people's writes. A register holds the greatest write
-of each life. A write of format 1 names no create: a create clears every such write
-ordered before it (a floor on the registers). The same
+of each life. A write of format 1 names no create: the greatest such write of a field
+shows if it is ordered after the create whose life shows (so a re-created id starts
+from scratch, and a create deleted elsewhere clears nothing of the one that survives
+it). The same
 functions build live views, rebuilt views and any entity as of a past time.
 No clock and no randomness is read here: time enters only through event stamps.
 """
@@ -85,13 +87,13 @@ class EntityState:
     # Each field's value: the greatest write that shows (of ``unbound``, and of the life
     # that shows in ``bound``). Derived from the rest, neither stored nor compared.
     fields: Mapping[str, Winner] = field(default_factory=dict, compare=False)
-    # Per field, the greatest write naming no create (format 1) above the floor.
+    # Per field, the greatest write naming no create (format 1): it shows if ordered
+    # after the create whose life shows.
     unbound: Mapping[str, Winner] = field(default_factory=dict)
     # Per create written under (a life), each field's greatest write naming it; none of a
     # create removed (its life is over: no write of it shows again).
     bound: Mapping[Life, Mapping[str, Winner]] = field(default_factory=dict)
-    # Every write naming no create ordered at or below the greatest create is cleared: a
-    # re-created id starts from scratch instead of showing what its previous life had.
+    # The greatest create (a field write is stamped after it: ``commands._sets``).
     floor: Key | None = None
     create_stamps: Mapping[Dot, int] = field(default_factory=dict)  # create dot -> its stamp
     etag: int = 0  # XOR of the hashes of every applied dot: same events, same tag
@@ -133,10 +135,6 @@ def later(key: Key, than: Key) -> bool:
     return key > than
 
 
-def _above(floor: Key | None, key: Key) -> bool:
-    return floor is None or key > floor
-
-
 _CREATE, _DELETE, _SET = int(Op.CREATE), int(Op.DELETE), int(Op.SET)
 _ADD, _REMOVE = int(Op.ADD), int(Op.REMOVE)
 
@@ -145,11 +143,10 @@ class Folding:
     """One entity's state while events fold into it, frozen into an ``EntityState`` once.
 
     Folding n events costs n cheap steps and one new state, not n states: a register
-    keeps only its greatest write (of each life) until the end, where the writes naming
-    no create at or below the floor (the greatest create) are dropped, and those of
-    removed creates. That is the same state as folding the events one at a time,
-    whatever their order (``test_fold`` checks it): each kept write is the greatest of
-    its kind, the floor only rises, and a removed create is never live again.
+    keeps only its greatest write (of each life, and of those naming none) until the
+    end, where those of removed creates are dropped. That is the same state as folding
+    the events one at a time, whatever their order (``test_fold`` checks it): each kept
+    write is the greatest of its kind, and a removed create is never live again.
     """
 
     __slots__ = (
@@ -236,7 +233,7 @@ class Folding:
 
     def state(self) -> EntityState:
         base, floor, existence = self.base, self.floor, self.existence
-        unbound = _unbound(base.unbound, self.writes, floor, base.floor)
+        unbound = _unbound(base.unbound, self.writes)
         bound = _bound(base.bound, self.bound, existence, base.existence)
         creates = self.creates
         if unbound is base.unbound and bound is base.bound and existence is base.existence:
@@ -262,28 +259,20 @@ class Folding:
         )
 
 
-def _unbound(
-    held: Mapping[str, Winner], writes: dict[str, Winner], floor: Key | None, was: Key | None
-) -> Mapping[str, Winner]:
-    """The greatest write of each field naming no create, above the floor (``held``, the
-    registers under floor ``was``, and ``writes`` folded since)."""
-    fields = held
-    if floor != was:
-        fields = {name: kept for name, kept in held.items() if _above(floor, kept[0])}
+def _unbound(held: Mapping[str, Winner], writes: dict[str, Winner]) -> Mapping[str, Winner]:
+    """The greatest write of each field naming no create (``held``, and ``writes`` folded
+    since), in key order."""
     grown: dict[str, Winner] | None = None
     named = False  # a field with no write before
     for name, write in writes.items():
-        key = write[0]
-        if floor is not None and key <= floor:
-            continue
-        kept = fields.get(name)
-        if kept is None or later(key, kept[0]):
+        kept = held.get(name)
+        if kept is None or later(write[0], kept[0]):
             if grown is None:
-                grown = dict(fields)
+                grown = dict(held)
             grown[name] = write
             named = named or kept is None
     if grown is None:
-        return fields
+        return held
     return dict(sorted(grown.items())) if named else grown  # in key order, as decoded
 
 
@@ -338,14 +327,16 @@ _NO_FIELDS: Mapping[str, Winner] = {}  # shared: a state's fields are never chan
 
 def showing_life(existence: ORSet[str], creates: Mapping[Dot, int]) -> Life | None:
     """The life that shows: the greatest live create's, by (stamp, origin, counter)."""
+    top = _showing_create(existence, creates)
+    return None if top is None else (top[1], top[2])
+
+
+def _showing_create(existence: ORSet[str], creates: Mapping[Dot, int]) -> Key | None:
+    """The greatest live create, as its key (stamp, origin, counter)."""
     live = existence.dots(ENTITY)
     if not live:
         return None
-    if len(live) == 1:
-        (only,) = live
-        return only.origin, only.counter
-    top = max(live, key=lambda d: (creates.get(d, 0), d.origin, d.counter))
-    return top.origin, top.counter
+    return max((creates.get(d, 0), d.origin, d.counter) for d in live)
 
 
 def _shown(
@@ -354,29 +345,31 @@ def _shown(
     existence: ORSet[str],
     creates: Mapping[Dot, int],
 ) -> Mapping[str, Winner]:
-    """Each field's greatest write that shows: of those naming no create, and of those
-    naming the life that shows. Most entities: that life's fields, as they are."""
-    life = showing_life(existence, creates) if bound else None
-    fields = _NO_FIELDS if life is None else bound.get(life, _NO_FIELDS)
-    if not unbound:
+    """Each field's greatest write that shows: of those naming the life that shows, and
+    of those naming none, ordered after its create. Most entities: that life's fields,
+    as they are."""
+    top = _showing_create(existence, creates)
+    fields = _NO_FIELDS if top is None else bound.get((top[1], top[2]), _NO_FIELDS)
+    if unbound and top is not None:
+        after = {name: w for name, w in unbound.items() if w[0] > top}
+    else:
+        after = dict(unbound)  # no life shows: neither does the entity
+    if not after:
         return fields
-    if not fields:
-        return unbound
-    shown = dict(unbound)
     for name, write in fields.items():
-        kept = shown.get(name)
+        kept = after.get(name)
         if kept is None or later(write[0], kept[0]):
-            shown[name] = write
-    return dict(sorted(shown.items()))
+            after[name] = write
+    return dict(sorted(after.items()))
 
 
 def shows(state: EntityState, event: Event) -> bool:
     """Whether a field write can show in ``state`` (folded from events including it):
-    it names the life that shows, or names none and is above the floor."""
+    it names the life that shows, or names none and is ordered after its create."""
+    top = _showing_create(state.existence, state.create_stamps)
     if event.lives:
-        life = showing_life(state.existence, state.create_stamps)
-        return life is not None and Dot(*life) in event.lives
-    return _above(state.floor, (event.hlc, event.dot.origin, event.dot.counter))
+        return top is not None and Dot(top[1], top[2]) in event.lives
+    return top is None or (event.hlc, event.dot.origin, event.dot.counter) > top
 
 
 def fold(state: EntityState, event: Event) -> EntityState:

@@ -46,6 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="weights, e.g. profile=4,churn=3,create_delete=1.5,collide=1,lifecycle=1.5",
     )
     parser.add_argument(
+        "--previous-format",
+        default="",
+        metavar="REGIONS",
+        help="comma-separated regions whose nodes write as the version before (a cluster"
+        " in the middle of a rolling upgrade; deterministic mode)",
+    )
+    parser.add_argument(
         "--netns",
         action="store_true",
         help="live mode: each node in its own network namespace, links cut by"
@@ -92,6 +99,7 @@ def run_deterministic(args: argparse.Namespace) -> int:
             mix=mix,
             faults=faults,
             sample_ms=sample if s == seeds[0] else 0,
+            previous_format=tuple(r.strip() for r in args.previous_format.split(",") if r.strip()),
         )
         for s in seeds
     ]

@@ -127,15 +127,20 @@ class Scenario:
     gossip_interval_ms: int = 200
     heal_wait_ms_max: int = HEAL_WAIT_MS_MAX  # not converged by then after a heal: a failure
     sample_ms: int = 0  # > 0: sample divergence that often, for the plot
+    # Regions whose nodes write as the version before (``--previous-format``): a cluster
+    # in the middle of a rolling upgrade, field writes naming their creates and not.
+    previous_format: tuple[str, ...] = ()
 
     def command(self) -> str:
         """The command line that replays exactly this run."""
         f, m = self.faults, self.mix
         faults = ",".join(f"{k}={getattr(f, k)}" for k in f.__dataclass_fields__)
         mix = ",".join(f"{k}={getattr(m, k)}" for k in m.__dataclass_fields__)
+        upgrading = f" --previous-format {','.join(self.previous_format)}"
         return (
             f"replica simulate --seed {self.seed} --regions {','.join(self.regions)} "
             f"--ops {self.ops} --duration-ms {self.duration_ms} --faults {faults} --workload {mix}"
+            f"{upgrading if self.previous_format else ''}"
         )
 
 
@@ -212,6 +217,7 @@ class SimNode:
             incarnations=lambda: f"{self._incarnations.getrandbits(32):08x}",
             boot=self.boot,
             counter_record=CounterRecord(self.run_dir, self.boot),
+            previous_format=self.region in self.sim.scenario.previous_format,
         )
         self.replica.bind(asyncio.get_running_loop())
         self._replica_id = self.replica.identity.replica_id

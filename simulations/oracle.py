@@ -9,8 +9,8 @@ there cannot hide by being repeated here. It is slow on purpose; it is obviously
 - A field's value is that of its greatest write by (hlc, origin, counter) among those
   that show: a write naming the creates it was written under shows iff it names the
   greatest (by hlc, origin, counter) of the creates no delete observed; one naming none
-  (format 1) iff it is greater than the stream's greatest create. With none that shows,
-  the field is absent.
+  (format 1) iff it is greater than that create. With none that shows, the field is
+  absent.
 - A user is a member of a group iff it exists and some add of that user no remove of that
   user observed.
 """
@@ -62,23 +62,18 @@ def live_creates(stream: list[Event]) -> list[str]:
     return sorted(str(e.dot) for e in stream if e.op is Op.CREATE and e.dot not in deleted)
 
 
-def floor(stream: list[Event]) -> Key | None:
-    """The greatest create: every field write naming no create at or below it is
-    cleared. (A delete clears none.)"""
-    return max((key(e) for e in stream if e.op is Op.CREATE), default=None)
-
-
 def showing(stream: list[Event]) -> list[Event]:
     """The field writes that show: those naming the greatest create no delete observed,
-    and those naming none that are greater than the floor."""
+    and those naming none that are greater than it."""
     deleted = {dot for e in stream if e.op is Op.DELETE for dot in e.observed}
     live = [e for e in stream if e.op is Op.CREATE and e.dot not in deleted]
-    shown = max(live, key=key).dot if live else None
-    low = floor(stream)
+    if not live:
+        return []  # the entity is not shown
+    top = max(live, key=key)
     return [
         e
         for e in stream
-        if e.op is Op.SET and (shown in e.lives if e.lives else low is None or key(e) > low)
+        if e.op is Op.SET and (top.dot in e.lives if e.lives else key(e) > key(top))
     ]
 
 

@@ -72,13 +72,13 @@ def exists(known: Known, stream: str) -> bool:
 def shows(known: Known, stream: str, write: Event) -> bool:
     """A write naming the creates it was written under shows if it names the greatest
     live one (of an id created in two regions at once, the later's life shows); one
-    naming none (format 1) unless a create ordered after it cleared it."""
-    if write.lives:
-        alive = live_creates(known, stream)
-        live = [e for e in of(known, stream, Op.CREATE) if e.dot in alive]
-        return bool(live) and max(live, key=key).dot in write.lives
-    floor = max((key(c) for c in of(known, stream, Op.CREATE)), default=None)
-    return floor is None or key(write) > floor
+    naming none (format 1) if it is ordered after that create."""
+    alive = live_creates(known, stream)
+    live = [e for e in of(known, stream, Op.CREATE) if e.dot in alive]
+    if not live:  # an entity that does not exist is not served; its state keeps these
+        return not write.lives
+    top = max(live, key=key)
+    return top.dot in write.lives if write.lives else key(write) > key(top)
 
 
 def key(e: Event) -> tuple[int, str, int]:
